@@ -1,0 +1,127 @@
+//! The `mpopt` command line. Library crates return typed errors; this binary reports them in one line and
+//! exits 1 (2 for usage errors, as clap does).
+
+mod inspect;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// mpopt: a mixed-precision graph optimizer for ONNX models.
+#[derive(Parser)]
+#[command(name = "mpopt", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Summarize a model: opsets, node and op counts (subgraphs included), parameters by dtype, inputs/outputs.
+    Inspect {
+        /// The ONNX model.
+        model: PathBuf,
+    },
+    /// Print a model in the IR text format.
+    Print {
+        /// The ONNX model.
+        model: PathBuf,
+    },
+    /// Rewrite a model through the IR without changing it (also moves tensor data in or out of the file).
+    Copy {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Where to write the copy.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Store tensors of 1 KiB or more in `<OUTPUT>.data` beside the model (automatic past 2 GiB).
+        #[arg(long)]
+        external_data: bool,
+    },
+}
+
+/// A usage error: reported like clap's, with exit code 2.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Usage {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<mpopt_ir::Model> {
+    Ok(mpopt_onnx::load(path)?)
+}
+
+/// Refuses an output that is the input (or the same file under another name).
+fn check_output(input: &Path, output: &Path) -> Result<()> {
+    let same = match (input.canonicalize(), output.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => input == output,
+    };
+    if same {
+        return Err(Usage(format!(
+            "the output '{}' is the input model; choose another output path",
+            output.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect { model } => {
+            let m = load(&model)?;
+            print!("{}", inspect::report(&model, &m));
+        }
+        Cmd::Print { model } => {
+            let m = load(&model)?;
+            print!("{}", mpopt_ir::text::print_model(&m));
+        }
+        Cmd::Copy {
+            model,
+            output,
+            external_data,
+        } => {
+            check_output(&model, &output)?;
+            let m = load(&model)?;
+            let mode = if external_data {
+                mpopt_onnx::ExternalData::Always
+            } else {
+                mpopt_onnx::ExternalData::Auto
+            };
+            let s = mpopt_onnx::save(&m, &output, mode)
+                .with_context(|| "cannot save the copy".to_string())?;
+            match s.external {
+                Some((p, n)) => eprintln!(
+                    "wrote {} ({} bytes) and {} ({n} bytes)",
+                    output.display(),
+                    s.model_bytes,
+                    p.display()
+                ),
+                None => eprintln!("wrote {} ({} bytes)", output.display(), s.model_bytes),
+            }
+        }
+    }
+    Ok(())
+}

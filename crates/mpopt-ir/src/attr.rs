@@ -1,0 +1,103 @@
+//! Node attributes.
+
+use bytes::Bytes;
+
+use crate::{Graph, SparseTensor, Tensor, TypeInfo};
+
+/// An attribute value. Subgraph values own their [`Graph`].
+#[derive(Clone, Debug)]
+pub enum AttrValue {
+    /// `f`
+    Float(f32),
+    /// `i`
+    Int(i64),
+    /// `s` (bytes, usually UTF-8)
+    String(Bytes),
+    /// `t`
+    Tensor(Tensor),
+    /// `g`
+    Graph(Box<Graph>),
+    /// `sparse_tensor`
+    SparseTensor(SparseTensor),
+    /// `tp`
+    Type(TypeInfo),
+    /// `floats`
+    Floats(Vec<f32>),
+    /// `ints`
+    Ints(Vec<i64>),
+    /// `strings`
+    Strings(Vec<Bytes>),
+    /// `tensors`
+    Tensors(Vec<Tensor>),
+    /// `graphs`
+    Graphs(Vec<Graph>),
+    /// `sparse_tensors`
+    SparseTensors(Vec<SparseTensor>),
+    /// `type_protos`
+    Types(Vec<TypeInfo>),
+}
+
+impl AttrValue {
+    /// The subgraphs this value holds.
+    pub fn graphs(&self) -> &[Graph] {
+        match self {
+            AttrValue::Graph(g) => std::slice::from_ref(g.as_ref()),
+            AttrValue::Graphs(gs) => gs,
+            _ => &[],
+        }
+    }
+
+    /// The subgraphs this value holds, mutably.
+    pub fn graphs_mut(&mut self) -> &mut [Graph] {
+        match self {
+            AttrValue::Graph(g) => std::slice::from_mut(g.as_mut()),
+            AttrValue::Graphs(gs) => gs,
+            _ => &mut [],
+        }
+    }
+
+    /// The kind's name as the text format and error messages spell it.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            AttrValue::Float(_) => "float",
+            AttrValue::Int(_) => "int",
+            AttrValue::String(_) => "string",
+            AttrValue::Tensor(_) => "tensor",
+            AttrValue::Graph(_) => "graph",
+            AttrValue::SparseTensor(_) => "sparse_tensor",
+            AttrValue::Type(_) => "type",
+            AttrValue::Floats(_) => "floats",
+            AttrValue::Ints(_) => "ints",
+            AttrValue::Strings(_) => "strings",
+            AttrValue::Tensors(_) => "tensors",
+            AttrValue::Graphs(_) => "graphs",
+            AttrValue::SparseTensors(_) => "sparse_tensors",
+            AttrValue::Types(_) => "types",
+        }
+    }
+}
+
+/// A named attribute.
+#[derive(Clone, Debug)]
+pub struct Attribute {
+    /// Attribute name.
+    pub name: String,
+    /// Its value. For a reference (`ref_attr_name`, inside functions) only the kind matters.
+    pub value: AttrValue,
+    /// Inside a function body: the function attribute this one refers to.
+    pub ref_attr_name: Option<String>,
+    /// ONNX doc string.
+    pub doc_string: String,
+}
+
+impl Attribute {
+    /// A plain attribute.
+    pub fn new(name: impl Into<String>, value: AttrValue) -> Attribute {
+        Attribute {
+            name: name.into(),
+            value,
+            ref_attr_name: None,
+            doc_string: String::new(),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! mpopt's intermediate representation.
+//!
+//! A [`Model`] owns a main [`Graph`] and local [`Function`]s. Graphs hold nodes and values in arenas with stable
+//! `u32` ids, keep producer/consumer indexes current on every edit, and make outer-scope reads of subgraphs
+//! explicit (captures and implicit inputs). [`verify_model`] checks the invariants; [`text`] prints and parses
+//! the IR text format used by pass fixtures. This crate knows nothing of protobuf: `mpopt-onnx` converts.
+
+mod attr;
+mod dtype;
+mod graph;
+mod model;
+mod tensor;
+pub mod text;
+mod types;
+mod verify;
+
+pub use attr::{AttrValue, Attribute};
+pub use dtype::DType;
+pub use graph::{
+    Def, EditError, Graph, Node, NodeId, NodeIter, TensorAnnotation, Use, Value, ValueId,
+};
+pub use model::{Function, Model, Opaque, OpsetImport};
+pub use tensor::{ExternalOrigin, SparseTensor, Tensor, TensorData};
+pub use types::{Dim, DimValue, Shape, Type, TypeInfo};
+pub use verify::{MAX_PROBLEMS, Problem, VerifyError, node_label, verify_graph, verify_model};

@@ -1,0 +1,488 @@
+//! The verifier: structural and type invariants every pass must keep.
+//!
+//! Checked in every graph, subgraphs and function bodies included:
+//! - producer/consumer indexes agree with node inputs and outputs, and the schedule holds each live node once;
+//! - every used value is defined (graph input, initializer, node output, or capture), exactly once;
+//! - the schedule is topological, counting the implicit inputs of nodes with subgraphs; when it is not, a cycle
+//!   is told apart from a mere misordering (petgraph's `toposort` over the dependence graph);
+//! - graph outputs are defined;
+//! - a subgraph's captures are exactly what its owning node lists as implicit inputs; the main graph and
+//!   function bodies capture nothing;
+//! - dtypes agree where known: initializer data vs its declared type, data length vs dims, Cast `to` vs the
+//!   output's declared element type.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use petgraph::stable_graph::StableDiGraph;
+
+use crate::{AttrValue, DType, Def, Graph, Model, NodeId, Type, Use, ValueId};
+
+/// One violated invariant, with where it was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The scope: `graph 'main'`, `graph 'main' / node 'If_0' (If) / then_branch`, `function 'f'`.
+    pub scope: String,
+    /// What is wrong, naming the node or value.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.scope, self.message)
+    }
+}
+
+/// The verifier's verdict: every problem found (at most [`MAX_PROBLEMS`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct VerifyError {
+    /// The problems, in graph order.
+    pub problems: Vec<Problem>,
+}
+
+/// The verifier stops collecting after this many problems.
+pub const MAX_PROBLEMS: usize = 20;
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let first = &self.problems[0];
+        write!(f, "{first}")?;
+        if self.problems.len() > 1 {
+            write!(f, " (and {} more problem(s))", self.problems.len() - 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// Verifies a whole model.
+pub fn verify_model(m: &Model) -> Result<(), VerifyError> {
+    let mut cx = Cx {
+        problems: Vec::new(),
+    };
+    cx.graph(&m.graph, &format!("graph '{}'", m.graph.name), true);
+    for f in &m.functions {
+        cx.graph(&f.body, &format!("function '{}'", f.name), true);
+    }
+    cx.finish()
+}
+
+/// Verifies one graph on its own (as a top-level scope when `top` is true).
+pub fn verify_graph(g: &Graph, top: bool) -> Result<(), VerifyError> {
+    let mut cx = Cx {
+        problems: Vec::new(),
+    };
+    cx.graph(g, &format!("graph '{}'", g.name), top);
+    cx.finish()
+}
+
+/// A node's name for messages: `'name' (Op)` or `#id (Op)` when unnamed.
+pub fn node_label(g: &Graph, n: NodeId) -> String {
+    let node = g.node(n);
+    if node.name.is_empty() {
+        format!("#{} ({})", n.0, node.qualified_op())
+    } else {
+        format!("'{}' ({})", node.name, node.qualified_op())
+    }
+}
+
+struct Cx {
+    problems: Vec<Problem>,
+}
+
+impl Cx {
+    fn finish(self) -> Result<(), VerifyError> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(VerifyError {
+                problems: self.problems,
+            })
+        }
+    }
+
+    fn push(&mut self, scope: &str, message: String) {
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(Problem {
+                scope: scope.to_string(),
+                message,
+            });
+        }
+    }
+
+    fn graph(&mut self, g: &Graph, scope: &str, top: bool) {
+        if top {
+            for &c in g.captures() {
+                self.push(
+                    scope,
+                    format!("value '{}' is used but never defined", g.value(c).name()),
+                );
+            }
+        }
+        // Schedule positions; also checks that the schedule holds each live node once.
+        let mut pos = vec![usize::MAX; g.node_bound()];
+        let mut count = 0;
+        for (i, (n, _)) in g.nodes().enumerate() {
+            if pos[n.index()] != usize::MAX {
+                self.push(
+                    scope,
+                    format!("node {} is scheduled twice", node_label(g, n)),
+                );
+                return;
+            }
+            pos[n.index()] = i;
+            count += 1;
+        }
+        if count != g.node_count() {
+            self.push(
+                scope,
+                format!("schedule holds {count} nodes, graph has {}", g.node_count()),
+            );
+        }
+
+        // Index integrity, value side.
+        for v in g.value_ids() {
+            let val = g.value(v);
+            if let Def::Node(n, s) = val.def() {
+                if !g.is_live(n) || g.node(n).outputs().get(s as usize) != Some(&Some(v)) {
+                    self.push(
+                        scope,
+                        format!(
+                            "value '{}' names a producer that does not output it",
+                            val.name()
+                        ),
+                    );
+                }
+            }
+            for &u in val.uses() {
+                let ok = g.is_live(u.node())
+                    && match u {
+                        Use::Input(n, s) => g.node(n).inputs().get(s as usize) == Some(&Some(v)),
+                        Use::Implicit(n, s) => {
+                            g.node(n).implicit_inputs().get(s as usize) == Some(&v)
+                        }
+                    };
+                if !ok {
+                    self.push(
+                        scope,
+                        format!("value '{}' lists a use that does not read it", val.name()),
+                    );
+                }
+            }
+        }
+
+        // Definitions before uses.
+        let mut misordered = false;
+        for (n, node) in g.nodes() {
+            let reads = node
+                .inputs()
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| v.map(|v| (v, Use::Input(n, i as u32))))
+                .chain(
+                    node.implicit_inputs()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| (v, Use::Implicit(n, i as u32))),
+                );
+            for (v, u) in reads {
+                if v.index() >= g.value_bound() {
+                    self.push(
+                        scope,
+                        format!("node {} reads a value id out of range", node_label(g, n)),
+                    );
+                    continue;
+                }
+                let val = g.value(v);
+                if !val.uses().contains(&u) {
+                    self.push(
+                        scope,
+                        format!(
+                            "node {} reads '{}' without a recorded use",
+                            node_label(g, n),
+                            val.name()
+                        ),
+                    );
+                }
+                match val.def() {
+                    Def::Detached => self.push(
+                        scope,
+                        format!(
+                            "node {} reads '{}', which nothing defines",
+                            node_label(g, n),
+                            val.name()
+                        ),
+                    ),
+                    Def::Node(p, _) if g.is_live(p) && pos[p.index()] >= pos[n.index()] => {
+                        misordered = true
+                    }
+                    _ => {}
+                }
+            }
+            for (i, o) in node.outputs().iter().enumerate() {
+                if let Some(o) = o {
+                    if g.value(*o).def() != Def::Node(n, i as u32) {
+                        self.push(
+                            scope,
+                            format!(
+                                "node {} outputs '{}', which is defined elsewhere",
+                                node_label(g, n),
+                                g.value(*o).name()
+                            ),
+                        );
+                    }
+                }
+            }
+            self.node_types(g, n, scope);
+            self.subgraphs(g, n, scope);
+        }
+        if misordered {
+            self.order(g, &pos, scope);
+        }
+        for &o in g.outputs() {
+            if g.value(o).def() == Def::Detached {
+                self.push(
+                    scope,
+                    format!("graph output '{}' is not produced", g.value(o).name()),
+                );
+            }
+        }
+        for &v in g.initializers() {
+            self.initializer(g, v, scope);
+        }
+    }
+
+    /// Called when some node reads a value produced later: name the cycle if there is one.
+    fn order(&mut self, g: &Graph, pos: &[usize], scope: &str) {
+        let mut dg: StableDiGraph<NodeId, ValueId> = StableDiGraph::new();
+        let mut ix = vec![None; g.node_bound()];
+        for (n, _) in g.nodes() {
+            ix[n.index()] = Some(dg.add_node(n));
+        }
+        for (n, node) in g.nodes() {
+            let reads = node
+                .inputs()
+                .iter()
+                .flatten()
+                .chain(node.implicit_inputs().iter());
+            for &v in reads {
+                if let Some((p, _)) = g.producer(v) {
+                    if let (Some(a), Some(b)) = (ix[p.index()], ix[n.index()]) {
+                        dg.add_edge(a, b, v);
+                    }
+                }
+            }
+        }
+        match petgraph::algo::toposort(&dg, None) {
+            Err(cycle) => {
+                let n = dg[cycle.node_id()];
+                self.push(
+                    scope,
+                    format!("cycle: node {} depends on its own output", node_label(g, n)),
+                );
+            }
+            Ok(_) => {
+                for (n, node) in g.nodes() {
+                    for &v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
+                        if let Some((p, _)) = g.producer(v) {
+                            if pos[p.index()] >= pos[n.index()] {
+                                self.push(
+                                    scope,
+                                    format!(
+                                        "node {} reads '{}' before node {} produces it (not in topological order)",
+                                        node_label(g, n),
+                                        g.value(v).name(),
+                                        node_label(g, p)
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn subgraphs(&mut self, g: &Graph, n: NodeId, scope: &str) {
+        let node = g.node(n);
+        if !node.has_subgraphs() && node.implicit_inputs().is_empty() {
+            return;
+        }
+        let mut captured: HashSet<&str> = HashSet::new();
+        for (attr, sub) in node.subgraphs() {
+            let sub_scope = format!("{scope} / node {} / {attr}", node_label(g, n));
+            self.graph(sub, &sub_scope, false);
+            captured.extend(sub.captures().iter().map(|&c| sub.value(c).name()));
+        }
+        let implicit: HashSet<&str> = node
+            .implicit_inputs()
+            .iter()
+            .map(|&v| g.value(v).name())
+            .collect();
+        let mut missing: Vec<_> = captured.difference(&implicit).collect();
+        missing.sort();
+        for name in missing {
+            self.push(
+                scope,
+                format!(
+                    "node {}: a subgraph reads '{name}', which is not an implicit input",
+                    node_label(g, n)
+                ),
+            );
+        }
+        let mut extra: Vec<_> = implicit.difference(&captured).collect();
+        extra.sort();
+        for name in extra {
+            self.push(
+                scope,
+                format!(
+                    "node {}: implicit input '{name}' is read by no subgraph",
+                    node_label(g, n)
+                ),
+            );
+        }
+    }
+
+    fn node_types(&mut self, g: &Graph, n: NodeId, scope: &str) {
+        let node = g.node(n);
+        if node.op_type == "Cast" && (node.domain.is_empty() || node.domain == "ai.onnx") {
+            let to = node.attr("to").and_then(|a| match a.value {
+                AttrValue::Int(i) => Some(i),
+                _ => None,
+            });
+            let out = node.outputs().first().copied().flatten();
+            if let (Some(to), Some(out)) = (to, out) {
+                let declared = g.value(out).ty.as_ref().and_then(|t| t.tensor_elem());
+                match (DType::from_code(to as i32), declared) {
+                    (None, _) => self.push(
+                        scope,
+                        format!("node {}: Cast to unknown dtype {to}", node_label(g, n)),
+                    ),
+                    (Some(d), Some(e)) if d != e => self.push(
+                        scope,
+                        format!(
+                            "node {}: Cast to {d} but output '{}' is declared {e}",
+                            node_label(g, n),
+                            g.value(out).name()
+                        ),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn initializer(&mut self, g: &Graph, v: ValueId, scope: &str) {
+        let val = g.value(v);
+        let Some(t) = &val.initializer else { return };
+        if let Err(e) = t.check_len() {
+            self.push(scope, format!("initializer '{}': {e}", val.name()));
+        }
+        if let Some(Type::Tensor { elem, shape }) = val.ty.as_ref().map(|t| &t.ty) {
+            if let Some(e) = elem {
+                if *e != t.dtype {
+                    self.push(
+                        scope,
+                        format!(
+                            "initializer '{}' holds {} but is declared {e}",
+                            val.name(),
+                            t.dtype
+                        ),
+                    );
+                }
+            }
+            if let Some(dims) = shape {
+                let clash = dims.len() != t.dims.len()
+                    || dims
+                        .iter()
+                        .zip(&t.dims)
+                        .any(|(d, &n)| matches!(d.value, crate::DimValue::Known(k) if k != n));
+                if clash {
+                    self.push(
+                        scope,
+                        format!(
+                            "initializer '{}' has dims {:?}, which its declared shape contradicts",
+                            val.name(),
+                            t.dims
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Node, Tensor, TypeInfo};
+
+    fn chain() -> (Graph, NodeId, NodeId) {
+        let mut g = Graph::new("main");
+        let x = g
+            .add_input("x", Some(TypeInfo::tensor(DType::F32, None)))
+            .unwrap();
+        let y = g.add_value("y", None).unwrap();
+        let z = g.add_value("z", None).unwrap();
+        let mut a = Node::new("Relu");
+        a.name = "a".into();
+        let a = g.add_node(a, &[Some(x)], &[Some(y)]).unwrap();
+        let mut b = Node::new("Neg");
+        b.name = "b".into();
+        let b = g.add_node(b, &[Some(y)], &[Some(z)]).unwrap();
+        g.add_output(z);
+        (g, a, b)
+    }
+
+    #[test]
+    fn accepts_a_valid_graph() {
+        verify_graph(&chain().0, true).unwrap();
+    }
+
+    #[test]
+    fn reports_misorder_and_cycles() {
+        let (mut g, a, b) = chain();
+        g.move_before(b, a);
+        let e = verify_graph(&g, true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "graph 'main': node 'b' (Neg) reads 'y' before node 'a' (Relu) produces it (not in topological order)"
+        );
+        let z = g.value_by_name("z").unwrap();
+        g.set_input(a, 0, Some(z));
+        let e = verify_graph(&g, true).unwrap_err();
+        assert!(e.to_string().contains("cycle: node"), "{e}");
+    }
+
+    #[test]
+    fn reports_dangling_and_unproduced_outputs() {
+        let (mut g, a, _) = chain();
+        g.remove_node(a);
+        let e = verify_graph(&g, true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "graph 'main': node 'b' (Neg) reads 'y', which nothing defines"
+        );
+        let (mut g, _, b) = chain();
+        g.remove_node(b);
+        let e = verify_graph(&g, true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "graph 'main': graph output 'z' is not produced"
+        );
+    }
+
+    #[test]
+    fn reports_initializer_type_clash() {
+        let mut g = Graph::new("main");
+        let w = g
+            .add_initializer("w", Tensor::from_f32(vec![2], &[1.0, 2.0]))
+            .unwrap();
+        g.value_mut(w).ty = Some(TypeInfo::tensor(DType::F16, None));
+        g.add_output(w);
+        let e = verify_graph(&g, true).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "graph 'main': initializer 'w' holds f32 but is declared f16"
+        );
+    }
+}

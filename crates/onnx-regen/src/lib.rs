@@ -1,0 +1,1 @@
+//! Intentionally empty: the check lives in `tests/regen.rs`.
