@@ -119,7 +119,11 @@ pub fn report(path: &Path, m: &Model) -> String {
     } else {
         let _ = writeln!(o);
         for (loc, (n, b)) in &st.external {
-            let _ = writeln!(o, "  {loc}: {n} tensors, {b} bytes");
+            let _ = writeln!(
+                o,
+                "  {loc}: {n} tensor{}, {b} bytes",
+                if *n == 1 { "" } else { "s" }
+            );
         }
     }
     o

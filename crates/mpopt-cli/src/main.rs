@@ -72,6 +72,18 @@ fn load(path: &Path) -> Result<mpopt_ir::Model> {
     Ok(mpopt_onnx::load(path)?)
 }
 
+/// Writes to stdout; a closed pipe (`mpopt print m.onnx | head`) ends quietly.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Refuses an output that is the input (or the same file under another name).
 fn check_output(input: &Path, output: &Path) -> Result<()> {
     let same = match (input.canonicalize(), output.canonicalize()) {
@@ -92,11 +104,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Inspect { model } => {
             let m = load(&model)?;
-            print!("{}", inspect::report(&model, &m));
+            emit(&inspect::report(&model, &m))?;
         }
         Cmd::Print { model } => {
             let m = load(&model)?;
-            print!("{}", mpopt_ir::text::print_model(&m));
+            emit(&mpopt_ir::text::print_model(&m))?;
         }
         Cmd::Copy {
             model,

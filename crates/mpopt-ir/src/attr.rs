@@ -2,9 +2,12 @@
 
 use bytes::Bytes;
 
-use crate::{Graph, SparseTensor, Tensor, TypeInfo};
+use crate::{DType, Graph, SparseTensor, Tensor, TypeInfo};
 
 /// An attribute value. Subgraph values own their [`Graph`].
+// Tensor-valued attributes make the enum large; nodes hold few attributes, and boxing would only add an
+// indirection to every access.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum AttrValue {
     /// `f`
@@ -54,6 +57,36 @@ impl AttrValue {
             AttrValue::Graphs(gs) => gs,
             _ => &mut [],
         }
+    }
+
+    /// A placeholder of the named kind (see [`AttrValue::kind_name`]), for reference attributes
+    /// (`ref_attr_name` inside function bodies), which carry a kind but no value.
+    pub fn placeholder(kind: &str) -> Option<AttrValue> {
+        let t = || Tensor::from_raw(DType::F32, vec![0], Bytes::new());
+        Some(match kind {
+            "float" => AttrValue::Float(0.0),
+            "int" => AttrValue::Int(0),
+            "string" => AttrValue::String(Bytes::new()),
+            "tensor" => AttrValue::Tensor(t()),
+            "graph" => AttrValue::Graph(Box::new(Graph::new(""))),
+            "sparse_tensor" => AttrValue::SparseTensor(SparseTensor {
+                values: t(),
+                indices: Tensor::from_raw(DType::I64, vec![0], Bytes::new()),
+                dims: Vec::new(),
+            }),
+            "type" => AttrValue::Type(TypeInfo {
+                ty: crate::Type::Unset,
+                denotation: None,
+            }),
+            "floats" => AttrValue::Floats(Vec::new()),
+            "ints" => AttrValue::Ints(Vec::new()),
+            "strings" => AttrValue::Strings(Vec::new()),
+            "tensors" => AttrValue::Tensors(Vec::new()),
+            "graphs" => AttrValue::Graphs(Vec::new()),
+            "sparse_tensors" => AttrValue::SparseTensors(Vec::new()),
+            "types" => AttrValue::Types(Vec::new()),
+            _ => return None,
+        })
     }
 
     /// The kind's name as the text format and error messages spell it.

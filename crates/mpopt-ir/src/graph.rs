@@ -170,6 +170,22 @@ impl Node {
             .iter()
             .flat_map(|a| a.value.graphs().iter().map(move |g| (a.name.as_str(), g)))
     }
+    /// The distinct names the subgraphs capture, in order of first capture: what the enclosing graph must
+    /// resolve as this node's implicit inputs.
+    pub fn captured_names(&self) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for (_, g) in self.subgraphs() {
+            for &c in g.captures() {
+                let name = g.value(c).name();
+                if seen.insert(name) {
+                    out.push(name.to_string());
+                }
+            }
+        }
+        out
+    }
+
     /// True when any attribute holds a graph.
     pub fn has_subgraphs(&self) -> bool {
         self.subgraphs().next().is_some()
@@ -698,13 +714,13 @@ impl Graph {
     }
 
     fn rename_capture_rec(&mut self, old: &str, new: &str) {
-        if let Some(v) = self.value_by_name(old) {
-            if self.values[v.index()].def == Def::Capture {
-                let _ = self.rename_value(v, new);
-                let users: Vec<NodeId> = self.uses(v).iter().map(|u| u.node()).collect();
-                for u in users {
-                    self.rename_captures(u, old, new);
-                }
+        if let Some(v) = self.value_by_name(old)
+            && self.values[v.index()].def == Def::Capture
+        {
+            let _ = self.rename_value(v, new);
+            let users: Vec<NodeId> = self.uses(v).iter().map(|u| u.node()).collect();
+            for u in users {
+                self.rename_captures(u, old, new);
             }
         }
     }

@@ -150,6 +150,47 @@ impl Tensor {
         }
     }
 
+    /// The first few values of an integer or bool tensor, exactly (`None` for other dtypes and packed
+    /// sub-byte types).
+    pub fn values_i128(&self, limit: usize) -> Option<Vec<i128>> {
+        let take = |it: &mut dyn Iterator<Item = i128>| it.take(limit).collect::<Vec<_>>();
+        Some(match (&self.data, self.dtype) {
+            (TensorData::Int64s(v), _) => take(&mut v.iter().map(|&x| x as i128)),
+            (TensorData::Uint64s(v), _) => take(&mut v.iter().map(|&x| x as i128)),
+            (
+                TensorData::Int32s(v),
+                DType::I32 | DType::I16 | DType::I8 | DType::U16 | DType::U8 | DType::Bool,
+            ) => take(&mut v.iter().map(|&x| x as i128)),
+            (TensorData::Raw(b), dt) => {
+                let le = |w: usize| b.chunks_exact(w);
+                match dt {
+                    DType::I64 => {
+                        take(&mut le(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i128))
+                    }
+                    DType::U64 => {
+                        take(&mut le(8).map(|c| u64::from_le_bytes(c.try_into().unwrap()) as i128))
+                    }
+                    DType::I32 => {
+                        take(&mut le(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i128))
+                    }
+                    DType::U32 => {
+                        take(&mut le(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i128))
+                    }
+                    DType::I16 => {
+                        take(&mut le(2).map(|c| i16::from_le_bytes([c[0], c[1]]) as i128))
+                    }
+                    DType::U16 => {
+                        take(&mut le(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as i128))
+                    }
+                    DType::I8 => take(&mut b.iter().map(|&x| x as i8 as i128)),
+                    DType::U8 | DType::Bool => take(&mut b.iter().map(|&x| x as i128)),
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
+    }
+
     /// The first few values as f64, for display (`None` for strings, elided data and packed sub-byte types).
     pub fn values_f64(&self, limit: usize) -> Option<Vec<f64>> {
         let take = |it: &mut dyn Iterator<Item = f64>| it.take(limit).collect::<Vec<_>>();

@@ -142,16 +142,16 @@ impl Cx {
         // Index integrity, value side.
         for v in g.value_ids() {
             let val = g.value(v);
-            if let Def::Node(n, s) = val.def() {
-                if !g.is_live(n) || g.node(n).outputs().get(s as usize) != Some(&Some(v)) {
-                    self.push(
-                        scope,
-                        format!(
-                            "value '{}' names a producer that does not output it",
-                            val.name()
-                        ),
-                    );
-                }
+            if let Def::Node(n, s) = val.def()
+                && (!g.is_live(n) || g.node(n).outputs().get(s as usize) != Some(&Some(v)))
+            {
+                self.push(
+                    scope,
+                    format!(
+                        "value '{}' names a producer that does not output it",
+                        val.name()
+                    ),
+                );
             }
             for &u in val.uses() {
                 let ok = g.is_live(u.node())
@@ -219,17 +219,17 @@ impl Cx {
                 }
             }
             for (i, o) in node.outputs().iter().enumerate() {
-                if let Some(o) = o {
-                    if g.value(*o).def() != Def::Node(n, i as u32) {
-                        self.push(
-                            scope,
-                            format!(
-                                "node {} outputs '{}', which is defined elsewhere",
-                                node_label(g, n),
-                                g.value(*o).name()
-                            ),
-                        );
-                    }
+                if let Some(o) = o
+                    && g.value(*o).def() != Def::Node(n, i as u32)
+                {
+                    self.push(
+                        scope,
+                        format!(
+                            "node {} outputs '{}', which is defined elsewhere",
+                            node_label(g, n),
+                            g.value(*o).name()
+                        ),
+                    );
                 }
             }
             self.node_types(g, n, scope);
@@ -265,27 +265,34 @@ impl Cx {
                 .flatten()
                 .chain(node.implicit_inputs().iter());
             for &v in reads {
-                if let Some((p, _)) = g.producer(v) {
-                    if let (Some(a), Some(b)) = (ix[p.index()], ix[n.index()]) {
-                        dg.add_edge(a, b, v);
-                    }
+                if let Some((p, _)) = g.producer(v)
+                    && let (Some(a), Some(b)) = (ix[p.index()], ix[n.index()])
+                {
+                    dg.add_edge(a, b, v);
                 }
             }
         }
         match petgraph::algo::toposort(&dg, None) {
-            Err(cycle) => {
-                let n = dg[cycle.node_id()];
-                self.push(
-                    scope,
-                    format!("cycle: node {} depends on its own output", node_label(g, n)),
-                );
+            Err(_) => {
+                // Name every node of each cycle (a strongly connected component), in schedule order.
+                for scc in petgraph::algo::tarjan_scc(&dg) {
+                    let self_loop = scc.len() == 1 && dg.contains_edge(scc[0], scc[0]);
+                    if scc.len() < 2 && !self_loop {
+                        continue;
+                    }
+                    let mut nodes: Vec<NodeId> = scc.iter().map(|&i| dg[i]).collect();
+                    nodes.sort_by_key(|n| pos[n.index()]);
+                    let names: Vec<String> = nodes.iter().map(|&n| node_label(g, n)).collect();
+                    self.push(scope, format!("cycle through nodes {}", names.join(" -> ")));
+                }
             }
             Ok(_) => {
                 for (n, node) in g.nodes() {
                     for &v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
-                        if let Some((p, _)) = g.producer(v) {
-                            if pos[p.index()] >= pos[n.index()] {
-                                self.push(
+                        if let Some((p, _)) = g.producer(v)
+                            && pos[p.index()] >= pos[n.index()]
+                        {
+                            self.push(
                                     scope,
                                     format!(
                                         "node {} reads '{}' before node {} produces it (not in topological order)",
@@ -294,7 +301,6 @@ impl Cx {
                                         node_label(g, p)
                                     ),
                                 );
-                            }
                         }
                     }
                 }
@@ -378,17 +384,17 @@ impl Cx {
             self.push(scope, format!("initializer '{}': {e}", val.name()));
         }
         if let Some(Type::Tensor { elem, shape }) = val.ty.as_ref().map(|t| &t.ty) {
-            if let Some(e) = elem {
-                if *e != t.dtype {
-                    self.push(
-                        scope,
-                        format!(
-                            "initializer '{}' holds {} but is declared {e}",
-                            val.name(),
-                            t.dtype
-                        ),
-                    );
-                }
+            if let Some(e) = elem
+                && *e != t.dtype
+            {
+                self.push(
+                    scope,
+                    format!(
+                        "initializer '{}' holds {} but is declared {e}",
+                        val.name(),
+                        t.dtype
+                    ),
+                );
             }
             if let Some(dims) = shape {
                 let clash = dims.len() != t.dims.len()
@@ -450,7 +456,10 @@ mod tests {
         let z = g.value_by_name("z").unwrap();
         g.set_input(a, 0, Some(z));
         let e = verify_graph(&g, true).unwrap_err();
-        assert!(e.to_string().contains("cycle: node"), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "graph 'main': cycle through nodes 'b' (Neg) -> 'a' (Relu)"
+        );
     }
 
     #[test]

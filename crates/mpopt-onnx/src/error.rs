@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 #[non_exhaustive]
 pub enum OnnxError {
     /// The file could not be opened, mapped, read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (part of the message, not a separate cause, so it is reported once).
+        error: std::io::Error,
     },
     /// The bytes are not a well-formed ONNX model (corrupt protobuf, unknown dtype, missing external data, ...).
     #[error("{}: {msg}", path.display())]
@@ -23,12 +23,12 @@ pub enum OnnxError {
         msg: String,
     },
     /// The model decoded but breaks an IR invariant (cycle, dangling reference, type clash, ...).
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {problems}", path.display())]
     Invalid {
         /// The model file.
         path: PathBuf,
         /// The verifier's findings.
-        source: mpopt_ir::VerifyError,
+        problems: mpopt_ir::VerifyError,
     },
     /// The model cannot be written as asked.
     #[error("{}: {msg}", path.display())]
@@ -41,10 +41,10 @@ pub enum OnnxError {
 }
 
 impl OnnxError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> OnnxError {
+    pub(crate) fn io(path: &Path, error: std::io::Error) -> OnnxError {
         OnnxError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         }
     }
 }

@@ -267,14 +267,13 @@ pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Option<&mut Writer>) -> R<p
         metadata_props: props(&t.metadata_props),
         ..Default::default()
     };
-    if let Some(w) = ext.as_deref_mut() {
-        if let Some(raw) = raw_bytes(&t.data) {
-            if raw.len() >= w.threshold {
-                p.external_data = props(&w.place(raw));
-                p.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
-                return Ok(p);
-            }
-        }
+    if let Some(w) = ext.as_deref_mut()
+        && let Some(raw) = raw_bytes(&t.data)
+        && raw.len() >= w.threshold
+    {
+        p.external_data = props(&w.place(raw));
+        p.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
+        return Ok(p);
     }
     match &t.data {
         TensorData::Raw(b) => p.raw_data = Some(b.clone()),

@@ -31,11 +31,10 @@ impl Reader {
 
     pub(crate) fn read(
         &mut self,
-        tensor: &str,
         kv: &[(String, String)],
     ) -> Result<(Bytes, ExternalOrigin), String> {
         let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
-        let ctx = |e: String| format!("tensor '{tensor}': external data {e}");
+        let ctx = |e: String| format!("external data {e}");
         let location = get("location").ok_or_else(|| ctx("has no 'location'".into()))?;
         let num = |k: &str| -> Result<Option<u64>, String> {
             get(k)
@@ -189,10 +188,9 @@ fn external_files(g: &Graph, out: &mut Vec<PathBuf>) {
             .initializer
             .as_ref()
             .and_then(|t| t.external.as_ref())
+            && !out.contains(&o.file)
         {
-            if !out.contains(&o.file) {
-                out.push(o.file.clone());
-            }
+            out.push(o.file.clone());
         }
     }
     for (_, n) in g.nodes() {

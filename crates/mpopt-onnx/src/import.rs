@@ -4,8 +4,6 @@
 //! and the node owning the subgraph lists it as an implicit input, resolved one scope up in turn. A name still
 //! unresolved in the main graph (or a function body) is a dangling reference and an error.
 
-use std::collections::HashSet;
-
 use bytes::Bytes;
 use mpopt_ir::{
     AttrValue, Attribute, DType, Dim, DimValue, Function, Graph, Model, Node, Opaque, OpsetImport,
@@ -37,7 +35,8 @@ fn opsets(v: Vec<pb::OperatorSetIdProto>) -> Vec<OpsetImport> {
 
 pub(crate) fn model(m: pb::ModelProto, ext: &mut Reader) -> R<Model> {
     let gp = m.graph.ok_or("the model has no graph")?;
-    let graph = graph(gp, ext, true)?;
+    let mut graph = graph(gp, ext, true)?;
+    capture_types(&mut graph);
     let mut functions = Vec::with_capacity(m.functions.len());
     for f in m.functions {
         functions.push(function(f, ext)?);
@@ -97,13 +96,42 @@ fn function(f: pb::FunctionProto, ext: &mut Reader) -> R<Function> {
     })
 }
 
+/// Gives every capture without a declared type the type of the value it reads, scope by scope from the top.
+fn capture_types(g: &mut Graph) {
+    let ids: Vec<mpopt_ir::NodeId> = g
+        .nodes()
+        .filter(|(_, n)| n.has_subgraphs())
+        .map(|(id, _)| id)
+        .collect();
+    for id in ids {
+        let outer: Vec<(String, Option<TypeInfo>)> = g
+            .node(id)
+            .implicit_inputs()
+            .iter()
+            .map(|&v| (g.value(v).name().to_string(), g.value(v).ty.clone()))
+            .collect();
+        for a in &mut g.node_mut(id).attributes {
+            for sg in a.value.graphs_mut() {
+                for (name, ty) in &outer {
+                    if let Some(c) = sg.value_by_name(name)
+                        && sg.value(c).ty.is_none()
+                    {
+                        sg.value_mut(c).ty = ty.clone();
+                    }
+                }
+                capture_types(sg);
+            }
+        }
+    }
+}
+
 /// Looks a name up in the graph; an unknown name becomes a capture unless `top`.
 fn resolve(g: &mut Graph, name: &str, top: bool) -> R<ValueId> {
     if let Some(v) = g.value_by_name(name) {
         return Ok(v);
     }
     if top {
-        return Err(format!("'{name}' is never defined"));
+        return Err(format!("'{name}', which is never defined"));
     }
     g.add_capture(name).map_err(|e| e.to_string())
 }
@@ -270,23 +298,11 @@ fn nodes(g: &mut Graph, nps: Vec<pb::NodeProto>, ext: &mut Reader, top: bool) ->
             });
         }
         // Implicit inputs: every distinct name the subgraphs capture, resolved here.
-        let mut seen = HashSet::new();
         let mut implicit = Vec::new();
-        let captured: Vec<String> = node
-            .subgraphs()
-            .flat_map(|(_, sg)| {
-                sg.captures()
-                    .iter()
-                    .map(|&c| sg.value(c).name().to_string())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        for name in captured {
-            if seen.insert(name.clone()) {
-                implicit.push(
-                    resolve(g, &name, top).map_err(|e| format!("{label}: a subgraph reads {e}"))?,
-                );
-            }
+        for name in node.captured_names() {
+            implicit.push(
+                resolve(g, &name, top).map_err(|e| format!("{label}: a subgraph reads {e}"))?,
+            );
         }
         let n = g
             .add_node(node, &inputs, &outputs)
@@ -340,7 +356,33 @@ fn attribute(a: pb::AttributeProto, ext: &mut Reader) -> R<Attribute> {
             return Err(ctx("has no type and no value".into()));
         };
     }
-    let is_ref = a.ref_attr_name.is_some();
+    if a.ref_attr_name.is_some() {
+        // A reference (inside a function body) carries its kind but no value.
+        let kind_name = match kind {
+            T::Float => "float",
+            T::Int => "int",
+            T::String => "string",
+            T::Tensor => "tensor",
+            T::Graph => "graph",
+            T::SparseTensor => "sparse_tensor",
+            T::TypeProto => "type",
+            T::Floats => "floats",
+            T::Ints => "ints",
+            T::Strings => "strings",
+            T::Tensors => "tensors",
+            T::Graphs => "graphs",
+            T::SparseTensors => "sparse_tensors",
+            T::TypeProtos => "types",
+            T::Undefined => unreachable!("resolved above"),
+        };
+        let value = AttrValue::placeholder(kind_name).expect("every kind has a placeholder");
+        return Ok(Attribute {
+            name,
+            value,
+            ref_attr_name: a.ref_attr_name,
+            doc_string: s(a.doc_string),
+        });
+    }
     let missing = || ctx(format!("declared {kind:?} but holds no such value"));
     let value = match kind {
         T::Float => AttrValue::Float(a.f.unwrap_or_default()),
@@ -348,29 +390,18 @@ fn attribute(a: pb::AttributeProto, ext: &mut Reader) -> R<Attribute> {
         T::String => AttrValue::String(a.s.unwrap_or_default()),
         T::Tensor => match a.t {
             Some(t) => AttrValue::Tensor(tensor(t, ext).map_err(ctx)?),
-            None if is_ref => AttrValue::Tensor(empty_tensor(DType::F32)),
             None => return Err(missing()),
         },
         T::Graph => match a.g {
             Some(gp) => AttrValue::Graph(Box::new(graph(gp, ext, false).map_err(ctx)?)),
-            None if is_ref => AttrValue::Graph(Box::new(Graph::new(""))),
             None => return Err(missing()),
         },
         T::SparseTensor => match a.sparse_tensor {
             Some(sp) => AttrValue::SparseTensor(sparse(sp, ext).map_err(ctx)?),
-            None if is_ref => AttrValue::SparseTensor(SparseTensor {
-                values: empty_tensor(DType::F32),
-                indices: empty_tensor(DType::I64),
-                dims: Vec::new(),
-            }),
             None => return Err(missing()),
         },
         T::TypeProto => match a.tp {
             Some(tp) => AttrValue::Type(type_info(tp).map_err(ctx)?),
-            None if is_ref => AttrValue::Type(TypeInfo {
-                ty: Type::Unset,
-                denotation: None,
-            }),
             None => return Err(missing()),
         },
         T::Floats => AttrValue::Floats(a.floats),
@@ -414,11 +445,6 @@ fn attribute(a: pb::AttributeProto, ext: &mut Reader) -> R<Attribute> {
     })
 }
 
-/// A reference attribute (`ref_attr_name`) carries only its kind; this is the placeholder value for tensors.
-fn empty_tensor(dt: DType) -> mpopt_ir::Tensor {
-    mpopt_ir::Tensor::from_raw(dt, vec![0], Bytes::new())
-}
-
 fn dtype(code: Option<i32>, what: &str) -> R<DType> {
     let c = code.unwrap_or(0);
     DType::from_code(c).ok_or_else(|| {
@@ -438,7 +464,7 @@ pub(crate) fn tensor(t: pb::TensorProto, ext: &mut Reader) -> R<mpopt_ir::Tensor
     }
     let mut external = None;
     let data = if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
-        let (bytes, origin) = ext.read(&name, &props(t.external_data))?;
+        let (bytes, origin) = ext.read(&props(t.external_data))?;
         external = Some(origin);
         TensorData::Raw(bytes)
     } else if let Some(raw) = t.raw_data {

@@ -64,7 +64,7 @@ pub fn load(path: &Path) -> Result<Model, OnnxError> {
     let model = decode_with_base(Bytes::from_owner(map), path, Some(&base))?;
     mpopt_ir::verify_model(&model).map_err(|e| OnnxError::Invalid {
         path: path.to_path_buf(),
-        source: e,
+        problems: e,
     })?;
     Ok(model)
 }
@@ -106,7 +106,7 @@ pub fn encode(model: &Model) -> Result<Vec<u8>, OnnxError> {
 pub fn save(model: &Model, path: &Path, external: ExternalData) -> Result<SaveSummary, OnnxError> {
     mpopt_ir::verify_model(model).map_err(|e| OnnxError::Invalid {
         path: path.to_path_buf(),
-        source: e,
+        problems: e,
     })?;
     external::save(model, path, external)
 }

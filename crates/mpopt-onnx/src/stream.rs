@@ -26,10 +26,10 @@ impl<W: Write> StreamBuf<W> {
     }
 
     fn flush_buf(&mut self) {
-        if self.err.is_none() {
-            if let Err(e) = self.out.write_all(&self.buf) {
-                self.err = Some(e);
-            }
+        if self.err.is_none()
+            && let Err(e) = self.out.write_all(&self.buf)
+        {
+            self.err = Some(e);
         }
         self.written += self.buf.len() as u64;
         self.buf.clear();
@@ -74,10 +74,10 @@ unsafe impl<W: Write> BufMut for StreamBuf<W> {
         if src.len() >= CAP / 2 {
             // Large tensors go straight to the writer, skipping the copy into the buffer.
             self.flush_buf();
-            if self.err.is_none() {
-                if let Err(e) = self.out.write_all(src) {
-                    self.err = Some(e);
-                }
+            if self.err.is_none()
+                && let Err(e) = self.out.write_all(src)
+            {
+                self.err = Some(e);
             }
             self.written += src.len() as u64;
         } else {

@@ -1,0 +1,280 @@
+//! The `mpopt` binary as a user runs it: snapshots of `inspect` and `print` on testdata/ models, lossless
+//! `copy`, and every kind of bad input with its exact message, exit code, and no output left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Runs mpopt from the repository root; returns (exit code, stdout, stderr).
+fn mpopt(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mpopt"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+const MODELS: &[&str] = &[
+    "testdata/models/tiny_mlp.onnx",
+    "testdata/models/if_outer.onnx",
+    "testdata/models/loop_carried.onnx",
+    "testdata/models/with_function.onnx",
+    "testdata/models/external/model.onnx",
+];
+
+fn snap_name(model: &str) -> String {
+    model
+        .trim_start_matches("testdata/models/")
+        .trim_end_matches(".onnx")
+        .replace('/', "_")
+}
+
+#[test]
+fn inspect_snapshots() {
+    for m in MODELS {
+        let (code, out, err) = mpopt(&["inspect", m]);
+        assert_eq!(code, 0, "{err}");
+        insta::assert_snapshot!(format!("inspect_{}", snap_name(m)), out);
+    }
+}
+
+#[test]
+fn print_snapshots() {
+    for m in MODELS {
+        let (code, out, err) = mpopt(&["print", m]);
+        assert_eq!(code, 0, "{err}");
+        insta::assert_snapshot!(format!("print_{}", snap_name(m)), out);
+    }
+}
+
+#[test]
+fn copy_keeps_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    for m in MODELS {
+        let out = dir.path().join(format!("{}.onnx", snap_name(m)));
+        let (code, _, err) = mpopt(&["copy", m, "-o", out.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let (_, before, _) = mpopt(&["print", m]);
+        let (_, after, _) = mpopt(&["print", out.to_str().unwrap()]);
+        assert_eq!(before, after, "{m}");
+    }
+}
+
+#[test]
+fn copy_moves_data_out_and_back_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let ext = dir.path().join("ext.onnx");
+    let (code, _, err) = mpopt(&[
+        "copy",
+        "testdata/models/tiny_mlp.onnx",
+        "-o",
+        ext.to_str().unwrap(),
+        "--external-data",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let data = dir.path().join("ext.onnx.data");
+    assert!(data.is_file(), "no data file written");
+    // w1 (16x32 f32, 2048 bytes) goes out; w2 (512 bytes) and b1 (128 bytes) are under the 1 KiB threshold.
+    let (_, inspect, _) = mpopt(&["inspect", ext.to_str().unwrap()]);
+    assert!(
+        inspect.contains("external data:\n  ext.onnx.data: 1 tensor, 2048 bytes\n"),
+        "{inspect}"
+    );
+    let m = mpopt_onnx::load(&ext).unwrap();
+    for &v in m.graph.initializers() {
+        if let Some(o) = &m.graph.value(v).initializer.as_ref().unwrap().external {
+            assert_eq!(
+                o.offset % 64,
+                0,
+                "offset {} of '{}' is not aligned",
+                o.offset,
+                m.graph.value(v).name()
+            );
+        }
+    }
+    let back = dir.path().join("back.onnx");
+    let (code, _, err) = mpopt(&["copy", ext.to_str().unwrap(), "-o", back.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!dir.path().join("back.onnx.data").exists());
+    let (_, a, _) = mpopt(&["print", "testdata/models/tiny_mlp.onnx"]);
+    let (_, b, _) = mpopt(&["print", back.to_str().unwrap()]);
+    assert_eq!(a, b);
+    // Internalized again, the copy is byte-identical to the original file.
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        std::fs::read(root().join("testdata/models/tiny_mlp.onnx")).unwrap()
+    );
+}
+
+/// Runs `mpopt copy BAD -o <tmp>/out.onnx` and checks the one-line error, exit code 1, and an empty folder.
+fn assert_rejected(input: &str, expected: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let (code, stdout, stderr) = mpopt(&["copy", input, "-o", out.to_str().unwrap()]);
+    assert_eq!(code, 1, "{input}: {stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(stderr, format!("error: {expected}\n"), "{input}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{input}: files left behind: {left:?}");
+}
+
+#[test]
+fn bad_models_are_rejected_with_a_clear_error() {
+    let cases = [
+        (
+            "testdata/bad/cycle.onnx",
+            "testdata/bad/cycle.onnx: graph 'tiny_mlp': cycle through nodes 'fc1' (MatMul) -> 'fc1_bias' (Add) -> 'act' (Relu)",
+        ),
+        (
+            "testdata/bad/dangling.onnx",
+            "testdata/bad/dangling.onnx: graph 'tiny_mlp': node 'fc2' (MatMul) reads 'missing_value', which is never defined",
+        ),
+        (
+            "testdata/bad/defined_twice.onnx",
+            "testdata/bad/defined_twice.onnx: graph 'tiny_mlp': value 'h' is defined twice (again by node 'act')",
+        ),
+        (
+            "testdata/bad/unknown_dtype.onnx",
+            "testdata/bad/unknown_dtype.onnx: graph 'tiny_mlp': initializer 'b1': tensor has unknown data type 99",
+        ),
+        (
+            "testdata/bad/external_escape/model.onnx",
+            "testdata/bad/external_escape/model.onnx: graph 'tiny_mlp': initializer 'w1': external data location \
+             '../../models/tiny_mlp.onnx' must be a relative path inside the model's folder",
+        ),
+        (
+            "testdata/bad/external_missing/model.onnx",
+            "testdata/bad/external_missing/model.onnx: graph 'tiny_mlp': initializer 'w1': external data file \
+             'testdata/bad/external_missing/weights.bin': No such file or directory (os error 2)",
+        ),
+        (
+            "testdata/bad/external_short/model.onnx",
+            "testdata/bad/external_short/model.onnx: graph 'tiny_mlp': initializer 'w1': external data file \
+             'testdata/bad/external_short/weights.bin' is too short: needs bytes 0..2048, has 100",
+        ),
+        (
+            "testdata/no_such_model.onnx",
+            "testdata/no_such_model.onnx: No such file or directory (os error 2)",
+        ),
+    ];
+    for (input, expected) in cases {
+        assert_rejected(input, expected);
+    }
+}
+
+#[test]
+fn truncated_empty_and_garbage_files_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::read(root().join("testdata/models/tiny_mlp.onnx")).unwrap();
+    let cut = dir.path().join("truncated.onnx");
+    std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
+    let empty = dir.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, b"\xff\xff\xff\xff this is not protobuf").unwrap();
+    for (p, msg) in [
+        (&cut, "not a valid ONNX protobuf (truncated or corrupt): "),
+        (&empty, "the file is empty"),
+        (&junk, "not a valid ONNX protobuf (truncated or corrupt): "),
+    ] {
+        let out = dir.path().join("out.onnx");
+        let (code, _, stderr) = mpopt(&["copy", p.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert_eq!(code, 1, "{stderr}");
+        let prefix = format!("error: {}: {msg}", p.display());
+        assert!(
+            stderr.starts_with(&prefix) && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn output_equal_to_input_is_a_usage_error_and_leaves_the_input_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.onnx");
+    std::fs::copy(root().join("testdata/models/tiny_mlp.onnx"), &m).unwrap();
+    let before = std::fs::read(&m).unwrap();
+    let same = dir.path().join(".").join("m.onnx");
+    let (code, _, stderr) = mpopt(&["copy", m.to_str().unwrap(), "-o", same.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        stderr,
+        format!(
+            "error: the output '{}' is the input model; choose another output path\n",
+            same.display()
+        )
+    );
+    assert_eq!(std::fs::read(&m).unwrap(), before);
+}
+
+#[test]
+fn never_overwrites_the_external_data_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["model.onnx", "weights.bin"] {
+        std::fs::copy(
+            root().join("testdata/models/external").join(f),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    let before = std::fs::read(dir.path().join("weights.bin")).unwrap();
+    let target = dir.path().join("weights.bin");
+    let (code, _, stderr) = mpopt(&[
+        "copy",
+        dir.path().join("model.onnx").to_str().unwrap(),
+        "-o",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("which the model reads its data from"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), before);
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn unwritable_output_names_the_path() {
+    let (code, _, stderr) = mpopt(&[
+        "copy",
+        "testdata/models/tiny_mlp.onnx",
+        "-o",
+        "/nonexistent-dir/out.onnx",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr,
+        "error: cannot save the copy: /nonexistent-dir/out.onnx: No such file or directory (os error 2)\n"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, stderr) = mpopt(&["copy", "testdata/models/tiny_mlp.onnx"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--output <OUTPUT>"), "{stderr}");
+    let (code, _, _) = mpopt(&["frobnicate"]);
+    assert_eq!(code, 2);
+}
