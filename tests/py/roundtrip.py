@@ -122,10 +122,12 @@ def identical(a, b):
 
 
 def check_one(args):
-    mpopt, path, tmp = args
+    mpopt, path, tmp, extra = args
     name = os.path.relpath(os.path.dirname(path))
-    out = os.path.join(tmp, name.replace(os.sep, "__") + ".onnx")
-    r = subprocess.run([mpopt, "copy", path, "-o", out], capture_output=True, text=True)
+    folder = os.path.join(tmp, name.replace(os.sep, "__"))
+    os.makedirs(folder, exist_ok=True)
+    out = os.path.join(folder, "model.onnx")
+    r = subprocess.run([mpopt, "copy", path, "-o", out, *extra], capture_output=True, text=True)
     if r.returncode != 0:
         return name, "copy", r.stderr.strip()[:300]
     orig_chk = checker_ok(path)
@@ -154,6 +156,7 @@ def main():
     ap.add_argument("--mpopt", required=True)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="write per-model verdicts here")
+    ap.add_argument("--copy-arg", action="append", default=[], help="extra argument for `mpopt copy` (repeatable)")
     ap.add_argument("roots", nargs="+")
     a = ap.parse_args()
     models = find_models(a.roots)
@@ -165,7 +168,7 @@ def main():
     verdicts = {}
     with tempfile.TemporaryDirectory() as tmp:
         with ProcessPoolExecutor(a.jobs) as ex:
-            for name, verdict, msg in ex.map(check_one, [(a.mpopt, m, tmp) for m in models], chunksize=8):
+            for name, verdict, msg in ex.map(check_one, [(a.mpopt, m, tmp, a.copy_arg) for m in models], chunksize=8):
                 counts[verdict] = counts.get(verdict, 0) + 1
                 verdicts[name] = [verdict, msg]
                 if not verdict.startswith("ok"):

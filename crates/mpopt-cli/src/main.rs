@@ -3,6 +3,12 @@
 
 mod inspect;
 
+/// mimalloc instead of the system allocator: loading a model is millions of small allocations (names, node
+/// and tensor records). Measured on a 1,000,000-node model: freeing the model went from 2.5 s to 0.2 s and
+/// encoding from 2.9 s to 1.6 s.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

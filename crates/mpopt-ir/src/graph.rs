@@ -14,7 +14,7 @@
 //! is a real use: it orders the owning node after the producer, keeps the value alive, and shows up in
 //! [`Graph::uses`].
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use crate::{Attribute, SparseTensor, Tensor, TypeInfo};
 
@@ -80,10 +80,10 @@ pub struct Value {
     pub(crate) name: String,
     /// Declared or inferred type, if known.
     pub ty: Option<TypeInfo>,
-    /// Dense initializer data.
-    pub initializer: Option<Tensor>,
+    /// Dense initializer data (boxed: most values have none, and this keeps `Value` small).
+    pub initializer: Option<Box<Tensor>>,
     /// Sparse initializer data.
-    pub sparse_initializer: Option<SparseTensor>,
+    pub sparse_initializer: Option<Box<SparseTensor>>,
     /// Doc string from the model's value info.
     pub doc_string: String,
     /// Metadata properties from the model's value info.
@@ -242,7 +242,7 @@ pub struct Graph {
     first: Option<NodeId>,
     last: Option<NodeId>,
     live_nodes: usize,
-    by_name: HashMap<String, ValueId>,
+    by_name: FxHashMap<String, ValueId>,
     inputs: Vec<ValueId>,
     outputs: Vec<ValueId>,
     initializers: Vec<ValueId>,
@@ -268,12 +268,16 @@ impl Graph {
         name: impl Into<String>,
         ty: Option<TypeInfo>,
     ) -> Result<ValueId, EditError> {
-        let name = name.into();
-        if name.is_empty() || self.by_name.contains_key(&name) {
-            return Err(EditError::DuplicateName(name));
-        }
         let id = ValueId(self.values.len() as u32);
-        self.by_name.insert(name.clone(), id);
+        // One hash per new value: the entry both checks for and claims the name.
+        let name = match self.by_name.entry(name.into()) {
+            std::collections::hash_map::Entry::Vacant(e) if !e.key().is_empty() => {
+                let name = e.key().clone();
+                e.insert(id);
+                name
+            }
+            e => return Err(EditError::DuplicateName(e.key().clone())),
+        };
         self.values.push(Value {
             name,
             ty,
@@ -285,6 +289,15 @@ impl Graph {
             uses: Vec::new(),
         });
         Ok(id)
+    }
+
+    /// Reserves room for this many more nodes and values (an importer knows the counts up front).
+    pub fn reserve(&mut self, nodes: usize, values: usize) {
+        self.nodes.reserve(nodes);
+        self.prev.reserve(nodes);
+        self.next.reserve(nodes);
+        self.values.reserve(values);
+        self.by_name.reserve(values);
     }
 
     /// A name not used in this graph, made from `base` (`base`, `base_1`, `base_2`, ...).
@@ -322,7 +335,7 @@ impl Graph {
         if val.initializer.is_none() {
             self.initializers.push(v);
         }
-        self.values[v.index()].initializer = Some(tensor);
+        self.values[v.index()].initializer = Some(Box::new(tensor));
         Ok(())
     }
 
@@ -356,7 +369,7 @@ impl Graph {
         if val.sparse_initializer.is_none() {
             self.sparse_initializers.push(v);
         }
-        self.values[v.index()].sparse_initializer = Some(sparse);
+        self.values[v.index()].sparse_initializer = Some(Box::new(sparse));
         Ok(())
     }
 
@@ -454,7 +467,7 @@ impl Graph {
     }
     /// Drops the initializer of a value; an initializer-only value becomes detached.
     pub fn remove_initializer(&mut self, v: ValueId) -> Option<Tensor> {
-        let t = self.values[v.index()].initializer.take()?;
+        let t = *self.values[v.index()].initializer.take()?;
         self.initializers.retain(|&x| x != v);
         let val = &mut self.values[v.index()];
         if val.def == Def::Initializer && val.sparse_initializer.is_none() {

@@ -138,6 +138,11 @@ fn resolve(g: &mut Graph, name: &str, top: bool) -> R<ValueId> {
 
 fn graph(gp: pb::GraphProto, ext: &mut Reader, top: bool) -> R<Graph> {
     let mut g = Graph::new(s(gp.name));
+    let outputs: usize = gp.node.iter().map(|n| n.output.len()).sum();
+    g.reserve(
+        gp.node.len(),
+        gp.input.len() + gp.initializer.len() + outputs,
+    );
     let gname = g.name.clone();
     let ctx = |e: String| format!("graph '{gname}': {e}");
     g.doc_string = s(gp.doc_string);
@@ -268,12 +273,6 @@ fn nodes(g: &mut Graph, nps: Vec<pb::NodeProto>, ext: &mut Reader, top: bool) ->
         outs.push(o);
     }
     for (np, outputs) in nps.into_iter().zip(outs) {
-        let label = match &np.name {
-            Some(n) if !n.is_empty() => {
-                format!("node '{n}' ({})", np.op_type.as_deref().unwrap_or(""))
-            }
-            _ => format!("a {} node", np.op_type.as_deref().unwrap_or("")),
-        };
         let mut node = Node::new(s(np.op_type));
         node.name = s(np.name);
         node.domain = s(np.domain);
@@ -287,31 +286,41 @@ fn nodes(g: &mut Graph, nps: Vec<pb::NodeProto>, ext: &mut Reader, top: bool) ->
             .collect();
         for a in np.attribute {
             node.attributes
-                .push(attribute(a, ext).map_err(|e| format!("{label}: {e}"))?);
+                .push(attribute(a, ext).map_err(|e| format!("{}: {e}", label(&node)))?);
         }
         let mut inputs = Vec::with_capacity(np.input.len());
         for name in &np.input {
             inputs.push(if name.is_empty() {
                 None
             } else {
-                Some(resolve(g, name, top).map_err(|e| format!("{label} reads {e}"))?)
+                Some(resolve(g, name, top).map_err(|e| format!("{} reads {e}", label(&node)))?)
             });
         }
         // Implicit inputs: every distinct name the subgraphs capture, resolved here.
         let mut implicit = Vec::new();
         for name in node.captured_names() {
             implicit.push(
-                resolve(g, &name, top).map_err(|e| format!("{label}: a subgraph reads {e}"))?,
+                resolve(g, &name, top)
+                    .map_err(|e| format!("{}: a subgraph reads {e}", label(&node)))?,
             );
         }
         let n = g
             .add_node(node, &inputs, &outputs)
-            .map_err(|e| format!("{label}: {e}"))?;
+            .map_err(|e| e.to_string())?;
         if !implicit.is_empty() {
             g.set_implicit_inputs(n, implicit);
         }
     }
     Ok(())
+}
+
+/// A node as error messages name it (built only when an error is reported).
+fn label(n: &Node) -> String {
+    if n.name.is_empty() {
+        format!("a {} node", n.op_type)
+    } else {
+        format!("node '{}' ({})", n.name, n.op_type)
+    }
 }
 
 fn attribute(a: pb::AttributeProto, ext: &mut Reader) -> R<Attribute> {
