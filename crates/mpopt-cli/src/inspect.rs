@@ -113,6 +113,25 @@ pub fn report(path: &Path, m: &Model) -> String {
     for (op, n) in ops {
         let _ = writeln!(o, "  {op}: {n}");
     }
+    let mut typed = m.clone();
+    let mut pass = mpopt_passes::infer_types::InferTypes::default();
+    if mpopt_passes::Pass::run(&mut pass, &mut typed).is_ok() {
+        let r = &pass.report;
+        let _ = writeln!(
+            o,
+            "types: {} node outputs, {} typed, {} with a shape ({} fully static)",
+            r.values, r.typed, r.shaped, r.fully_shaped
+        );
+        if !r.untyped.is_empty() {
+            let _ = writeln!(o, "could not type {} value(s):", r.untyped.len());
+            for u in r.untyped.iter().take(10) {
+                let _ = writeln!(o, "  {u}");
+            }
+            if r.untyped.len() > 10 {
+                let _ = writeln!(o, "  ...");
+            }
+        }
+    }
     let _ = write!(o, "external data:");
     if st.external.is_empty() {
         let _ = writeln!(o, " none");

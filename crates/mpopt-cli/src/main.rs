@@ -34,6 +34,17 @@ enum Cmd {
     Print {
         /// The ONNX model.
         model: PathBuf,
+        /// Infer every value's dtype and shape first, so that every node line shows them.
+        #[arg(long)]
+        types: bool,
+    },
+    /// Infer every value's dtype and shape and write them into the model's value_info.
+    Infer {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Where to write the model.
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// Rewrite a model through the IR without changing it (also moves tensor data in or out of the file).
     Copy {
@@ -78,6 +89,14 @@ fn load(path: &Path) -> Result<mpopt_ir::Model> {
     Ok(mpopt_onnx::load(path)?)
 }
 
+/// Runs `infer-types` on the model.
+fn infer(m: &mut mpopt_ir::Model) -> Result<mpopt_passes::infer_types::InferReport> {
+    use mpopt_passes::Pass;
+    let mut pass = mpopt_passes::infer_types::InferTypes::default();
+    pass.run(m)?;
+    Ok(pass.report)
+}
+
 /// Writes to stdout; a closed pipe (`mpopt print m.onnx | head`) ends quietly.
 fn emit(text: &str) -> Result<()> {
     use std::io::Write;
@@ -112,9 +131,33 @@ fn run(cli: Cli) -> Result<()> {
             let m = load(&model)?;
             emit(&inspect::report(&model, &m))?;
         }
-        Cmd::Print { model } => {
-            let m = load(&model)?;
+        Cmd::Print { model, types } => {
+            let mut m = load(&model)?;
+            if types {
+                infer(&mut m)?;
+            }
             emit(&mpopt_ir::text::print_model(&m))?;
+        }
+        Cmd::Infer { model, output } => {
+            check_output(&model, &output)?;
+            let mut m = load(&model)?;
+            let report = infer(&mut m)?;
+            mpopt_passes::infer_types::record_value_info(&mut m);
+            mpopt_onnx::save(&m, &output, mpopt_onnx::ExternalData::Auto)
+                .context("cannot save the model")?;
+            eprintln!(
+                "wrote {}: {} node outputs, {} typed, {} shaped ({} fully), {} untyped, {} conflicts",
+                output.display(),
+                report.values,
+                report.typed,
+                report.shaped,
+                report.fully_shaped,
+                report.untyped.len(),
+                report.conflicts.len()
+            );
+            for c in &report.conflicts {
+                eprintln!("warning: {c}");
+            }
         }
         Cmd::Copy {
             model,

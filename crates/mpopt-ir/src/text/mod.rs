@@ -28,7 +28,7 @@
 mod parse;
 mod print;
 
-pub use parse::{ParseError, parse_graph, parse_model};
+pub use parse::{ParseError, parse_attr_value, parse_graph, parse_model};
 pub use print::{
     Annotate, INLINE_ELEMENTS, float_str, print_graph, print_model, print_model_with, quote,
     tensor_string, type_string, value_ref,

@@ -1072,3 +1072,16 @@ pub fn parse_graph(src: &str) -> Result<Graph, ParseError> {
     }
     Ok(g)
 }
+
+/// Parses one attribute value in IR text syntax (`3`, `0.5`, `"nearest"`, `[1, 2]`, `ints []`, ...).
+pub fn parse_attr_value(src: &str) -> Result<AttrValue, ParseError> {
+    let mut p = P {
+        toks: lex(src)?,
+        pos: 0,
+    };
+    let v = p.attr_value()?;
+    if p.peek() != &Tok::Eof {
+        return p.fail(format!("unexpected {:?} after the value", p.peek()));
+    }
+    Ok(v)
+}
