@@ -193,14 +193,6 @@ fn dtype_attr(n: &Node, name: &str) -> Option<DType> {
     int_attr(n, name).and_then(|c| DType::from_code(c as i32))
 }
 
-fn label(n: &Node) -> String {
-    if n.name.is_empty() {
-        format!("a {} node", n.qualified_op())
-    } else {
-        format!("node '{}' ({})", n.name, n.qualified_op())
-    }
-}
-
 /// The type and shape of a Constant node's output.
 fn constant_output(n: &Node) -> Option<(TypeInfo, Option<SymTensor>, Option<Vec<f64>>)> {
     let a = n.attributes.iter().find(|a| a.ref_attr_name.is_none())?;
@@ -269,23 +261,24 @@ fn small_floats(t: &Tensor) -> Option<Vec<f64>> {
 fn schema_types(
     schema: &OpSchema,
     n: &Node,
-    ins: &[Option<TypeInfo>],
+    ins: &[Option<&TypeInfo>],
     opset: i64,
 ) -> Vec<Option<TypeInfo>> {
     let mut bound: HashMap<&str, TypeInfo> = HashMap::new();
     for (i, t) in ins.iter().enumerate() {
-        let (Some(t), Some(p)) = (t, schema.input_param(i)) else {
+        let (Some(t), Some(p)) = (*t, schema.input_param(i)) else {
             continue;
         };
-        if let TypeSpec::Param(name) = &p.ty {
-            if p.homogeneous || i < schema.inputs.len() {
-                bound.entry(name.as_str()).or_insert_with(|| strip_shape(t));
-            }
+        if let TypeSpec::Param(name) = &p.ty
+            && (p.homogeneous || i < schema.inputs.len())
+        {
+            bound.entry(name.as_str()).or_insert_with(|| strip_shape(t));
         }
     }
     let elem_of = |i: usize| {
         ins.get(i)
-            .and_then(|t| t.as_ref())
+            .copied()
+            .flatten()
             .and_then(TypeInfo::tensor_elem)
     };
     let n_out = n.outputs().len();
@@ -417,7 +410,7 @@ fn attribute_type(
 }
 
 /// Types of If/Loop/Scan outputs from their inferred bodies.
-fn control_flow_types(n: &Node, g_in: &[Option<TypeInfo>]) -> Option<Vec<Option<TypeInfo>>> {
+fn control_flow_types(n: &Node, g_in: &[Option<&TypeInfo>]) -> Option<Vec<Option<TypeInfo>>> {
     let body_outs = |name: &str| -> Option<Vec<Option<TypeInfo>>> {
         let a = n.attr(name)?;
         let AttrValue::Graph(b) = &a.value else {
@@ -449,7 +442,11 @@ fn control_flow_types(n: &Node, g_in: &[Option<TypeInfo>]) -> Option<Vec<Option<
                     .enumerate()
                     .map(|(i, t)| {
                         if i < carried {
-                            t.or_else(|| g_in.get(2 + i).cloned().flatten())
+                            // a carried value keeps the dims its initial value and the body output agree on
+                            match (t, g_in.get(2 + i).copied().flatten().cloned()) {
+                                (Some(a), Some(b)) => Some(merge_branches(&a, &b)),
+                                (a, b) => a.or(b),
+                            }
                         } else {
                             t.map(|t| add_leading_dim(&t))
                         }
@@ -536,12 +533,12 @@ fn drop_axis(t: &TypeInfo, ax: i64) -> TypeInfo {
 }
 
 /// Ops whose output type is built from an input's whole type (sequences, optionals), not just its dtype.
-fn structural_type(n: &Node, o: usize, ins: &[Option<TypeInfo>]) -> Option<TypeInfo> {
+fn structural_type(n: &Node, o: usize, ins: &[Option<&TypeInfo>]) -> Option<TypeInfo> {
     let ti = |ty| TypeInfo {
         ty,
         denotation: None,
     };
-    let input = |i: usize| ins.get(i).cloned().flatten();
+    let input = |i: usize| ins.get(i).copied().flatten().cloned();
     let seq_elem = |t: TypeInfo| match t.ty {
         Type::Sequence(Some(e)) => Some(*e),
         _ => None,
@@ -701,7 +698,7 @@ fn merge(
 /// Infers a function call by inferring a copy of the body with the call's input types.
 fn call_types(
     f: &Function,
-    ins: &[Option<TypeInfo>],
+    ins: &[Option<&TypeInfo>],
     cx: &Cx,
     depth: usize,
 ) -> Vec<Option<TypeInfo>> {
@@ -711,7 +708,7 @@ fn call_types(
     let mut body = f.body.clone();
     for (i, &v) in body.inputs().to_vec().iter().enumerate() {
         if body.value(v).ty.is_none() {
-            body.value_mut(v).ty = ins.get(i).cloned().flatten();
+            body.value_mut(v).ty = ins.get(i).copied().flatten().cloned();
         }
     }
     let fcx = Cx {
@@ -797,14 +794,14 @@ fn infer_node(
 ) {
     let node = g.node(id);
     let inputs: Vec<Option<ValueId>> = node.inputs().to_vec();
-    let in_types: Vec<Option<TypeInfo>> = inputs
-        .iter()
-        .map(|v| v.and_then(|v| g.value(v).ty.clone()))
-        .collect();
     let opset = cx.opset(&node.domain);
 
     // Subgraphs first: type their inputs and captures, infer them, then read their outputs.
     if node.has_subgraphs() {
+        let in_types: Vec<Option<TypeInfo>> = inputs
+            .iter()
+            .map(|v| v.and_then(|v| g.value(v).ty.clone()))
+            .collect();
         let outer: Outer = node
             .implicit_inputs()
             .iter()
@@ -817,7 +814,7 @@ fn infer_node(
             .collect();
         let op = node.op_type.clone();
         let n_in = inputs.len();
-        let label_s = label(node);
+        let label_s = format!("node {}", mpopt_ir::node_label(g, id));
         let node_attrs_snapshot: Vec<(String, AttrValue)> = node
             .attributes
             .iter()
@@ -865,18 +862,43 @@ fn infer_node(
                     }
                 }
                 if op == "Loop" {
-                    let ins = sg.inputs().to_vec();
-                    let mut fill = |k: usize, t: Option<TypeInfo>| {
-                        if let Some(&v) = ins.get(k) {
-                            if sg.value(v).ty.is_none() {
-                                sg.value_mut(v).ty = t;
-                            }
+                    // A carried value may change shape from one iteration to the next. Infer a scratch copy
+                    // with the initial shapes; keep only the dims the body leaves as they were.
+                    let mut trial = sg.clone();
+                    let trial_ins = trial.inputs().to_vec();
+                    for (k, t) in in_types.iter().enumerate().skip(2) {
+                        if let Some(&v) = trial_ins.get(k)
+                            && trial.value(v).ty.is_none()
+                        {
+                            trial.value_mut(v).ty = t.clone();
                         }
-                    };
-                    fill(0, Some(tensor_type(DType::I64, Some(vec![]))));
-                    fill(1, Some(tensor_type(DType::Bool, Some(vec![]))));
-                    for k in 2..n_in {
-                        fill(k, in_types[k].clone().map(|t| strip_shape(&t)));
+                    }
+                    infer_graph(
+                        &mut trial,
+                        cx,
+                        &outer,
+                        &mut InferReport::default(),
+                        scope,
+                        depth,
+                    );
+                    let mut types = vec![
+                        Some(tensor_type(DType::I64, Some(vec![]))),
+                        Some(tensor_type(DType::Bool, Some(vec![]))),
+                    ];
+                    for (k, init) in in_types.iter().enumerate().skip(2) {
+                        let after = trial
+                            .outputs()
+                            .get(k - 1)
+                            .and_then(|&v| trial.value(v).ty.clone());
+                        types.push(match (init.clone(), after) {
+                            (Some(a), Some(b)) => Some(merge_branches(&a, &b)),
+                            (a, _) => a.map(|t| strip_shape(&t)),
+                        });
+                    }
+                    for (k, &v) in sg.inputs().to_vec().iter().enumerate() {
+                        if sg.value(v).ty.is_none() {
+                            sg.value_mut(v).ty = types.get(k).cloned().flatten();
+                        }
                     }
                 }
                 let sub_scope = format!("{scope} / {label_s} / {attr_name}");
@@ -888,6 +910,11 @@ fn infer_node(
 
     let node = g.node(id);
     let n_out = node.outputs().len();
+    // Borrowed, not cloned: reading the inputs' types is the hot path on large graphs.
+    let in_types: Vec<Option<&TypeInfo>> = inputs
+        .iter()
+        .map(|v| v.and_then(|v| g.value(v).ty.as_ref()))
+        .collect();
     let schema = registry().get(&node.domain, &node.op_type, opset);
     let mut out_types: Vec<Option<TypeInfo>> = vec![None; n_out];
     let mut out_consts: Vec<Option<SymTensor>> = vec![None; n_out];
@@ -907,9 +934,12 @@ fn infer_node(
         for (o, ty) in t.into_iter().enumerate().take(n_out) {
             out_types[o] = ty;
         }
-    } else if let Some(f) = cx
-        .functions
-        .get(&(node.domain.clone(), node.op_type.clone()))
+    } else if let Some(f) = (!cx.functions.is_empty())
+        .then(|| {
+            cx.functions
+                .get(&(node.domain.clone(), node.op_type.clone()))
+        })
+        .flatten()
     {
         out_types = call_types(f, &in_types, cx, depth);
         out_types.resize(n_out, None);
@@ -920,25 +950,22 @@ fn infer_node(
             opset,
             shapes: in_types
                 .iter()
-                .map(|t| {
-                    t.as_ref()
-                        .and_then(|t| t.tensor_shape().map(<[Dim]>::to_vec))
-                })
+                .map(|t| t.and_then(TypeInfo::tensor_shape))
                 .collect(),
             consts: inputs
                 .iter()
-                .map(|v| v.and_then(|v| consts[v.index()].clone()))
+                .map(|v| v.and_then(|v| consts[v.index()].as_ref()))
                 .collect(),
             floats: inputs
                 .iter()
-                .map(|v| v.and_then(|v| floats[v.index()].clone()))
+                .map(|v| v.and_then(|v| floats[v.index()].as_deref()))
                 .collect(),
             n_out,
         };
         let shapes = shape_rules::shapes(&view);
         out_consts[0] = shape_rules::fold(&view);
-        for o in 0..n_out {
-            out_types[o] = match (
+        for (o, slot) in out_types.iter_mut().enumerate() {
+            *slot = match (
                 elems.get(o).cloned().flatten(),
                 shapes.get(o).cloned().flatten(),
             ) {
@@ -968,14 +995,14 @@ fn infer_node(
     }
 
     let outputs: Vec<Option<ValueId>> = g.node(id).outputs().to_vec();
-    let node_label = label(g.node(id));
     for (o, v) in outputs.iter().enumerate() {
         let Some(v) = *v else { continue };
         let (merged, conflict) = merge(&g.value(v).ty, out_types[o].take());
         if let Some(c) = conflict {
             report.conflicts.push(format!(
-                "{scope}: '{}' (output of {node_label}): {c}",
-                g.value(v).name()
+                "{scope}: '{}' (output of node {}): {c}",
+                g.value(v).name(),
+                mpopt_ir::node_label(g, id)
             ));
         }
         g.value_mut(v).ty = merged;
@@ -996,8 +1023,9 @@ fn infer_node(
             report.typed += 1;
         } else {
             report.untyped.push(format!(
-                "{scope}: '{}' (output of {node_label})",
-                g.value(v).name()
+                "{scope}: '{}' (output of node {})",
+                g.value(v).name(),
+                mpopt_ir::node_label(g, id)
             ));
         }
         if let Some(s) = ty.and_then(TypeInfo::tensor_shape) {

@@ -3,9 +3,11 @@
 
 use crate::{Pass, PassError, infer_types::InferTypes};
 
+/// Makes a fresh pass.
+type Constructor = fn() -> Box<dyn Pass>;
+
 /// Every pass by name, with a constructor.
-const REGISTRY: &[(&str, fn() -> Box<dyn Pass>)] =
-    &[("infer-types", || Box::new(InferTypes::default()))];
+const REGISTRY: &[(&str, Constructor)] = &[("infer-types", || Box::new(InferTypes::default()))];
 
 /// Every pass name.
 pub fn names() -> Vec<&'static str> {

@@ -11,11 +11,11 @@ pub(crate) struct NodeView<'a> {
     pub(crate) node: &'a Node,
     pub(crate) opset: i64,
     /// Input shapes (`None`: no input, or rank unknown).
-    pub(crate) shapes: Vec<Option<Vec<Dim>>>,
+    pub(crate) shapes: Vec<Option<&'a [Dim]>>,
     /// Folded input values.
-    pub(crate) consts: Vec<Option<SymTensor>>,
+    pub(crate) consts: Vec<Option<&'a SymTensor>>,
     /// Values of small float constant inputs (Resize scales).
-    pub(crate) floats: Vec<Option<Vec<f64>>>,
+    pub(crate) floats: Vec<Option<&'a [f64]>>,
     /// Number of outputs.
     pub(crate) n_out: usize,
 }
@@ -27,13 +27,13 @@ impl NodeView<'_> {
         &self.node.op_type
     }
     fn shape(&self, i: usize) -> Option<&[Dim]> {
-        self.shapes.get(i).and_then(|s| s.as_deref())
+        self.shapes.get(i).copied().flatten()
     }
     fn rank(&self, i: usize) -> Option<usize> {
         self.shape(i).map(<[Dim]>::len)
     }
     fn cst(&self, i: usize) -> Option<&SymTensor> {
-        self.consts.get(i).and_then(Option::as_ref)
+        self.consts.get(i).copied().flatten()
     }
     fn has_input(&self, i: usize) -> bool {
         self.node.inputs().get(i).is_some_and(Option::is_some)
@@ -243,18 +243,25 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
     if SAME_AS_INPUT0.contains(&op) {
         out[0] = v.shape(0).map(<[Dim]>::to_vec);
         match op {
+            // training mode: running mean and variance, one per channel
+            "BatchNormalization" if v.n_out > 1 => {
+                let c = v.shape(0).and_then(|s| s.get(1).cloned());
+                for o in out.iter_mut().skip(1) {
+                    *o = c.clone().map(|c| vec![c]);
+                }
+            }
             "Dropout" if v.n_out > 1 => out[1] = out[0].clone(),
             "LayerNormalization" | "SimplifiedLayerNormalization" if v.n_out > 1 => {
-                if let Some(s) = v.shape(0) {
-                    if let Some(ax) = axis(v.int("axis").unwrap_or(-1), s.len()) {
-                        let stat: Vec<Dim> = s
-                            .iter()
-                            .enumerate()
-                            .map(|(i, d)| if i < ax { d.clone() } else { known(1) })
-                            .collect();
-                        for o in out.iter_mut().skip(1) {
-                            *o = Some(stat.clone());
-                        }
+                if let Some(s) = v.shape(0)
+                    && let Some(ax) = axis(v.int("axis").unwrap_or(-1), s.len())
+                {
+                    let stat: Vec<Dim> = s
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| if i < ax { d.clone() } else { known(1) })
+                        .collect();
+                    for o in out.iter_mut().skip(1) {
+                        *o = Some(stat.clone());
                     }
                 }
             }
@@ -303,6 +310,11 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
             let ax = if ax < 0 { ax + s.len() as i64 } else { ax } as usize;
             (ax <= s.len()).then(|| vec![product(&s[..ax]), product(&s[ax..])])
         })),
+        "Expand" if v.cst(1).is_none() => first(
+            v.rank(0)
+                .zip(vector_len(v, 1))
+                .map(|(r, k)| vec![unknown(); r.max(k)]),
+        ),
         "Expand" => first(
             v.cst(1)
                 .map(|c| {
@@ -319,6 +331,9 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
                     broadcast(&ins)
                 }),
         ),
+        "Tile" if v.cst(1).and_then(SymTensor::known).is_none() => {
+            first(v.rank(0).map(|r| vec![unknown(); r]))
+        }
         "Tile" => first(
             v.shape(0)
                 .zip(v.cst(1).and_then(SymTensor::known))
@@ -356,11 +371,15 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
         "GatherElements" => first(v.shape(1).map(<[Dim]>::to_vec)),
         "Squeeze" => first(squeeze(v)),
         "Unsqueeze" => first(unsqueeze(v)),
-        "Shape" => first(v.rank(0).map(|r| {
+        // always 1-D; its length is known when the input's rank is
+        "Shape" => first(Some(vec![v.rank(0).map_or_else(unknown, |r| {
             let (s, e) = shape_range(v, r);
-            vec![known(e.saturating_sub(s) as i64)]
-        })),
+            known(e.saturating_sub(s) as i64)
+        })])),
         "Size" => first(Some(Vec::new())),
+        "ConstantOfShape" if v.cst(0).is_none() => {
+            first(vector_len(v, 0).map(|k| vec![unknown(); k]))
+        }
         "ConstantOfShape" => first(v.cst(0).map(|c| {
             c.vals
                 .iter()
@@ -370,15 +389,20 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
                 })
                 .collect()
         })),
-        "Range" => first(Some(vec![match (v.cst(0), v.cst(1), v.cst(2)) {
-            (Some(a), Some(b), Some(c)) => match (a.known(), b.known(), c.known()) {
-                (Some(a), Some(b), Some(c)) if c[0] != 0 => {
-                    known(((b[0] - a[0]) as f64 / c[0] as f64).ceil().max(0.0) as i64)
+        "Range" => {
+            let num = |i: usize| -> Option<f64> {
+                v.cst(i)
+                    .and_then(SymTensor::known)
+                    .map(|k| k[0] as f64)
+                    .or_else(|| v.floats.get(i)?.as_ref()?.first().copied())
+            };
+            first(Some(vec![match (num(0), num(1), num(2)) {
+                (Some(a), Some(b), Some(c)) if c != 0.0 => {
+                    known(((b - a) / c).ceil().max(0.0) as i64)
                 }
                 _ => unknown(),
-            },
-            _ => unknown(),
-        }])),
+            }]))
+        }
         "Resize" | "Upsample" => first(resize(v)),
         "Pad" => first(pad(v)),
         "TopK" => {
@@ -430,6 +454,23 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
         })),
         "LSTM" | "GRU" | "RNN" => rnn(v),
         "NonMaxSuppression" => first(Some(vec![unknown(), known(3)])),
+        "RandomNormal" | "RandomUniform" => {
+            first(v.ints("shape").map(|s| s.into_iter().map(known).collect()))
+        }
+        "NegativeLogLikelihoodLoss" | "SoftmaxCrossEntropyLoss" => {
+            let none = v.string("reduction").as_deref() == Some("none");
+            let mut o = vec![None; v.n_out];
+            o[0] = if none {
+                v.shape(1).map(<[Dim]>::to_vec)
+            } else {
+                Some(Vec::new())
+            };
+            if v.n_out > 1 {
+                o[1] = v.shape(0).map(<[Dim]>::to_vec);
+            }
+            o
+        }
+        "Attention" if v.node.domain.is_empty() => attention(v),
         "EyeLike" => first(v.shape(0).map(<[Dim]>::to_vec)),
         "DynamicQuantizeLinear" => {
             let mut o = vec![
@@ -655,7 +696,28 @@ fn reduce(v: &NodeView) -> Shape {
     let axes_input = (v.op() == "ReduceSum" && v.opset >= 13) || v.opset >= 18;
     let axes = if axes_input {
         if v.has_input(1) {
-            v.cst(1)?.known()?
+            match v.cst(1).and_then(SymTensor::known) {
+                Some(a) => a,
+                // axes unknown: with keepdims the rank stays; without, it drops by the number of axes
+                None if keep => {
+                    return Some(
+                        s.iter()
+                            .map(|d| {
+                                if d.value == DimValue::Known(1) {
+                                    d.clone()
+                                } else {
+                                    unknown()
+                                }
+                            })
+                            .collect(),
+                    );
+                }
+                None => {
+                    return vector_len(v, 1)
+                        .and_then(|k| s.len().checked_sub(k))
+                        .map(|r| vec![unknown(); r]);
+                }
+            }
         } else {
             Vec::new()
         }
@@ -685,8 +747,21 @@ fn reduce(v: &NodeView) -> Shape {
     )
 }
 
+/// The length of a 1-D shape-like input, from its type, when its values are not folded.
+fn vector_len(v: &NodeView, i: usize) -> Option<usize> {
+    match v.shape(i)? {
+        [d] => match d.value {
+            DimValue::Known(n) => Some(n as usize),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn reshape(v: &NodeView) -> Shape {
-    let target = v.cst(1)?;
+    let Some(target) = v.cst(1) else {
+        return vector_len(v, 1).map(|k| vec![unknown(); k]);
+    };
     let allowzero = v.int("allowzero").unwrap_or(0) != 0;
     let input = v.shape(0);
     let mut out: Vec<Dim> = Vec::new();
@@ -820,21 +895,23 @@ fn split(v: &NodeView) -> Vec<Shape> {
         .collect()
 }
 
-fn slice_len(dim: i64, start: i64, end: i64, step: i64) -> i64 {
-    let clamp = |x: i64, lo: i64, hi: i64| x.max(lo).min(hi);
-    let (s, e) = if step > 0 {
-        let s = clamp(if start < 0 { start + dim } else { start }, 0, dim);
-        let e = clamp(if end < 0 { end + dim } else { end }, 0, dim);
-        (s, e)
+/// The first index a Slice reads: `start` made non-negative and clamped as ONNX specifies.
+fn slice_start(dim: i64, start: i64, step: i64) -> i64 {
+    let s = if start < 0 { start + dim } else { start };
+    if step > 0 {
+        s.clamp(0, dim)
     } else {
-        let s = clamp(if start < 0 { start + dim } else { start }, -1, dim - 1);
-        let e = clamp(if end < 0 { end + dim } else { end }, -1, dim - 1);
-        (s, e)
-    };
+        s.clamp(-1, dim - 1)
+    }
+}
+
+/// Elements a Slice takes along one axis (start and end clamp alike).
+fn slice_len(dim: i64, start: i64, end: i64, step: i64) -> i64 {
+    let (s, e) = (slice_start(dim, start, step), slice_start(dim, end, step));
     if step > 0 {
         ((e - s + step - 1) / step).max(0)
     } else {
-        ((s - e + (-step) - 1) / (-step)).max(0)
+        ((s - e - step - 1) / -step).max(0)
     }
 }
 
@@ -842,12 +919,13 @@ fn slice(v: &NodeView) -> Shape {
     let s = v.shape(0)?;
     // The rank never changes; a dim whose start, end or step is not folded becomes unknown.
     let all_unknown = || Some(vec![unknown(); s.len()]);
-    let (starts, ends, axes, steps): (
+    type Params = (
         Vec<DimValue>,
         Vec<DimValue>,
         Option<Vec<i64>>,
         Option<Vec<i64>>,
-    ) = if v.opset >= 10 {
+    );
+    let (starts, ends, axes, steps): Params = if v.opset >= 10 {
         let (Some(st), Some(en)) = (v.cst(1), v.cst(2)) else {
             return all_unknown();
         };
@@ -945,9 +1023,12 @@ fn squeeze(v: &NodeView) -> Shape {
 fn unsqueeze(v: &NodeView) -> Shape {
     let s = v.shape(0)?;
     let axes = if v.opset >= 13 {
-        v.cst(1)?.known()?
+        v.cst(1).and_then(SymTensor::known)
     } else {
-        v.ints("axes")?
+        v.ints("axes")
+    };
+    let Some(axes) = axes else {
+        return vector_len(v, 1).map(|k| vec![unknown(); s.len() + k]);
     };
     let r = s.len() + axes.len();
     let mut set: Vec<usize> = axes.iter().map(|&a| axis(a, r)).collect::<Option<_>>()?;
@@ -984,7 +1065,9 @@ fn resize(v: &NodeView) -> Shape {
         2
     };
     if v.op() == "Resize" && v.opset >= 11 && v.has_input(3) {
-        let sizes = v.cst(3)?;
+        let Some(sizes) = v.cst(3) else {
+            return Some(vec![unknown(); r]);
+        };
         let axes = v.ints("axes");
         return match axes {
             None if sizes.vals.len() == r => Some(
@@ -1012,7 +1095,12 @@ fn resize(v: &NodeView) -> Shape {
     }
     let scales: Option<Vec<f64>> = match v.node.attr("scales").map(|a| &a.value) {
         Some(AttrValue::Floats(f)) => Some(f.iter().map(|&x| x as f64).collect()),
-        _ => v.floats.get(scales_idx).cloned().flatten(),
+        _ => v
+            .floats
+            .get(scales_idx)
+            .copied()
+            .flatten()
+            .map(<[f64]>::to_vec),
     };
     let Some(scales) = scales else {
         return Some(vec![unknown(); r]);
@@ -1036,16 +1124,19 @@ fn pad(v: &NodeView) -> Shape {
     let s = v.shape(0)?;
     let r = s.len();
     let pads = if v.opset >= 11 {
-        v.cst(1)?.known()?
+        v.cst(1).and_then(SymTensor::known)
     } else {
-        v.ints("pads").or_else(|| v.ints("paddings"))?
+        v.ints("pads").or_else(|| v.ints("paddings"))
+    };
+    // pads or axes not folded: the rank stays, the dims are unknown
+    let Some(pads) = pads else {
+        return Some(vec![unknown(); r]);
     };
     let axes: Vec<usize> = if v.has_input(3) {
-        v.cst(3)?
-            .known()?
-            .iter()
-            .map(|&a| axis(a, r))
-            .collect::<Option<_>>()?
+        let Some(ax) = v.cst(3).and_then(SymTensor::known) else {
+            return Some(vec![unknown(); r]);
+        };
+        ax.iter().map(|&a| axis(a, r)).collect::<Option<_>>()?
     } else {
         (0..r).collect()
     };
@@ -1064,14 +1155,70 @@ fn pad(v: &NodeView) -> Shape {
     Some(out)
 }
 
+/// ONNX Attention (opset 23): 3-D `[batch, seq, heads * head_size]` or 4-D `[batch, heads, seq, head_size]`
+/// inputs; outputs Y, present_key, present_value, qk_matmul_output.
+fn attention(v: &NodeView) -> Vec<Shape> {
+    let n = v.n_out;
+    let mut out = vec![None; n];
+    let (Some(q), Some(k), Some(val)) = (v.shape(0), v.shape(1), v.shape(2)) else {
+        return out;
+    };
+    let split = |s: &[Dim], heads: Option<i64>| -> Option<(Dim, Dim, Dim, Dim)> {
+        match s.len() {
+            4 => Some((s[0].clone(), s[1].clone(), s[2].clone(), s[3].clone())),
+            3 => {
+                let h = heads?;
+                let hs = match s[2].value {
+                    DimValue::Known(x) => known(x / h),
+                    _ => unknown(),
+                };
+                Some((s[0].clone(), known(h), s[1].clone(), hs))
+            }
+            _ => None,
+        }
+    };
+    let (Some((b, qh, qs, _)), Some((_, kh, ks, khs)), Some((_, _, _, vhs))) = (
+        split(q, v.int("q_num_heads")),
+        split(k, v.int("kv_num_heads")),
+        split(val, v.int("kv_num_heads")),
+    ) else {
+        return out;
+    };
+    out[0] = Some(if q.len() == 3 {
+        let hidden = match (&qh.value, &vhs.value) {
+            (DimValue::Known(h), DimValue::Known(d)) => known(h * d),
+            _ => unknown(),
+        };
+        vec![b.clone(), qs.clone(), hidden]
+    } else {
+        vec![b.clone(), qh.clone(), qs.clone(), vhs.clone()]
+    });
+    let total = match v.shape(4).and_then(|p| p.get(2)) {
+        Some(p) => Dim {
+            value: arith("Add", &p.value, &ks.value),
+            denotation: None,
+        },
+        None => ks.clone(),
+    };
+    if n > 1 {
+        out[1] = Some(vec![b.clone(), kh.clone(), total.clone(), khs.clone()]);
+    }
+    if n > 2 {
+        out[2] = Some(vec![b.clone(), kh.clone(), total.clone(), vhs.clone()]);
+    }
+    if n > 3 {
+        out[3] = Some(vec![b, qh, qs, total]);
+    }
+    out
+}
+
 fn rnn(v: &NodeView) -> Vec<Shape> {
     let n = v.n_out;
-    let Some(x) = v.shape(0) else {
-        return vec![None; n];
+    // The output ranks are fixed; sequence length and batch come from X when its shape is known.
+    let x: Vec<Dim> = match v.shape(0) {
+        Some(x) if x.len() == 3 => x.to_vec(),
+        _ => vec![unknown(); 3],
     };
-    if x.len() != 3 {
-        return vec![None; n];
-    }
     let batch_first = v.int("layout").unwrap_or(0) != 0;
     let (seq, batch) = if batch_first {
         (&x[1], &x[0])
@@ -1308,19 +1455,15 @@ pub(crate) fn fold(v: &NodeView) -> Option<SymTensor> {
             } else {
                 vec![1; st.len()]
             };
-            for k in 0..st.len() {
+            for (k, &start) in st.iter().enumerate() {
                 let a = axis(*axes.get(k)?, c.dims.len())?;
                 let step = *steps.get(k)?;
                 if step == 0 {
                     return None;
                 }
                 let n = c.dims[a] as i64;
-                let len = slice_len(n, st[k], *en.get(k)?, step);
-                let start = if step > 0 {
-                    (if st[k] < 0 { st[k] + n } else { st[k] }).clamp(0, n)
-                } else {
-                    (if st[k] < 0 { st[k] + n } else { st[k] }).clamp(-1, n - 1)
-                };
+                let len = slice_len(n, start, *en.get(k)?, step);
+                let start = slice_start(n, start, step);
                 let idx: Vec<usize> = (0..len).map(|i| (start + i * step) as usize).collect();
                 c = c.select(a, &idx)?;
             }

@@ -89,17 +89,25 @@ fn node_suite_output_types() {
                     elem(&expected[i])
                 ));
             }
-            if static_inputs {
-                if let Some(exp) = expected[i].as_ref().and_then(TypeInfo::tensor_shape) {
-                    shape_total += 1;
-                    if got.as_ref().and_then(TypeInfo::tensor_shape) == Some(exp) {
-                        shape_ok += 1;
-                    } else {
-                        let op = m.graph.producer(v).map_or("input".to_string(), |(n, _)| {
-                            m.graph.node(n).op_type.clone()
-                        });
-                        *shape_misses.entry(op).or_default() += 1;
+            if static_inputs
+                && let Some(exp) = expected[i].as_ref().and_then(TypeInfo::tensor_shape)
+            {
+                shape_total += 1;
+                if got.as_ref().and_then(TypeInfo::tensor_shape) == Some(exp) {
+                    shape_ok += 1;
+                } else {
+                    let op = m.graph.producer(v).map_or("input".to_string(), |(n, _)| {
+                        m.graph.node(n).op_type.clone()
+                    });
+                    if std::env::var_os("MPOPT_INFER_DEBUG").is_some() {
+                        eprintln!(
+                            "shape miss {test} output {i} ({op}): inferred {}, expected {}",
+                            got.as_ref()
+                                .map_or("none".into(), mpopt_ir::text::type_string),
+                            mpopt_ir::text::type_string(expected[i].as_ref().unwrap())
+                        );
                     }
+                    *shape_misses.entry(op).or_default() += 1;
                 }
             }
         }

@@ -219,7 +219,8 @@ impl OpSchema {
 
 /// All schemas, by (domain, name), each list sorted by `since_version`.
 pub struct Registry {
-    by_op: HashMap<(String, String), Vec<OpSchema>>,
+    /// domain -> op -> versions (two levels, so a lookup by `&str` allocates nothing)
+    by_op: HashMap<String, HashMap<String, Vec<OpSchema>>>,
 }
 
 fn norm_domain(d: &str) -> &str {
@@ -229,28 +230,30 @@ fn norm_domain(d: &str) -> &str {
 impl Registry {
     /// The version of `domain::op` in force at `opset` (the newest with `since_version <= opset`).
     pub fn get(&self, domain: &str, op: &str, opset: i64) -> Option<&OpSchema> {
-        let versions = self
-            .by_op
-            .get(&(norm_domain(domain).to_string(), op.to_string()))?;
+        let versions = self.by_op.get(norm_domain(domain))?.get(op)?;
         versions.iter().rev().find(|s| s.since_version <= opset)
     }
 
     /// Every version of `domain::op`, oldest first.
     pub fn versions(&self, domain: &str, op: &str) -> &[OpSchema] {
         self.by_op
-            .get(&(norm_domain(domain).to_string(), op.to_string()))
+            .get(norm_domain(domain))
+            .and_then(|m| m.get(op))
             .map_or(&[], Vec::as_slice)
     }
 
     /// True when the registry knows the domain at all.
     pub fn knows_domain(&self, domain: &str) -> bool {
-        let d = norm_domain(domain);
-        self.by_op.keys().any(|(dom, _)| dom == d)
+        self.by_op.contains_key(norm_domain(domain))
     }
 
     /// Number of schemas (all versions).
     pub fn len(&self) -> usize {
-        self.by_op.values().map(Vec::len).sum()
+        self.by_op
+            .values()
+            .flat_map(|m| m.values())
+            .map(Vec::len)
+            .sum()
     }
 
     /// True when empty (never, for the embedded table).
@@ -260,7 +263,9 @@ impl Registry {
 
     /// Every (domain, name) pair.
     pub fn ops(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.by_op.keys().map(|(d, n)| (d.as_str(), n.as_str()))
+        self.by_op
+            .iter()
+            .flat_map(|(d, m)| m.keys().map(move |n| (d.as_str(), n.as_str())))
     }
 }
 
@@ -368,13 +373,15 @@ fn split_top_level(s: &str) -> impl Iterator<Item = &str> {
 }
 
 fn parse_table(src: &str) -> Result<Registry, String> {
-    let mut by_op: HashMap<(String, String), Vec<OpSchema>> = HashMap::new();
+    type ByOp = HashMap<String, HashMap<String, Vec<OpSchema>>>;
+    let mut by_op: ByOp = HashMap::new();
     let mut cur: Option<OpSchema> = None;
-    let finish = |cur: &mut Option<OpSchema>,
-                  by_op: &mut HashMap<(String, String), Vec<OpSchema>>| {
+    let finish = |cur: &mut Option<OpSchema>, by_op: &mut ByOp| {
         if let Some(s) = cur.take() {
             by_op
-                .entry((s.domain.clone(), s.name.clone()))
+                .entry(s.domain.clone())
+                .or_default()
+                .entry(s.name.clone())
                 .or_default()
                 .push(s);
         }
@@ -485,7 +492,7 @@ fn parse_table(src: &str) -> Result<Registry, String> {
         }
     }
     finish(&mut cur, &mut by_op);
-    for v in by_op.values_mut() {
+    for v in by_op.values_mut().flat_map(|m| m.values_mut()) {
         v.sort_by_key(|s| s.since_version);
     }
     Ok(Registry { by_op })

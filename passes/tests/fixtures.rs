@@ -1,0 +1,99 @@
+//! Pass fixtures: every `testdata/passes/<pass>/*.mpir` file names the passes to run on its first line
+//! (`; RUN: infer-types`), is parsed, run through those passes with the verifier after each, and snapshotted as
+//! the full-context diff between the IR before and after, followed by the passes' notes. A fixture whose name
+//! starts with `no_` is negative: it must come out unchanged, and the passes must say they changed nothing.
+
+use std::path::Path;
+
+use mpopt_passes::{PassManager, pipeline};
+
+fn run_fixture(path: &Path) -> String {
+    let src = std::fs::read_to_string(path).unwrap();
+    let first = src.lines().next().unwrap_or_default();
+    let names = first.strip_prefix("; RUN:").unwrap_or_else(|| {
+        panic!(
+            "{}: the first line must be `; RUN: pass, pass`",
+            path.display()
+        )
+    });
+    let passes = names
+        .split(',')
+        .map(|n| pipeline::by_name(n.trim()).unwrap())
+        .collect();
+    let mut model =
+        mpopt_ir::text::parse_model(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    mpopt_ir::verify_model(&model)
+        .unwrap_or_else(|e| panic!("{}: fixture is invalid: {e}", path.display()));
+    let before = mpopt_ir::text::print_model(&model);
+    let runs = PassManager::new(passes)
+        .verify_each(true)
+        .run(&mut model)
+        .unwrap();
+    let after = mpopt_ir::text::print_model(&model);
+    let changed = runs.iter().any(|r| r.outcome.changed);
+    let negative = path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("no_");
+    if negative {
+        assert_eq!(
+            before,
+            after,
+            "{}: a negative fixture changed",
+            path.display()
+        );
+        assert!(
+            !changed,
+            "{}: the pass reports a change on a negative fixture",
+            path.display()
+        );
+    } else {
+        assert_ne!(
+            before,
+            after,
+            "{}: the fixture did not change; name it no_*.mpir if that is intended",
+            path.display()
+        );
+    }
+    let diff = similar::TextDiff::from_lines(&before, &after);
+    let mut out = diff
+        .unified_diff()
+        .context_radius(1000)
+        .header("before", "after")
+        .to_string();
+    for r in &runs {
+        for n in &r.outcome.notes {
+            out.push_str(&format!("; {}: {n}\n", r.name));
+        }
+    }
+    out
+}
+
+#[test]
+fn pass_fixtures() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/passes");
+    let mut n = 0;
+    for pass_dir in std::fs::read_dir(&root).unwrap().flatten() {
+        let mut files: Vec<_> = std::fs::read_dir(pass_dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "mpir"))
+            .collect();
+        files.sort();
+        for f in files {
+            let name = format!(
+                "{}__{}",
+                pass_dir.file_name().to_string_lossy(),
+                f.file_stem().unwrap().to_string_lossy()
+            );
+            let snapshot = run_fixture(&f);
+            insta::with_settings!({ snapshot_path => "snapshots", prepend_module_to_snapshot => false, input_file => &f }, {
+                insta::assert_snapshot!(name, snapshot);
+            });
+            n += 1;
+        }
+    }
+    assert!(n >= 9, "found only {n} fixtures");
+}
