@@ -921,7 +921,15 @@ fn infer_node(
     let mut out_floats: Vec<Option<Vec<f64>>> = vec![None; n_out];
     let is_default = node.domain.is_empty() || node.domain == "ai.onnx";
 
-    if is_default && node.op_type == "Constant" {
+    if node.domain == "ai.onnx.preview.training" && node.op_type == "Gradient" {
+        // the gradient with respect to each value named in `xs` has that value's type
+        if let Some(AttrValue::Strings(xs)) = node.attr("xs").map(|a| &a.value) {
+            for (o, name) in xs.iter().enumerate().take(n_out) {
+                let v = g.value_by_name(&String::from_utf8_lossy(name));
+                out_types[o] = v.and_then(|v| g.value(v).ty.clone());
+            }
+        }
+    } else if is_default && node.op_type == "Constant" {
         if let Some((t, c, f)) = constant_output(node) {
             out_types[0] = Some(t);
             out_consts[0] = c;
