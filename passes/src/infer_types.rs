@@ -125,6 +125,7 @@ impl Pass for InferTypes {
                 ("conflicts", report.conflicts.len() as u64),
             ],
             notes,
+            records: Vec::new(),
         };
         self.report = report;
         Ok(outcome)

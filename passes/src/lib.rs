@@ -6,8 +6,12 @@
 //! after a named pass, and stops after a named pass to bisect a problem. The default order lives in
 //! [`pipeline`], declared once.
 
+pub mod assign_precision;
+pub mod fuse_casts;
 pub mod infer_types;
+pub mod insert_casts;
 pub mod pipeline;
+pub mod policy;
 mod shape_rules;
 mod sym;
 
@@ -24,6 +28,17 @@ pub struct PassOutcome {
     pub counters: Vec<(&'static str, u64)>,
     /// Findings worth showing the user (conflicts, values that could not be typed), one line each.
     pub notes: Vec<String>,
+    /// Structured details for the JSON report (initializer conversions, ...).
+    pub records: Vec<Record>,
+}
+
+/// One structured detail of a pass run: a kind and named fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// What it is (`initializer converted`).
+    pub kind: &'static str,
+    /// Its fields, in a stable order.
+    pub fields: Vec<(&'static str, String)>,
 }
 
 /// A pass failed, or left the model invalid.

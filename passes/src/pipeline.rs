@@ -1,13 +1,22 @@
 //! Every pass, declared once: the registry that resolves names given on the command line, and the default
 //! pipeline with the reason each entry is there.
 
-use crate::{Pass, PassError, infer_types::InferTypes};
+use crate::assign_precision::{AssignPrecision, PrecisionOptions};
+use crate::fuse_casts::FuseCasts;
+use crate::infer_types::InferTypes;
+use crate::insert_casts::{InsertCasts, IoTypes};
+use crate::{Pass, PassError};
 
 /// Makes a fresh pass.
 type Constructor = fn() -> Box<dyn Pass>;
 
 /// Every pass by name, with a constructor.
-const REGISTRY: &[(&str, Constructor)] = &[("infer-types", || Box::new(InferTypes::default()))];
+const REGISTRY: &[(&str, Constructor)] = &[
+    ("infer-types", || Box::new(InferTypes::default())),
+    ("assign-precision", || Box::new(AssignPrecision::default())),
+    ("insert-casts", || Box::new(InsertCasts::default())),
+    ("fuse-casts", || Box::new(FuseCasts::default())),
+];
 
 /// Every pass name.
 pub fn names() -> Vec<&'static str> {
@@ -29,11 +38,33 @@ pub(crate) fn check_name(name: &str) -> Result<(), PassError> {
     by_name(name).map(|_| ())
 }
 
-/// The default pipeline, in order.
-pub fn default_pipeline() -> Vec<Box<dyn Pass>> {
+/// What the conversion pipeline needs from the user.
+#[derive(Clone, Debug, Default)]
+pub struct ConvertOptions {
+    /// Precision choices (target, selectors, class overrides).
+    pub precision: PrecisionOptions,
+    /// Which graph inputs and outputs may change dtype.
+    pub io: IoTypes,
+    /// Also drop f32 -> f16 -> f32 cast pairs (changes values).
+    pub unsafe_fuse: bool,
+}
+
+/// The default conversion pipeline, in order.
+pub fn default_pipeline(opts: &ConvertOptions) -> Vec<Box<dyn Pass>> {
     vec![
         // Every later decision needs each value's dtype and shape: which tensors are float, how large a
         // reduction is, which inputs are shape arithmetic.
         Box::new(InferTypes::default()),
+        // Decide fp16/bf16/fp32 per node: policy classes, schema and initializer gates, user selectors,
+        // TF-style colouring. Annotates only.
+        Box::new(AssignPrecision::new(opts.precision.clone())),
+        // Make the graph agree with the decisions: retype outputs, convert constants once, one Cast per
+        // (value, dtype), graph outputs keep their dtype and name.
+        Box::new(InsertCasts::new(opts.precision.target, opts.io.clone())),
+        // Remove the casts that change nothing (pairs that cancel exactly, no-ops, duplicates, casts of
+        // constants), including the model's own.
+        Box::new(FuseCasts {
+            unsafe_narrow_widen: opts.unsafe_fuse,
+        }),
     ]
 }

@@ -1,6 +1,7 @@
 //! The `mpopt` command line. Library crates return typed errors; this binary reports them in one line and
 //! exits 1 (2 for usage errors, as clap does).
 
+mod convert;
 mod inspect;
 
 /// mimalloc instead of the system allocator: loading a model is millions of small allocations (names, node
@@ -16,11 +17,22 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 /// mpopt: a mixed-precision graph optimizer for ONNX models.
+///
+/// `mpopt MODEL -o OUT` converts an fp32 model to mixed fp16 (or bf16) precision; the subcommands inspect,
+/// print, copy and type models.
 #[derive(Parser)]
-#[command(name = "mpopt", version, about)]
+#[command(
+    name = "mpopt",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    convert: convert::ConvertArgs,
 }
 
 #[derive(Subcommand)]
@@ -61,7 +73,7 @@ enum Cmd {
 
 /// A usage error: reported like clap's, with exit code 2.
 #[derive(Debug)]
-struct Usage(String);
+pub(crate) struct Usage(pub(crate) String);
 
 impl std::fmt::Display for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,7 +97,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load(path: &Path) -> Result<mpopt_ir::Model> {
+pub(crate) fn load(path: &Path) -> Result<mpopt_ir::Model> {
     Ok(mpopt_onnx::load(path)?)
 }
 
@@ -110,7 +122,7 @@ fn emit(text: &str) -> Result<()> {
 }
 
 /// Refuses an output that is the input (or the same file under another name).
-fn check_output(input: &Path, output: &Path) -> Result<()> {
+pub(crate) fn check_output(input: &Path, output: &Path) -> Result<()> {
     let same = match (input.canonicalize(), output.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
         _ => input == output,
@@ -126,7 +138,10 @@ fn check_output(input: &Path, output: &Path) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
+    let Some(cmd) = cli.cmd else {
+        return convert::run(cli.convert);
+    };
+    match cmd {
         Cmd::Inspect { model } => {
             let m = load(&model)?;
             emit(&inspect::report(&model, &m))?;

@@ -126,9 +126,23 @@ pub struct Node {
     pub metadata_props: Vec<(String, String)>,
     /// Device configurations, kept verbatim.
     pub device_configurations: Vec<crate::Opaque>,
+    /// The precision decision for this node, once `assign-precision` has made it (an analysis fact: it is
+    /// printed as a comment and never written to ONNX).
+    pub precision: Option<Box<PrecisionDecision>>,
     pub(crate) inputs: Vec<Option<ValueId>>,
     pub(crate) outputs: Vec<Option<ValueId>>,
     pub(crate) implicit_inputs: Vec<ValueId>,
+}
+
+/// Which precision a node's float data runs in, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrecisionDecision {
+    /// The dtype of the node's float data (`f16`/`bf16` when lowered, `f32` when kept).
+    pub dtype: crate::DType,
+    /// The rule that decided (`allow`, `deny`, `infer: between low nodes`, `user: --keep-fp32 Softmax`, ...).
+    pub rule: String,
+    /// The evidence: op class and reason, initializer range, schema constraint.
+    pub evidence: String,
 }
 
 impl Node {
@@ -143,6 +157,7 @@ impl Node {
             doc_string: String::new(),
             metadata_props: Vec::new(),
             device_configurations: Vec::new(),
+            precision: None,
             inputs: Vec::new(),
             outputs: Vec::new(),
             implicit_inputs: Vec::new(),

@@ -18,7 +18,8 @@ mod verify;
 pub use attr::{AttrValue, Attribute};
 pub use dtype::DType;
 pub use graph::{
-    Def, EditError, Graph, Node, NodeId, NodeIter, TensorAnnotation, Use, Value, ValueId,
+    Def, EditError, Graph, Node, NodeId, NodeIter, PrecisionDecision, TensorAnnotation, Use, Value,
+    ValueId,
 };
 pub use model::{Function, Model, Opaque, OpsetImport};
 pub use tensor::{ExternalOrigin, SparseTensor, Tensor, TensorData};

@@ -1,0 +1,331 @@
+//! `mpopt MODEL -o OUT`: the conversion, its options, the policy file and the JSON report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use mpopt_ir::{DType, Graph, Model};
+use mpopt_passes::assign_precision::{PrecisionOptions, Selector};
+use mpopt_passes::insert_casts::IoTypes;
+use mpopt_passes::pipeline::{self, ConvertOptions};
+use mpopt_passes::policy::OpClass;
+use mpopt_passes::{PassManager, PassRun};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::Usage;
+
+/// The conversion's command-line arguments.
+#[derive(clap::Args, Debug, Default)]
+pub struct ConvertArgs {
+    /// The fp32 ONNX model to convert.
+    pub model: Option<PathBuf>,
+    /// Where to write the converted model.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Low precision to convert to: fp16 or bf16.
+    #[arg(long, default_value = "fp16", value_name = "fp16|bf16")]
+    pub to: String,
+    /// Graph inputs and outputs keep their dtypes (the default; see --io-types).
+    #[arg(long, default_value_t = true)]
+    pub keep_io_types: bool,
+    /// `keep` (default), `low` (float32 inputs and outputs become the target type), or a comma-separated
+    /// list of input/output names that become the target type.
+    #[arg(long, value_name = "keep|low|NAME,...")]
+    pub io_types: Option<String>,
+    /// Keep these nodes in fp32: an op type (`Softmax`, `com.microsoft::Attention`), `node:REGEX` or
+    /// `domain:NAME`. Repeatable.
+    #[arg(long = "keep-fp32", value_name = "SELECTOR")]
+    pub keep_fp32: Vec<String>,
+    /// Lower these nodes whatever their class (the schema still has the last word). Repeatable.
+    #[arg(long = "force-low", value_name = "SELECTOR")]
+    pub force_low: Vec<String>,
+    /// A TOML policy file: `to`, `keep_fp32`, `force_low`, and a `[classes]` table of op = class.
+    #[arg(long, value_name = "FILE.toml")]
+    pub policy: Option<PathBuf>,
+    /// Write every decision, cast and conversion as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
+    /// Run these passes instead of the default pipeline (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub passes: Option<Vec<String>>,
+    /// Print the IR to stderr after this pass (repeatable).
+    #[arg(long = "print-after", value_name = "PASS")]
+    pub print_after: Vec<String>,
+    /// Stop after this pass.
+    #[arg(long = "stop-after", value_name = "PASS")]
+    pub stop_after: Option<String>,
+    /// Store tensors of 1 KiB or more in OUTPUT.data.
+    #[arg(long)]
+    pub external_data: bool,
+    /// Also remove f32 -> f16 -> f32 cast pairs. This changes values: off unless asked.
+    #[arg(long)]
+    pub unsafe_fuse_casts: bool,
+}
+
+/// The policy file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    to: Option<String>,
+    #[serde(default)]
+    keep_fp32: Vec<String>,
+    #[serde(default)]
+    force_low: Vec<String>,
+    #[serde(default)]
+    classes: BTreeMap<String, String>,
+}
+
+fn target(s: &str) -> Result<DType> {
+    match s {
+        "fp16" | "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => Err(Usage(format!("--to '{s}': choose fp16 or bf16")).into()),
+    }
+}
+
+fn selectors(list: &[String], flag: &str) -> Result<Vec<Selector>> {
+    list.iter()
+        .map(|s| Selector::parse(s).map_err(|e| Usage(format!("{flag}: {e}")).into()))
+        .collect()
+}
+
+/// Builds the options from the flags and the policy file (flags add to the file's lists).
+fn options(a: &ConvertArgs) -> Result<ConvertOptions> {
+    let mut file = PolicyFile::default();
+    if let Some(p) = &a.policy {
+        let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+        file = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.to_string().trim()))?;
+    }
+    let to = if a.to != "fp16" {
+        a.to.clone()
+    } else {
+        file.to.clone().unwrap_or_else(|| a.to.clone())
+    };
+    let mut keep = file.keep_fp32.clone();
+    keep.extend(a.keep_fp32.iter().cloned());
+    let mut force = file.force_low.clone();
+    force.extend(a.force_low.iter().cloned());
+    let mut classes = Vec::new();
+    for (op, class) in &file.classes {
+        let c = OpClass::parse(class).ok_or_else(|| {
+            Usage(format!(
+                "policy class for '{op}': '{class}' is not one of allow, infer, clear, deny, keep"
+            ))
+        })?;
+        match Selector::parse(op).map_err(|e| Usage(format!("policy [classes]: {e}")))? {
+            Selector::Op { domain, op } => classes.push((domain, op, c)),
+            _ => bail!(Usage(format!(
+                "policy [classes]: '{op}' must be an op type (Op or domain::Op)"
+            ))),
+        }
+    }
+    let io = match a.io_types.as_deref() {
+        None | Some("keep") => IoTypes::Keep,
+        Some("low") => IoTypes::Low,
+        Some(list) => IoTypes::Names(list.split(',').map(|s| s.trim().to_string()).collect()),
+    };
+    Ok(ConvertOptions {
+        precision: PrecisionOptions {
+            target: target(&to)?,
+            keep_fp32: selectors(&keep, "--keep-fp32")?,
+            force_low: selectors(&force, "--force-low")?,
+            classes,
+        },
+        io,
+        unsafe_fuse: a.unsafe_fuse_casts,
+    })
+}
+
+fn check_io_names(m: &Model, io: &IoTypes) -> Result<()> {
+    if let IoTypes::Names(names) = io {
+        let g = &m.graph;
+        let valid: Vec<&str> = g
+            .inputs()
+            .iter()
+            .chain(g.outputs())
+            .map(|&v| g.value(v).name())
+            .collect();
+        for n in names {
+            if !valid.contains(&n.as_str()) {
+                bail!(Usage(format!(
+                    "--io-types: '{n}' is not a graph input or output; they are: {}",
+                    valid.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Census {
+    nodes: usize,
+    casts: usize,
+    low: usize,
+    fp32: usize,
+}
+
+fn census(g: &Graph, c: &mut Census) {
+    for (_, n) in g.nodes() {
+        c.nodes += 1;
+        if n.op_type == "Cast" {
+            c.casts += 1;
+        }
+        match n.precision.as_ref().map(|p| p.dtype) {
+            Some(DType::F32) => c.fp32 += 1,
+            Some(_) => c.low += 1,
+            None => {}
+        }
+        for (_, sg) in n.subgraphs() {
+            census(sg, c);
+        }
+    }
+}
+
+fn decisions(g: &Graph, scope: &str, out: &mut Vec<Value>) {
+    for (id, n) in g.nodes() {
+        if let Some(p) = &n.precision {
+            out.push(json!({
+                "graph": scope,
+                "node": n.name,
+                "op": n.qualified_op(),
+                "precision": p.dtype.to_string(),
+                "rule": p.rule,
+                "evidence": p.evidence,
+            }));
+        }
+        for (attr, sg) in n.subgraphs() {
+            decisions(
+                sg,
+                &format!("{scope} / node {} / {attr}", mpopt_ir::node_label(g, id)),
+                out,
+            );
+        }
+    }
+}
+
+fn file_bytes(p: &Path) -> u64 {
+    let data = PathBuf::from(format!("{}.data", p.display()));
+    std::fs::metadata(p).map_or(0, |m| m.len()) + std::fs::metadata(data).map_or(0, |m| m.len())
+}
+
+/// Runs the conversion.
+pub fn run(a: ConvertArgs) -> Result<()> {
+    let (Some(model_path), Some(output)) = (a.model.clone(), a.output.clone()) else {
+        bail!(Usage(
+            "convert a model with `mpopt MODEL -o OUT`, or run a subcommand (see --help)".into()
+        ));
+    };
+    crate::check_output(&model_path, &output)?;
+    let start = Instant::now();
+    let opts = options(&a)?;
+    let mut m = crate::load(&model_path)?;
+    check_io_names(&m, &opts.io)?;
+    let mut before = Census {
+        nodes: 0,
+        casts: 0,
+        low: 0,
+        fp32: 0,
+    };
+    census(&m.graph, &mut before);
+    let passes = match &a.passes {
+        Some(names) => names
+            .iter()
+            .map(|n| pipeline::by_name(n.trim()))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => pipeline::default_pipeline(&opts),
+    };
+    let runs: Vec<PassRun> = PassManager::new(passes)
+        .verify_each(true)
+        .print_after(a.print_after.clone())?
+        .stop_after(a.stop_after.clone())?
+        .run(&mut m)?;
+    // Record every inferred type, so that downstream tools see the new dtypes without re-inferring.
+    mpopt_passes::infer_types::record_value_info(&mut m);
+    let mode = if a.external_data {
+        mpopt_onnx::ExternalData::Always
+    } else {
+        mpopt_onnx::ExternalData::Auto
+    };
+    mpopt_onnx::save(&m, &output, mode).context("cannot save the converted model")?;
+    let mut after = Census {
+        nodes: 0,
+        casts: 0,
+        low: 0,
+        fp32: 0,
+    };
+    census(&m.graph, &mut after);
+    let (bytes_before, bytes_after) = (file_bytes(&model_path), file_bytes(&output));
+    let secs = start.elapsed().as_secs_f64();
+    for r in &runs {
+        for n in &r.outcome.notes {
+            eprintln!("note: {}: {n}", r.name);
+        }
+    }
+    eprintln!(
+        "converted {} -> {} ({}): {} nodes, {} {} / {} fp32; casts {} -> {}; {} -> {} bytes; {:.3} s",
+        model_path.display(),
+        output.display(),
+        opts.precision.target,
+        after.nodes,
+        after.low,
+        opts.precision.target,
+        after.fp32,
+        before.casts,
+        after.casts,
+        bytes_before,
+        bytes_after,
+        secs
+    );
+    if let Some(report) = &a.report {
+        let mut nodes = Vec::new();
+        decisions(&m.graph, &format!("graph '{}'", m.graph.name), &mut nodes);
+        let passes: Vec<Value> = runs
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name,
+                    "ms": r.time.as_secs_f64() * 1e3,
+                    "counters": r.outcome.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                    "notes": r.outcome.notes,
+                })
+            })
+            .collect();
+        let records: Vec<Value> = runs
+            .iter()
+            .flat_map(|r| r.outcome.records.iter())
+            .map(|rec| {
+                let mut o = serde_json::Map::new();
+                o.insert("kind".into(), json!(rec.kind));
+                for (k, v) in &rec.fields {
+                    o.insert((*k).into(), json!(v));
+                }
+                Value::Object(o)
+            })
+            .collect();
+        let doc = json!({
+            "model": model_path.display().to_string(),
+            "output": output.display().to_string(),
+            "target": opts.precision.target.to_string(),
+            "summary": {
+                "nodes": after.nodes,
+                "nodes_low": after.low,
+                "nodes_fp32": after.fp32,
+                "casts_before": before.casts,
+                "casts_after": after.casts,
+                "bytes_before": bytes_before,
+                "bytes_after": bytes_after,
+                "seconds": secs,
+            },
+            "passes": passes,
+            "nodes": nodes,
+            "conversions": records,
+        });
+        let text = serde_json::to_string_pretty(&doc)?;
+        std::fs::write(report, text)
+            .with_context(|| format!("cannot write the report {}", report.display()))?;
+    }
+    Ok(())
+}

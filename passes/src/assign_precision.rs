@@ -1,0 +1,642 @@
+//! `assign-precision`: decides, for every node with float32 data, whether it runs in the target low precision
+//! (fp16 or bf16) or stays fp32, and records the rule and evidence on the node.
+//!
+//! **Why.** Lowering everything breaks models (overflow in exp/pow/reductions, shape arithmetic past 2048,
+//! constants beyond the fp16 range); lowering too little leaves casts around every op. The TensorFlow
+//! auto-mixed-precision colouring gets the balance on real graphs; this pass applies it to ONNX with the
+//! schema and data checks ONNX needs.
+//!
+//! **Algorithm**, per graph (subgraphs are decided on their own; control-flow nodes keep their interface):
+//! 1. Classify each node by the policy table (`policy.rs`), with user class overrides.
+//! 2. Gates that keep a node fp32 whatever its class:
+//!    - its schema allows no target-precision type for its data at the model's opset;
+//!    - a float initializer or Constant feeding its data holds values beyond the target's finite range, or
+//!      small non-zero values that would flush to zero where that matters: any in a constant of at most 16
+//!      elements (epsilons, masks, scales), more than a quarter of a larger one;
+//!    - a user `--keep-fp32` selector matches it.
+//! 3. Colouring over float edges:
+//!    - allow nodes are low;
+//!    - deny spreads forward through infer/clear nodes;
+//!    - infer/clear nodes on a path between low nodes become low;
+//!    - low floods through clear nodes in both directions.
+//! 4. `--force-low` selectors make a node low unless its schema forbids it.
+//!
+//! **Invariants.**
+//! - It only annotates nodes (`Node::precision`); inserting the casts is `insert-casts`' job.
+//! - It is deterministic, runs in O(N) over nodes and edges, and decides again from scratch when re-run.
+//!
+//! ```text
+//! %h = MatMul(%x, %w) : f32[N,4]        ; prec f16 (allow: matrix product ...)
+//! %y = Softmax(%h) {axis = -1} : f32[N,4] ; prec f32 (deny: softmax inputs need f32 ...)
+//! ```
+
+use std::collections::VecDeque;
+
+use mpopt_ir::schema::{OpSchema, registry};
+use mpopt_ir::{
+    AttrValue, DType, Graph, Model, NodeId, PrecisionDecision, Tensor, TypeInfo, ValueId,
+};
+use regex::Regex;
+
+use crate::policy::{OpClass, class_of};
+use crate::{Pass, PassError, PassOutcome};
+
+/// Selects nodes for `--keep-fp32` and `--force-low`.
+#[derive(Clone, Debug)]
+pub enum Selector {
+    /// An op type in the default domain (or `domain::Op`).
+    Op { domain: String, op: String },
+    /// Every node of a domain.
+    Domain(String),
+    /// Node names matching a regular expression.
+    NodeName(Regex),
+}
+
+impl Selector {
+    /// Parses `Op`, `domain::Op`, `node:REGEX` or `domain:NAME`. Unknown op types are an error that lists the
+    /// valid ones.
+    pub fn parse(s: &str) -> Result<Selector, String> {
+        if let Some(re) = s.strip_prefix("node:") {
+            return Regex::new(re)
+                .map(Selector::NodeName)
+                .map_err(|e| format!("selector '{s}': bad regular expression: {e}"));
+        }
+        if let Some(d) = s.strip_prefix("domain:") {
+            return Ok(Selector::Domain(if d == "ai.onnx" {
+                String::new()
+            } else {
+                d.to_string()
+            }));
+        }
+        let (domain, op) = match s.split_once("::") {
+            Some((d, o)) => (
+                if d == "ai.onnx" {
+                    String::new()
+                } else {
+                    d.to_string()
+                },
+                o.to_string(),
+            ),
+            None => (String::new(), s.to_string()),
+        };
+        let reg = registry();
+        if reg.versions(&domain, &op).is_empty() {
+            let mut valid: Vec<&str> = reg
+                .ops()
+                .filter(|(d, _)| *d == domain)
+                .map(|(_, n)| n)
+                .collect();
+            valid.sort_unstable();
+            let close: Vec<&str> = valid
+                .iter()
+                .copied()
+                .filter(|v| v.eq_ignore_ascii_case(&op))
+                .collect();
+            let hint = if close.is_empty() {
+                String::new()
+            } else {
+                format!(" (did you mean {}?)", close.join(", "))
+            };
+            return Err(format!(
+                "selector '{s}': unknown op type{hint}; use an op type, domain::Op, node:REGEX or domain:NAME. \
+                 Op types of domain '{}': {}",
+                if domain.is_empty() {
+                    "ai.onnx"
+                } else {
+                    &domain
+                },
+                valid.join(", ")
+            ));
+        }
+        Ok(Selector::Op { domain, op })
+    }
+
+    fn matches(&self, n: &mpopt_ir::Node) -> bool {
+        let dom = if n.domain == "ai.onnx" {
+            ""
+        } else {
+            n.domain.as_str()
+        };
+        match self {
+            Selector::Op { domain, op } => dom == domain && n.op_type == *op,
+            Selector::Domain(d) => dom == d,
+            Selector::NodeName(re) => re.is_match(&n.name),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Selector::Op { domain, op } if domain.is_empty() => op.clone(),
+            Selector::Op { domain, op } => format!("{domain}::{op}"),
+            Selector::Domain(d) => format!("domain:{d}"),
+            Selector::NodeName(re) => format!("node:{}", re.as_str()),
+        }
+    }
+}
+
+/// What the user asked for.
+#[derive(Clone, Debug)]
+pub struct PrecisionOptions {
+    /// The low precision: `F16` or `BF16`.
+    pub target: DType,
+    /// Nodes kept in fp32.
+    pub keep_fp32: Vec<Selector>,
+    /// Nodes lowered whatever their class.
+    pub force_low: Vec<Selector>,
+    /// Class overrides: (domain, op, class).
+    pub classes: Vec<(String, String, OpClass)>,
+}
+
+impl Default for PrecisionOptions {
+    fn default() -> Self {
+        PrecisionOptions {
+            target: DType::F16,
+            keep_fp32: Vec::new(),
+            force_low: Vec::new(),
+            classes: Vec::new(),
+        }
+    }
+}
+
+/// The largest finite magnitude of a low-precision type.
+pub fn max_finite(d: DType) -> f64 {
+    match d {
+        DType::F16 => 65504.0,
+        DType::BF16 => 3.3895313892515355e38,
+        _ => f64::MAX,
+    }
+}
+
+/// The smallest positive magnitude a low-precision type can hold (its smallest subnormal).
+pub fn min_positive(d: DType) -> f64 {
+    match d {
+        DType::F16 => 5.960464477539063e-8,
+        DType::BF16 => 9.183549615799121e-41,
+        _ => 0.0,
+    }
+}
+
+/// Statistics of a float tensor against a low-precision type's range.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RangeCheck {
+    /// Elements.
+    pub count: usize,
+    /// Largest magnitude.
+    pub max_abs: f64,
+    /// Elements beyond the finite range.
+    pub overflow: usize,
+    /// Non-zero elements that flush to zero.
+    pub flush: usize,
+}
+
+/// Checks a float tensor's values against `target`'s range (None for tensors without readable data).
+pub fn range_check(t: &Tensor, target: DType) -> Option<RangeCheck> {
+    let n = t.numel()?;
+    let vals = t.values_f64(n)?;
+    let (max, tiny) = (max_finite(target), min_positive(target) / 2.0);
+    let mut r = RangeCheck {
+        count: vals.len(),
+        ..RangeCheck::default()
+    };
+    for v in vals {
+        let a = v.abs();
+        if a.is_finite() {
+            r.max_abs = r.max_abs.max(a);
+        }
+        if a > max && a.is_finite() {
+            r.overflow += 1;
+        }
+        if a != 0.0 && a < tiny {
+            r.flush += 1;
+        }
+    }
+    Some(r)
+}
+
+/// The pass.
+pub struct AssignPrecision {
+    opts: PrecisionOptions,
+}
+
+impl AssignPrecision {
+    /// A pass with these options.
+    pub fn new(opts: PrecisionOptions) -> AssignPrecision {
+        AssignPrecision { opts }
+    }
+}
+
+impl Default for AssignPrecision {
+    fn default() -> Self {
+        AssignPrecision::new(PrecisionOptions::default())
+    }
+}
+
+/// Per-node state during colouring.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Color {
+    /// Not float data: no decision.
+    None,
+    /// Not yet decided.
+    Open,
+    Low,
+    Fp32,
+}
+
+/// Is this value float32 data?
+fn is_f32(g: &Graph, v: ValueId) -> bool {
+    g.value(v).ty.as_ref().and_then(TypeInfo::tensor_elem) == Some(DType::F32)
+}
+
+/// The schema's "data" type parameters of a node: parameters of its outputs and of its inputs that are not
+/// shape-like, bound to float32 here. These are the parameters a low decision changes.
+pub(crate) fn data_params(g: &Graph, n: NodeId, schema: &OpSchema) -> Vec<String> {
+    let node = g.node(n);
+    let mut ps: Vec<String> = Vec::new();
+    let mut add = |p: Option<&str>| {
+        if let Some(p) = p {
+            if !ps.iter().any(|x| x == p) {
+                ps.push(p.to_string());
+            }
+        }
+    };
+    for (i, v) in node.outputs().iter().enumerate() {
+        if v.is_some_and(|v| is_f32(g, v)) {
+            add(schema.output_type_param(i));
+        }
+    }
+    for (i, v) in node.inputs().iter().enumerate() {
+        if v.is_some_and(|v| is_f32(g, v))
+            && !schema.input_is_shape_like(i)
+            && !schema.input_fixed_f32(i)
+        {
+            add(schema.input_type_param(i));
+        }
+    }
+    // A parameter that also types a shape-like input (Resize roi, BatchNormalization-15 statistics) is not data.
+    ps.retain(|p| {
+        !(0..node.inputs().len()).any(|i| {
+            schema.input_is_shape_like(i) && schema.input_type_param(i) == Some(p.as_str())
+        }) || (0..node.outputs().len()).any(|o| schema.output_type_param(o) == Some(p.as_str()))
+    });
+    ps
+}
+
+impl Pass for AssignPrecision {
+    fn name(&self) -> &'static str {
+        "assign-precision"
+    }
+
+    fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
+        if !matches!(self.opts.target, DType::F16 | DType::BF16) {
+            return Err(PassError::Failed {
+                pass: self.name().into(),
+                message: format!(
+                    "target precision must be f16 or bf16, not {}",
+                    self.opts.target
+                ),
+            });
+        }
+        let opset = |d: &str| model.opset(d).unwrap_or(1);
+        let opsets: Vec<(String, i64)> = model
+            .opset_imports
+            .iter()
+            .map(|o| (o.domain.clone(), opset(&o.domain)))
+            .collect();
+        let mut stats = Stats::default();
+        decide_graph(&mut model.graph, &self.opts, &opsets, &mut stats);
+        Ok(PassOutcome {
+            changed: stats.decided > 0,
+            counters: vec![
+                ("nodes decided", stats.decided),
+                ("low", stats.low),
+                ("fp32", stats.fp32),
+            ],
+            notes: Vec::new(),
+            records: Vec::new(),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    decided: u64,
+    low: u64,
+    fp32: u64,
+}
+
+fn opset_of(opsets: &[(String, i64)], domain: &str) -> i64 {
+    let d = if domain == "ai.onnx" { "" } else { domain };
+    opsets
+        .iter()
+        .find(|(x, _)| (if x == "ai.onnx" { "" } else { x.as_str() }) == d)
+        .map_or(1, |(_, v)| *v)
+}
+
+/// The float initializer or Constant data feeding input `v` of a node, if any.
+fn constant_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
+    if let Some(t) = g.value(v).initializer.as_deref() {
+        return Some(t);
+    }
+    let (p, _) = g.producer(v)?;
+    let node = g.node(p);
+    if node.op_type != "Constant" || !(node.domain.is_empty() || node.domain == "ai.onnx") {
+        return None;
+    }
+    match node.attr("value").map(|a| &a.value) {
+        Some(AttrValue::Tensor(t)) => Some(t),
+        _ => None,
+    }
+}
+
+fn decide_graph(
+    g: &mut Graph,
+    opts: &PrecisionOptions,
+    opsets: &[(String, i64)],
+    stats: &mut Stats,
+) {
+    // Subgraphs first, each on its own.
+    let with_subgraphs: Vec<NodeId> = g
+        .nodes()
+        .filter(|(_, n)| n.has_subgraphs())
+        .map(|(id, _)| id)
+        .collect();
+    for id in with_subgraphs {
+        let mut attrs = std::mem::take(&mut g.node_mut(id).attributes);
+        for a in &mut attrs {
+            for sg in a.value.graphs_mut() {
+                decide_graph(sg, opts, opsets, stats);
+            }
+        }
+        g.node_mut(id).attributes = attrs;
+    }
+
+    let bound = g.node_bound();
+    let mut color = vec![Color::None; bound];
+    let mut class = vec![OpClass::Deny; bound];
+    let mut why: Vec<Option<(String, String)>> = vec![None; bound];
+    let order: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
+    let target = opts.target;
+
+    for &id in &order {
+        let node = g.node(id);
+        let touches_f32 = node
+            .inputs()
+            .iter()
+            .flatten()
+            .chain(node.outputs().iter().flatten())
+            .any(|&v| is_f32(g, v));
+        if !touches_f32 {
+            continue;
+        }
+        color[id.index()] = Color::Open;
+        let dom = if node.domain == "ai.onnx" {
+            ""
+        } else {
+            node.domain.as_str()
+        };
+        let (mut c, reason) = class_of(dom, &node.op_type);
+        let mut evidence = format!("{}: {reason}", c.name());
+        if let Some((_, _, oc)) = opts
+            .classes
+            .iter()
+            .find(|(d, o, _)| d == dom && *o == node.op_type)
+        {
+            c = *oc;
+            evidence = format!("{}: policy file class for {}", c.name(), node.op_type);
+        }
+        class[id.index()] = c;
+        let fp32 = |why: &mut Vec<Option<(String, String)>>, rule: String, ev: String| {
+            why[id.index()] = Some((rule, ev));
+        };
+        // Gate: user keep-fp32.
+        if let Some(sel) = opts.keep_fp32.iter().find(|s| s.matches(node)) {
+            fp32(
+                &mut why,
+                format!("user: --keep-fp32 {}", sel.text()),
+                evidence.clone(),
+            );
+            color[id.index()] = Color::Fp32;
+            continue;
+        }
+        // Gate: schema allows the target for the data parameters.
+        let schema = registry().get(dom, &node.op_type, opset_of(opsets, dom));
+        let Some(schema) = schema else {
+            fp32(
+                &mut why,
+                "schema: none".into(),
+                format!("no schema for {} at this opset", node.qualified_op()),
+            );
+            color[id.index()] = Color::Fp32;
+            continue;
+        };
+        let params = data_params(g, id, schema);
+        let blocked: Vec<&String> = params
+            .iter()
+            .filter(|p| {
+                !schema
+                    .constraint(p)
+                    .is_some_and(|c| c.allowed.iter().any(|t| t.tensor_elem() == Some(target)))
+            })
+            .collect();
+        if !blocked.is_empty() && c != OpClass::Keep {
+            fp32(
+                &mut why,
+                "schema".into(),
+                format!(
+                    "{} v{}: type parameter {} does not allow {target}",
+                    node.qualified_op(),
+                    schema.since_version,
+                    blocked
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            color[id.index()] = Color::Fp32;
+            continue;
+        }
+        // Gate: constant data beyond the target's range, or flushing to zero where it matters.
+        let mut data_gate = None;
+        for (i, v) in node.inputs().iter().enumerate() {
+            let Some(v) = *v else { continue };
+            if !is_f32(g, v)
+                || !schema
+                    .input_type_param(i)
+                    .is_some_and(|p| params.iter().any(|x| x == p))
+            {
+                continue;
+            }
+            let Some(t) = constant_data(g, v) else {
+                continue;
+            };
+            let Some(r) = range_check(t, target) else {
+                continue;
+            };
+            let name = g.value(v).name();
+            if r.overflow > 0 {
+                data_gate = Some(format!(
+                    "initializer '{name}': {} of {} values beyond the {target} range (max |x| = {:e})",
+                    r.overflow, r.count, r.max_abs
+                ));
+                break;
+            }
+            // Flushing matters for short constants (epsilons, masks, scales); a few tiny weights in a large
+            // tensor do not, unless most of the tensor would vanish.
+            let short = r.count <= 16;
+            if r.flush > 0 && (short || r.flush * 4 > r.count) {
+                data_gate = Some(format!(
+                    "initializer '{name}': {} of {} non-zero values would flush to zero in {target}",
+                    r.flush, r.count
+                ));
+                break;
+            }
+        }
+        if let Some(ev) = data_gate {
+            fp32(&mut why, "initializer range".into(), ev);
+            color[id.index()] = Color::Fp32;
+            continue;
+        }
+        if let Some(sel) = opts.force_low.iter().find(|s| s.matches(node)) {
+            why[id.index()] = Some((format!("user: --force-low {}", sel.text()), evidence));
+            color[id.index()] = Color::Low;
+            continue;
+        }
+        match c {
+            OpClass::Deny | OpClass::Keep => {
+                why[id.index()] = Some((c.name().into(), evidence));
+                color[id.index()] = Color::Fp32;
+            }
+            OpClass::Allow => {
+                why[id.index()] = Some(("allow".into(), evidence));
+                color[id.index()] = Color::Low;
+            }
+            _ => why[id.index()] = Some((String::new(), evidence)),
+        }
+    }
+
+    // Float edges: consumers and producers within this graph.
+    let succ = |g: &Graph, n: NodeId| -> Vec<NodeId> {
+        g.node(n)
+            .outputs()
+            .iter()
+            .flatten()
+            .filter(|&&v| is_f32(g, v))
+            .flat_map(|&v| g.uses(v).iter().map(|u| u.node()))
+            .collect()
+    };
+    let pred = |g: &Graph, n: NodeId| -> Vec<NodeId> {
+        g.node(n)
+            .inputs()
+            .iter()
+            .flatten()
+            .filter(|&&v| is_f32(g, v))
+            .filter_map(|&v| g.producer(v).map(|(p, _)| p))
+            .collect()
+    };
+    let passable = |id: NodeId, color: &[Color], class: &[OpClass]| {
+        color[id.index()] == Color::Open
+            && matches!(class[id.index()], OpClass::Infer | OpClass::Clear)
+    };
+
+    // Deny spreads forward through infer/clear nodes.
+    let mut painted = vec![false; bound];
+    let mut q: VecDeque<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|&n| color[n.index()] == Color::Fp32)
+        .collect();
+    while let Some(n) = q.pop_front() {
+        for s in succ(g, n) {
+            if passable(s, &color, &class) && !painted[s.index()] {
+                painted[s.index()] = true;
+                why[s.index()] = Some((
+                    "deny spreads".into(),
+                    format!("downstream of fp32 node {}", mpopt_ir::node_label(g, n)),
+                ));
+                q.push_back(s);
+            }
+        }
+    }
+    for (i, p) in painted.iter().enumerate() {
+        if *p {
+            color[i] = Color::Fp32;
+        }
+    }
+
+    // Infer/clear nodes between low nodes become low.
+    let reach = |forward: bool, color: &[Color]| -> Vec<bool> {
+        let mut seen = vec![false; bound];
+        let mut q: VecDeque<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|&n| color[n.index()] == Color::Low)
+            .collect();
+        while let Some(n) = q.pop_front() {
+            for m in if forward { succ(g, n) } else { pred(g, n) } {
+                if passable(m, color, &class) && !seen[m.index()] {
+                    seen[m.index()] = true;
+                    q.push_back(m);
+                }
+            }
+        }
+        seen
+    };
+    let (fwd, bwd) = (reach(true, &color), reach(false, &color));
+    for &id in &order {
+        if fwd[id.index()] && bwd[id.index()] {
+            color[id.index()] = Color::Low;
+            if let Some((rule, _)) = &mut why[id.index()] {
+                *rule = format!("{}: between low nodes", class[id.index()].name());
+            }
+        }
+    }
+
+    // Low floods through clear nodes, both ways.
+    let mut q: VecDeque<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|&n| color[n.index()] == Color::Low)
+        .collect();
+    while let Some(n) = q.pop_front() {
+        for m in succ(g, n).into_iter().chain(pred(g, n)) {
+            if color[m.index()] == Color::Open && class[m.index()] == OpClass::Clear {
+                color[m.index()] = Color::Low;
+                if let Some((rule, _)) = &mut why[m.index()] {
+                    *rule = "clear: next to low nodes".into();
+                }
+                q.push_back(m);
+            }
+        }
+    }
+
+    for &id in &order {
+        let c = color[id.index()];
+        if c == Color::None {
+            continue;
+        }
+        let (rule, evidence) = why[id.index()].take().unwrap_or_default();
+        let (dtype, rule) = match c {
+            Color::Low => (target, rule),
+            _ => (
+                DType::F32,
+                if rule.is_empty() {
+                    format!("{}: not between low nodes", class[id.index()].name())
+                } else {
+                    rule
+                },
+            ),
+        };
+        stats.decided += 1;
+        if dtype == DType::F32 {
+            stats.fp32 += 1;
+        } else {
+            stats.low += 1;
+        }
+        g.node_mut(id).precision = Some(Box::new(PrecisionDecision {
+            dtype,
+            rule,
+            evidence,
+        }));
+    }
+}

@@ -1,0 +1,579 @@
+//! `insert-casts`: makes the graph agree with the precision decisions.
+//!
+//! **What.**
+//! - A node decided low has its float32 data outputs retyped to the target. Its dtype-carrying attributes
+//!   follow: Cast `to`, ConstantOfShape `value`, Random* and EyeLike `dtype`, and a Constant's `value`.
+//! - Every input then gets the dtype its node needs:
+//!   - the target for the data type parameters of a low node;
+//!   - the original dtype otherwise (shape-like and fixed-float32 inputs, fp32 nodes).
+//! - Where a value's dtype differs from what a consumer needs:
+//!   - an initializer or Constant is converted once: in place when every use wants the new dtype, copied when
+//!     fp32 and low consumers both need it. Clamping and flushing are reported per tensor, never silent;
+//!   - any other value gets one Cast per (value, dtype), shared by all its consumers and placed before the
+//!     first of them.
+//! - Graph outputs keep their original dtype and name (a Cast back, under the original name). Subgraph outputs
+//!   always do, since If/Loop/Scan interfaces are unchanged; with `--io-types low`, the top graph's inputs
+//!   and outputs become the target type instead.
+//!
+//! **Invariants.**
+//! - Runs after `assign-precision` and does nothing where no decision is low.
+//! - Never changes a value silently: every conversion is a Cast node or a reported data conversion.
+//! - Captured values keep their outer dtype; a subgraph that needs another one casts inside.
+//!
+//! ```text
+//! before: %h = MatMul(%x, %w) ; prec f16          after: %w = const f16[16,4]  (converted in place)
+//!         %y = Softmax(%h)    ; prec f32                 %x__f16 = Cast(%x) {to = 10}
+//!                                                        %h = MatMul(%x__f16, %w) : f16[N,4]
+//!                                                        %h__f32 = Cast(%h) {to = 1}
+//!                                                        %y = Softmax(%h__f32)
+//! ```
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use mpopt_ir::schema::registry;
+use mpopt_ir::{
+    AttrValue, Attribute, DType, Def, Graph, Model, Node, NodeId, Tensor, TensorData, Type,
+    TypeInfo, Use, ValueId,
+};
+
+use crate::assign_precision::{data_params, max_finite};
+use crate::{Pass, PassError, PassOutcome, Record};
+
+/// Which graph inputs and outputs may change dtype.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum IoTypes {
+    /// Inputs and outputs keep their dtypes (the default).
+    #[default]
+    Keep,
+    /// Float32 inputs and outputs become the target type.
+    Low,
+    /// These inputs and outputs become the target type; the others keep theirs.
+    Names(Vec<String>),
+}
+
+/// The pass.
+pub struct InsertCasts {
+    target: DType,
+    io: IoTypes,
+}
+
+impl InsertCasts {
+    /// A pass converting to `target` with this I/O policy.
+    pub fn new(target: DType, io: IoTypes) -> InsertCasts {
+        InsertCasts { target, io }
+    }
+}
+
+impl Default for InsertCasts {
+    fn default() -> Self {
+        InsertCasts::new(DType::F16, IoTypes::Keep)
+    }
+}
+
+#[derive(Default)]
+struct Out {
+    casts: u64,
+    converted: u64,
+    copied: u64,
+    outputs_cast_back: u64,
+    records: Vec<Record>,
+}
+
+fn elem(g: &Graph, v: ValueId) -> Option<DType> {
+    g.value(v).ty.as_ref().and_then(TypeInfo::tensor_elem)
+}
+
+fn set_elem(g: &mut Graph, v: ValueId, d: DType) {
+    if let Some(TypeInfo {
+        ty: Type::Tensor { elem, .. },
+        ..
+    }) = &mut g.value_mut(v).ty
+    {
+        *elem = Some(d);
+    }
+}
+
+fn is_default(n: &Node) -> bool {
+    n.domain.is_empty() || n.domain == "ai.onnx"
+}
+
+/// Converts float data to `to`, with the statistics the report needs.
+pub(crate) fn convert_tensor(
+    t: &Tensor,
+    to: DType,
+) -> Option<(Tensor, Vec<(&'static str, String)>)> {
+    let n = t.numel()?;
+    let vals = t.values_f64(n)?;
+    if vals.len() != n {
+        return None;
+    }
+    let max = max_finite(to);
+    let (mut clamped, mut flushed, mut max_rel) = (0usize, 0usize, 0f64);
+    let mut raw = Vec::with_capacity(n * to.bits() as usize / 8);
+    for &v in &vals {
+        let x = v as f32;
+        let (bits, back) = match to {
+            DType::F16 => {
+                let h = half::f16::from_f32(x);
+                (h.to_le_bytes().to_vec(), h.to_f64())
+            }
+            DType::BF16 => {
+                let h = half::bf16::from_f32(x);
+                (h.to_le_bytes().to_vec(), h.to_f64())
+            }
+            DType::F32 => (x.to_le_bytes().to_vec(), x as f64),
+            DType::F64 => (v.to_le_bytes().to_vec(), v),
+            _ => return None,
+        };
+        let (bits, back) = if back.is_infinite() && v.is_finite() {
+            // clamp to the largest finite value rather than produce inf
+            clamped += 1;
+            let c = max.copysign(v);
+            match to {
+                DType::F16 => (half::f16::from_f64(c).to_le_bytes().to_vec(), c),
+                DType::BF16 => (half::bf16::from_f64(c).to_le_bytes().to_vec(), c),
+                _ => (bits, back),
+            }
+        } else {
+            (bits, back)
+        };
+        if v != 0.0 && back == 0.0 {
+            flushed += 1;
+        }
+        if v != 0.0 && v.is_finite() {
+            max_rel = max_rel.max(((back - v) / v).abs());
+        }
+        raw.extend_from_slice(&bits);
+    }
+    let mut out = t.clone();
+    out.dtype = to;
+    out.data = TensorData::Raw(Bytes::from(raw));
+    out.external = None;
+    let stats = vec![
+        ("elements", n.to_string()),
+        ("clamped", clamped.to_string()),
+        ("flushed_to_zero", flushed.to_string()),
+        ("max_relative_change", format!("{max_rel:.3e}")),
+    ];
+    Some((out, stats))
+}
+
+impl Pass for InsertCasts {
+    fn name(&self) -> &'static str {
+        "insert-casts"
+    }
+
+    fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
+        let opsets: Vec<(String, i64)> = model
+            .opset_imports
+            .iter()
+            .map(|o| (o.domain.clone(), o.version))
+            .collect();
+        let mut out = Out::default();
+        let graph_name = model.graph.name.clone();
+        // --io-types: retype the chosen top-level float32 inputs.
+        let io_low = |name: &str| match &self.io {
+            IoTypes::Keep => false,
+            IoTypes::Low => true,
+            IoTypes::Names(ns) => ns.iter().any(|n| n == name),
+        };
+        let inputs: Vec<ValueId> = model.graph.inputs().to_vec();
+        let mut orig = original_dtypes(&model.graph);
+        for v in inputs {
+            if elem(&model.graph, v) == Some(DType::F32)
+                && model.graph.value(v).initializer.is_none()
+                && io_low(model.graph.value(v).name())
+            {
+                set_elem(&mut model.graph, v, self.target);
+                orig[v.index()] = Some(self.target);
+            }
+        }
+        let keep_output = |name: &str| !io_low(name);
+        process(
+            &mut model.graph,
+            self.target,
+            &opsets,
+            &orig,
+            &keep_output,
+            &mut out,
+            &format!("graph '{graph_name}'"),
+        )
+        .map_err(|m| PassError::Failed {
+            pass: "insert-casts".into(),
+            message: m,
+        })?;
+        Ok(PassOutcome {
+            changed: out.casts + out.converted + out.copied + out.outputs_cast_back > 0,
+            counters: vec![
+                ("casts added", out.casts),
+                ("initializers converted in place", out.converted),
+                ("initializers copied", out.copied),
+                ("outputs cast back", out.outputs_cast_back),
+            ],
+            notes: Vec::new(),
+            records: out.records,
+        })
+    }
+}
+
+fn original_dtypes(g: &Graph) -> Vec<Option<DType>> {
+    g.value_ids().map(|v| elem(g, v)).collect()
+}
+
+fn opset_of(opsets: &[(String, i64)], domain: &str) -> i64 {
+    let d = if domain == "ai.onnx" { "" } else { domain };
+    opsets
+        .iter()
+        .find(|(x, _)| (if x == "ai.onnx" { "" } else { x.as_str() }) == d)
+        .map_or(1, |(_, v)| *v)
+}
+
+/// Rewrites the dtype-carrying attributes of a node now running in `target`.
+fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) {
+    if !is_default(n) {
+        return;
+    }
+    let code = target.code() as i64;
+    let set_int = |n: &mut Node, name: &str| {
+        if let Some(a) = n.attributes.iter_mut().find(|a| a.name == name) {
+            a.value = AttrValue::Int(code);
+        } else {
+            n.attributes
+                .push(Attribute::new(name, AttrValue::Int(code)));
+        }
+    };
+    match n.op_type.as_str() {
+        "Cast" => set_int(n, "to"),
+        "RandomNormal" | "RandomUniform" | "RandomNormalLike" | "RandomUniformLike" | "EyeLike" => {
+            set_int(n, "dtype")
+        }
+        "ConstantOfShape" | "Constant" => {
+            let label = if n.name.is_empty() {
+                n.op_type.clone()
+            } else {
+                n.name.clone()
+            };
+            let f32_value = match n
+                .attributes
+                .iter()
+                .find(|a| a.name == "value")
+                .map(|a| &a.value)
+            {
+                Some(AttrValue::Tensor(t)) => (t.dtype == DType::F32).then(|| t.clone()),
+                None if n.op_type == "ConstantOfShape" => Some(Tensor::from_f32(vec![1], &[0.0])),
+                _ => None,
+            };
+            if let Some(t) = f32_value {
+                if let Some((c, stats)) = convert_tensor(&t, target) {
+                    n.attributes.retain(|a| a.name != "value");
+                    n.attributes
+                        .push(Attribute::new("value", AttrValue::Tensor(c)));
+                    let mut fields = vec![
+                        ("scope", scope.to_string()),
+                        ("node", label),
+                        ("to", target.to_string()),
+                    ];
+                    fields.extend(stats.into_iter());
+                    out.records.push(Record {
+                        kind: "constant converted",
+                        fields,
+                    });
+                }
+            }
+            if let Some(a) = n.attributes.iter_mut().find(|a| a.name == "value_float") {
+                if let AttrValue::Float(f) = a.value {
+                    let t = Tensor::from_f32(vec![], &[f]);
+                    if let Some((c, _)) = convert_tensor(&t, target) {
+                        a.name = "value".into();
+                        a.value = AttrValue::Tensor(c);
+                    }
+                }
+            }
+            if let Some(a) = n.attributes.iter_mut().find(|a| a.name == "value_floats") {
+                if let AttrValue::Floats(fs) = &a.value {
+                    let t = Tensor::from_f32(vec![fs.len() as i64], fs);
+                    if let Some((c, _)) = convert_tensor(&t, target) {
+                        a.name = "value".into();
+                        a.value = AttrValue::Tensor(c);
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Makes one graph agree with its decisions; then its subgraphs.
+fn process(
+    g: &mut Graph,
+    target: DType,
+    opsets: &[(String, i64)],
+    orig: &[Option<DType>],
+    keep_output: &dyn Fn(&str) -> bool,
+    out: &mut Out,
+    scope: &str,
+) -> Result<(), String> {
+    let order: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+
+    // Phase 1: final output dtypes of low nodes; which inputs need which dtype.
+    let mut needs: Vec<(ValueId, DType, Use)> = Vec::new();
+    let mut low_params: HashMap<NodeId, Vec<String>> = HashMap::new();
+    for &id in &order {
+        let node = g.node(id);
+        let Some(d) = node.precision.as_ref() else {
+            continue;
+        };
+        if d.dtype != target {
+            continue;
+        }
+        let dom = if node.domain == "ai.onnx" {
+            ""
+        } else {
+            node.domain.as_str()
+        };
+        let Some(schema) = registry().get(dom, &node.op_type, opset_of(opsets, dom)) else {
+            continue;
+        };
+        let params = data_params(g, id, schema);
+        let outs: Vec<(usize, ValueId)> = node
+            .outputs()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.map(|v| (i, v)))
+            .collect();
+        for (i, v) in outs {
+            if orig[v.index()] == Some(DType::F32)
+                && schema
+                    .output_type_param(i)
+                    .is_some_and(|p| params.iter().any(|x| x == p))
+            {
+                set_elem(g, v, target);
+            }
+        }
+        low_params.insert(id, params);
+        retarget_attributes(g.node_mut(id), target, out, scope);
+    }
+    for &id in &order {
+        let node = g.node(id);
+        let dom = if node.domain == "ai.onnx" {
+            ""
+        } else {
+            node.domain.as_str()
+        };
+        let schema = registry().get(dom, &node.op_type, opset_of(opsets, dom));
+        let params = low_params.get(&id);
+        for (i, v) in node.inputs().iter().enumerate() {
+            let Some(v) = *v else { continue };
+            let (Some(have), Some(was)) = (elem(g, v), orig[v.index()]) else {
+                continue;
+            };
+            // A parameter that types only inputs (Shape, Size, ArgMax, IsNaN, ...): the node reads low values as
+            // they are, since widening them first would be exact and change nothing.
+            let input_only = schema.is_some_and(|s| {
+                s.input_type_param(i).is_some_and(|p| {
+                    !(0..node.outputs().len()).any(|o| s.output_type_param(o) == Some(p))
+                        && node.inputs().iter().enumerate().all(|(j, w)| {
+                            s.input_type_param(j) != Some(p)
+                                || w.is_none_or(|w| elem(g, w) == Some(have))
+                        })
+                        && s.input_allows(i, have)
+                })
+            });
+            if input_only {
+                continue;
+            }
+            let want = match (params, schema) {
+                (Some(ps), Some(s))
+                    if s.input_type_param(i)
+                        .is_some_and(|p| ps.iter().any(|x| x == p))
+                        && !s.input_is_shape_like(i)
+                        && !s.input_fixed_f32(i)
+                        && (was == DType::F32 || was == target) =>
+                {
+                    target
+                }
+                _ => was,
+            };
+            if want != have {
+                needs.push((v, want, Use::Input(id, i as u32)));
+            }
+        }
+    }
+
+    // Phase 2: one conversion per (value, dtype).
+    let mut groups: Vec<((ValueId, DType), Vec<Use>)> = Vec::new();
+    for (v, d, u) in needs {
+        match groups.iter_mut().find(|(k, _)| *k == (v, d)) {
+            Some((_, us)) => us.push(u),
+            None => groups.push(((v, d), vec![u])),
+        }
+    }
+    for ((v, d), uses) in groups {
+        let all_uses = g.uses(v).len();
+        let is_output = g.outputs().contains(&v);
+        let source_tensor = g.value(v).initializer.as_deref().cloned();
+        if let (Some(t), Def::Initializer) = (source_tensor, g.value(v).def()) {
+            let Some((conv, stats)) = convert_tensor(&t, d) else {
+                continue;
+            };
+            let name = g.value(v).name().to_string();
+            let in_place = uses.len() == all_uses && !is_output;
+            let target_v = if in_place {
+                g.remove_initializer(v);
+                let mut conv = conv;
+                conv.name = name.clone();
+                g.set_initializer(v, conv).map_err(|e| e.to_string())?;
+                set_elem(g, v, d);
+                out.converted += 1;
+                v
+            } else {
+                let new_name = g.fresh_name(&format!("{name}__{d}"));
+                let mut conv = conv;
+                conv.name = new_name.clone();
+                let nv = g
+                    .add_initializer(new_name, conv)
+                    .map_err(|e| e.to_string())?;
+                out.copied += 1;
+                nv
+            };
+            let mut fields = vec![
+                ("scope", scope.to_string()),
+                ("initializer", name),
+                ("to", d.to_string()),
+                (
+                    "mode",
+                    if in_place {
+                        "in place".into()
+                    } else {
+                        "copy".to_string()
+                    },
+                ),
+            ];
+            fields.extend(stats);
+            out.records.push(Record {
+                kind: "initializer converted",
+                fields,
+            });
+            for u in uses {
+                if let Use::Input(n, s) = u {
+                    g.set_input(n, s, Some(target_v));
+                }
+            }
+            continue;
+        }
+        // A Cast node before the first consumer.
+        let first = uses
+            .iter()
+            .map(|u| u.node())
+            .min_by_key(|n| pos.get(n).copied().unwrap_or(usize::MAX))
+            .expect("a use");
+        let name = g.value(v).name().to_string();
+        let cast_name = g.fresh_name(&format!("{name}__{d}"));
+        let mut ty = g.value(v).ty.clone();
+        if let Some(TypeInfo {
+            ty: Type::Tensor { elem, .. },
+            ..
+        }) = &mut ty
+        {
+            *elem = Some(d);
+        }
+        let cv = g
+            .add_value(cast_name.clone(), ty)
+            .map_err(|e| e.to_string())?;
+        let mut cast = Node::new("Cast");
+        cast.name = cast_name;
+        cast.attributes
+            .push(Attribute::new("to", AttrValue::Int(d.code() as i64)));
+        cast.precision = None;
+        g.insert_node_before(first, cast, &[Some(v)], &[Some(cv)])
+            .map_err(|e| e.to_string())?;
+        out.casts += 1;
+        for u in uses {
+            if let Use::Input(n, s) = u {
+                g.set_input(n, s, Some(cv));
+            }
+        }
+    }
+
+    // Graph outputs keep their dtype and name.
+    for i in 0..g.outputs().len() {
+        let v = g.outputs()[i];
+        let (Some(have), Some(was)) = (elem(g, v), orig[v.index()]) else {
+            continue;
+        };
+        let name = g.value(v).name().to_string();
+        if have == was || !keep_output(&name) {
+            continue;
+        }
+        let inner = g.fresh_name(&format!("{name}__{have}"));
+        g.rename_value(v, inner).map_err(|e| e.to_string())?;
+        let mut ty = g.value(v).ty.clone();
+        if let Some(TypeInfo {
+            ty: Type::Tensor { elem, .. },
+            ..
+        }) = &mut ty
+        {
+            *elem = Some(was);
+        }
+        let ov = g.add_value(name.clone(), ty).map_err(|e| e.to_string())?;
+        let mut cast = Node::new("Cast");
+        cast.name = format!("{name}__cast_back");
+        cast.attributes
+            .push(Attribute::new("to", AttrValue::Int(was.code() as i64)));
+        match g.producer(v) {
+            Some((p, _)) => g.insert_node_after(p, cast, &[Some(v)], &[Some(ov)]),
+            None => g.add_node(cast, &[Some(v)], &[Some(ov)]),
+        }
+        .map_err(|e| e.to_string())?;
+        g.set_output(i, ov);
+        out.outputs_cast_back += 1;
+        // other nodes keep reading the low value under its new name; subgraphs that captured it by name follow
+        let users: Vec<NodeId> = g.uses(v).iter().map(|u| u.node()).collect();
+        for u in users {
+            if g.node(u).has_subgraphs() {
+                let new = g.value(v).name().to_string();
+                g.rename_captures(u, &name, &new);
+            }
+        }
+    }
+
+    // Subgraphs: captures take their outer value's current dtype; outputs always keep theirs.
+    let with_subgraphs: Vec<NodeId> = g
+        .nodes()
+        .filter(|(_, n)| n.has_subgraphs())
+        .map(|(id, _)| id)
+        .collect();
+    for id in with_subgraphs {
+        let outer: HashMap<String, Option<DType>> = g
+            .node(id)
+            .implicit_inputs()
+            .iter()
+            .map(|&v| (g.value(v).name().to_string(), elem(g, v)))
+            .collect();
+        let label = format!("{scope} / node {}", mpopt_ir::node_label(g, id));
+        let mut attrs = std::mem::take(&mut g.node_mut(id).attributes);
+        for a in &mut attrs {
+            for sg in a.value.graphs_mut() {
+                let sub_orig = original_dtypes(sg);
+                for &c in sg.captures().to_vec().iter() {
+                    if let Some(Some(d)) = outer.get(sg.value(c).name()) {
+                        set_elem(sg, c, *d);
+                    }
+                }
+                process(
+                    sg,
+                    target,
+                    opsets,
+                    &sub_orig,
+                    &|_| true,
+                    out,
+                    &format!("{label} / {}", a.name),
+                )?;
+            }
+        }
+        g.node_mut(id).attributes = attrs;
+    }
+    Ok(())
+}

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Validity and accuracy of `mpopt MODEL -o OUT` against the reference tools.
+
+For every model (corpus folders with inputs.npz, node-suite folders with test_data_set_0) whose fp32 model runs
+in onnxruntime, the converted model must:
+  * pass onnx.checker.check_model(OUT, full_check=True),
+  * load and run in onnxruntime 1.32.0 (CPU),
+  * keep every output's name, dtype and shape,
+  * produce no NaN/Inf where the fp32 model does not (corpus models).
+On corpus models the task metric of ../shared/corpus/README.md is computed on every input set. Node-suite
+outputs are also compared numerically (1e-2 relative + 1e-3 absolute, the measure the peers were scored with);
+that share is reported, not required.
+
+    python3 tests/py/convert_check.py --mpopt target/release/mpopt [--to fp16] ROOT [ROOT ...]
+Prints one line per model for the corpus, the failures, and `convert-check: N passed, N failed`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import checker_ok, find_models, flatten, load_inputs, run_ort  # noqa: E402
+
+import onnx  # noqa: E402
+
+
+def input_sets(model_path, model):
+    """The base input set plus the `__setN` extra sets of a corpus model."""
+    npz = os.path.join(os.path.dirname(model_path), "inputs.npz")
+    base = load_inputs(model_path, model)
+    sets = [base] if base is not None else []
+    if os.path.exists(npz):
+        z = np.load(npz)
+        extra = sorted({k.split("__set")[1] for k in z.files if "__set" in k})
+        for s in extra:
+            sets.append({k.split("__set")[0]: z[k] for k in z.files if k.endswith(f"__set{s}")})
+    return sets
+
+
+def ctc_decode(logits):
+    ids = logits.argmax(-1)
+    out = []
+    for row in ids:
+        seq, prev = [], -1
+        for t in row:
+            if t != prev and t != 0:
+                seq.append(int(t))
+            prev = t
+        out.append(seq)
+    return out
+
+
+def metric(kind, ref, got):
+    """(name -> value) of the task metric for one input set, from the first output."""
+    r, g = np.asarray(ref[0], dtype=np.float64), np.asarray(got[0], dtype=np.float64)
+    if kind == "classifier":
+        a, b = r.reshape(-1, r.shape[-1]).argmax(-1), g.reshape(-1, g.shape[-1]).argmax(-1)
+        return {"top1_agree": int((a == b).sum()), "top1_total": int(a.size)}
+    if kind == "embedding":
+        a, b = r.reshape(r.shape[0], -1), g.reshape(g.shape[0], -1)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+        return {"cosine_min": float(cos.min())}
+    if kind == "prob_map":
+        a, b = r > 0.3, g > 0.3
+        union = np.logical_or(a, b).sum()
+        return {"iou": float(np.logical_and(a, b).sum() / union) if union else 1.0}
+    if kind == "ctc":
+        a, b = ctc_decode(r), ctc_decode(g)
+        return {"seq_agree": sum(x == y for x, y in zip(a, b)), "seq_total": len(a)}
+    if kind == "prob":
+        return {"max_abs_err": float(np.abs(r - g).max()), "decisions_agree": int(((r > 0.5) == (g > 0.5)).sum()), "decisions_total": int(r.size)}
+    if kind == "yolo":
+        a, b = r.reshape(-1, r.shape[-1]), g.reshape(-1, g.shape[-1])
+        ca, cb = a[:, 4] * a[:, 5:].max(1), b[:, 4] * b[:, 5:].max(1)
+        sa, sb = set(np.nonzero(ca > 0.25)[0]), set(np.nonzero(cb > 0.25)[0])
+        jac = len(sa & sb) / len(sa | sb) if (sa | sb) else 1.0
+        return {"anchors_jaccard": jac, "top_anchor_agree": int(ca.argmax() == cb.argmax())}
+    return {}
+
+
+def combine(ms):
+    out = {}
+    for m in ms:
+        for k, v in m.items():
+            if k.endswith("_min") or k == "iou" or k == "anchors_jaccard":
+                out[k] = min(out.get(k, v), v)
+            elif k == "max_abs_err":
+                out[k] = max(out.get(k, v), v)
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def close(ref, got):
+    for x, y in zip(flatten(ref), flatten(got)):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype.kind in "fc":
+            if not np.allclose(x.astype(np.float64), y.astype(np.float64), rtol=1e-2, atol=1e-3, equal_nan=True):
+                return False
+        elif x.dtype == object:
+            if not all(p == q for p, q in zip(x.ravel(), y.ravel())):
+                return False
+        elif not np.array_equal(x, y):
+            return False
+    return True
+
+
+def signature(model):
+    out = []
+    for o in model.graph.output:
+        t = o.type.tensor_type if o.type.HasField("tensor_type") else None
+        out.append((o.name, t.elem_type if t else o.type.WhichOneof("value")))
+    return out
+
+
+def count_casts(g):
+    n = 0
+    for node in g.node:
+        n += node.op_type == "Cast"
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                n += count_casts(a.g)
+            for sg in a.graphs:
+                n += count_casts(sg)
+    return n
+
+
+def check_one(args):
+    mpopt, path, tmp, extra = args
+    name = os.path.relpath(os.path.dirname(path))
+    folder = os.path.join(tmp, name.replace(os.sep, "__"))
+    os.makedirs(folder, exist_ok=True)
+    out = os.path.join(folder, "model.onnx")
+    model = onnx.load(path)
+    sets = input_sets(path, model)
+    if not sets:
+        return name, "skip-no-inputs", "", {}
+    try:
+        refs = [run_ort(path, s) for s in sets]
+    except Exception:  # noqa: BLE001 - the original does not run: nothing to check
+        return name, "skip-orig-does-not-run", "", {}
+    r = subprocess.run([mpopt, path, "-o", out, *extra], capture_output=True, text=True)
+    if r.returncode != 0:
+        return name, "convert-failed", r.stderr.strip()[:400], {}
+    chk = checker_ok(out)
+    if chk is not None and checker_ok(path) is None:
+        return name, "checker", chk, {}
+    conv = onnx.load(out)
+    if signature(conv) != signature(model):
+        return name, "io-changed", f"{signature(model)} -> {signature(conv)}", {}
+    try:
+        gots = [run_ort(out, s) for s in sets]
+    except Exception as e:  # noqa: BLE001
+        return name, "ort", str(e).splitlines()[0][:400], {}
+    info = {"casts_before": count_casts(model.graph), "casts_after": count_casts(conv.graph)}
+    for ref, got in zip(refs, gots):
+        for x, y in zip(flatten(ref), flatten(got)):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return name, "io-changed", f"output {x.dtype}{x.shape} -> {y.dtype}{y.shape}", {}
+            if x.dtype.kind == "f" and np.isfinite(x).all() and not np.isfinite(y).all():
+                info["nonfinite"] = True
+    meta = os.path.join(os.path.dirname(path), "meta.json")
+    if os.path.exists(meta):
+        kind = json.load(open(meta)).get("metric")
+        info["metric"] = combine([metric(kind, a, b) for a, b in zip(refs, gots)])
+        if info.get("nonfinite"):
+            return name, "nan-inf", "the converted model produces NaN/Inf", info
+    info["close"] = all(close(a, b) for a, b in zip(refs, gots))
+    return name, "ok", "", info
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mpopt", required=True)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help="write per-model results here")
+    ap.add_argument("--arg", action="append", default=[], help="extra argument for mpopt (repeatable)")
+    ap.add_argument("roots", nargs="+")
+    a = ap.parse_args()
+    models = find_models(a.roots)
+    counts, failures, results = {}, [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with ProcessPoolExecutor(a.jobs) as ex:
+            for name, verdict, msg, info in ex.map(check_one, [(a.mpopt, m, tmp, a.arg) for m in models], chunksize=4):
+                counts[verdict] = counts.get(verdict, 0) + 1
+                results[name] = {"verdict": verdict, "message": msg, **info}
+                if not (verdict == "ok" or verdict.startswith("skip")):
+                    failures.append(f"FAIL {name}: {verdict}: {msg}")
+                if "metric" in info:
+                    print(f"{os.path.basename(name):30} casts {info['casts_before']:4} -> {info['casts_after']:4}  {info['metric']}")
+    for f in failures:
+        print(f)
+    checked = [r for r in results.values() if r["verdict"] == "ok"]
+    if checked:
+        close_n = sum(1 for r in checked if r.get("close"))
+        print(f"numerically close (1e-2 rel + 1e-3 abs): {close_n}/{len(checked)} ({100.0 * close_n / len(checked):.1f}%)")
+    print("verdicts: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
+    passed = sum(v for k, v in counts.items() if k == "ok" or k.startswith("skip"))
+    print(f"convert-check: {passed} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
