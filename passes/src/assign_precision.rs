@@ -12,11 +12,13 @@
 //!    - its schema allows no target-precision type for its data at the model's opset;
 //!    - a float initializer or Constant feeding its data holds values beyond the target's finite range, or
 //!      small non-zero values that would flush to zero where that matters: any in a constant of at most 16
-//!      elements (epsilons, masks, scales), more than a quarter of a larger one;
+//!      elements (epsilons, masks, scales), more than 1% of a larger one;
 //!    - a user `--keep-fp32` selector matches it.
 //! 3. Colouring over float edges:
 //!    - allow nodes are low;
-//!    - deny spreads forward through infer/clear nodes;
+//!    - deny spreads forward through infer/clear nodes, from the nodes whose outputs can be dangerous in low
+//!      precision: deny-class ops, nodes reading constants beyond the target's range, and user `--keep-fp32`.
+//!      A node kept fp32 only because its schema lacks the type or tiny values would flush does not spread;
 //!    - infer/clear nodes on a path between low nodes become low;
 //!    - low floods through clear nodes in both directions.
 //! 4. `--force-low` selectors make a node low unless its schema forbids it.
@@ -371,6 +373,7 @@ fn decide_graph(
     }
 
     let bound = g.node_bound();
+    let mut spreads = vec![false; bound];
     let mut color = vec![Color::None; bound];
     let mut class = vec![OpClass::Deny; bound];
     let mut why: Vec<Option<(String, String)>> = vec![None; bound];
@@ -416,6 +419,7 @@ fn decide_graph(
                 evidence.clone(),
             );
             color[id.index()] = Color::Fp32;
+            spreads[id.index()] = true;
             continue;
         }
         // Gate: schema allows the target for the data parameters.
@@ -458,6 +462,7 @@ fn decide_graph(
         }
         // Gate: constant data beyond the target's range, or flushing to zero where it matters.
         let mut data_gate = None;
+        let mut overflow = false;
         for (i, v) in node.inputs().iter().enumerate() {
             let Some(v) = *v else { continue };
             if !is_f32(g, v)
@@ -475,16 +480,17 @@ fn decide_graph(
             };
             let name = g.value(v).name();
             if r.overflow > 0 {
+                overflow = true;
                 data_gate = Some(format!(
                     "initializer '{name}': {} of {} values beyond the {target} range (max |x| = {:e})",
                     r.overflow, r.count, r.max_abs
                 ));
                 break;
             }
-            // Flushing matters for short constants (epsilons, masks, scales); a few tiny weights in a large
-            // tensor do not, unless most of the tensor would vanish.
+            // Flushing matters in short constants (epsilons, masks, scales) and where more than 1% of a tensor
+            // would vanish: heavily subnormal weights mark layers that are sensitive to fp16 rounding.
             let short = r.count <= 16;
-            if r.flush > 0 && (short || r.flush * 4 > r.count) {
+            if r.flush > 0 && (short || r.flush * 100 > r.count) {
                 data_gate = Some(format!(
                     "initializer '{name}': {} of {} non-zero values would flush to zero in {target}",
                     r.flush, r.count
@@ -495,6 +501,7 @@ fn decide_graph(
         if let Some(ev) = data_gate {
             fp32(&mut why, "initializer range".into(), ev);
             color[id.index()] = Color::Fp32;
+            spreads[id.index()] = overflow;
             continue;
         }
         if let Some(sel) = opts.force_low.iter().find(|s| s.matches(node)) {
@@ -506,6 +513,7 @@ fn decide_graph(
             OpClass::Deny | OpClass::Keep => {
                 why[id.index()] = Some((c.name().into(), evidence));
                 color[id.index()] = Color::Fp32;
+                spreads[id.index()] = c == OpClass::Deny;
             }
             OpClass::Allow => {
                 why[id.index()] = Some(("allow".into(), evidence));
@@ -544,7 +552,7 @@ fn decide_graph(
     let mut q: VecDeque<NodeId> = order
         .iter()
         .copied()
-        .filter(|&n| color[n.index()] == Color::Fp32)
+        .filter(|&n| spreads[n.index()])
         .collect();
     while let Some(n) = q.pop_front() {
         for s in succ(g, n) {

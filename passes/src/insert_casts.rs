@@ -381,7 +381,7 @@ fn process(
                         && s.input_allows(i, have)
                 })
             });
-            if input_only {
+            if input_only && std::env::var_os("MPOPT_NO_INPUT_ONLY").is_none() {
                 continue;
             }
             let want = match (params, schema) {
