@@ -255,10 +255,10 @@ pub(crate) fn data_params(g: &Graph, n: NodeId, schema: &OpSchema) -> Vec<String
     let node = g.node(n);
     let mut ps: Vec<String> = Vec::new();
     let mut add = |p: Option<&str>| {
-        if let Some(p) = p {
-            if !ps.iter().any(|x| x == p) {
-                ps.push(p.to_string());
-            }
+        if let Some(p) = p
+            && !ps.iter().any(|x| x == p)
+        {
+            ps.push(p.to_string());
         }
     };
     for (i, v) in node.outputs().iter().enumerate() {

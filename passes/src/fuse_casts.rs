@@ -169,23 +169,23 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
                 continue;
             }
             // chain through another Cast
-            if let Some((p, _)) = g.producer(x) {
-                if let Some(mid) = cast_to(g.node(p)) {
-                    let x0 = g.node(p).inputs().first().copied().flatten();
-                    if let Some((x0, a)) = x0.and_then(|x0| elem(g, x0).map(|a| (x0, a))) {
-                        let exact_first = exact_into(a, mid);
-                        let ordered = exact_into(a, to) || exact_into(to, a);
-                        let narrow_widen = unsafe_nw && a == to && exact_into(mid, a);
-                        if (exact_first && ordered) || narrow_widen {
-                            g.set_input(id, 0, Some(x0));
-                            remove_if_dead(g, p);
-                            c.chains += 1;
-                            changed = true;
-                            if a == to && bypass(g, id, x0) {
-                                c.noop += 1;
-                            }
-                            continue;
+            if let Some((p, _)) = g.producer(x)
+                && let Some(mid) = cast_to(g.node(p))
+            {
+                let x0 = g.node(p).inputs().first().copied().flatten();
+                if let Some((x0, a)) = x0.and_then(|x0| elem(g, x0).map(|a| (x0, a))) {
+                    let exact_first = exact_into(a, mid);
+                    let ordered = exact_into(a, to) || exact_into(to, a);
+                    let narrow_widen = unsafe_nw && a == to && exact_into(mid, a);
+                    if (exact_first && ordered) || narrow_widen {
+                        g.set_input(id, 0, Some(x0));
+                        remove_if_dead(g, p);
+                        c.chains += 1;
+                        changed = true;
+                        if a == to && bypass(g, id, x0) {
+                            c.noop += 1;
                         }
+                        continue;
                     }
                 }
             }
@@ -196,27 +196,27 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
                 .as_deref()
                 .cloned()
                 .filter(|_| g.value(x).def() == Def::Initializer);
-            if let Some(t) = src.filter(|t| t.dtype.is_float() && to.is_float()) {
-                if let Some((conv, _)) = convert_tensor(&t, to) {
-                    let Some(out) = g.node(id).outputs()[0] else {
-                        continue;
-                    };
-                    if g.outputs().contains(&out) {
-                        continue;
+            if let Some(t) = src.filter(|t| t.dtype.is_float() && to.is_float())
+                && let Some((conv, _)) = convert_tensor(&t, to)
+            {
+                let Some(out) = g.node(id).outputs()[0] else {
+                    continue;
+                };
+                if g.outputs().contains(&out) {
+                    continue;
+                }
+                let name = g.fresh_name(&format!("{}__{to}", g.value(x).name()));
+                let mut conv = conv;
+                conv.name = name.clone();
+                if let Ok(nv) = g.add_initializer(name, conv) {
+                    g.replace_all_uses(out, nv);
+                    g.remove_node(id);
+                    if g.uses(x).is_empty() && !g.outputs().contains(&x) {
+                        g.remove_initializer(x);
                     }
-                    let name = g.fresh_name(&format!("{}__{to}", g.value(x).name()));
-                    let mut conv = conv;
-                    conv.name = name.clone();
-                    if let Ok(nv) = g.add_initializer(name, conv) {
-                        g.replace_all_uses(out, nv);
-                        g.remove_node(id);
-                        if g.uses(x).is_empty() && !g.outputs().contains(&x) {
-                            g.remove_initializer(x);
-                        }
-                        c.folded += 1;
-                        changed = true;
-                        continue;
-                    }
+                    c.folded += 1;
+                    changed = true;
+                    continue;
                 }
             }
         }

@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use mpopt_ir::schema::registry;
+use mpopt_ir::schema::{TypeSpec, registry};
 use mpopt_ir::{
     AttrValue, Attribute, DType, Def, Graph, Model, Node, NodeId, Tensor, TensorData, Type,
     TypeInfo, Use, ValueId,
@@ -264,39 +264,39 @@ fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) 
                 None if n.op_type == "ConstantOfShape" => Some(Tensor::from_f32(vec![1], &[0.0])),
                 _ => None,
             };
-            if let Some(t) = f32_value {
-                if let Some((c, stats)) = convert_tensor(&t, target) {
-                    n.attributes.retain(|a| a.name != "value");
-                    n.attributes
-                        .push(Attribute::new("value", AttrValue::Tensor(c)));
-                    let mut fields = vec![
-                        ("scope", scope.to_string()),
-                        ("node", label),
-                        ("to", target.to_string()),
-                    ];
-                    fields.extend(stats.into_iter());
-                    out.records.push(Record {
-                        kind: "constant converted",
-                        fields,
-                    });
+            if let Some(t) = f32_value
+                && let Some((c, stats)) = convert_tensor(&t, target)
+            {
+                n.attributes.retain(|a| a.name != "value");
+                n.attributes
+                    .push(Attribute::new("value", AttrValue::Tensor(c)));
+                let mut fields = vec![
+                    ("scope", scope.to_string()),
+                    ("node", label),
+                    ("to", target.to_string()),
+                ];
+                fields.extend(stats);
+                out.records.push(Record {
+                    kind: "constant converted",
+                    fields,
+                });
+            }
+            if let Some(a) = n.attributes.iter_mut().find(|a| a.name == "value_float")
+                && let AttrValue::Float(f) = a.value
+            {
+                let t = Tensor::from_f32(vec![], &[f]);
+                if let Some((c, _)) = convert_tensor(&t, target) {
+                    a.name = "value".into();
+                    a.value = AttrValue::Tensor(c);
                 }
             }
-            if let Some(a) = n.attributes.iter_mut().find(|a| a.name == "value_float") {
-                if let AttrValue::Float(f) = a.value {
-                    let t = Tensor::from_f32(vec![], &[f]);
-                    if let Some((c, _)) = convert_tensor(&t, target) {
-                        a.name = "value".into();
-                        a.value = AttrValue::Tensor(c);
-                    }
-                }
-            }
-            if let Some(a) = n.attributes.iter_mut().find(|a| a.name == "value_floats") {
-                if let AttrValue::Floats(fs) = &a.value {
-                    let t = Tensor::from_f32(vec![fs.len() as i64], fs);
-                    if let Some((c, _)) = convert_tensor(&t, target) {
-                        a.name = "value".into();
-                        a.value = AttrValue::Tensor(c);
-                    }
+            if let Some(a) = n.attributes.iter_mut().find(|a| a.name == "value_floats")
+                && let AttrValue::Floats(fs) = &a.value
+            {
+                let t = Tensor::from_f32(vec![fs.len() as i64], fs);
+                if let Some((c, _)) = convert_tensor(&t, target) {
+                    a.name = "value".into();
+                    a.value = AttrValue::Tensor(c);
                 }
             }
         }
@@ -373,7 +373,10 @@ fn process(
             // they are, since widening them first would be exact and change nothing.
             let input_only = schema.is_some_and(|s| {
                 s.input_type_param(i).is_some_and(|p| {
-                    !(0..node.outputs().len()).any(|o| s.output_type_param(o) == Some(p))
+                    // no formal output uses the parameter, present or not
+                    !s.outputs
+                        .iter()
+                        .any(|o| o.ty == TypeSpec::Param(p.to_string()))
                         && node.inputs().iter().enumerate().all(|(j, w)| {
                             s.input_type_param(j) != Some(p)
                                 || w.is_none_or(|w| elem(g, w) == Some(have))
@@ -381,15 +384,15 @@ fn process(
                         && s.input_allows(i, have)
                 })
             });
-            if input_only && std::env::var_os("MPOPT_NO_INPUT_ONLY").is_none() {
+            if input_only {
                 continue;
             }
             let want = match (params, schema) {
+                // Every input bound to a lowered parameter follows it, as the type constraint requires, even a
+                // non-differentiable one; parameters that only shape-like inputs use are never lowered.
                 (Some(ps), Some(s))
                     if s.input_type_param(i)
                         .is_some_and(|p| ps.iter().any(|x| x == p))
-                        && !s.input_is_shape_like(i)
-                        && !s.input_fixed_f32(i)
                         && (was == DType::F32 || was == target) =>
                 {
                     target

@@ -872,15 +872,22 @@ fn split(v: &NodeView) -> Vec<Shape> {
         .ints("split")
         .or_else(|| v.cst(1).and_then(SymTensor::known));
     let sizes = sizes.or_else(|| match s[ax].value {
-        DimValue::Known(len) => {
-            let parts = v.int("num_outputs").unwrap_or(n as i64).max(1);
-            let chunk = (len + parts - 1) / parts;
-            Some(
-                (0..n as i64)
-                    .map(|i| chunk.min(len - chunk * i).max(0))
-                    .collect(),
-            )
-        }
+        // `num_outputs` (opset 18): chunks of ceil(len / n), the last one smaller; without it the split must be
+        // even, and an uneven one (dead code in a branch) stays unknown.
+        DimValue::Known(len) => match v.int("num_outputs") {
+            Some(parts) => {
+                let parts = parts.max(1);
+                let chunk = (len + parts - 1) / parts;
+                // the last chunk must not be empty: otherwise the split is invalid (dead code), unknown
+                (chunk * (parts - 1) < len).then(|| {
+                    (0..n as i64)
+                        .map(|i| chunk.min(len - chunk * i).max(0))
+                        .collect()
+                })
+            }
+            None if n > 0 && len % n as i64 == 0 => Some(vec![len / n as i64; n]),
+            None => None,
+        },
         _ => None,
     });
     (0..n)
