@@ -58,8 +58,13 @@ pub fn exact_into(a: DType, b: DType) -> bool {
         )
 }
 
+/// A value's dtype: its type if known, else the `to` of the Cast that produces it.
 fn elem(g: &Graph, v: ValueId) -> Option<DType> {
-    g.value(v).ty.as_ref().and_then(TypeInfo::tensor_elem)
+    g.value(v)
+        .ty
+        .as_ref()
+        .and_then(TypeInfo::tensor_elem)
+        .or_else(|| g.producer(v).and_then(|(p, _)| cast_to(g.node(p))))
 }
 
 fn cast_to(n: &Node) -> Option<DType> {

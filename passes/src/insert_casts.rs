@@ -417,10 +417,12 @@ fn process(
         let all_uses = g.uses(v).len();
         let is_output = g.outputs().contains(&v);
         let source_tensor = g.value(v).initializer.as_deref().cloned();
-        if let (Some(t), Def::Initializer) = (source_tensor, g.value(v).def()) {
-            let Some((conv, stats)) = convert_tensor(&t, d) else {
-                continue;
-            };
+        // Readable initializer data is converted; anything else (elided data, packed types) gets a Cast below.
+        let converted = match (&source_tensor, g.value(v).def()) {
+            (Some(t), Def::Initializer) => convert_tensor(t, d),
+            _ => None,
+        };
+        if let Some((conv, stats)) = converted {
             let name = g.value(v).name().to_string();
             let in_place = uses.len() == all_uses && !is_output;
             let target_v = if in_place {

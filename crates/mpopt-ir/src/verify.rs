@@ -56,8 +56,23 @@ impl fmt::Display for VerifyError {
 
 /// Verifies a whole model.
 pub fn verify_model(m: &Model) -> Result<(), VerifyError> {
+    let opsets: Vec<(String, i64)> = m
+        .opset_imports
+        .iter()
+        .map(|o| {
+            (
+                if o.domain == "ai.onnx" {
+                    String::new()
+                } else {
+                    o.domain.clone()
+                },
+                o.version,
+            )
+        })
+        .collect();
     let mut cx = Cx {
         problems: Vec::new(),
+        opsets,
     };
     cx.graph(&m.graph, &format!("graph '{}'", m.graph.name), true);
     for f in &m.functions {
@@ -70,6 +85,7 @@ pub fn verify_model(m: &Model) -> Result<(), VerifyError> {
 pub fn verify_graph(g: &Graph, top: bool) -> Result<(), VerifyError> {
     let mut cx = Cx {
         problems: Vec::new(),
+        opsets: Vec::new(),
     };
     cx.graph(g, &format!("graph '{}'", g.name), top);
     cx.finish()
@@ -87,6 +103,8 @@ pub fn node_label(g: &Graph, n: NodeId) -> String {
 
 struct Cx {
     problems: Vec<Problem>,
+    /// The model's opsets; type constraints are checked only when they are known.
+    opsets: Vec<(String, i64)>,
 }
 
 impl Cx {
@@ -348,7 +366,64 @@ impl Cx {
         }
     }
 
+    /// Every homogeneous type parameter of the node's schema binds one dtype (where dtypes are known).
+    fn type_params(&mut self, g: &Graph, n: NodeId, scope: &str) {
+        let node = g.node(n);
+        let dom = if node.domain == "ai.onnx" {
+            ""
+        } else {
+            node.domain.as_str()
+        };
+        let Some(&(_, opset)) = self.opsets.iter().find(|(d, _)| d == dom) else {
+            return;
+        };
+        let Some(schema) = crate::schema::registry().get(dom, &node.op_type, opset) else {
+            return;
+        };
+        let mut bound: Vec<(&str, DType, String)> = Vec::new();
+        for (vals, is_input) in [(node.inputs(), true), (node.outputs(), false)] {
+            for (i, v) in vals.iter().enumerate() {
+                let Some(v) = *v else { continue };
+                let p = if is_input {
+                    schema.input_param(i)
+                } else {
+                    schema.output_param(i)
+                };
+                let Some(p) = p else { continue };
+                let crate::schema::TypeSpec::Param(name) = &p.ty else {
+                    continue;
+                };
+                if !p.homogeneous {
+                    continue;
+                }
+                let Some(d) = g.value(v).ty.as_ref().and_then(|t| t.tensor_elem()) else {
+                    continue;
+                };
+                let what = format!(
+                    "{} {i} '{}'",
+                    if is_input { "input" } else { "output" },
+                    g.value(v).name()
+                );
+                match bound.iter().find(|(b, _, _)| b == name) {
+                    Some((_, d0, w0)) if *d0 != d => {
+                        self.push(
+                            scope,
+                            format!(
+                                "node {}: type parameter {name} is bound to {d0} ({w0}) and {d} ({what})",
+                                node_label(g, n)
+                            ),
+                        );
+                        return;
+                    }
+                    Some(_) => {}
+                    None => bound.push((name.as_str(), d, what)),
+                }
+            }
+        }
+    }
+
     fn node_types(&mut self, g: &Graph, n: NodeId, scope: &str) {
+        self.type_params(g, n, scope);
         let node = g.node(n);
         if node.op_type == "Cast" && (node.domain.is_empty() || node.domain == "ai.onnx") {
             let to = node.attr("to").and_then(|a| match a.value {

@@ -21,7 +21,8 @@
 //!   `<N bytes>` (parsed back as elided data, which cannot be exported or evaluated).
 //! - A subgraph is an attribute value `graph @name(...) -> (...) captures (...) { ... }`; `captures` lists the
 //!   outer values it reads.
-//! - `; ...` to the end of a line is a comment: the printer uses it for analysis facts, the parser drops it.
+//! - `; ...` to the end of a line is a comment: the printer uses it for analysis facts (`; prec f16: allow`
+//!   once `assign-precision` has decided), the parser drops it.
 //!
 //! `print(parse(s)) == s` for every printed text.
 

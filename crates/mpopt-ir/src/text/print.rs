@@ -455,6 +455,9 @@ impl Printer<'_> {
             if !n.name.is_empty() {
                 let _ = write!(self.out, " {}", at_name(&n.name));
             }
+            if let Some(p) = &n.precision {
+                let _ = write!(self.out, " ; prec {}: {}", p.dtype, p.rule);
+            }
             if let Some(note) = self.notes.node(g, id) {
                 let _ = write!(self.out, " ; {note}");
             }
