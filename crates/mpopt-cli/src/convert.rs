@@ -230,17 +230,21 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         fp32: 0,
     };
     census(&m.graph, &mut before);
+    let usage = |e: mpopt_passes::PassError| Usage(e.to_string());
     let passes = match &a.passes {
         Some(names) => names
             .iter()
             .map(|n| pipeline::by_name(n.trim()))
-            .collect::<Result<Vec<_>, _>>()?,
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(usage)?,
         None => pipeline::default_pipeline(&opts),
     };
     let runs: Vec<PassRun> = PassManager::new(passes)
         .verify_each(true)
-        .print_after(a.print_after.clone())?
-        .stop_after(a.stop_after.clone())?
+        .print_after(a.print_after.clone())
+        .map_err(usage)?
+        .stop_after(a.stop_after.clone())
+        .map_err(usage)?
         .run(&mut m)?;
     // Record every inferred type, so that downstream tools see the new dtypes without re-inferring.
     mpopt_passes::infer_types::record_value_info(&mut m);

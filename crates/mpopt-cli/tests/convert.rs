@@ -1,0 +1,202 @@
+//! `mpopt MODEL -o OUT` as a user runs it: the conversion, its report, idempotence, and its option errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn mpopt(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mpopt"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+const MLP: &str = "testdata/models/tiny_mlp.onnx";
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn converts_with_a_report_that_explains_every_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, report) = (dir.path().join("m16.onnx"), dir.path().join("r.json"));
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--report", s(&report)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("casts 0 -> 2"), "{err}");
+    let text = std::fs::read_to_string(&report).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    // every node of the MLP has float data, so every one is decided, with a rule and evidence
+    assert_eq!(nodes.len(), 5);
+    for n in nodes {
+        assert!(
+            !n["rule"].as_str().unwrap().is_empty() && !n["evidence"].as_str().unwrap().is_empty(),
+            "{n}"
+        );
+    }
+    let softmax = nodes.iter().find(|n| n["op"] == "Softmax").unwrap();
+    assert_eq!(softmax["precision"], "f32");
+    assert_eq!(softmax["rule"], "deny");
+    assert_eq!(v["summary"]["casts_after"], 2);
+    let conv = v["conversions"].as_array().unwrap();
+    assert_eq!(
+        conv.iter()
+            .filter(|c| c["kind"] == "initializer converted")
+            .count(),
+        3
+    );
+    // the inputs and outputs keep their dtypes
+    let (_, inspect, _) = mpopt(&["inspect", s(&out)]);
+    assert!(
+        inspect.contains("inputs:\n  x: f32[N,16]\noutputs:\n  y: f32[N,4]\n"),
+        "{inspect}"
+    );
+}
+
+#[test]
+fn converting_a_converted_model_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in [
+        MLP,
+        "testdata/models/if_outer.onnx",
+        "testdata/models/loop_carried.onnx",
+    ] {
+        let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+        let (code, _, err) = mpopt(&[model, "-o", s(&a)]);
+        assert_eq!(code, 0, "{err}");
+        let (code, _, err) = mpopt(&[s(&a), "-o", s(&b)]);
+        assert_eq!(code, 0, "{err}");
+        let (_, pa, _) = mpopt(&["print", s(&a)]);
+        let (_, pb, _) = mpopt(&["print", s(&b)]);
+        assert_eq!(pa, pb, "{model}: a second conversion changed the model");
+    }
+}
+
+#[test]
+fn io_types_low_and_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("low.onnx");
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--io-types", "low"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, inspect, _) = mpopt(&["inspect", s(&out)]);
+    assert!(inspect.contains("  x: f16[N,16]\n"), "{inspect}");
+    let bf = dir.path().join("bf.onnx");
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&bf), "--to", "bf16"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, text, _) = mpopt(&["print", s(&bf)]);
+    assert!(text.contains("%w1 = const bf16[16,32]"), "{text}");
+}
+
+#[test]
+fn keep_fp32_selector_keeps_everything_it_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.onnx");
+    let (code, _, err) = mpopt(&[
+        MLP,
+        "-o",
+        s(&out),
+        "--keep-fp32",
+        "MatMul",
+        "--keep-fp32",
+        "node:^fc1_bias$",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("casts 0 -> 0"),
+        "nothing should be lowered: {err}"
+    );
+}
+
+#[test]
+fn option_errors_name_the_valid_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.onnx");
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--keep-fp32", "softmax"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with(
+            "error: --keep-fp32: selector 'softmax': unknown op type (did you mean Softmax?)"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("MatMul") && err.lines().count() == 1, "{err}");
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--passes", "infer-types,bogus"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        "error: unknown pass 'bogus'; the passes are: infer-types, assign-precision, insert-casts, fuse-casts\n"
+    );
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--to", "int8"]);
+    assert_eq!(code, 2);
+    assert_eq!(err, "error: --to 'int8': choose fp16 or bf16\n");
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--io-types", "nope"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        "error: --io-types: 'nope' is not a graph input or output; they are: x, y\n"
+    );
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "keep_fp32 = [\"Softmax\"]\ncolour = \"blue\"\n").unwrap();
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--policy", s(&policy)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("p.toml")
+            && err.contains("unknown field `colour`")
+            && err.contains("keep_fp32"),
+        "{err}"
+    );
+    std::fs::write(&policy, "[classes]\nSoftmax = \"maybe\"\n").unwrap();
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--policy", s(&policy)]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("'maybe' is not one of allow, infer, clear, deny, keep"),
+        "{err}"
+    );
+    assert!(!out.exists(), "no output after a failed conversion");
+    let (code, _, err) = mpopt(&[MLP]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn policy_file_classes_change_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, report, policy) = (
+        dir.path().join("m.onnx"),
+        dir.path().join("r.json"),
+        dir.path().join("p.toml"),
+    );
+    std::fs::write(&policy, "[classes]\nSoftmax = \"infer\"\n").unwrap();
+    let (code, _, err) = mpopt(&[
+        MLP,
+        "-o",
+        s(&out),
+        "--policy",
+        s(&policy),
+        "--report",
+        s(&report),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let softmax = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["op"] == "Softmax")
+        .unwrap()
+        .clone();
+    assert_eq!(softmax["evidence"], "infer: policy file class for Softmax");
+}
