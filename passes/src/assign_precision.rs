@@ -193,24 +193,32 @@ pub struct RangeCheck {
 
 /// Checks a float tensor's values against `target`'s range (None for tensors without readable data).
 pub fn range_check(t: &Tensor, target: DType) -> Option<RangeCheck> {
-    let n = t.numel()?;
-    let vals = t.values_f64(n)?;
     let (max, tiny) = (max_finite(target), min_positive(target) / 2.0);
+    let n = t.numel()?;
     let mut r = RangeCheck {
-        count: vals.len(),
+        count: n,
         ..RangeCheck::default()
     };
-    for v in vals {
+    let mut visit = |v: f64| {
         let a = v.abs();
         if a.is_finite() {
             r.max_abs = r.max_abs.max(a);
-        }
-        if a > max && a.is_finite() {
-            r.overflow += 1;
+            if a > max {
+                r.overflow += 1;
+            }
         }
         if a != 0.0 && a < tiny {
             r.flush += 1;
         }
+    };
+    match (&t.dtype, &t.data) {
+        // f32 raw data, the common case, is read in place
+        (DType::F32, mpopt_ir::TensorData::Raw(b)) if b.len() == n * 4 => {
+            for c in b.chunks_exact(4) {
+                visit(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64);
+            }
+        }
+        _ => t.values_f64(n)?.into_iter().for_each(visit),
     }
     Some(r)
 }

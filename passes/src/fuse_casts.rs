@@ -226,7 +226,8 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
             }
         }
         // duplicates: the same value cast to the same dtype
-        let mut seen: Vec<((ValueId, DType), NodeId)> = Vec::new();
+        let mut seen: std::collections::HashMap<(ValueId, DType), NodeId> =
+            std::collections::HashMap::new();
         let casts: Vec<NodeId> = g
             .nodes()
             .filter(|(_, n)| cast_to(n).is_some())
@@ -237,8 +238,8 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
             let Some(x) = g.node(id).inputs().first().copied().flatten() else {
                 continue;
             };
-            match seen.iter().find(|(k, _)| *k == (x, to)) {
-                Some(&(_, first)) => {
+            match seen.get(&(x, to)).copied() {
+                Some(first) => {
                     let Some(keep) = g.node(first).outputs()[0] else {
                         continue;
                     };
@@ -247,7 +248,9 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
                         changed = true;
                     }
                 }
-                None => seen.push(((x, to), id)),
+                None => {
+                    seen.insert((x, to), id);
+                }
             }
         }
         if !changed {

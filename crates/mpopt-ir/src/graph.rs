@@ -90,6 +90,8 @@ pub struct Value {
     pub metadata_props: Vec<(String, String)>,
     pub(crate) def: Def,
     pub(crate) uses: Vec<Use>,
+    /// Listed in the graph's `value_info` (kept here so that listing is O(1)).
+    pub(crate) in_value_info: bool,
 }
 
 impl Value {
@@ -302,6 +304,7 @@ impl Graph {
             metadata_props: Vec::new(),
             def: Def::Detached,
             uses: Vec::new(),
+            in_value_info: false,
         });
         Ok(id)
     }
@@ -476,9 +479,17 @@ impl Graph {
     }
     /// Records a value for `value_info` (idempotent).
     pub fn add_value_info(&mut self, v: ValueId) {
-        if !self.value_info.contains(&v) {
+        if !self.values[v.index()].in_value_info {
+            self.values[v.index()].in_value_info = true;
             self.value_info.push(v);
         }
+    }
+
+    /// Replaces the data of an initializer in place (its position among the initializers is kept). Returns
+    /// the old data, or `None` (and changes nothing) when the value has no initializer.
+    pub fn replace_initializer(&mut self, v: ValueId, tensor: Tensor) -> Option<Tensor> {
+        let slot = self.values[v.index()].initializer.as_mut()?;
+        Some(std::mem::replace(slot.as_mut(), tensor))
     }
     /// Drops the initializer of a value; an initializer-only value becomes detached.
     pub fn remove_initializer(&mut self, v: ValueId) -> Option<Tensor> {

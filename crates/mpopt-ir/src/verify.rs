@@ -380,7 +380,8 @@ impl Cx {
         let Some(schema) = crate::schema::registry().get(dom, &node.op_type, opset) else {
             return;
         };
-        let mut bound: Vec<(&str, DType, String)> = Vec::new();
+        // (parameter, dtype, is_input, slot, value): described only when two bindings disagree
+        let mut bound: Vec<(&str, DType, bool, usize, crate::ValueId)> = Vec::new();
         for (vals, is_input) in [(node.inputs(), true), (node.outputs(), false)] {
             for (i, v) in vals.iter().enumerate() {
                 let Some(v) = *v else { continue };
@@ -399,24 +400,28 @@ impl Cx {
                 let Some(d) = g.value(v).ty.as_ref().and_then(|t| t.tensor_elem()) else {
                     continue;
                 };
-                let what = format!(
-                    "{} {i} '{}'",
-                    if is_input { "input" } else { "output" },
-                    g.value(v).name()
-                );
-                match bound.iter().find(|(b, _, _)| b == name) {
-                    Some((_, d0, w0)) if *d0 != d => {
+                match bound.iter().find(|b| b.0 == name) {
+                    Some(&(_, d0, in0, i0, v0)) if d0 != d => {
+                        let describe = |is_input: bool, i: usize, v: crate::ValueId| {
+                            format!(
+                                "{} {i} '{}'",
+                                if is_input { "input" } else { "output" },
+                                g.value(v).name()
+                            )
+                        };
                         self.push(
                             scope,
                             format!(
-                                "node {}: type parameter {name} is bound to {d0} ({w0}) and {d} ({what})",
-                                node_label(g, n)
+                                "node {}: type parameter {name} is bound to {d0} ({}) and {d} ({})",
+                                node_label(g, n),
+                                describe(in0, i0, v0),
+                                describe(is_input, i, v)
                             ),
                         );
                         return;
                     }
                     Some(_) => {}
-                    None => bound.push((name.as_str(), d, what)),
+                    None => bound.push((name.as_str(), d, is_input, i, v)),
                 }
             }
         }

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""mpopt against the peers on every corpus model, in one run: whole-process time, peak RSS, casts, validity and
+task metric. Peers: onnxconverter-common 1.16 `float16.convert_float_to_float16(keep_io_types=True)` (occ) and
+onnxruntime 1.32 `transformers.float16` (same call, ort). Also times mpopt on a generated 100,000-node model.
+
+    bench/convert.sh            (builds mpopt, installs the pinned peer, runs this)
+    .venv/bin/python bench/convert.py --mpopt target/release/mpopt ../shared/corpus
+
+Times are the median of 3 whole-process runs (`/usr/bin/time`), python start-up and imports included for the
+peers as for mpopt's process start: what a user waits for.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "py"))
+from common import checker_ok, run_ort  # noqa: E402
+from convert_check import combine, count_casts, input_sets, metric  # noqa: E402
+
+import onnx  # noqa: E402
+
+PEER = {
+    "occ": "from onnxconverter_common import float16 as f",
+    "ort": "from onnxruntime.transformers import float16 as f",
+}
+
+
+def timed(cmd, tmp, reps=3):
+    times, rss = [], []
+    for _ in range(reps):
+        tf = os.path.join(tmp, "time.txt")
+        r = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", tf, *cmd], capture_output=True, text=True)
+        if r.returncode != 0:
+            return None, None, r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else "failed"
+        t, m = open(tf).read().split()
+        times.append(float(t))
+        rss.append(int(m) / 1024)
+    return statistics.median(times), statistics.median(rss), None
+
+
+def evaluate(model_path, out, refs, sets, kind):
+    chk = checker_ok(out)
+    try:
+        gots = [run_ort(out, s) for s in sets]
+    except Exception as e:  # noqa: BLE001
+        return "no (ort: " + str(e).splitlines()[0][:60] + ")", None
+    valid = "yes" if chk is None else "ort only (checker fails)"
+    return valid, combine([metric(kind, a, b) for a, b in zip(refs, gots)])
+
+
+def fmt_metric(m):
+    if m is None:
+        return "-"
+    parts = []
+    for k, v in m.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mpopt", required=True)
+    ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--json")
+    ap.add_argument("corpus")
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in sorted(glob.glob(os.path.join(a.corpus, "*", "model.onnx"))):
+            name = os.path.basename(os.path.dirname(path))
+            model = onnx.load(path)
+            sets = input_sets(path, model)
+            refs = [run_ort(path, s) for s in sets]
+            kind = json.load(open(os.path.join(os.path.dirname(path), "meta.json"))).get("metric")
+            casts0 = count_casts(model.graph)
+            res = {}
+            for tool in ("mpopt", "occ", "ort"):
+                out = os.path.join(tmp, f"{name}.{tool}.onnx")
+                if tool == "mpopt":
+                    cmd = [a.mpopt, path, "-o", out]
+                else:
+                    code = (
+                        f"import onnx; {PEER[tool]}; "
+                        f"m = f.convert_float_to_float16(onnx.load({path!r}), keep_io_types=True); onnx.save(m, {out!r})"
+                    )
+                    cmd = [a.python, "-c", code]
+                t, rss, err = timed(cmd, tmp)
+                if err:
+                    res[tool] = {"s": None, "rss": None, "casts": None, "valid": "conversion failed", "metric": None}
+                    continue
+                valid, m = evaluate(path, out, refs, sets, kind)
+                res[tool] = {"s": t, "rss": rss, "casts": count_casts(onnx.load(out).graph) - casts0, "valid": valid, "metric": m}
+            rows.append((name, res))
+        # the 100,000-node model
+        gen = os.path.join(os.path.dirname(a.mpopt), "examples", "gen_bench_model")
+        big = os.path.join(tmp, "chain100k.onnx")
+        big_t = None
+        if os.path.exists(gen):
+            subprocess.run([gen, big, "50000", "8"], check=True, capture_output=True)
+            big_t, big_rss, _ = timed([a.mpopt, big, "-o", os.path.join(tmp, "big16.onnx")], tmp)
+    print(f"{'model':30} {'tool':5} {'s':>7} {'speedup':>8} {'RSS MB':>7} {'casts':>6}  {'valid':10} metric")
+    for name, res in rows:
+        base = res["occ"]["s"]
+        for tool in ("mpopt", "occ", "ort"):
+            r = res[tool]
+            s = f"{r['s']:.3f}" if r["s"] is not None else "-"
+            sp = f"{base / r['s']:.1f}x" if (r["s"] and base and tool == "mpopt") else ""
+            rss = f"{r['rss']:.0f}" if r["rss"] is not None else "-"
+            casts = f"{r['casts']:+d}" if r["casts"] is not None else "-"
+            print(f"{name:30} {tool:5} {s:>7} {sp:>8} {rss:>7} {casts:>6}  {r['valid'][:10]:10} {fmt_metric(r['metric'])}")
+    if big_t is not None:
+        print(f"generated 100,000-node model: mpopt {big_t:.2f} s, {big_rss:.0f} MB peak RSS")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"rows": rows, "big_s": big_t}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
