@@ -58,6 +58,12 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Print the precision policy: every op's class (allow / infer / clear / deny / keep) and the reason.
+    Policy {
+        /// Print a Markdown table instead of plain columns.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Rewrite a model through the IR without changing it (also moves tensor data in or out of the file).
     Copy {
         /// The ONNX model.
@@ -142,6 +148,28 @@ fn run(cli: Cli) -> Result<()> {
         return convert::run(cli.convert);
     };
     match cmd {
+        Cmd::Policy { markdown } => {
+            use mpopt_passes::policy::{COM_MICROSOFT, DEFAULT_DOMAIN};
+            let mut out = String::new();
+            if markdown {
+                out.push_str("| op | class | reason |\n|---|---|---|\n");
+            }
+            let domains = [("", DEFAULT_DOMAIN), ("com.microsoft::", COM_MICROSOFT)];
+            for (prefix, table) in domains {
+                for (op, class, reason) in table {
+                    let op = format!("{prefix}{op}");
+                    if markdown {
+                        out.push_str(&format!("| {op} | {} | {reason} |\n", class.name()));
+                    } else {
+                        out.push_str(&format!("{op:40} {:6} {reason}\n", class.name()));
+                    }
+                }
+            }
+            let rest = "ai.onnx.ml ops: deny (f32/f64 by their schemas, rarely hot); \
+                        any other domain: deny (mpopt does not lower what it does not know)";
+            out.push_str(&if markdown { format!("\n{rest}\n") } else { format!("{rest}\n") });
+            emit(&out)?;
+        }
         Cmd::Inspect { model } => {
             let m = load(&model)?;
             emit(&inspect::report(&model, &m))?;
