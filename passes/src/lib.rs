@@ -96,6 +96,7 @@ pub struct PassManager {
     verify: bool,
     print_after: Vec<String>,
     stop_after: Option<String>,
+    progress: Option<Box<dyn FnMut(&'static str, usize, usize)>>,
 }
 
 impl PassManager {
@@ -106,6 +107,7 @@ impl PassManager {
             verify: cfg!(debug_assertions),
             print_after: Vec::new(),
             stop_after: None,
+            progress: None,
         }
     }
 
@@ -133,11 +135,21 @@ impl PassManager {
         Ok(self)
     }
 
+    /// Calls `f(pass name, index, count)` before each pass (for progress bars on long work).
+    pub fn on_pass(mut self, f: impl FnMut(&'static str, usize, usize) + 'static) -> Self {
+        self.progress = Some(Box::new(f));
+        self
+    }
+
     /// Runs every pass; returns what each reported.
     pub fn run(&mut self, model: &mut Model) -> Result<Vec<PassRun>, PassError> {
         let mut runs = Vec::new();
-        for p in &mut self.passes {
+        let count = self.passes.len();
+        for (i, p) in self.passes.iter_mut().enumerate() {
             let name = p.name();
+            if let Some(f) = &mut self.progress {
+                f(name, i, count);
+            }
             let t = Instant::now();
             let outcome = p.run(model)?;
             let time = t.elapsed();

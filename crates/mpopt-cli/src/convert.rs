@@ -239,7 +239,26 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             .map_err(usage)?,
         None => pipeline::default_pipeline(&opts),
     };
-    let runs: Vec<PassRun> = PassManager::new(passes)
+    // A progress bar over the passes for big models, when a person is watching.
+    let nodes = before.nodes;
+    let mut manager = PassManager::new(passes);
+    if nodes >= 20_000 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})")
+                .expect("a valid template"),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        manager = manager.on_pass(move |name, i, n| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+            bar.set_message(format!("{name} on {nodes} nodes"));
+            if i + 1 == n {
+                bar.finish_and_clear();
+            }
+        });
+    }
+    let runs: Vec<PassRun> = manager
         .verify_each(true)
         .print_after(a.print_after.clone())
         .map_err(usage)?

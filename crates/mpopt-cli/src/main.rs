@@ -167,7 +167,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             let rest = "ai.onnx.ml ops: deny (f32/f64 by their schemas, rarely hot); \
                         any other domain: deny (mpopt does not lower what it does not know)";
-            out.push_str(&if markdown { format!("\n{rest}\n") } else { format!("{rest}\n") });
+            out.push_str(&if markdown {
+                format!("\n{rest}\n")
+            } else {
+                format!("{rest}\n")
+            });
             emit(&out)?;
         }
         Cmd::Inspect { model } => {
