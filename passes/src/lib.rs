@@ -96,8 +96,11 @@ pub struct PassManager {
     verify: bool,
     print_after: Vec<String>,
     stop_after: Option<String>,
-    progress: Option<Box<dyn FnMut(&'static str, usize, usize)>>,
+    progress: Option<Progress>,
 }
+
+/// Called before each pass with (pass name, index, count).
+type Progress = Box<dyn FnMut(&'static str, usize, usize)>;
 
 impl PassManager {
     /// A manager for these passes. Verification after each pass is on in debug builds.
