@@ -18,12 +18,12 @@ const REGISTRY: &[(&str, Constructor)] = &[
     ("fuse-casts", || Box::new(FuseCasts::default())),
 ];
 
-/// Every pass name.
+/// Every built-in pass name.
 pub fn names() -> Vec<&'static str> {
     REGISTRY.iter().map(|(n, _)| *n).collect()
 }
 
-/// The pass with this name.
+/// The built-in pass with this name.
 pub fn by_name(name: &str) -> Result<Box<dyn Pass>, PassError> {
     match REGISTRY.iter().find(|(n, _)| *n == name) {
         Some((_, make)) => Ok(make()),
@@ -36,6 +36,53 @@ pub fn by_name(name: &str) -> Result<Box<dyn Pass>, PassError> {
 
 pub(crate) fn check_name(name: &str) -> Result<(), PassError> {
     by_name(name).map(|_| ())
+}
+
+/// The built-in passes plus passes a library user registers, so that a user pass is put into a pipeline by
+/// name like the built-in ones.
+pub struct Registry {
+    user: Vec<(&'static str, Box<dyn Fn() -> Box<dyn Pass>>)>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::builtin()
+    }
+}
+
+impl Registry {
+    /// The built-in passes.
+    pub fn builtin() -> Registry {
+        Registry { user: Vec::new() }
+    }
+
+    /// Registers a pass under a name (which replaces a built-in of the same name).
+    pub fn register(&mut self, name: &'static str, make: impl Fn() -> Box<dyn Pass> + 'static) {
+        self.user.push((name, Box::new(make)));
+    }
+
+    /// Every name, user passes last.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut n = names();
+        n.extend(self.user.iter().map(|(n, _)| *n));
+        n
+    }
+
+    /// The pass with this name.
+    pub fn get(&self, name: &str) -> Result<Box<dyn Pass>, PassError> {
+        if let Some((_, make)) = self.user.iter().rev().find(|(n, _)| *n == name) {
+            return Ok(make());
+        }
+        by_name(name).map_err(|_| PassError::UnknownPass {
+            name: name.to_string(),
+            valid: self.names(),
+        })
+    }
+
+    /// The passes with these names, in order.
+    pub fn pipeline(&self, names: &[&str]) -> Result<Vec<Box<dyn Pass>>, PassError> {
+        names.iter().map(|n| self.get(n)).collect()
+    }
 }
 
 /// What the conversion pipeline needs from the user.

@@ -9,6 +9,7 @@ mod attr;
 mod dtype;
 mod graph;
 mod model;
+pub mod pattern;
 pub mod schema;
 mod tensor;
 pub mod text;
