@@ -41,8 +41,11 @@ pub(crate) fn check_name(name: &str) -> Result<(), PassError> {
 /// The built-in passes plus passes a library user registers, so that a user pass is put into a pipeline by
 /// name like the built-in ones.
 pub struct Registry {
-    user: Vec<(&'static str, Box<dyn Fn() -> Box<dyn Pass>>)>,
+    user: Vec<(&'static str, UserConstructor)>,
 }
+
+/// Makes a fresh user pass.
+type UserConstructor = Box<dyn Fn() -> Box<dyn Pass>>;
 
 impl Default for Registry {
     fn default() -> Self {
