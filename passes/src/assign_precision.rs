@@ -47,7 +47,12 @@ use crate::{Pass, PassError, PassOutcome};
 #[derive(Clone, Debug)]
 pub enum Selector {
     /// An op type in the default domain (or `domain::Op`).
-    Op { domain: String, op: String },
+    Op {
+        /// Domain (`""` for ai.onnx).
+        domain: String,
+        /// Op type.
+        op: String,
+    },
     /// Every node of a domain.
     Domain(String),
     /// Node names matching a regular expression.

@@ -6,6 +6,8 @@
 //! after a named pass, and stops after a named pass to bisect a problem. The default order lives in
 //! [`pipeline`], declared once.
 
+#![deny(missing_docs)]
+
 pub mod assign_precision;
 pub mod fuse_casts;
 pub mod infer_types;

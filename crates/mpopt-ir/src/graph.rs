@@ -742,6 +742,30 @@ impl Graph {
         node
     }
 
+    /// Replaces a subgraph by one node: removes `root` and `others`, then inserts `node` where `root` was in the
+    /// schedule, reading `inputs` and defining `outputs` (typically the removed nodes' outputs that are still
+    /// read, such as `root`'s own). `root` must come after `others` in the schedule. O(size of the subgraph).
+    pub fn replace_subgraph(
+        &mut self,
+        root: NodeId,
+        others: &[NodeId],
+        node: Node,
+        inputs: &[Option<ValueId>],
+        outputs: &[Option<ValueId>],
+    ) -> Result<NodeId, EditError> {
+        let anchor = self.next_node(root);
+        self.remove_node(root);
+        for &n in others {
+            if self.is_live(n) {
+                self.remove_node(n);
+            }
+        }
+        match anchor {
+            Some(a) => self.insert_node_before(a, node, inputs, outputs),
+            None => self.add_node(node, inputs, outputs),
+        }
+    }
+
     /// Renames captures of `old` to `new` in every subgraph of node `n` (recursively), after the enclosing
     /// value was renamed.
     pub fn rename_captures(&mut self, n: NodeId, old: &str, new: &str) {

@@ -5,6 +5,8 @@
 //! explicit (captures and implicit inputs). [`verify_model`] checks the invariants; [`text`] prints and parses
 //! the IR text format used by pass fixtures. This crate knows nothing of protobuf: `mpopt-onnx` converts.
 
+#![deny(missing_docs)]
+
 mod attr;
 mod dtype;
 mod graph;

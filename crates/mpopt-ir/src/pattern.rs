@@ -118,6 +118,7 @@ impl NodeBuilder {
 #[derive(Clone, Debug, Default)]
 pub struct Pattern {
     op: Option<(String, String)>,
+    name: Option<String>,
     attrs: Vec<(String, AttrValue)>,
     dtype: Option<DType>,
     inputs: Vec<(usize, Pattern)>,
@@ -167,6 +168,12 @@ impl Pattern {
             op: Some((domain.to_string(), op.to_string())),
             ..Pattern::default()
         }
+    }
+
+    /// Requires the matched node's name.
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
     }
 
     /// Requires an attribute with this value.
@@ -236,6 +243,9 @@ impl Pattern {
                 return false;
             }
         } else {
+            return false;
+        }
+        if self.name.as_ref().is_some_and(|want| *want != n.name) {
             return false;
         }
         self.attrs
@@ -334,6 +344,24 @@ mod tests {
         assert_eq!(p.find(&g).len(), 2);
         let single = Pattern::op("Relu").input(0, Pattern::op("Cast").single_use());
         assert!(single.find(&g).is_empty(), "the cast has two uses");
+        assert_eq!(Pattern::op("Cast").named("nope").find(&g).len(), 0);
+        let mut named = Graph::new("n");
+        let a = named.add_input("a", t(DType::F32)).unwrap();
+        NodeBuilder::new("Relu")
+            .name("first")
+            .input(a)
+            .output("o")
+            .append(&mut named)
+            .unwrap();
+        NodeBuilder::new("Relu")
+            .name("second")
+            .input(a)
+            .output("o")
+            .append(&mut named)
+            .unwrap();
+        let m = Pattern::op("Relu").named("second").find(&named);
+        assert_eq!(m.len(), 1);
+        assert_eq!(named.node(m[0].root).name, "second");
         let wrong = Pattern::op("Relu").input(0, Pattern::op("Cast").attr("to", AttrValue::Int(1)));
         assert!(wrong.find(&g).is_empty());
     }

@@ -52,21 +52,38 @@ pub type Shape = Option<Vec<Dim>>;
 /// The type of a value.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Type {
-    /// A dense tensor; `elem` is `None` when the model leaves it undefined.
-    Tensor { elem: Option<DType>, shape: Shape },
+    /// A dense tensor.
+    Tensor {
+        /// Element type; `None` when the model leaves it undefined.
+        elem: Option<DType>,
+        /// Shape; `None` when the rank is unknown.
+        shape: Shape,
+    },
     /// A sparse tensor.
-    SparseTensor { elem: Option<DType>, shape: Shape },
+    SparseTensor {
+        /// Element type of the values.
+        elem: Option<DType>,
+        /// Dense shape.
+        shape: Shape,
+    },
     /// A sequence; the element type may be missing.
     Sequence(Option<Box<TypeInfo>>),
     /// A map from a key element type to values.
     Map {
+        /// Key element type.
         key: Option<DType>,
+        /// Value type.
         value: Option<Box<TypeInfo>>,
     },
     /// An optional value.
     Optional(Option<Box<TypeInfo>>),
     /// An opaque type.
-    Opaque { domain: String, name: String },
+    Opaque {
+        /// Domain of the opaque type.
+        domain: String,
+        /// Its name.
+        name: String,
+    },
     /// A TypeProto with no variant set.
     Unset,
 }

@@ -6,6 +6,8 @@
 //! slices of the mapped files: tensor bytes are never copied. Saving streams the encoded model to a temporary
 //! file beside the target and renames it into place, so a failed save never leaves a partial file.
 
+#![deny(missing_docs)]
+
 mod error;
 mod export;
 mod external;

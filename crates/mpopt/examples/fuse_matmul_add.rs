@@ -64,23 +64,14 @@ impl Pass for FuseMatMulAdd {
                 continue;
             }
             let (add, mm) = (m.root, m.node("mm").unwrap());
-            let y = g.node(add).outputs()[0].unwrap();
-            let name = g.node(mm).name.clone();
-            let anchor = g.next_node(add);
-            g.remove_node(add);
-            g.remove_node(mm);
+            let y = g.node(add).outputs()[0];
             let mut gemm = mpopt::Node::new("Gemm");
-            gemm.name = name;
-            let outs = [Some(y)];
-            let ins = [Some(a), Some(w), Some(b)];
-            match anchor {
-                Some(n) => g.insert_node_before(n, gemm, &ins, &outs),
-                None => g.add_node(gemm, &ins, &outs),
-            }
-            .map_err(|e| PassError::Failed {
-                pass: self.name().into(),
-                message: e.to_string(),
-            })?;
+            gemm.name = g.node(mm).name.clone();
+            g.replace_subgraph(add, &[mm], gemm, &[Some(a), Some(w), Some(b)], &[y])
+                .map_err(|e| PassError::Failed {
+                    pass: self.name().into(),
+                    message: e.to_string(),
+                })?;
             fused += 1;
         }
         Ok(PassOutcome {
