@@ -204,7 +204,7 @@ pub fn range_check(t: &Tensor, target: DType) -> Option<RangeCheck> {
         count: n,
         ..RangeCheck::default()
     };
-    let mut visit = |v: f64| {
+    let visit = |v: f64| {
         let a = v.abs();
         if a.is_finite() {
             r.max_abs = r.max_abs.max(a);
@@ -219,9 +219,19 @@ pub fn range_check(t: &Tensor, target: DType) -> Option<RangeCheck> {
     match (&t.dtype, &t.data) {
         // f32 raw data, the common case, is read in place
         (DType::F32, mpopt_ir::TensorData::Raw(b)) if b.len() == n * 4 => {
+            // compare in f32 and only widen the rare values the report needs
+            let (max32, tiny32) = (max as f32, tiny as f32);
+            let mut max_abs = 0f32;
             for c in b.chunks_exact(4) {
-                visit(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64);
+                let a = f32::from_le_bytes([c[0], c[1], c[2], c[3]]).abs();
+                if a.is_finite() {
+                    max_abs = max_abs.max(a);
+                    r.overflow += (a > max32) as usize;
+                }
+                r.flush += (a != 0.0 && a < tiny32) as usize;
             }
+            r.max_abs = max_abs as f64;
+            return Some(r);
         }
         _ => t.values_f64(n)?.into_iter().for_each(visit),
     }

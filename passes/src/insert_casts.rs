@@ -172,27 +172,42 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
     if !matches!(to, DType::F16 | DType::BF16) || b.len() % 4 != 0 {
         return None;
     }
-    let xs: Vec<f32> = b
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let mut back = vec![0f32; xs.len()];
-    let mut raw = Vec::with_capacity(xs.len() * 2);
+    let n = b.len() / 4;
     let max = max_finite(to) as f32;
-    let mut clamped = 0usize;
+    let mut raw: Vec<u8> = Vec::with_capacity(n * 2);
+    let (mut clamped, mut flushed, mut max_rel) = (0usize, 0usize, 0f32);
+    // Fixed-size chunks on the stack: no temporary as large as the tensor.
+    const CHUNK: usize = 4096;
+    let mut xs = [0f32; CHUNK];
+    let mut back = [0f32; CHUNK];
     macro_rules! run {
         ($t:ty) => {{
-            let mut hs = vec![<$t>::ZERO; xs.len()];
-            hs.convert_from_f32_slice(&xs);
-            for (h, &x) in hs.iter_mut().zip(&xs) {
-                if h.is_infinite() && x.is_finite() {
-                    clamped += 1;
-                    *h = <$t>::from_f32(max.copysign(x));
+            let mut hs = [<$t>::ZERO; CHUNK];
+            for bytes in b.chunks(CHUNK * 4) {
+                let k = bytes.len() / 4;
+                for (x, c) in xs[..k].iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
-            }
-            hs.convert_to_f32_slice(&mut back);
-            for h in &hs {
-                raw.extend_from_slice(&h.to_le_bytes());
+                hs[..k].convert_from_f32_slice(&xs[..k]);
+                for (h, &x) in hs[..k].iter_mut().zip(&xs[..k]) {
+                    if h.is_infinite() && x.is_finite() {
+                        clamped += 1;
+                        *h = <$t>::from_f32(max.copysign(x));
+                    }
+                }
+                hs[..k].convert_to_f32_slice(&mut back[..k]);
+                for (&x, &y) in xs[..k].iter().zip(&back[..k]) {
+                    if x != 0.0 {
+                        flushed += (y == 0.0) as usize;
+                        let rel = ((y - x) / x).abs();
+                        if rel.is_finite() {
+                            max_rel = max_rel.max(rel);
+                        }
+                    }
+                }
+                for h in &hs[..k] {
+                    raw.extend_from_slice(&h.to_bits().to_le_bytes());
+                }
             }
         }};
     }
@@ -200,22 +215,12 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
         DType::F16 => run!(half::f16),
         _ => run!(half::bf16),
     }
-    let (mut flushed, mut max_rel) = (0usize, 0f32);
-    for (&x, &y) in xs.iter().zip(&back) {
-        if x != 0.0 {
-            flushed += (y == 0.0) as usize;
-            let rel = ((y - x) / x).abs();
-            if rel.is_finite() {
-                max_rel = max_rel.max(rel);
-            }
-        }
-    }
     let mut out = t.clone();
     out.dtype = to;
     out.data = TensorData::Raw(Bytes::from(raw));
     out.external = None;
     let stats = vec![
-        ("elements", xs.len().to_string()),
+        ("elements", n.to_string()),
         ("clamped", clamped.to_string()),
         ("flushed_to_zero", flushed.to_string()),
         ("max_relative_change", format!("{max_rel:.3e}")),
