@@ -36,7 +36,7 @@ use std::collections::VecDeque;
 
 use mpopt_ir::schema::{OpSchema, registry};
 use mpopt_ir::{
-    AttrValue, DType, Graph, Model, NodeId, PrecisionDecision, Tensor, TypeInfo, ValueId,
+    AttrValue, DType, Graph, Model, NodeId, Opsets, PrecisionDecision, Tensor, ValueId,
 };
 use regex::Regex;
 
@@ -269,7 +269,7 @@ enum Color {
 
 /// Is this value float32 data?
 fn is_f32(g: &Graph, v: ValueId) -> bool {
-    g.value(v).ty.as_ref().and_then(TypeInfo::tensor_elem) == Some(DType::F32)
+    g.value(v).elem() == Some(DType::F32)
 }
 
 /// The schema's "data" type parameters of a node: parameters of its outputs and of its inputs that are not
@@ -321,12 +321,7 @@ impl Pass for AssignPrecision {
                 ),
             });
         }
-        let opset = |d: &str| model.opset(d).unwrap_or(1);
-        let opsets: Vec<(String, i64)> = model
-            .opset_imports
-            .iter()
-            .map(|o| (o.domain.clone(), opset(&o.domain)))
-            .collect();
+        let opsets = model.opsets();
         let mut stats = Stats::default();
         decide_graph(&mut model.graph, &self.opts, &opsets, &mut stats);
         Ok(PassOutcome {
@@ -349,14 +344,6 @@ struct Stats {
     fp32: u64,
 }
 
-fn opset_of(opsets: &[(String, i64)], domain: &str) -> i64 {
-    let d = if domain == "ai.onnx" { "" } else { domain };
-    opsets
-        .iter()
-        .find(|(x, _)| (if x == "ai.onnx" { "" } else { x.as_str() }) == d)
-        .map_or(1, |(_, v)| *v)
-}
-
 /// The float initializer or Constant data feeding input `v` of a node, if any.
 fn constant_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
     if let Some(t) = g.value(v).initializer.as_deref() {
@@ -364,7 +351,7 @@ fn constant_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
     }
     let (p, _) = g.producer(v)?;
     let node = g.node(p);
-    if node.op_type != "Constant" || !(node.domain.is_empty() || node.domain == "ai.onnx") {
+    if node.op_type != "Constant" || !node.in_default_domain() {
         return None;
     }
     match node.attr("value").map(|a| &a.value) {
@@ -373,12 +360,7 @@ fn constant_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
     }
 }
 
-fn decide_graph(
-    g: &mut Graph,
-    opts: &PrecisionOptions,
-    opsets: &[(String, i64)],
-    stats: &mut Stats,
-) {
+fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: &mut Stats) {
     // Subgraphs first, each on its own.
     let with_subgraphs: Vec<NodeId> = g
         .nodes()
@@ -446,7 +428,7 @@ fn decide_graph(
             continue;
         }
         // Gate: schema allows the target for the data parameters.
-        let schema = registry().get(dom, &node.op_type, opset_of(opsets, dom));
+        let schema = registry().get(dom, &node.op_type, opsets.version(dom).unwrap_or(1));
         let Some(schema) = schema else {
             fp32(
                 &mut why,

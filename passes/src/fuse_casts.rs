@@ -24,7 +24,7 @@
 //!         %y = Relu(%b)
 //! ```
 
-use mpopt_ir::{AttrValue, DType, Def, Graph, Model, Node, NodeId, TypeInfo, ValueId};
+use mpopt_ir::{AttrValue, DType, Def, Graph, Model, Node, NodeId, ValueId};
 
 use crate::insert_casts::convert_tensor;
 use crate::{Pass, PassError, PassOutcome};
@@ -61,14 +61,12 @@ pub fn exact_into(a: DType, b: DType) -> bool {
 /// A value's dtype: its type if known, else the `to` of the Cast that produces it.
 fn elem(g: &Graph, v: ValueId) -> Option<DType> {
     g.value(v)
-        .ty
-        .as_ref()
-        .and_then(TypeInfo::tensor_elem)
+        .elem()
         .or_else(|| g.producer(v).and_then(|(p, _)| cast_to(g.node(p))))
 }
 
 fn cast_to(n: &Node) -> Option<DType> {
-    if n.op_type != "Cast" || !(n.domain.is_empty() || n.domain == "ai.onnx") {
+    if n.op_type != "Cast" || !n.in_default_domain() {
         return None;
     }
     match n.attr("to").map(|a| &a.value) {

@@ -74,20 +74,7 @@ impl Pass for InferTypes {
     }
 
     fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
-        let opsets: HashMap<String, i64> = model
-            .opset_imports
-            .iter()
-            .map(|o| {
-                (
-                    if o.domain == "ai.onnx" {
-                        String::new()
-                    } else {
-                        o.domain.clone()
-                    },
-                    o.version,
-                )
-            })
-            .collect();
+        let opsets = model.opsets();
         let functions: HashMap<(String, String), Function> = model
             .functions
             .iter()
@@ -133,17 +120,13 @@ impl Pass for InferTypes {
 }
 
 struct Cx {
-    opsets: HashMap<String, i64>,
+    opsets: mpopt_ir::Opsets,
     functions: HashMap<(String, String), Function>,
 }
 
 impl Cx {
     fn opset(&self, domain: &str) -> i64 {
-        let d = if domain == "ai.onnx" { "" } else { domain };
-        self.opsets.get(d).copied().unwrap_or(match d {
-            "" => 1,
-            _ => 1,
-        })
+        self.opsets.version(domain).unwrap_or(1)
     }
 }
 
@@ -283,7 +266,7 @@ fn schema_types(
             .and_then(TypeInfo::tensor_elem)
     };
     let n_out = n.outputs().len();
-    let default_domain = n.domain.is_empty() || n.domain == "ai.onnx";
+    let default_domain = n.in_default_domain();
     (0..n_out)
         .map(|o| {
             if let Some(t) = attribute_type(n, o, opset, &elem_of) {
@@ -313,7 +296,7 @@ fn attribute_type(
     elem_of: &dyn Fn(usize) -> Option<DType>,
 ) -> Option<TypeInfo> {
     let t = |d: DType| Some(tensor_type(d, None));
-    if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+    if !n.in_default_domain() {
         return match (n.domain.as_str(), n.op_type.as_str()) {
             ("ai.onnx.ml", "CastMap") => match n.attr("cast_to").map(|a| &a.value) {
                 Some(AttrValue::String(s)) if s.as_ref() == b"TO_STRING" => t(DType::Str),
@@ -713,24 +696,7 @@ fn call_types(
         }
     }
     let fcx = Cx {
-        opsets: f
-            .opset_imports
-            .iter()
-            .map(|o| {
-                (
-                    if o.domain == "ai.onnx" {
-                        String::new()
-                    } else {
-                        o.domain.clone()
-                    },
-                    o.version,
-                )
-            })
-            .chain(cx.opsets.iter().map(|(k, v)| (k.clone(), *v)))
-            .fold(HashMap::new(), |mut m, (k, v)| {
-                m.entry(k).or_insert(v);
-                m
-            }),
+        opsets: mpopt_ir::Opsets::new(&f.opset_imports).or(&cx.opsets),
         functions: cx.functions.clone(),
     };
     let mut scratch = InferReport::default();
@@ -920,7 +886,7 @@ fn infer_node(
     let mut out_types: Vec<Option<TypeInfo>> = vec![None; n_out];
     let mut out_consts: Vec<Option<SymTensor>> = vec![None; n_out];
     let mut out_floats: Vec<Option<Vec<f64>>> = vec![None; n_out];
-    let is_default = node.domain.is_empty() || node.domain == "ai.onnx";
+    let is_default = node.in_default_domain();
 
     if node.domain == "ai.onnx.preview.training" && node.op_type == "Gradient" {
         // the gradient with respect to each value named in `xs` has that value's type

@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use mpopt_ir::schema::{TypeSpec, registry};
 use mpopt_ir::{
-    AttrValue, Attribute, DType, Def, Graph, Model, Node, NodeId, Tensor, TensorData, Type,
+    AttrValue, Attribute, DType, Def, Graph, Model, Node, NodeId, Opsets, Tensor, TensorData, Type,
     TypeInfo, Use, ValueId,
 };
 
@@ -81,7 +81,7 @@ struct Out {
 }
 
 fn elem(g: &Graph, v: ValueId) -> Option<DType> {
-    g.value(v).ty.as_ref().and_then(TypeInfo::tensor_elem)
+    g.value(v).elem()
 }
 
 fn set_elem(g: &mut Graph, v: ValueId, d: DType) {
@@ -92,10 +92,6 @@ fn set_elem(g: &mut Graph, v: ValueId, d: DType) {
     {
         *elem = Some(d);
     }
-}
-
-fn is_default(n: &Node) -> bool {
-    n.domain.is_empty() || n.domain == "ai.onnx"
 }
 
 /// Converts float data to `to`, with the statistics the report needs.
@@ -234,11 +230,7 @@ impl Pass for InsertCasts {
     }
 
     fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
-        let opsets: Vec<(String, i64)> = model
-            .opset_imports
-            .iter()
-            .map(|o| (o.domain.clone(), o.version))
-            .collect();
+        let opsets = model.opsets();
         let mut out = Out::default();
         let graph_name = model.graph.name.clone();
         // --io-types: retype the chosen top-level float32 inputs.
@@ -290,17 +282,9 @@ fn original_dtypes(g: &Graph) -> Vec<Option<DType>> {
     g.value_ids().map(|v| elem(g, v)).collect()
 }
 
-fn opset_of(opsets: &[(String, i64)], domain: &str) -> i64 {
-    let d = if domain == "ai.onnx" { "" } else { domain };
-    opsets
-        .iter()
-        .find(|(x, _)| (if x == "ai.onnx" { "" } else { x.as_str() }) == d)
-        .map_or(1, |(_, v)| *v)
-}
-
 /// Rewrites the dtype-carrying attributes of a node now running in `target`.
 fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) {
-    if !is_default(n) {
+    if !n.in_default_domain() {
         return;
     }
     let code = target.code() as i64;
@@ -350,19 +334,15 @@ fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) 
                     fields,
                 });
             }
-            if let Some(a) = n.attributes.iter_mut().find(|a| a.name == "value_float")
-                && let AttrValue::Float(f) = a.value
-            {
-                let t = Tensor::from_f32(vec![], &[f]);
-                if let Some((c, _)) = convert_tensor(&t, target) {
-                    a.name = "value".into();
-                    a.value = AttrValue::Tensor(c);
-                }
-            }
-            if let Some(a) = n.attributes.iter_mut().find(|a| a.name == "value_floats")
-                && let AttrValue::Floats(fs) = &a.value
-            {
-                let t = Tensor::from_f32(vec![fs.len() as i64], fs);
+            // value_float / value_floats become a `value` tensor of the target type
+            for a in n.attributes.iter_mut() {
+                let t = match (a.name.as_str(), &a.value) {
+                    ("value_float", AttrValue::Float(f)) => Tensor::from_f32(vec![], &[*f]),
+                    ("value_floats", AttrValue::Floats(fs)) => {
+                        Tensor::from_f32(vec![fs.len() as i64], fs)
+                    }
+                    _ => continue,
+                };
                 if let Some((c, _)) = convert_tensor(&t, target) {
                     a.name = "value".into();
                     a.value = AttrValue::Tensor(c);
@@ -377,7 +357,7 @@ fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) 
 fn process(
     g: &mut Graph,
     target: DType,
-    opsets: &[(String, i64)],
+    opsets: &Opsets,
     orig: &[Option<DType>],
     keep_output: &dyn Fn(&str) -> bool,
     out: &mut Out,
@@ -402,7 +382,8 @@ fn process(
         } else {
             node.domain.as_str()
         };
-        let Some(schema) = registry().get(dom, &node.op_type, opset_of(opsets, dom)) else {
+        let Some(schema) = registry().get(dom, &node.op_type, opsets.version(dom).unwrap_or(1))
+        else {
             continue;
         };
         let params = data_params(g, id, schema);
@@ -431,7 +412,7 @@ fn process(
         } else {
             node.domain.as_str()
         };
-        let schema = registry().get(dom, &node.op_type, opset_of(opsets, dom));
+        let schema = registry().get(dom, &node.op_type, opsets.version(dom).unwrap_or(1));
         let params = low_params.get(&id);
         for (i, v) in node.inputs().iter().enumerate() {
             let Some(v) = *v else { continue };

@@ -1,29 +1,9 @@
 //! The `mpopt` binary as a user runs it: snapshots of `inspect` and `print` on testdata/ models, lossless
 //! `copy`, and every kind of bad input with its exact message, exit code, and no output left behind.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// Runs mpopt from the repository root; returns (exit code, stdout, stderr).
-fn mpopt(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mpopt"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
+use common::{mpopt, root};
 
 const MODELS: &[&str] = &[
     "testdata/models/tiny_mlp.onnx",

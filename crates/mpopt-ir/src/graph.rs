@@ -103,6 +103,10 @@ impl Value {
     pub fn def(&self) -> Def {
         self.def
     }
+    /// The element type, when this is a tensor of known dtype.
+    pub fn elem(&self) -> Option<crate::DType> {
+        self.ty.as_ref().and_then(TypeInfo::tensor_elem)
+    }
     /// Every use.
     pub fn uses(&self) -> &[Use] {
         &self.uses
@@ -206,6 +210,10 @@ impl Node {
     /// True when any attribute holds a graph.
     pub fn has_subgraphs(&self) -> bool {
         self.subgraphs().next().is_some()
+    }
+    /// True in the default domain (`""` or `"ai.onnx"`).
+    pub fn in_default_domain(&self) -> bool {
+        self.domain.is_empty() || self.domain == "ai.onnx"
     }
     /// `domain::op_type`, or just the op type in the default domain.
     pub fn qualified_op(&self) -> String {

@@ -24,7 +24,7 @@ pub use graph::{
     Def, EditError, Graph, Node, NodeId, NodeIter, PrecisionDecision, TensorAnnotation, Use, Value,
     ValueId,
 };
-pub use model::{Function, Model, Opaque, OpsetImport};
+pub use model::{Function, Model, Opaque, OpsetImport, Opsets, canonical_domain};
 pub use tensor::{ExternalOrigin, SparseTensor, Tensor, TensorData};
 pub use types::{Dim, DimValue, Shape, Type, TypeInfo};
 pub use verify::{MAX_PROBLEMS, Problem, VerifyError, node_label, verify_graph, verify_model};

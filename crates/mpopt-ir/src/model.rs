@@ -94,11 +94,48 @@ impl Model {
 
     /// The imported version of `domain` (`""` or `"ai.onnx"` for the default domain).
     pub fn opset(&self, domain: &str) -> Option<i64> {
-        let norm = |d: &str| if d == "ai.onnx" { "" } else { d }.to_string();
-        let want = norm(domain);
-        self.opset_imports
-            .iter()
-            .find(|o| norm(&o.domain) == want)
-            .map(|o| o.version)
+        self.opsets().version(domain)
+    }
+
+    /// The opset imports, looked up by domain.
+    pub fn opsets(&self) -> Opsets {
+        Opsets::new(&self.opset_imports)
+    }
+}
+
+/// Opset versions by domain, with `"ai.onnx"` and `""` the same domain.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Opsets(Vec<(String, i64)>);
+
+/// The default domain's canonical name (`""`).
+pub fn canonical_domain(d: &str) -> &str {
+    if d == "ai.onnx" { "" } else { d }
+}
+
+impl Opsets {
+    /// From a model's or function's imports.
+    pub fn new(imports: &[OpsetImport]) -> Opsets {
+        Opsets(
+            imports
+                .iter()
+                .map(|o| (canonical_domain(&o.domain).to_string(), o.version))
+                .collect(),
+        )
+    }
+
+    /// The imported version of `domain`.
+    pub fn version(&self, domain: &str) -> Option<i64> {
+        let d = canonical_domain(domain);
+        self.0.iter().find(|(x, _)| x == d).map(|(_, v)| *v)
+    }
+
+    /// Adds the imports of `other` for domains not imported here (a function's opsets over its model's).
+    pub fn or(mut self, other: &Opsets) -> Opsets {
+        for (d, v) in &other.0 {
+            if !self.0.iter().any(|(x, _)| x == d) {
+                self.0.push((d.clone(), *v));
+            }
+        }
+        self
     }
 }

@@ -56,20 +56,7 @@ impl fmt::Display for VerifyError {
 
 /// Verifies a whole model.
 pub fn verify_model(m: &Model) -> Result<(), VerifyError> {
-    let opsets: Vec<(String, i64)> = m
-        .opset_imports
-        .iter()
-        .map(|o| {
-            (
-                if o.domain == "ai.onnx" {
-                    String::new()
-                } else {
-                    o.domain.clone()
-                },
-                o.version,
-            )
-        })
-        .collect();
+    let opsets = m.opsets();
     let mut cx = Cx {
         problems: Vec::new(),
         opsets,
@@ -85,7 +72,7 @@ pub fn verify_model(m: &Model) -> Result<(), VerifyError> {
 pub fn verify_graph(g: &Graph, top: bool) -> Result<(), VerifyError> {
     let mut cx = Cx {
         problems: Vec::new(),
-        opsets: Vec::new(),
+        opsets: crate::Opsets::default(),
     };
     cx.graph(g, &format!("graph '{}'", g.name), top);
     cx.finish()
@@ -104,7 +91,7 @@ pub fn node_label(g: &Graph, n: NodeId) -> String {
 struct Cx {
     problems: Vec<Problem>,
     /// The model's opsets; type constraints are checked only when they are known.
-    opsets: Vec<(String, i64)>,
+    opsets: crate::Opsets,
 }
 
 impl Cx {
@@ -374,7 +361,7 @@ impl Cx {
         } else {
             node.domain.as_str()
         };
-        let Some(&(_, opset)) = self.opsets.iter().find(|(d, _)| d == dom) else {
+        let Some(opset) = self.opsets.version(dom) else {
             return;
         };
         let Some(schema) = crate::schema::registry().get(dom, &node.op_type, opset) else {
