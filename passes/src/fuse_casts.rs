@@ -10,8 +10,10 @@
 //!   (bf16 -> f32 -> f16). `unsafe_narrow_widen` also drops f32 -> f16 -> f32 pairs, on explicit request
 //!   only.
 //! - *duplicates*: Casts of the same value to the same dtype become one.
-//! - *constants*: a Cast of a float initializer or Constant is folded into the data (the same rounding the
-//!   Cast would do at run time); the original is kept when something else still reads it.
+//! - *constants*: a Cast of an initializer or Constant is folded into the data when the result is computed
+//!   here exactly as at run time: float to float (the same rounding) and conversions every value survives
+//!   (integer widenings, small integers to float). The Cast's output becomes the initializer, keeping its
+//!   name and uses; the source is removed when nothing else reads it.
 //!
 //! **Invariants.**
 //! - Never changes a value that the graph computes.
@@ -118,6 +120,71 @@ fn bypass(g: &mut Graph, n: NodeId, with: ValueId) -> bool {
     true
 }
 
+/// The data of a constant value: an initializer, or the `value` of a Constant node.
+fn constant_of(g: &Graph, v: ValueId) -> Option<&mpopt_ir::Tensor> {
+    if g.value(v).def() == Def::Initializer {
+        return g.value(v).initializer.as_deref();
+    }
+    let (p, _) = g.producer(v)?;
+    let n = g.node(p);
+    if n.op_type != "Constant" || !n.in_default_domain() {
+        return None;
+    }
+    match n.attr("value").map(|a| &a.value) {
+        Some(AttrValue::Tensor(t)) => Some(t),
+        _ => None,
+    }
+}
+
+/// The tensor a Cast would compute, when it is computed here exactly as at run time: float to float (the same
+/// rounding), and conversions every value survives (`exact_into`: integer widenings, small integers to float).
+fn cast_tensor(t: &mpopt_ir::Tensor, to: DType) -> Option<mpopt_ir::Tensor> {
+    if t.dtype.is_float() && to.is_float() {
+        return convert_tensor(t, to).map(|(c, _)| c);
+    }
+    if !exact_into(t.dtype, to) || t.dtype.is_float() {
+        return None;
+    }
+    let n = t.numel()?;
+    let vals = t.values_i128(n)?;
+    if vals.len() != n {
+        return None;
+    }
+    let mut raw = Vec::with_capacity(n * (to.bits() as usize / 8).max(1));
+    for v in vals {
+        match to {
+            DType::I16 => raw.extend_from_slice(&(v as i16).to_le_bytes()),
+            DType::U16 => raw.extend_from_slice(&(v as u16).to_le_bytes()),
+            DType::I32 => raw.extend_from_slice(&(v as i32).to_le_bytes()),
+            DType::U32 => raw.extend_from_slice(&(v as u32).to_le_bytes()),
+            DType::I64 => raw.extend_from_slice(&(v as i64).to_le_bytes()),
+            DType::U64 => raw.extend_from_slice(&(v as u64).to_le_bytes()),
+            DType::F32 => raw.extend_from_slice(&(v as f32).to_le_bytes()),
+            DType::F64 => raw.extend_from_slice(&(v as f64).to_le_bytes()),
+            DType::F16 => raw.extend_from_slice(&half::f16::from_f64(v as f64).to_le_bytes()),
+            DType::BF16 => raw.extend_from_slice(&half::bf16::from_f64(v as f64).to_le_bytes()),
+            _ => return None,
+        }
+    }
+    let mut out = mpopt_ir::Tensor::from_raw(to, t.dims.clone(), bytes::Bytes::from(raw));
+    out.doc_string = t.doc_string.clone();
+    Some(out)
+}
+
+/// Removes a constant (initializer or Constant node) nobody reads any more.
+fn drop_if_unused(g: &mut Graph, v: ValueId) {
+    if !g.uses(v).is_empty() || g.outputs().contains(&v) {
+        return;
+    }
+    match g.value(v).def() {
+        Def::Initializer => {
+            g.remove_initializer(v);
+        }
+        Def::Node(p, _) => remove_if_dead(g, p),
+        _ => {}
+    }
+}
+
 /// Removes a node whose outputs nobody reads.
 fn remove_if_dead(g: &mut Graph, n: NodeId) {
     if !g.is_live(n) {
@@ -164,9 +231,8 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
             let Some(x) = g.node(id).inputs().first().copied().flatten() else {
                 continue;
             };
-            let Some(from) = elem(g, x) else { continue };
-            // no-op
-            if from == to && bypass(g, id, x) {
+            // no-op (needs the input's dtype; the rules below find theirs themselves)
+            if elem(g, x) == Some(to) && bypass(g, id, x) {
                 c.noop += 1;
                 changed = true;
                 continue;
@@ -192,35 +258,24 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
                     }
                 }
             }
-            // a constant source: fold
-            let src = g
-                .value(x)
-                .initializer
-                .as_deref()
-                .cloned()
-                .filter(|_| g.value(x).def() == Def::Initializer);
-            if let Some(t) = src.filter(|t| t.dtype.is_float() && to.is_float())
-                && let Some((conv, _)) = convert_tensor(&t, to)
-            {
+            // a constant source (initializer or Constant node): fold the cast into the data. The Cast's output
+            // value becomes the initializer, so its name and every use stay as they are.
+            if let Some(conv) = constant_of(g, x).and_then(|t| cast_tensor(t, to)) {
                 let Some(out) = g.node(id).outputs()[0] else {
                     continue;
                 };
-                if g.outputs().contains(&out) {
-                    continue;
-                }
-                let name = g.fresh_name(&format!("{}__{to}", g.value(x).name()));
+                let out_name = g.value(out).name().to_string();
+                g.remove_node(id);
                 let mut conv = conv;
-                conv.name = name.clone();
-                if let Ok(nv) = g.add_initializer(name, conv) {
-                    g.replace_all_uses(out, nv);
-                    g.remove_node(id);
-                    if g.uses(x).is_empty() && !g.outputs().contains(&x) {
-                        g.remove_initializer(x);
-                    }
+                conv.name = out_name;
+                let dims = conv.dims.iter().map(|&d| mpopt_ir::Dim::known(d)).collect();
+                g.value_mut(out).ty = Some(mpopt_ir::TypeInfo::tensor(to, Some(dims)));
+                if g.set_initializer(out, conv).is_ok() {
+                    drop_if_unused(g, x);
                     c.folded += 1;
                     changed = true;
-                    continue;
                 }
+                continue;
             }
         }
         // duplicates: the same value cast to the same dtype
