@@ -20,7 +20,9 @@
 //!      precision: deny-class ops, nodes reading constants beyond the target's range, and user `--keep-fp32`.
 //!      A node kept fp32 only because its schema lacks the type or tiny values would flush does not spread;
 //!    - infer/clear nodes on a path between low nodes become low;
-//!    - low floods through clear nodes in both directions.
+//!    - low floods through clear nodes in both directions;
+//!    - an infer/clear node whose float producers and consumers are all low (at least one of each) becomes
+//!      low, and the flood goes on, to a fixed point.
 //! 4. `--force-low` selectors make a node low unless its schema forbids it.
 //!
 //! **Invariants.**
@@ -605,21 +607,43 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
         }
     }
 
-    // Low floods through clear nodes, both ways.
+    // Low floods through clear nodes, both ways; then an infer/clear node whose float producers and consumers
+    // are all low (at least one of each) becomes low too, and the flood continues, until nothing changes. Such a node is
+    // between low nodes once the clear nodes next to it have become low, and lowering it removes its casts.
     let mut q: VecDeque<NodeId> = order
         .iter()
         .copied()
         .filter(|&n| color[n.index()] == Color::Low)
         .collect();
-    while let Some(n) = q.pop_front() {
-        for m in succ(g, n).into_iter().chain(pred(g, n)) {
-            if color[m.index()] == Color::Open && class[m.index()] == OpClass::Clear {
-                color[m.index()] = Color::Low;
-                if let Some((rule, _)) = &mut why[m.index()] {
-                    *rule = "clear: next to low nodes".into();
+    loop {
+        while let Some(n) = q.pop_front() {
+            for m in succ(g, n).into_iter().chain(pred(g, n)) {
+                if color[m.index()] == Color::Open && class[m.index()] == OpClass::Clear {
+                    color[m.index()] = Color::Low;
+                    if let Some((rule, _)) = &mut why[m.index()] {
+                        *rule = "clear: next to low nodes".into();
+                    }
+                    q.push_back(m);
                 }
-                q.push_back(m);
             }
+        }
+        for &id in &order {
+            if !passable(id, &color, &class) {
+                continue;
+            }
+            let (ps, cs) = (pred(g, id), succ(g, id));
+            let all_low = |ns: &[NodeId]| ns.iter().all(|n| color[n.index()] == Color::Low);
+            // low neighbours on both sides: a node that only feeds graph outputs would just move their cast
+            if !ps.is_empty() && !cs.is_empty() && all_low(&ps) && all_low(&cs) {
+                color[id.index()] = Color::Low;
+                if let Some((rule, _)) = &mut why[id.index()] {
+                    *rule = format!("{}: all float neighbours low", class[id.index()].name());
+                }
+                q.push_back(id);
+            }
+        }
+        if q.is_empty() {
+            break;
         }
     }
 
