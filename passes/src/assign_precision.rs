@@ -364,20 +364,7 @@ fn constant_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
 
 fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: &mut Stats) {
     // Subgraphs first, each on its own.
-    let with_subgraphs: Vec<NodeId> = g
-        .nodes()
-        .filter(|(_, n)| n.has_subgraphs())
-        .map(|(id, _)| id)
-        .collect();
-    for id in with_subgraphs {
-        let mut attrs = std::mem::take(&mut g.node_mut(id).attributes);
-        for a in &mut attrs {
-            for sg in a.value.graphs_mut() {
-                decide_graph(sg, opts, opsets, stats);
-            }
-        }
-        g.node_mut(id).attributes = attrs;
-    }
+    g.for_each_subgraph_mut(|_, _, sg| decide_graph(sg, opts, opsets, stats));
 
     let bound = g.node_bound();
     let mut spreads = vec![false; bound];

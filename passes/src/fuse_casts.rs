@@ -202,20 +202,7 @@ fn remove_if_dead(g: &mut Graph, n: NodeId) {
 }
 
 fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
-    let with_subgraphs: Vec<NodeId> = g
-        .nodes()
-        .filter(|(_, n)| n.has_subgraphs())
-        .map(|(id, _)| id)
-        .collect();
-    for id in with_subgraphs {
-        let mut attrs = std::mem::take(&mut g.node_mut(id).attributes);
-        for a in &mut attrs {
-            for sg in a.value.graphs_mut() {
-                fuse_graph(sg, unsafe_nw, c);
-            }
-        }
-        g.node_mut(id).attributes = attrs;
-    }
+    g.for_each_subgraph_mut(|_, _, sg| fuse_graph(sg, unsafe_nw, c));
     loop {
         let mut changed = false;
         let casts: Vec<NodeId> = g

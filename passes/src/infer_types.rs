@@ -1025,14 +1025,8 @@ pub fn record_value_info(model: &mut Model) {
                     g.add_value_info(v);
                 }
             }
-            let mut attrs = std::mem::take(&mut g.node_mut(id).attributes);
-            for a in &mut attrs {
-                for sg in a.value.graphs_mut() {
-                    rec(sg);
-                }
-            }
-            g.node_mut(id).attributes = attrs;
         }
+        g.for_each_subgraph_mut(|_, _, sg| rec(sg));
     }
     rec(&mut model.graph);
 }

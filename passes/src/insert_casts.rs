@@ -94,6 +94,29 @@ fn set_elem(g: &mut Graph, v: ValueId, d: DType) {
     }
 }
 
+/// The converted tensor and the statistics the report gives for it.
+fn converted(
+    t: &Tensor,
+    to: DType,
+    raw: Vec<u8>,
+    n: usize,
+    clamped: usize,
+    flushed: usize,
+    max_rel: f64,
+) -> (Tensor, Vec<(&'static str, String)>) {
+    let mut out = t.clone();
+    out.dtype = to;
+    out.data = TensorData::Raw(Bytes::from(raw));
+    out.external = None;
+    let stats = vec![
+        ("elements", n.to_string()),
+        ("clamped", clamped.to_string()),
+        ("flushed_to_zero", flushed.to_string()),
+        ("max_relative_change", format!("{max_rel:.3e}")),
+    ];
+    (out, stats)
+}
+
 /// Converts float data to `to`, with the statistics the report needs.
 pub(crate) fn convert_tensor(
     t: &Tensor,
@@ -145,17 +168,7 @@ pub(crate) fn convert_tensor(
         }
         raw.extend_from_slice(&bits);
     }
-    let mut out = t.clone();
-    out.dtype = to;
-    out.data = TensorData::Raw(Bytes::from(raw));
-    out.external = None;
-    let stats = vec![
-        ("elements", n.to_string()),
-        ("clamped", clamped.to_string()),
-        ("flushed_to_zero", flushed.to_string()),
-        ("max_relative_change", format!("{max_rel:.3e}")),
-    ];
-    Some((out, stats))
+    Some(converted(t, to, raw, n, clamped, flushed, max_rel))
 }
 
 /// The common case, fast: f32 raw data to f16/bf16 with the `half` slice conversions (F16C where the CPU
@@ -211,17 +224,7 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
         DType::F16 => run!(half::f16),
         _ => run!(half::bf16),
     }
-    let mut out = t.clone();
-    out.dtype = to;
-    out.data = TensorData::Raw(Bytes::from(raw));
-    out.external = None;
-    let stats = vec![
-        ("elements", n.to_string()),
-        ("clamped", clamped.to_string()),
-        ("flushed_to_zero", flushed.to_string()),
-        ("max_relative_change", format!("{max_rel:.3e}")),
-    ];
-    Some((out, stats))
+    Some(converted(t, to, raw, n, clamped, flushed, max_rel as f64))
 }
 
 impl Pass for InsertCasts {

@@ -796,6 +796,25 @@ impl Graph {
         }
     }
 
+    /// Calls `f(owning node, attribute name, subgraph)` on every subgraph of this graph's nodes (one level; `f`
+    /// recurses if it wants to). The attributes are lent to `f` and put back.
+    pub fn for_each_subgraph_mut(&mut self, mut f: impl FnMut(NodeId, &str, &mut Graph)) {
+        let owners: Vec<NodeId> = self
+            .nodes()
+            .filter(|(_, n)| n.has_subgraphs())
+            .map(|(id, _)| id)
+            .collect();
+        for id in owners {
+            let mut attrs = std::mem::take(&mut self.node_mut(id).attributes);
+            for a in &mut attrs {
+                for sg in a.value.graphs_mut() {
+                    f(id, &a.name, sg);
+                }
+            }
+            self.node_mut(id).attributes = attrs;
+        }
+    }
+
     /// Number of nodes here and in all nested subgraphs.
     pub fn node_count_deep(&self) -> usize {
         self.nodes()
