@@ -93,17 +93,12 @@ impl Pass for FuseCasts {
     fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
         let mut c = Counts::default();
         fuse_graph(&mut model.graph, self.unsafe_narrow_widen, &mut c);
-        Ok(PassOutcome {
-            changed: c.noop + c.chains + c.duplicates + c.folded > 0,
-            counters: vec![
-                ("no-op casts removed", c.noop),
-                ("cast chains shortened", c.chains),
-                ("duplicate casts merged", c.duplicates),
-                ("casts folded into constants", c.folded),
-            ],
-            notes: Vec::new(),
-            records: Vec::new(),
-        })
+        Ok(PassOutcome::rewrites(vec![
+            ("no-op casts removed", c.noop),
+            ("cast chains shortened", c.chains),
+            ("duplicate casts merged", c.duplicates),
+            ("casts folded into constants", c.folded),
+        ]))
     }
 }
 
@@ -201,21 +196,30 @@ fn remove_if_dead(g: &mut Graph, n: NodeId) {
     }
 }
 
+/// A Cast's target dtype and its input, read afresh (earlier rewrites may have moved the input).
+fn cast_parts(g: &Graph, id: NodeId) -> Option<(DType, ValueId)> {
+    let n = g.node(id);
+    Some((cast_to(n)?, n.inputs().first().copied().flatten()?))
+}
+
+/// The Cast nodes of a graph, in schedule order.
+fn cast_nodes(g: &Graph) -> Vec<NodeId> {
+    g.nodes()
+        .filter(|(_, n)| cast_to(n).is_some())
+        .map(|(id, _)| id)
+        .collect()
+}
+
 fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
     g.for_each_subgraph_mut(|_, _, sg| fuse_graph(sg, unsafe_nw, c));
     loop {
         let mut changed = false;
-        let casts: Vec<NodeId> = g
-            .nodes()
-            .filter(|(_, n)| cast_to(n).is_some())
-            .map(|(id, _)| id)
-            .collect();
+        let casts = cast_nodes(g);
         for id in casts {
             if !g.is_live(id) {
                 continue;
             }
-            let to = cast_to(g.node(id)).expect("a Cast");
-            let Some(x) = g.node(id).inputs().first().copied().flatten() else {
+            let Some((to, x)) = cast_parts(g, id) else {
                 continue;
             };
             // no-op (needs the input's dtype; the rules below find theirs themselves)
@@ -247,13 +251,12 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
             }
             // a constant source (initializer or Constant node): fold the cast into the data. The Cast's output
             // value becomes the initializer, so its name and every use stay as they are.
-            if let Some(conv) = constant_of(g, x).and_then(|t| cast_tensor(t, to)) {
+            if let Some(mut conv) = constant_of(g, x).and_then(|t| cast_tensor(t, to)) {
                 let Some(out) = g.node(id).outputs()[0] else {
                     continue;
                 };
                 let out_name = g.value(out).name().to_string();
                 g.remove_node(id);
-                let mut conv = conv;
                 conv.name = out_name;
                 let dims = conv.dims.iter().map(|&d| mpopt_ir::Dim::known(d)).collect();
                 g.value_mut(out).ty = Some(mpopt_ir::TypeInfo::tensor(to, Some(dims)));
@@ -268,14 +271,9 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
         // duplicates: the same value cast to the same dtype
         let mut seen: std::collections::HashMap<(ValueId, DType), NodeId> =
             std::collections::HashMap::new();
-        let casts: Vec<NodeId> = g
-            .nodes()
-            .filter(|(_, n)| cast_to(n).is_some())
-            .map(|(id, _)| id)
-            .collect();
+        let casts = cast_nodes(g);
         for id in casts {
-            let to = cast_to(g.node(id)).expect("a Cast");
-            let Some(x) = g.node(id).inputs().first().copied().flatten() else {
+            let Some((to, x)) = cast_parts(g, id) else {
                 continue;
             };
             match seen.get(&(x, to)).copied() {

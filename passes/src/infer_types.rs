@@ -1005,7 +1005,7 @@ fn infer_node(
         }
         if let Some(s) = ty.and_then(TypeInfo::tensor_shape) {
             report.shaped += 1;
-            if s.iter().all(|d| matches!(d.value, DimValue::Known(_))) {
+            if s.iter().all(|d| d.value.as_known().is_some()) {
                 report.fully_shaped += 1;
             }
         }

@@ -268,15 +268,13 @@ impl Pass for InsertCasts {
             message: m,
         })?;
         Ok(PassOutcome {
-            changed: out.casts + out.converted + out.copied + out.outputs_cast_back > 0,
-            counters: vec![
+            records: out.records,
+            ..PassOutcome::rewrites(vec![
                 ("casts added", out.casts),
                 ("initializers converted in place", out.converted),
                 ("initializers copied", out.copied),
                 ("outputs cast back", out.outputs_cast_back),
-            ],
-            notes: Vec::new(),
-            records: out.records,
+            ])
         })
     }
 }

@@ -34,6 +34,19 @@ pub struct PassOutcome {
     pub records: Vec<Record>,
 }
 
+impl PassOutcome {
+    /// The outcome of a rewriting pass whose every counter counts a rewrite: the model changed when any is
+    /// non-zero.
+    pub fn rewrites(counters: Vec<(&'static str, u64)>) -> PassOutcome {
+        PassOutcome {
+            changed: counters.iter().any(|&(_, n)| n > 0),
+            counters,
+            notes: Vec::new(),
+            records: Vec::new(),
+        }
+    }
+}
+
 /// One structured detail of a pass run: a kind and named fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {

@@ -118,3 +118,37 @@ pub fn default_pipeline(opts: &ConvertOptions) -> Vec<Box<dyn Pass>> {
         }),
     ]
 }
+
+/// A count of a model's nodes by precision decision, and of its Casts (subgraphs included).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrecisionCensus {
+    /// Nodes.
+    pub nodes: usize,
+    /// Nodes decided low (f16/bf16).
+    pub low: usize,
+    /// Nodes decided fp32.
+    pub fp32: usize,
+    /// Cast nodes.
+    pub casts: usize,
+}
+
+/// Counts a graph's nodes by decision, and its Casts, subgraphs included.
+pub fn census(g: &mpopt_ir::Graph) -> PrecisionCensus {
+    fn walk(g: &mpopt_ir::Graph, c: &mut PrecisionCensus) {
+        for (_, n) in g.nodes() {
+            c.nodes += 1;
+            c.casts += usize::from(n.op_type == "Cast" && n.in_default_domain());
+            match n.precision.as_ref().map(|p| p.dtype) {
+                Some(mpopt_ir::DType::F32) => c.fp32 += 1,
+                Some(_) => c.low += 1,
+                None => {}
+            }
+            for (_, sg) in n.subgraphs() {
+                walk(sg, c);
+            }
+        }
+    }
+    let mut c = PrecisionCensus::default();
+    walk(g, &mut c);
+    c
+}

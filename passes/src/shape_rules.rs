@@ -486,6 +486,11 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
     }
 }
 
+/// Every dim as a number, when all are known.
+fn known_dims(ds: &[Dim]) -> Option<Vec<i64>> {
+    ds.iter().map(|d| d.value.as_known()).collect()
+}
+
 fn product(ds: &[Dim]) -> Dim {
     let mut p = 1i64;
     for d in ds {
@@ -579,16 +584,7 @@ fn conv_pool(v: &NodeView) -> Shape {
         Some(k) => k,
         None if is_conv => {
             let w = v.shape(w_idx)?;
-            w[2..]
-                .iter()
-                .map(|d| {
-                    if let DimValue::Known(n) = d.value {
-                        Some(n)
-                    } else {
-                        None
-                    }
-                })
-                .collect::<Option<_>>()?
+            known_dims(&w[2..])?
         }
         None => return None,
     };
@@ -647,16 +643,7 @@ fn conv_transpose(v: &NodeView) -> Shape {
     }
     let kernel: Vec<i64> = match v.ints("kernel_shape") {
         Some(k) => k,
-        None => w[2..]
-            .iter()
-            .map(|d| {
-                if let DimValue::Known(n) = d.value {
-                    Some(n)
-                } else {
-                    None
-                }
-            })
-            .collect::<Option<_>>()?,
+        None => known_dims(&w[2..])?,
     };
     let strides = v.ints("strides").unwrap_or_else(|| vec![1; sp]);
     let dil = v.ints("dilations").unwrap_or_else(|| vec![1; sp]);
@@ -750,10 +737,7 @@ fn reduce(v: &NodeView) -> Shape {
 /// The length of a 1-D shape-like input, from its type, when its values are not folded.
 fn vector_len(v: &NodeView, i: usize) -> Option<usize> {
     match v.shape(i)? {
-        [d] => match d.value {
-            DimValue::Known(n) => Some(n as usize),
-            _ => None,
-        },
+        [d] => d.value.as_known().map(|n| n as usize),
         _ => None,
     }
 }

@@ -60,13 +60,7 @@ impl SymTensor {
 
     /// All elements, when all are known.
     pub(crate) fn known(&self) -> Option<Vec<i64>> {
-        self.vals
-            .iter()
-            .map(|v| match v {
-                DimValue::Known(k) => Some(*k),
-                _ => None,
-            })
-            .collect()
+        self.vals.iter().map(DimValue::as_known).collect()
     }
 
     fn strides(dims: &[usize]) -> Vec<usize> {

@@ -2,6 +2,7 @@
 reference checkers (onnx.checker, onnxruntime) and comparing outputs."""
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 
@@ -106,3 +107,24 @@ def identical(a, b):
     return True
 
 
+
+
+def all_graphs(g):
+    """The graph and every subgraph below it (attributes of type GRAPH and GRAPHS), depth first."""
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_graphs(a.g)
+            for sg in a.graphs:
+                yield from all_graphs(sg)
+
+
+def suite_parser(doc, json_help):
+    """The arguments every suite check takes: --mpopt, --jobs, --json and the model folders."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--mpopt", required=True)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", help=json_help)
+    ap.add_argument("roots", nargs="+")
+    return ap

@@ -16,7 +16,6 @@ Prints one line per model for the corpus, the failures, and `convert-check: N pa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import checker_ok, find_models, flatten, load_inputs, run_ort  # noqa: E402
+from common import all_graphs, checker_ok, find_models, flatten, load_inputs, run_ort, suite_parser  # noqa: E402
 
 import onnx  # noqa: E402
 
@@ -122,15 +121,7 @@ def signature(model):
 
 
 def count_casts(g):
-    n = 0
-    for node in g.node:
-        n += node.op_type == "Cast"
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                n += count_casts(a.g)
-            for sg in a.graphs:
-                n += count_casts(sg)
-    return n
+    return sum(n.op_type == "Cast" for sub in all_graphs(g) for n in sub.node)
 
 
 def check_one(args):
@@ -179,12 +170,8 @@ def check_one(args):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mpopt", required=True)
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--json", help="write per-model results here")
+    ap = suite_parser(__doc__, "write per-model results here")
     ap.add_argument("--arg", action="append", default=[], help="extra argument for mpopt (repeatable)")
-    ap.add_argument("roots", nargs="+")
     a = ap.parse_args()
     models = find_models(a.roots)
     counts, failures, results = {}, [], {}

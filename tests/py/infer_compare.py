@@ -20,35 +20,29 @@ import tempfile
 import onnx
 from onnx import shape_inference
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import all_graphs  # noqa: E402
 
-def collect(g, out):
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        t = vi.type
-        if t.HasField("tensor_type") and t.tensor_type.elem_type:
-            shape = None
-            if t.tensor_type.HasField("shape"):
-                shape = [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim]
-            out[vi.name] = (t.tensor_type.elem_type, shape)
-        elif t.WhichOneof("value") is not None and t.WhichOneof("value") != "tensor_type":
-            out[vi.name] = (t.WhichOneof("value"), None)
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                collect(a.g, out)
-            for sg in a.graphs:
-                collect(sg, out)
+
+def collect(g):
+    """name -> (element type, dims or None) for every typed value of every graph."""
+    out = {}
+    for sub in all_graphs(g):
+        for vi in list(sub.input) + list(sub.output) + list(sub.value_info):
+            t = vi.type
+            if t.HasField("tensor_type") and t.tensor_type.elem_type:
+                shape = None
+                if t.tensor_type.HasField("shape"):
+                    shape = [d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim]
+                out[vi.name] = (t.tensor_type.elem_type, shape)
+            elif t.WhichOneof("value") is not None and t.WhichOneof("value") != "tensor_type":
+                out[vi.name] = (t.WhichOneof("value"), None)
     return out
 
 
-def node_outputs(g, out):
-    for n in g.node:
-        out.update(o for o in n.output if o)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                node_outputs(a.g, out)
-            for sg in a.graphs:
-                node_outputs(sg, out)
-    return out
+def node_outputs(g):
+    """Every node output name of every graph."""
+    return {o for sub in all_graphs(g) for n in sub.node for o in n.output if o}
 
 
 def main():
@@ -69,9 +63,9 @@ def main():
                 failed += 1
                 continue
             m = onnx.load(path)
-            outs = node_outputs(m.graph, set())
-            ref = collect(shape_inference.infer_shapes(m, strict_mode=True).graph, {})
-            got = collect(onnx.load(out).graph, {})
+            outs = node_outputs(m.graph)
+            ref = collect(shape_inference.infer_shapes(m, strict_mode=True).graph)
+            got = collect(onnx.load(out).graph)
             onnx.checker.check_model(out, full_check=True)
             disagree = []
             for k, (et, shape) in ref.items():

@@ -11,7 +11,6 @@ Prints one line per failure and a summary line `roundtrip: N passed, N failed`; 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import checker_ok, find_models, identical, load_inputs, run_ort  # noqa: E402
+from common import checker_ok, find_models, identical, load_inputs, run_ort, suite_parser  # noqa: E402
 
 import onnx  # noqa: E402
 
@@ -59,12 +58,8 @@ def check_one(args):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mpopt", required=True)
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--json", help="write per-model verdicts here")
+    ap = suite_parser(__doc__, "write per-model verdicts here")
     ap.add_argument("--copy-arg", action="append", default=[], help="extra argument for `mpopt copy` (repeatable)")
-    ap.add_argument("roots", nargs="+")
     a = ap.parse_args()
     models = find_models(a.roots)
     if not models:

@@ -160,30 +160,6 @@ fn check_io_names(m: &Model, io: &IoTypes) -> Result<()> {
     Ok(())
 }
 
-struct Census {
-    nodes: usize,
-    casts: usize,
-    low: usize,
-    fp32: usize,
-}
-
-fn census(g: &Graph, c: &mut Census) {
-    for (_, n) in g.nodes() {
-        c.nodes += 1;
-        if n.op_type == "Cast" {
-            c.casts += 1;
-        }
-        match n.precision.as_ref().map(|p| p.dtype) {
-            Some(DType::F32) => c.fp32 += 1,
-            Some(_) => c.low += 1,
-            None => {}
-        }
-        for (_, sg) in n.subgraphs() {
-            census(sg, c);
-        }
-    }
-}
-
 fn decisions(g: &Graph, scope: &str, out: &mut Vec<Value>) {
     for (id, n) in g.nodes() {
         if let Some(p) = &n.precision {
@@ -223,13 +199,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     let opts = options(&a)?;
     let mut m = crate::load(&model_path)?;
     check_io_names(&m, &opts.io)?;
-    let mut before = Census {
-        nodes: 0,
-        casts: 0,
-        low: 0,
-        fp32: 0,
-    };
-    census(&m.graph, &mut before);
+    let before = pipeline::census(&m.graph);
     let usage = |e: mpopt_passes::PassError| Usage(e.to_string());
     let passes = match &a.passes {
         Some(names) => names
@@ -273,13 +243,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         mpopt_onnx::ExternalData::Auto
     };
     mpopt_onnx::save(&m, &output, mode).context("cannot save the converted model")?;
-    let mut after = Census {
-        nodes: 0,
-        casts: 0,
-        low: 0,
-        fp32: 0,
-    };
-    census(&m.graph, &mut after);
+    let after = pipeline::census(&m.graph);
     let (bytes_before, bytes_after) = (file_bytes(&model_path), file_bytes(&output));
     let secs = start.elapsed().as_secs_f64();
     for r in &runs {

@@ -13,6 +13,16 @@ pub enum DimValue {
     Unknown,
 }
 
+impl DimValue {
+    /// The size, when it is known.
+    pub fn as_known(&self) -> Option<i64> {
+        match self {
+            DimValue::Known(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
 /// A dimension and its optional denotation (kept for a lossless round trip).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Dim {

@@ -56,30 +56,8 @@ pub enum Error {
     Pass(#[from] mpopt_passes::PassError),
 }
 
-/// What a conversion did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ConvertSummary {
-    /// Nodes lowered to the target precision.
-    pub low: usize,
-    /// Nodes kept in fp32.
-    pub fp32: usize,
-    /// Cast nodes after the conversion.
-    pub casts: usize,
-}
-
-fn count(g: &Graph, s: &mut ConvertSummary) {
-    for (_, n) in g.nodes() {
-        s.casts += usize::from(n.op_type == "Cast");
-        match n.precision.as_ref().map(|p| p.dtype) {
-            Some(DType::F32) => s.fp32 += 1,
-            Some(_) => s.low += 1,
-            None => {}
-        }
-        for (_, sg) in n.subgraphs() {
-            count(sg, s);
-        }
-    }
-}
+/// What a conversion did: nodes by precision decision and the Casts, subgraphs included.
+pub type ConvertSummary = mpopt_passes::pipeline::PrecisionCensus;
 
 /// Runs the default conversion pipeline on a model (verifying after every pass) and records the inferred types
 /// in `value_info`. The decisions stay on the nodes (`Node::precision`).
@@ -88,9 +66,7 @@ pub fn convert(model: &mut Model, opts: &ConvertOptions) -> Result<ConvertSummar
         .verify_each(true)
         .run(model)?;
     mpopt_passes::infer_types::record_value_info(model);
-    let mut s = ConvertSummary::default();
-    count(&model.graph, &mut s);
-    Ok(s)
+    Ok(mpopt_passes::pipeline::census(&model.graph))
 }
 
 /// Loads `input`, converts it, and saves it to `output` (atomically; never over the input's data).
