@@ -3,6 +3,7 @@
 
 mod convert;
 mod inspect;
+mod run;
 
 /// mimalloc instead of the system allocator: loading a model is millions of small allocations (names, node
 /// and tensor records). Measured on a 1,000,000-node model: freeing the model went from 2.5 s to 0.2 s and
@@ -64,6 +65,11 @@ enum Cmd {
         #[arg(long)]
         markdown: bool,
     },
+    /// Run a model on the CPU reference executor (GPU-faithful fp16/bf16 numerics) and write its outputs.
+    Run(run::RunArgs),
+    /// Run two models (e.g. the fp32 original and its conversion) on the same inputs and compare every output:
+    /// max abs/rel error, cosine, NaN/Inf counts, top-1 agreement; exits 1 past the tolerances.
+    Compare(run::CompareArgs),
     /// Rewrite a model through the IR without changing it (also moves tensor data in or out of the file).
     Copy {
         /// The ONNX model.
@@ -174,6 +180,8 @@ fn run(cli: Cli) -> Result<()> {
             });
             emit(&out)?;
         }
+        Cmd::Run(a) => run::run(a)?,
+        Cmd::Compare(a) => run::compare(a)?,
         Cmd::Inspect { model } => {
             let m = load(&model)?;
             emit(&inspect::report(&model, &m))?;

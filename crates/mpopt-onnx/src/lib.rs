@@ -8,6 +8,7 @@
 
 #![deny(missing_docs)]
 
+mod data_proto;
 mod error;
 mod export;
 mod external;
@@ -111,4 +112,83 @@ pub fn save(model: &Model, path: &Path, external: ExternalData) -> Result<SaveSu
         problems: e,
     })?;
     external::save(model, path, external)
+}
+
+/// A value read from a serialized ONNX `TensorProto`, `SequenceProto` or `OptionalProto` file (the `.pb`
+/// files of the ONNX backend tests).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProtoValue {
+    /// A tensor.
+    Tensor(mpopt_ir::Tensor),
+    /// A sequence of tensors, with its element type code (0 when unknown).
+    Sequence(Vec<mpopt_ir::Tensor>, i32),
+    /// An optional: `None` when empty.
+    Optional(Option<Box<ProtoValue>>),
+}
+
+/// Which message a `.pb` value file holds (a file does not say; the model's input type does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtoKind {
+    /// `TensorProto`
+    Tensor,
+    /// `SequenceProto`
+    Sequence,
+    /// `OptionalProto`
+    Optional,
+}
+
+/// Decodes a serialized value file. `path` names the file in errors.
+pub fn decode_value(bytes: Bytes, kind: ProtoKind, path: &Path) -> Result<ProtoValue, OnnxError> {
+    let bad = |msg: String| OnnxError::Malformed {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut ext = external::Reader::new(None);
+    let mut sequence = |s: data_proto::SequenceProto| -> Result<ProtoValue, OnnxError> {
+        let ts = s
+            .tensor_values
+            .into_iter()
+            .map(|t| import::tensor(t, &mut ext))
+            .collect::<Result<_, _>>()
+            .map_err(bad)?;
+        Ok(ProtoValue::Sequence(ts, s.elem_type.unwrap_or(0)))
+    };
+    match kind {
+        ProtoKind::Tensor => {
+            let t = pb::TensorProto::decode(bytes)
+                .map_err(|e| bad(format!("not a TensorProto: {e}")))?;
+            let mut ext = external::Reader::new(None);
+            Ok(ProtoValue::Tensor(
+                import::tensor(t, &mut ext).map_err(bad)?,
+            ))
+        }
+        ProtoKind::Sequence => sequence(
+            data_proto::SequenceProto::decode(bytes)
+                .map_err(|e| bad(format!("not a SequenceProto: {e}")))?,
+        ),
+        ProtoKind::Optional => {
+            let o = data_proto::OptionalProto::decode(bytes)
+                .map_err(|e| bad(format!("not an OptionalProto: {e}")))?;
+            let inner = if let Some(t) = o.tensor_value {
+                let mut ext = external::Reader::new(None);
+                Some(ProtoValue::Tensor(
+                    import::tensor(t, &mut ext).map_err(bad)?,
+                ))
+            } else if let Some(s) = o.sequence_value {
+                Some(sequence(s)?)
+            } else {
+                None
+            };
+            Ok(ProtoValue::Optional(inner.map(Box::new)))
+        }
+    }
+}
+
+/// Encodes a tensor as a `TensorProto` (raw data inline).
+pub fn encode_tensor(t: &mpopt_ir::Tensor) -> Result<Vec<u8>, OnnxError> {
+    let p = export::tensor(t, &mut None).map_err(|msg| OnnxError::Unwritable {
+        path: PathBuf::from("<memory>"),
+        msg,
+    })?;
+    Ok(p.encode_to_vec())
 }

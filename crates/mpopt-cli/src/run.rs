@@ -1,0 +1,513 @@
+//! `mpopt run` and `mpopt compare`: the CPU reference executor on input files.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Args;
+use mpopt_exec::{Executor, RunOptions, Tensor, Value};
+use mpopt_ir::{DType, Model, Type};
+
+/// Arguments of `mpopt run`.
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Inputs: an .npz (keys are input names; `NAME__setN` keys form extra sets), a TensorProto .pb for a
+    /// one-input model, or a folder of `input_K.pb` files (the ONNX backend-test layout).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Which input set of the file to run (0 is the keys without a `__setN` suffix).
+    #[arg(long, default_value_t = 0)]
+    set: usize,
+    /// Where to write the outputs (.npz; bf16 outputs are widened to float32 there).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Write every value of the main graph (inputs and node outputs), not only the graph outputs.
+    #[arg(long)]
+    all_values: bool,
+}
+
+/// Arguments of `mpopt compare`.
+#[derive(Args)]
+pub(crate) struct CompareArgs {
+    /// The reference model (usually the fp32 original).
+    reference: PathBuf,
+    /// The candidate model (usually the converted one).
+    candidate: PathBuf,
+    /// Inputs, as for `mpopt run`; every input set in the file is run.
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Relative tolerance: an element passes when |cand - ref| <= atol + rtol * |ref|.
+    #[arg(long, default_value_t = 1e-2)]
+    rtol: f64,
+    /// Absolute tolerance.
+    #[arg(long, default_value_t = 1e-3)]
+    atol: f64,
+    /// List the first values (matched by name) where the two runs diverge past the tolerances.
+    #[arg(long)]
+    per_node: bool,
+    /// How many diverging values `--per-node` lists.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Also write the metrics as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn set_threads(n: Option<usize>) -> Result<()> {
+    if let Some(n) = n {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .context("cannot set the thread count")?;
+    }
+    Ok(())
+}
+
+/// One named set of inputs.
+pub(crate) struct InputSet {
+    pub index: usize,
+    pub values: Vec<(String, Value)>,
+}
+
+fn proto_to_value(p: mpopt_onnx::ProtoValue) -> Result<Value, String> {
+    use mpopt_onnx::ProtoValue as P;
+    Ok(match p {
+        P::Tensor(t) => Value::Tensor(Tensor::from_ir(&t)?),
+        P::Sequence(ts, elem) => Value::Seq(
+            ts.iter().map(Tensor::from_ir).collect::<Result<_, _>>()?,
+            DType::from_code(elem).unwrap_or(DType::F32),
+        ),
+        P::Optional(None) => Value::Opt(None, DType::F32),
+        P::Optional(Some(v)) => Value::Opt(Some(Box::new(proto_to_value(*v)?)), DType::F32),
+    })
+}
+
+fn read_pb(path: &Path, ty: Option<&mpopt_ir::TypeInfo>) -> Result<Value> {
+    let kind = match ty.map(|t| &t.ty) {
+        Some(Type::Sequence(_)) => mpopt_onnx::ProtoKind::Sequence,
+        Some(Type::Optional(_)) => mpopt_onnx::ProtoKind::Optional,
+        _ => mpopt_onnx::ProtoKind::Tensor,
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v = mpopt_onnx::decode_value(Bytes::from(bytes), kind, path)?;
+    proto_to_value(v).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The graph inputs that need a value (inputs without an initializer), in order.
+fn required_inputs(m: &Model) -> Vec<mpopt_ir::ValueId> {
+    let g = &m.graph;
+    g.inputs()
+        .iter()
+        .copied()
+        .filter(|&i| g.value(i).initializer.is_none())
+        .collect()
+}
+
+/// Reads every input set from `path` for `model`.
+pub(crate) fn load_inputs(path: &Path, model: &Model) -> Result<Vec<InputSet>> {
+    let g = &model.graph;
+    let req = required_inputs(model);
+    if path.is_dir() {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set"))
+            })
+            .collect();
+        dirs.sort();
+        if dirs.is_empty() {
+            dirs.push(path.to_path_buf());
+        }
+        let mut sets = Vec::new();
+        for (index, d) in dirs.iter().enumerate() {
+            let mut values = Vec::new();
+            for (k, &i) in req.iter().enumerate() {
+                let p = d.join(format!("input_{k}.pb"));
+                if p.exists() {
+                    values.push((
+                        g.value(i).name().to_string(),
+                        read_pb(&p, g.value(i).ty.as_ref())?,
+                    ));
+                }
+            }
+            if values.is_empty() {
+                bail!("{}: no input_K.pb files", d.display());
+            }
+            sets.push(InputSet { index, values });
+        }
+        return Ok(sets);
+    }
+    if path.extension().is_some_and(|e| e == "pb") {
+        let [i] = req[..] else {
+            bail!(
+                "{}: a single .pb file feeds a one-input model; this model has {} inputs (use an .npz or a folder)",
+                path.display(),
+                req.len()
+            );
+        };
+        let v = read_pb(path, g.value(i).ty.as_ref())?;
+        return Ok(vec![InputSet {
+            index: 0,
+            values: vec![(g.value(i).name().to_string(), v)],
+        }]);
+    }
+    let arrays = mpopt_exec::io::read_npz(path)?;
+    let mut sets: Vec<InputSet> = Vec::new();
+    for (key, t) in arrays {
+        let (name, index) = match key.rsplit_once("__set") {
+            Some((n, k)) if k.parse::<usize>().is_ok() => {
+                (n.to_string(), k.parse::<usize>().unwrap_or(0))
+            }
+            _ => (key.clone(), 0),
+        };
+        match sets.iter_mut().find(|s| s.index == index) {
+            Some(s) => s.values.push((name, Value::Tensor(t))),
+            None => sets.push(InputSet {
+                index,
+                values: vec![(name, Value::Tensor(t))],
+            }),
+        }
+    }
+    sets.sort_by_key(|s| s.index);
+    if sets.is_empty() {
+        bail!("{}: the archive holds no arrays", path.display());
+    }
+    Ok(sets)
+}
+
+/// Casts float inputs to the float dtype each input is declared with (a converted model may take f16).
+fn adapt_inputs(model: &Model, values: &[(String, Value)]) -> Vec<(String, Value)> {
+    let g = &model.graph;
+    values
+        .iter()
+        .map(|(n, v)| {
+            let want = g.value_by_name(n).and_then(|id| g.value(id).elem());
+            match (v, want) {
+                (Value::Tensor(t), Some(d))
+                    if t.data.is_float()
+                        && t.dtype() != d
+                        && matches!(d, DType::F16 | DType::BF16 | DType::F32 | DType::F64) =>
+                {
+                    let c = mpopt_exec::cast_tensor(t, d).unwrap_or_else(|_| t.clone());
+                    (n.clone(), Value::Tensor(c))
+                }
+                _ => (n.clone(), v.clone()),
+            }
+        })
+        .collect()
+}
+
+fn describe(t: &Tensor) -> String {
+    let (nan, inf) = nan_inf(t);
+    format!("{}{:?} nan={nan} inf={inf}", t.dtype(), t.shape)
+}
+
+fn nan_inf(t: &Tensor) -> (usize, usize) {
+    if !t.data.is_float() {
+        return (0, 0);
+    }
+    let v = t.to_f32s().unwrap_or_default();
+    (
+        v.iter().filter(|x| x.is_nan()).count(),
+        v.iter().filter(|x| x.is_infinite()).count(),
+    )
+}
+
+pub(crate) fn run(a: RunArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let model = crate::load(&a.model)?;
+    if let Some(o) = &a.output {
+        crate::check_output(&a.model, o)?;
+    }
+    let sets = load_inputs(&a.inputs, &model)?;
+    let set = sets
+        .into_iter()
+        .find(|s| s.index == a.set)
+        .with_context(|| format!("{}: no input set {}", a.inputs.display(), a.set))?;
+    let exec = Executor::new(&model).with_context(|| format!("{}", a.model.display()))?;
+    let t0 = Instant::now();
+    let opts = RunOptions {
+        keep_all: a.all_values,
+    };
+    let out = exec
+        .run(set.values, &opts)
+        .with_context(|| format!("{}", a.model.display()))?;
+    let dt = t0.elapsed();
+    for (name, v) in &out.outputs {
+        match v {
+            Value::Tensor(t) => eprintln!("{name}: {}", describe(t)),
+            _ => eprintln!("{name}: (non-tensor)"),
+        }
+    }
+    eprintln!(
+        "ran {} in {:.1} ms",
+        a.model.display(),
+        dt.as_secs_f64() * 1e3
+    );
+    if let Some(o) = &a.output {
+        let all: Vec<(String, &Value)> = if a.all_values {
+            out.trace
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_ref()))
+                .collect()
+        } else {
+            out.outputs.iter().map(|(n, v)| (n.clone(), v)).collect()
+        };
+        let tensors: Vec<(String, Tensor)> = all
+            .iter()
+            .filter(|(_, v)| !a.all_values || matches!(v, Value::Tensor(_)))
+            .map(|(n, v)| {
+                let t = v
+                    .tensor()
+                    .map_err(|e| anyhow::anyhow!("output '{n}': {e}"))?;
+                let t = if t.dtype() == DType::BF16 {
+                    mpopt_exec::cast_tensor(t, DType::F32).map_err(anyhow::Error::msg)?
+                } else {
+                    t.clone()
+                };
+                Ok((n.clone(), t))
+            })
+            .collect::<Result<_>>()?;
+        let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        mpopt_exec::io::write_npz(o, &refs)?;
+        eprintln!("wrote {}", o.display());
+    }
+    Ok(())
+}
+
+/// Metrics of one output over every input set.
+#[derive(serde::Serialize, Default, Clone)]
+struct Metrics {
+    name: String,
+    ref_dtype: String,
+    cand_dtype: String,
+    shape: Vec<usize>,
+    max_abs: f64,
+    max_rel: f64,
+    cosine: f64,
+    nan_ref: usize,
+    nan_cand: usize,
+    inf_ref: usize,
+    inf_cand: usize,
+    /// (agreeing rows, rows) of the arg-max over the last axis, for classifier-shaped outputs.
+    top1: Option<(usize, usize)>,
+    /// Elements past the tolerances.
+    bad: usize,
+    ok: bool,
+}
+
+fn floats(v: &Value) -> Option<(Vec<f64>, Vec<usize>, DType)> {
+    let t = v.tensor().ok()?;
+    Some((t.to_f64s().ok()?, t.shape.clone(), t.dtype()))
+}
+
+fn accumulate(m: &mut Metrics, r: &Value, c: &Value, rtol: f64, atol: f64, first: bool) {
+    let (Some((a, ash, ad)), Some((b, bsh, bd))) = (floats(r), floats(c)) else {
+        m.ok = false;
+        return;
+    };
+    if first {
+        m.ref_dtype = ad.to_string();
+        m.cand_dtype = bd.to_string();
+        m.shape = ash.clone();
+        m.cosine = 1.0;
+        m.ok = true;
+    }
+    if ash != bsh {
+        m.ok = false;
+        m.bad += a.len().max(b.len());
+        return;
+    }
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(&b) {
+        m.nan_ref += x.is_nan() as usize;
+        m.nan_cand += y.is_nan() as usize;
+        m.inf_ref += x.is_infinite() as usize;
+        m.inf_cand += y.is_infinite() as usize;
+        let bad = if x.is_nan() || y.is_nan() {
+            x.is_nan() != y.is_nan()
+        } else if x.is_infinite() || y.is_infinite() {
+            x != y
+        } else {
+            let d = (x - y).abs();
+            m.max_abs = m.max_abs.max(d);
+            m.max_rel = m.max_rel.max(d / x.abs().max(1e-12));
+            dot += x * y;
+            na += x * x;
+            nb += y * y;
+            d > atol + rtol * x.abs()
+        };
+        m.bad += bad as usize;
+    }
+    let cos = if na == 0.0 && nb == 0.0 {
+        1.0
+    } else {
+        dot / (na.sqrt() * nb.sqrt()).max(1e-300)
+    };
+    m.cosine = m.cosine.min(cos);
+    let last = ash.last().copied().unwrap_or(1);
+    if ad != DType::I64 && last > 1 && ash.len() >= 2 && a.len() / last <= 4096 {
+        let rows = a.len() / last;
+        let argmax = |v: &[f64]| {
+            v.iter()
+                .enumerate()
+                .fold(
+                    (0, f64::NEG_INFINITY),
+                    |acc, (i, &x)| if x > acc.1 { (i, x) } else { acc },
+                )
+                .0
+        };
+        let agree = (0..rows)
+            .filter(|&r| {
+                argmax(&a[r * last..(r + 1) * last]) == argmax(&b[r * last..(r + 1) * last])
+            })
+            .count();
+        let (x, y) = m.top1.unwrap_or((0, 0));
+        m.top1 = Some((x + agree, y + rows));
+    }
+    m.ok &= m.bad == 0;
+}
+
+pub(crate) fn compare(a: CompareArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let rm = crate::load(&a.reference)?;
+    let cm = crate::load(&a.candidate)?;
+    let re = Executor::new(&rm).with_context(|| format!("{}", a.reference.display()))?;
+    let ce = Executor::new(&cm).with_context(|| format!("{}", a.candidate.display()))?;
+    let sets = load_inputs(&a.inputs, &rm)?;
+    let opts = RunOptions {
+        keep_all: a.per_node,
+    };
+    let mut metrics: Vec<Metrics> = Vec::new();
+    let mut divergent: Vec<String> = Vec::new();
+    for set in &sets {
+        let ro = re
+            .run(adapt_inputs(&rm, &set.values), &opts)
+            .with_context(|| format!("{} (input set {})", a.reference.display(), set.index))?;
+        let co = ce
+            .run(adapt_inputs(&cm, &set.values), &opts)
+            .with_context(|| format!("{} (input set {})", a.candidate.display(), set.index))?;
+        for (k, (name, rv)) in ro.outputs.iter().enumerate() {
+            let Some((_, cv)) = co
+                .outputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .or(co.outputs.get(k))
+            else {
+                bail!("the candidate has no output '{name}'");
+            };
+            if metrics.len() <= k {
+                metrics.push(Metrics {
+                    name: name.clone(),
+                    ..Default::default()
+                });
+                accumulate(&mut metrics[k], rv, cv, a.rtol, a.atol, true);
+            } else {
+                accumulate(&mut metrics[k], rv, cv, a.rtol, a.atol, false);
+            }
+        }
+        if a.per_node && set.index == sets[0].index {
+            let reference: std::collections::HashMap<&str, &Value> = ro
+                .trace
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_ref()))
+                .collect();
+            for (name, cv) in &co.trace {
+                if divergent.len() >= a.top {
+                    break;
+                }
+                let Some(rv) = reference.get(name.as_str()) else {
+                    continue;
+                };
+                let mut m = Metrics::default();
+                accumulate(&mut m, rv, cv, a.rtol, a.atol, true);
+                if !m.ok && m.bad > 0 {
+                    let producer = cm
+                        .graph
+                        .value_by_name(name)
+                        .and_then(|v| cm.graph.producer(v))
+                        .map(|(n, _)| mpopt_ir::node_label(&cm.graph, n))
+                        .unwrap_or_else(|| "graph input".into());
+                    divergent.push(format!(
+                        "  {name} (from {producer}): {} of {} elements past tolerance, max abs {:.3e}, max rel {:.3e}, nan {}->{}, inf {}->{}",
+                        m.bad,
+                        m.shape.iter().product::<usize>(),
+                        m.max_abs,
+                        m.max_rel,
+                        m.nan_ref,
+                        m.nan_cand,
+                        m.inf_ref,
+                        m.inf_cand
+                    ));
+                }
+            }
+        }
+    }
+    let mut all_ok = true;
+    println!(
+        "{} input set(s); pass when |cand - ref| <= {} + {} * |ref|",
+        sets.len(),
+        a.atol,
+        a.rtol
+    );
+    for m in &metrics {
+        all_ok &= m.ok;
+        let top1 = m
+            .top1
+            .map(|(x, y)| format!(" top1 {x}/{y}"))
+            .unwrap_or_default();
+        println!(
+            "{} {}: {} -> {} {:?} max_abs {:.3e} max_rel {:.3e} cosine {:.6} nan {}->{} inf {}->{}{top1}{}",
+            if m.ok { "ok  " } else { "FAIL" },
+            m.name,
+            m.ref_dtype,
+            m.cand_dtype,
+            m.shape,
+            m.max_abs,
+            m.max_rel,
+            m.cosine,
+            m.nan_ref,
+            m.nan_cand,
+            m.inf_ref,
+            m.inf_cand,
+            if m.bad > 0 {
+                format!(" ({} elements past tolerance)", m.bad)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if a.per_node {
+        if divergent.is_empty() {
+            println!(
+                "per node: no value shared by name diverges past the tolerances (input set 0)"
+            );
+        } else {
+            println!("per node: first diverging values (input set 0, in the candidate's order):");
+            for d in &divergent {
+                println!("{d}");
+            }
+        }
+    }
+    if let Some(j) = &a.json {
+        let text = serde_json::to_string_pretty(&metrics)?;
+        std::fs::write(j, text).with_context(|| format!("cannot write {}", j.display()))?;
+    }
+    if !all_ok {
+        bail!("the candidate's outputs differ from the reference past the tolerances");
+    }
+    Ok(())
+}

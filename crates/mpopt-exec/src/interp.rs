@@ -1,0 +1,443 @@
+//! The interpreter: plans each graph once (constants converted, use counts, subgraph plans), then runs nodes in
+//! schedule order, freeing every value after its last use.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mpopt_ir::{AttrValue, Graph, Model, Node, NodeId, ValueId};
+
+use crate::ops;
+use crate::{ExecError, Tensor, Value};
+
+/// How to run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Keep every intermediate value of the main graph (for per-node comparison and calibration) instead of
+    /// freeing it after its last use.
+    pub keep_all: bool,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// The graph outputs, in order, by name.
+    pub outputs: Vec<(String, Value)>,
+    /// With [`RunOptions::keep_all`]: every node output of the main graph in schedule order (graph inputs
+    /// first), by name.
+    pub trace: Vec<(String, Arc<Value>)>,
+}
+
+/// The plan of one graph.
+struct GraphPlan {
+    /// Initializers, converted once.
+    consts: Vec<(ValueId, Arc<Value>)>,
+    /// Uses of each value (input slots, implicit inputs, graph outputs).
+    uses: Vec<u32>,
+    /// Schedule.
+    order: Vec<NodeId>,
+    /// Plans of subgraphs by node, in attribute order (attribute name, graph plan).
+    subs: HashMap<NodeId, Vec<(String, GraphPlan)>>,
+}
+
+/// A model prepared to run: ops checked, constants converted. Cheap to run many times.
+pub struct Executor<'m> {
+    model: &'m Model,
+    opset: i64,
+    main: GraphPlan,
+}
+
+impl<'m> Executor<'m> {
+    /// Prepares `model`; fails listing every op that has no kernel.
+    pub fn new(model: &'m Model) -> Result<Executor<'m>, ExecError> {
+        let opset = model.opset("").unwrap_or(21);
+        let mut unsupported = Vec::new();
+        collect_unsupported(&model.graph, &mut unsupported);
+        if !unsupported.is_empty() {
+            unsupported.sort();
+            unsupported.dedup();
+            return Err(ExecError::Unsupported(unsupported));
+        }
+        let main = plan(&model.graph)?;
+        Ok(Executor { model, opset, main })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        self.model
+    }
+
+    /// Runs the main graph on named inputs. Inputs with an initializer may be left out (the initializer is the
+    /// default).
+    pub fn run(
+        &self,
+        inputs: Vec<(String, Value)>,
+        opts: &RunOptions,
+    ) -> Result<RunOutput, ExecError> {
+        let g = &self.model.graph;
+        let expected = describe_inputs(g);
+        let mut given: HashMap<String, Value> = HashMap::new();
+        for (name, v) in inputs {
+            let Some(id) = g.value_by_name(&name).filter(|id| g.inputs().contains(id)) else {
+                return Err(ExecError::UnknownInput {
+                    name,
+                    expected: expected.clone(),
+                });
+            };
+            check_input(g, id, &name, &v)?;
+            given.insert(name, v);
+        }
+        let mut positional = Vec::new();
+        let mut missing = Vec::new();
+        for &i in g.inputs() {
+            let name = g.value(i).name();
+            match given.remove(name) {
+                Some(v) => positional.push(Some(Arc::new(v))),
+                None if g.value(i).initializer.is_some() => positional.push(None),
+                None => missing.push(format!("'{name}'")),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ExecError::MissingInput {
+                missing: missing.join(", "),
+                expected,
+            });
+        }
+        let mut trace = opts.keep_all.then(Vec::new);
+        let outs = self
+            .run_graph(&self.main, g, positional, &[], &mut trace, "")
+            .map_err(|e| *e)?;
+        let outputs = g
+            .outputs()
+            .iter()
+            .zip(outs)
+            .map(|(&o, v)| {
+                let v = Arc::try_unwrap(v).unwrap_or_else(|a| (*a).clone());
+                (g.value(o).name().to_string(), v)
+            })
+            .collect();
+        Ok(RunOutput {
+            outputs,
+            trace: trace.unwrap_or_default(),
+        })
+    }
+
+    /// Runs one graph. `inputs` are positional (None: use the input's initializer); `captures` resolve the
+    /// graph's outer-scope reads by name.
+    fn run_graph(
+        &self,
+        plan: &GraphPlan,
+        g: &Graph,
+        inputs: Vec<Option<Arc<Value>>>,
+        captures: &[(String, Arc<Value>)],
+        trace: &mut Option<Vec<(String, Arc<Value>)>>,
+        path: &str,
+    ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
+        let mut env: Vec<Option<Arc<Value>>> = vec![None; g.value_bound()];
+        for (id, v) in &plan.consts {
+            env[id.index()] = Some(v.clone());
+        }
+        for (&id, v) in g.inputs().iter().zip(inputs) {
+            if let Some(v) = v {
+                env[id.index()] = Some(v);
+            }
+        }
+        for &c in g.captures() {
+            let name = g.value(c).name();
+            let v = captures
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone());
+            match v {
+                Some(v) => env[c.index()] = Some(v),
+                None => {
+                    return Err(Box::new(ExecError::Node {
+                        node: path.to_string(),
+                        op: "subgraph".into(),
+                        msg: format!("outer-scope value '{name}' is not available"),
+                    }));
+                }
+            }
+        }
+        if let Some(t) = trace.as_mut() {
+            for &i in g.inputs() {
+                if let Some(v) = &env[i.index()] {
+                    t.push((g.value(i).name().to_string(), v.clone()));
+                }
+            }
+        }
+        let mut uses = plan.uses.clone();
+        for &n in &plan.order {
+            let node = g.node(n);
+            let label = || {
+                let own = if node.name.is_empty() {
+                    format!("#{}", n.0)
+                } else {
+                    format!("'{}'", node.name)
+                };
+                if path.is_empty() {
+                    own
+                } else {
+                    format!("{path} > {own}")
+                }
+            };
+            let fail = |msg: String| {
+                Box::new(ExecError::Node {
+                    node: label(),
+                    op: node.qualified_op(),
+                    msg,
+                })
+            };
+            let mut ins = Vec::with_capacity(node.inputs().len());
+            for (slot, v) in node.inputs().iter().enumerate() {
+                match v {
+                    None => ins.push(None),
+                    Some(v) => match &env[v.index()] {
+                        Some(x) => ins.push(Some(x.clone())),
+                        None => {
+                            return Err(fail(format!(
+                                "input {slot} '{}' has no value (the graph does not define it)",
+                                g.value(*v).name()
+                            )));
+                        }
+                    },
+                }
+            }
+            let implicit: Vec<(String, Arc<Value>)> = node
+                .implicit_inputs()
+                .iter()
+                .filter_map(|&v| {
+                    env[v.index()]
+                        .clone()
+                        .map(|x| (g.value(v).name().to_string(), x))
+                })
+                .collect();
+            let sub = SubRunner {
+                exec: self,
+                plans: plan.subs.get(&n),
+                node,
+                implicit: &implicit,
+                path: label(),
+            };
+            let mut ctx = ops::Ctx {
+                node,
+                inputs: ins,
+                opset: self.opset,
+                sub: &sub,
+            };
+            let outs = ops::run(&mut ctx).map_err(fail)?;
+            drop(ctx);
+            let mut outs = outs.into_iter();
+            for (slot, o) in node.outputs().iter().enumerate() {
+                let v = outs.next();
+                let Some(o) = o else { continue };
+                let Some(v) = v else {
+                    return Err(fail(format!("the kernel produced no output {slot}")));
+                };
+                let v = Arc::new(v);
+                if let Some(t) = trace.as_mut() {
+                    t.push((g.value(*o).name().to_string(), v.clone()));
+                }
+                env[o.index()] = Some(v);
+            }
+            if trace.is_none() {
+                for v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
+                    let u = &mut uses[v.index()];
+                    *u = u.saturating_sub(1);
+                    if *u == 0 {
+                        env[v.index()] = None;
+                    }
+                }
+            }
+        }
+        g.outputs()
+            .iter()
+            .map(|&o| {
+                env[o.index()].clone().ok_or_else(|| {
+                    Box::new(ExecError::Node {
+                        node: path.to_string(),
+                        op: "graph".into(),
+                        msg: format!("output '{}' was not computed", g.value(o).name()),
+                    })
+                })
+            })
+            .collect()
+    }
+}
+
+/// Lets a kernel run its node's subgraphs.
+pub(crate) struct SubRunner<'a, 'm> {
+    exec: &'a Executor<'m>,
+    plans: Option<&'a Vec<(String, GraphPlan)>>,
+    node: &'a Node,
+    implicit: &'a [(String, Arc<Value>)],
+    path: String,
+}
+
+impl SubRunner<'_, '_> {
+    /// Runs the subgraph held by attribute `attr` on positional inputs; returns its outputs.
+    pub(crate) fn run(
+        &self,
+        attr: &str,
+        inputs: Vec<Arc<Value>>,
+    ) -> Result<Vec<Arc<Value>>, String> {
+        let g = match self.node.attr(attr).map(|a| &a.value) {
+            Some(AttrValue::Graph(g)) => g.as_ref(),
+            _ => return Err(format!("attribute '{attr}' is not a graph")),
+        };
+        let plan = self
+            .plans
+            .and_then(|p| p.iter().find(|(a, _)| a == attr))
+            .map(|(_, p)| p)
+            .ok_or_else(|| format!("no plan for subgraph '{attr}'"))?;
+        if inputs.len() != g.inputs().len() {
+            return Err(format!(
+                "subgraph '{attr}' takes {} inputs, given {}",
+                g.inputs().len(),
+                inputs.len()
+            ));
+        }
+        let path = format!("{} > {attr}", self.path);
+        let ins = inputs.into_iter().map(Some).collect();
+        self.exec
+            .run_graph(plan, g, ins, self.implicit, &mut None, &path)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The subgraph held by attribute `attr`.
+    pub(crate) fn graph(&self, attr: &str) -> Option<&Graph> {
+        match self.node.attr(attr).map(|a| &a.value) {
+            Some(AttrValue::Graph(g)) => Some(g.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+fn plan(g: &Graph) -> Result<GraphPlan, ExecError> {
+    let mut consts = Vec::new();
+    for &i in g.initializers() {
+        let v = g.value(i);
+        if let Some(t) = &v.initializer {
+            let t = Tensor::from_ir(t).map_err(|msg| ExecError::Constant {
+                name: v.name().to_string(),
+                msg,
+            })?;
+            consts.push((i, Arc::new(Value::Tensor(t))));
+        }
+    }
+    // Inputs with a default value: the initializer is filled first and replaced when the input is given.
+    for &i in g.inputs() {
+        let v = g.value(i);
+        if let (Some(t), false) = (&v.initializer, g.initializers().contains(&i)) {
+            let t = Tensor::from_ir(t).map_err(|msg| ExecError::Constant {
+                name: v.name().to_string(),
+                msg,
+            })?;
+            consts.push((i, Arc::new(Value::Tensor(t))));
+        }
+    }
+    let mut uses = vec![0u32; g.value_bound()];
+    let mut order = Vec::with_capacity(g.node_count());
+    let mut subs = HashMap::new();
+    for (n, node) in g.nodes() {
+        order.push(n);
+        for v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
+            uses[v.index()] += 1;
+        }
+        let mut plans = Vec::new();
+        for a in &node.attributes {
+            if let AttrValue::Graph(sg) = &a.value {
+                plans.push((a.name.clone(), plan(sg)?));
+            }
+        }
+        if !plans.is_empty() {
+            subs.insert(n, plans);
+        }
+    }
+    for &o in g.outputs() {
+        uses[o.index()] += 1;
+    }
+    Ok(GraphPlan {
+        consts,
+        uses,
+        order,
+        subs,
+    })
+}
+
+fn collect_unsupported(g: &Graph, out: &mut Vec<String>) {
+    for (_, node) in g.nodes() {
+        if !ops::is_supported(&node.domain, &node.op_type) {
+            out.push(node.qualified_op());
+        }
+        for (_, sg) in node.subgraphs() {
+            collect_unsupported(sg, out);
+        }
+    }
+}
+
+fn describe_inputs(g: &Graph) -> String {
+    let list: Vec<String> = g
+        .inputs()
+        .iter()
+        .map(|&i| {
+            let v = g.value(i);
+            let ty =
+                v.ty.as_ref()
+                    .map_or("?".to_string(), mpopt_ir::text::type_string);
+            format!("'{}' {ty}", v.name())
+        })
+        .collect();
+    list.join(", ")
+}
+
+fn check_input(g: &Graph, id: ValueId, name: &str, v: &Value) -> Result<(), ExecError> {
+    let Some(ty) = g.value(id).ty.as_ref() else {
+        return Ok(());
+    };
+    let bad = |msg: String| ExecError::BadInput {
+        name: name.to_string(),
+        msg,
+    };
+    let (Some(elem), Value::Tensor(t)) = (ty.tensor_elem(), v) else {
+        return Ok(());
+    };
+    if elem != t.dtype() {
+        return Err(bad(format!(
+            "dtype {} given, the model expects {}",
+            t.dtype(),
+            elem
+        )));
+    }
+    if let Some(dims) = ty.tensor_shape() {
+        let shape_s = || {
+            let d: Vec<String> = dims
+                .iter()
+                .map(|d| {
+                    d.value
+                        .as_known()
+                        .map_or("?".to_string(), |k| k.to_string())
+                })
+                .collect();
+            format!("[{}]", d.join(", "))
+        };
+        if dims.len() != t.rank() {
+            return Err(bad(format!(
+                "shape {:?} given, the model expects {}",
+                t.shape,
+                shape_s()
+            )));
+        }
+        for (d, &have) in dims.iter().zip(&t.shape) {
+            if let Some(k) = d.value.as_known().filter(|&k| k >= 0)
+                && k != have as i64
+            {
+                return Err(bad(format!(
+                    "shape {:?} given, the model expects {}",
+                    t.shape,
+                    shape_s()
+                )));
+            }
+        }
+    }
+    Ok(())
+}

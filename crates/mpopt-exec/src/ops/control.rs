@@ -1,0 +1,320 @@
+//! Control flow (If, Loop, Scan), sequences and optionals. Subgraphs run through the interpreter with the
+//! node's implicit inputs as their outer scope.
+
+use std::sync::Arc;
+
+use mpopt_ir::DType;
+
+use super::shape::{concat_t, narrow, transpose_t};
+use super::{Ctx, R, axis, one};
+use crate::{Tensor, Value, numel};
+
+fn unwrap_all(v: Vec<Arc<Value>>) -> Vec<Value> {
+    v.into_iter()
+        .map(|a| Arc::try_unwrap(a).unwrap_or_else(|a| (*a).clone()))
+        .collect()
+}
+
+fn truthy(t: &Tensor) -> R<bool> {
+    match t.to_i64s()?.as_slice() {
+        [x] => Ok(*x != 0),
+        v => Err(format!("a condition must hold one value, got {}", v.len())),
+    }
+}
+
+pub(crate) fn if_(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let c = truthy(ctx.t(0)?)?;
+    let branch = if c { "then_branch" } else { "else_branch" };
+    Ok(unwrap_all(ctx.sub.run(branch, Vec::new())?))
+}
+
+/// Stacks per-iteration tensors along a new axis `ax` (scan outputs).
+fn stack(items: &[Tensor], ax: usize, dtype: DType) -> R<Tensor> {
+    if items.is_empty() {
+        return Ok(Tensor::new(vec![0], crate::Data::empty(dtype)?));
+    }
+    let expanded: Vec<Tensor> = items
+        .iter()
+        .map(|t| {
+            let mut s = t.shape.clone();
+            s.insert(ax.min(s.len()), 1);
+            t.clone().reshaped(s)
+        })
+        .collect();
+    let refs: Vec<&Tensor> = expanded.iter().collect();
+    concat_t(&refs, ax.min(items[0].rank()))
+}
+
+pub(crate) fn loop_(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let max_trip = ctx
+        .opt(0)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.scalar_i64())
+        .transpose()?;
+    let mut cond = ctx
+        .opt(1)
+        .filter(|t| !t.is_empty())
+        .map(truthy)
+        .transpose()?
+        .unwrap_or(true);
+    let mut carried: Vec<Arc<Value>> = (2..ctx.n_in())
+        .map(|i| {
+            ctx.inputs[i]
+                .clone()
+                .ok_or_else(|| format!("loop-carried input {i} is missing"))
+        })
+        .collect::<R<_>>()?;
+    let body = ctx.sub.graph("body").ok_or("Loop has no body")?;
+    let n_carried = carried.len();
+    let n_scan = body.outputs().len().saturating_sub(1 + n_carried);
+    let mut scans: Vec<Vec<Value>> = vec![Vec::new(); n_scan];
+    let mut i = 0i64;
+    while max_trip.is_none_or(|m| i < m) && cond {
+        let mut ins = vec![
+            Arc::new(Value::Tensor(Tensor::i64(vec![], vec![i]))),
+            Arc::new(Value::Tensor(Tensor::bool(vec![], vec![cond]))),
+        ];
+        ins.extend(carried.iter().cloned());
+        let outs = ctx.sub.run("body", ins)?;
+        cond = truthy(outs[0].tensor()?)?;
+        carried = outs[1..1 + n_carried].to_vec();
+        for (k, s) in outs[1 + n_carried..].iter().enumerate() {
+            scans[k].push((**s).clone());
+        }
+        i += 1;
+        if i > 10_000_000 {
+            return Err("Loop ran 10,000,000 iterations; stopping".into());
+        }
+    }
+    let mut res = unwrap_all(carried);
+    for (k, s) in scans.into_iter().enumerate() {
+        let tensors: Vec<Tensor> = s.into_iter().map(|v| v.into_tensor()).collect::<R<_>>()?;
+        let dtype = body
+            .outputs()
+            .get(1 + n_carried + k)
+            .and_then(|&o| body.value(o).elem())
+            .or_else(|| tensors.first().map(|t| t.dtype()))
+            .unwrap_or(DType::F32);
+        // Sequence-typed scan outputs are not stacked.
+        res.push(Value::Tensor(stack(&tensors, 0, dtype)?));
+    }
+    Ok(res)
+}
+
+pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let m = ctx.ai("num_scan_inputs", 0) as usize;
+    let body = ctx.sub.graph("body").ok_or("Scan has no body")?;
+    let n_in = ctx.n_in();
+    let first = if ctx.opset < 9 { 1 } else { 0 };
+    let n_state = n_in - first - m;
+    let n_out_scan = body.outputs().len() - n_state;
+    let in_axes = ctx.ais("scan_input_axes").unwrap_or_else(|| vec![0; m]);
+    let in_dirs = ctx
+        .ais("scan_input_directions")
+        .unwrap_or_else(|| vec![0; m]);
+    let out_axes = ctx
+        .ais("scan_output_axes")
+        .unwrap_or_else(|| vec![0; n_out_scan]);
+    let out_dirs = ctx
+        .ais("scan_output_directions")
+        .unwrap_or_else(|| vec![0; n_out_scan]);
+    let mut state: Vec<Arc<Value>> = (first..first + n_state)
+        .map(|i| {
+            ctx.inputs[i]
+                .clone()
+                .ok_or("missing state input".to_string())
+        })
+        .collect::<R<_>>()?;
+    let scan_ins: Vec<Tensor> = (first + n_state..n_in)
+        .enumerate()
+        .map(|(k, i)| {
+            let t = ctx.t(i)?;
+            let ax = axis(in_axes[k], t.rank())?;
+            // Move the scan axis to the front.
+            let mut perm: Vec<usize> = (0..t.rank()).collect();
+            perm.remove(ax);
+            perm.insert(0, ax);
+            Ok(transpose_t(t, &perm))
+        })
+        .collect::<R<_>>()?;
+    let steps = scan_ins.first().map_or(0, |t| t.shape[0]);
+    let mut outs: Vec<Vec<Tensor>> = vec![Vec::new(); n_out_scan];
+    for s in 0..steps {
+        let mut ins = state.clone();
+        for (k, t) in scan_ins.iter().enumerate() {
+            let idx = if in_dirs[k] == 1 { steps - 1 - s } else { s };
+            let sl = narrow(t, 0, idx, 1);
+            let shape = sl.shape[1..].to_vec();
+            ins.push(Arc::new(Value::Tensor(sl.reshaped(shape))));
+        }
+        let res = ctx.sub.run("body", ins)?;
+        state = res[..n_state].to_vec();
+        for (k, v) in res[n_state..].iter().enumerate() {
+            outs[k].push(v.tensor()?.clone());
+        }
+    }
+    let mut result = unwrap_all(state);
+    for (k, mut items) in outs.into_iter().enumerate() {
+        if out_dirs[k] == 1 {
+            items.reverse();
+        }
+        let dtype = body
+            .value(body.outputs()[n_state + k])
+            .elem()
+            .unwrap_or(DType::F32);
+        let st = stack(&items, 0, dtype)?;
+        let r = st.rank();
+        let ax = axis(out_axes[k], r)?;
+        let t = if ax == 0 {
+            st
+        } else {
+            let mut perm: Vec<usize> = (1..r).collect();
+            perm.insert(ax, 0);
+            transpose_t(&st, &perm)
+        };
+        result.push(Value::Tensor(t));
+    }
+    Ok(result)
+}
+
+fn seq<'c>(ctx: &'c Ctx, i: usize) -> R<(&'c Vec<Tensor>, DType)> {
+    match ctx.val(i) {
+        Some(Value::Seq(v, d)) => Ok((v, *d)),
+        Some(Value::Opt(Some(b), _)) => match b.as_ref() {
+            Value::Seq(v, d) => Ok((v, *d)),
+            _ => Err(format!("input {i} is not a sequence")),
+        },
+        _ => Err(format!("input {i} is not a sequence")),
+    }
+}
+
+fn position(ctx: &Ctx, i: usize, len: usize, insert: bool) -> R<Option<usize>> {
+    let Some(p) = ctx.opt(i).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    let p = p.scalar_i64()?;
+    let lim = if insert { len as i64 + 1 } else { len as i64 };
+    let q = if p < 0 { p + len as i64 } else { p };
+    if q < 0 || q >= lim {
+        return Err(format!(
+            "position {p} is out of range for a sequence of {len}"
+        ));
+    }
+    Ok(Some(q as usize))
+}
+
+pub(crate) fn sequence_construct(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let ts: Vec<Tensor> = (0..ctx.n_in())
+        .map(|i| ctx.t(i).cloned())
+        .collect::<R<_>>()?;
+    let d = ts.first().map_or(DType::F32, |t| t.dtype());
+    Ok(vec![Value::Seq(ts, d)])
+}
+pub(crate) fn sequence_empty(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let d = DType::from_code(ctx.ai("dtype", 1) as i32).ok_or("unknown dtype")?;
+    Ok(vec![Value::Seq(Vec::new(), d)])
+}
+pub(crate) fn sequence_at(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (s, _) = seq(ctx, 0)?;
+    let p = position(ctx, 1, s.len(), false)?.ok_or("position is required")?;
+    one(s[p].clone())
+}
+pub(crate) fn sequence_insert(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (s, d) = seq(ctx, 0)?;
+    let t = ctx.t(1)?.clone();
+    let mut s = s.clone();
+    let p = position(ctx, 2, s.len(), true)?.unwrap_or(s.len());
+    s.insert(p, t);
+    Ok(vec![Value::Seq(s, d)])
+}
+pub(crate) fn sequence_erase(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (s, d) = seq(ctx, 0)?;
+    let mut s = s.clone();
+    if s.is_empty() {
+        return Err("cannot erase from an empty sequence".into());
+    }
+    let p = position(ctx, 1, s.len(), false)?.unwrap_or(s.len() - 1);
+    s.remove(p);
+    Ok(vec![Value::Seq(s, d)])
+}
+pub(crate) fn sequence_length(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (s, _) = seq(ctx, 0)?;
+    one(Tensor::i64(vec![], vec![s.len() as i64]))
+}
+pub(crate) fn concat_from_sequence(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (s, d) = seq(ctx, 0)?;
+    let new_axis = ctx.ai("new_axis", 0) != 0;
+    let r = s.first().map_or(0, |t| t.rank());
+    if new_axis {
+        let ax = axis(ctx.ai("axis", 0), r + 1)?;
+        return one(stack(s, ax, d)?);
+    }
+    let ax = axis(ctx.ai("axis", 0), r)?;
+    let refs: Vec<&Tensor> = s.iter().collect();
+    one(concat_t(&refs, ax)?)
+}
+pub(crate) fn split_to_sequence(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let ax = axis(ctx.ai("axis", 0), t.rank())?;
+    let keep = ctx.ai("keepdims", 1) != 0;
+    let dim = t.shape[ax];
+    let mut parts = Vec::new();
+    match ctx.opt(1) {
+        None => {
+            for i in 0..dim {
+                let p = narrow(t, ax, i, 1);
+                let p = if keep {
+                    p
+                } else {
+                    let mut s = p.shape.clone();
+                    s.remove(ax);
+                    p.reshaped(s)
+                };
+                parts.push(p);
+            }
+        }
+        Some(sp) => {
+            let sizes: Vec<usize> = if sp.rank() == 0 {
+                let each = sp.scalar_i64()? as usize;
+                let n = dim.div_ceil(each.max(1));
+                (0..n).map(|i| each.min(dim - i * each)).collect()
+            } else {
+                sp.to_i64s()?.iter().map(|&x| x as usize).collect()
+            };
+            let mut start = 0;
+            for s in sizes {
+                parts.push(narrow(t, ax, start, s));
+                start += s;
+            }
+        }
+    }
+    let _ = numel(&t.shape);
+    Ok(vec![Value::Seq(parts, t.dtype())])
+}
+
+pub(crate) fn optional(ctx: &mut Ctx) -> R<Vec<Value>> {
+    match ctx.val(0) {
+        Some(v) => {
+            let d = match v {
+                Value::Tensor(t) => t.dtype(),
+                Value::Seq(_, d) | Value::Opt(_, d) => *d,
+            };
+            Ok(vec![Value::Opt(Some(Box::new(v.clone())), d)])
+        }
+        None => Ok(vec![Value::Opt(None, DType::F32)]),
+    }
+}
+pub(crate) fn optional_has_element(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let has = match ctx.val(0) {
+        None | Some(Value::Opt(None, _)) => false,
+        Some(_) => true,
+    };
+    one(Tensor::bool(vec![], vec![has]))
+}
+pub(crate) fn optional_get_element(ctx: &mut Ctx) -> R<Vec<Value>> {
+    match ctx.val(0) {
+        Some(Value::Opt(Some(v), _)) => Ok(vec![(**v).clone()]),
+        Some(Value::Opt(None, _)) | None => Err("the optional is empty".into()),
+        Some(v) => Ok(vec![v.clone()]),
+    }
+}

@@ -1,0 +1,826 @@
+//! MatMul, Gemm, Conv, ConvTranspose and Einsum. Products go through the `gemm` crate (f32 and f64); half
+//! inputs arrive widened to f32, so every product accumulates in f32 as cuBLAS does with `CUBLAS_COMPUTE_32F`.
+
+use rayon::prelude::*;
+
+use super::elementwise::{bcast_offsets, broadcast_shape};
+use super::{Ctx, R, one};
+use crate::{Data, Tensor, Value, numel};
+
+/// `dst (m x n) = lhs (m x k) * rhs (k x n)` (+ dst when `acc`), with element strides (row, column).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm<T: 'static + Copy + Default>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    lhs: &[T],
+    (lrs, lcs): (usize, usize),
+    rhs: &[T],
+    (rrs, rcs): (usize, usize),
+    acc: bool,
+    one: T,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            dst[..m * n].fill(T::default());
+        }
+        return;
+    }
+    assert!(dst.len() >= m * n);
+    assert!(lhs.len() > (m - 1) * lrs + (k - 1) * lcs);
+    assert!(rhs.len() > (k - 1) * rrs + (n - 1) * rcs);
+    // SAFETY: the asserts above bound every index the kernel touches: dst is m x n row-major, lhs and rhs are
+    // read at (i * rs + j * cs) for i < rows, j < cols.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            acc,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(0),
+        );
+    }
+}
+
+fn f32s(t: &Tensor) -> R<std::borrow::Cow<'_, [f32]>> {
+    match &t.data {
+        Data::F32(v) => Ok(std::borrow::Cow::Borrowed(v)),
+        _ => Ok(std::borrow::Cow::Owned(t.to_f32s()?)),
+    }
+}
+
+pub(crate) fn matmul(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (a, b) = (ctx.t(0)?, ctx.t(1)?);
+    match (&a.data, &b.data) {
+        (Data::F64(x), Data::F64(y)) => {
+            let (o, s) = matmul_t(x, &a.shape, y, &b.shape, 1.0f64)?;
+            one(Tensor::new(s, Data::F64(o)))
+        }
+        (Data::F32(_), Data::F32(_)) | (Data::F32(_), _) | (_, Data::F32(_))
+            if a.data.is_float() =>
+        {
+            let (x, y) = (f32s(a)?, f32s(b)?);
+            let (o, s) = matmul_t(&x, &a.shape, &y, &b.shape, 1.0f32)?;
+            one(Tensor::f32(s, o))
+        }
+        _ => {
+            // Integer MatMul: exact in i64.
+            let (x, y) = (a.to_i64s()?, b.to_i64s()?);
+            let (x, y): (Vec<f64>, Vec<f64>) = (
+                x.iter().map(|&v| v as f64).collect(),
+                y.iter().map(|&v| v as f64).collect(),
+            );
+            let (o, s) = matmul_t(&x, &a.shape, &y, &b.shape, 1.0f64)?;
+            one(super::elementwise::cast_tensor(
+                &Tensor::new(s, Data::F64(o)),
+                a.dtype(),
+            )?)
+        }
+    }
+}
+
+/// numpy matmul semantics: 1-D operands are promoted and the added dim removed; batch dims broadcast.
+pub(crate) fn matmul_t<T: 'static + Copy + Default + Send + Sync>(
+    a: &[T],
+    ash: &[usize],
+    b: &[T],
+    bsh: &[usize],
+    one: T,
+) -> R<(Vec<T>, Vec<usize>)> {
+    let (mut ash2, mut bsh2) = (ash.to_vec(), bsh.to_vec());
+    if ash2.len() == 1 {
+        ash2.insert(0, 1);
+    }
+    if bsh2.len() == 1 {
+        bsh2.push(1);
+    }
+    if ash2.is_empty() || bsh2.is_empty() {
+        return Err("MatMul operands must have rank >= 1".into());
+    }
+    let (m, k) = (ash2[ash2.len() - 2], ash2[ash2.len() - 1]);
+    let (k2, n) = (bsh2[bsh2.len() - 2], bsh2[bsh2.len() - 1]);
+    if k != k2 {
+        return Err(format!("MatMul shapes {ash:?} and {bsh:?} do not match"));
+    }
+    let abatch = &ash2[..ash2.len() - 2];
+    let bbatch = &bsh2[..bsh2.len() - 2];
+    let batch = broadcast_shape(abatch, bbatch)?;
+    let nb = numel(&batch);
+    let mut out = vec![T::default(); nb * m * n];
+    if numel(bbatch) == 1 && abatch.len() >= bbatch.len() {
+        // B shared by every batch: one product with the batches stacked into rows.
+        mm(nb * m, n, k, &mut out, a, (k, 1), b, (n, 1), false, one);
+    } else {
+        let ao = bcast_offsets(abatch, &batch);
+        let bo = bcast_offsets(bbatch, &batch);
+        for (i, c) in out.chunks_mut((m * n).max(1)).enumerate().take(nb) {
+            let (pa, pb) = (ao[i] * m * k, bo[i] * k * n);
+            mm(m, n, k, c, &a[pa..], (k, 1), &b[pb..], (n, 1), false, one);
+        }
+    }
+    let mut shape = batch;
+    if ash.len() > 1 {
+        shape.push(m);
+    }
+    if bsh.len() > 1 {
+        shape.push(n);
+    }
+    Ok((out, shape))
+}
+
+pub(crate) fn gemm(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (a, b) = (ctx.t(0)?, ctx.t(1)?);
+    let (alpha, beta) = (ctx.af("alpha", 1.0), ctx.af("beta", 1.0));
+    let (ta, tb) = (ctx.ai("transA", 0) != 0, ctx.ai("transB", 0) != 0);
+    if a.rank() != 2 || b.rank() != 2 {
+        return Err("Gemm takes 2-D A and B".into());
+    }
+    let (m, k) = if ta {
+        (a.shape[1], a.shape[0])
+    } else {
+        (a.shape[0], a.shape[1])
+    };
+    let (k2, n) = if tb {
+        (b.shape[1], b.shape[0])
+    } else {
+        (b.shape[0], b.shape[1])
+    };
+    if k != k2 {
+        return Err(format!(
+            "Gemm shapes {:?} and {:?} do not match",
+            a.shape, b.shape
+        ));
+    }
+    let c = ctx.opt(2);
+    macro_rules! go {
+        ($x:expr, $y:expr, $c:expr, $ty:ty, $var:ident) => {{
+            let (x, y) = ($x, $y);
+            let mut out: Vec<$ty> = vec![0.0; m * n];
+            let ls = if ta { (1, m) } else { (k, 1) };
+            let rs = if tb { (1, k) } else { (n, 1) };
+            mm(m, n, k, &mut out, &x, ls, &y, rs, false, 1.0);
+            let alpha = alpha as $ty;
+            if alpha != 1.0 {
+                out.iter_mut().for_each(|v| *v *= alpha);
+            }
+            if let Some(c) = $c {
+                let cv: Vec<$ty> = c;
+                let csh = ctx.opt(2).map(|t| t.shape.clone()).unwrap_or_default();
+                let offs = bcast_offsets(&csh, &[m, n]);
+                let beta = beta as $ty;
+                for (o, &p) in out.iter_mut().zip(&offs) {
+                    *o += beta * cv[p];
+                }
+            }
+            one(Tensor::new(vec![m, n], Data::$var(out)))
+        }};
+    }
+    match &a.data {
+        Data::F64(_) => go!(
+            a.to_f64s()?,
+            b.to_f64s()?,
+            c.map(|c| c.to_f64s()).transpose()?,
+            f64,
+            F64
+        ),
+        _ => go!(
+            f32s(a)?,
+            f32s(b)?,
+            c.map(|c| c.to_f32s()).transpose()?,
+            f32,
+            F32
+        ),
+    }
+}
+
+/// Spatial geometry of a convolution or pooling window.
+#[derive(Clone, Debug)]
+pub(crate) struct Window {
+    pub kernel: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    /// Padding before each spatial dim.
+    pub pad_begin: Vec<usize>,
+    /// Padding after each spatial dim.
+    pub pad_end: Vec<usize>,
+    pub out: Vec<usize>,
+}
+
+/// Resolves kernel, strides, dilations, pads (explicit or `auto_pad`) and output sizes. `ceil` rounds the
+/// output size up (pooling's `ceil_mode`).
+pub(crate) fn window(ctx: &Ctx, input: &[usize], kernel: Vec<usize>, ceil: bool) -> R<Window> {
+    let r = input.len();
+    if kernel.len() != r {
+        return Err(format!(
+            "kernel {kernel:?} does not match spatial dims {input:?}"
+        ));
+    }
+    let get = |name: &str, d: usize| -> Vec<usize> {
+        ctx.ais(name)
+            .map(|v| v.iter().map(|&x| x.max(0) as usize).collect())
+            .unwrap_or_else(|| vec![d; r])
+    };
+    let strides = get("strides", 1);
+    let dilations = get("dilations", 1);
+    let auto = ctx.as_str("auto_pad").unwrap_or_else(|| "NOTSET".into());
+    let mut pad_begin = vec![0; r];
+    let mut pad_end = vec![0; r];
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let ek = (kernel[i] - 1) * dilations[i] + 1;
+        match auto.as_str() {
+            "SAME_UPPER" | "SAME_LOWER" => {
+                let o = input[i].div_ceil(strides[i]);
+                let total = ((o - 1) * strides[i] + ek).saturating_sub(input[i]);
+                let small = total / 2;
+                let (b, e) = if auto == "SAME_UPPER" {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                };
+                pad_begin[i] = b;
+                pad_end[i] = e;
+                out[i] = o;
+            }
+            "VALID" => {
+                out[i] = if input[i] >= ek {
+                    (input[i] - ek) / strides[i] + 1
+                } else {
+                    0
+                };
+            }
+            _ => {
+                let pads = ctx.ais("pads").unwrap_or_else(|| vec![0; 2 * r]);
+                if pads.len() != 2 * r {
+                    return Err(format!("pads {pads:?} do not match {r} spatial dims"));
+                }
+                pad_begin[i] = pads[i].max(0) as usize;
+                pad_end[i] = pads[i + r].max(0) as usize;
+                let span = input[i] + pad_begin[i] + pad_end[i];
+                if span < ek {
+                    return Err(format!(
+                        "kernel {kernel:?} is larger than the padded input {input:?}"
+                    ));
+                }
+                let num = span - ek;
+                out[i] = if ceil {
+                    let o = num.div_ceil(strides[i]) + 1;
+                    // The last window must start inside the input or the left padding.
+                    if (o - 1) * strides[i] >= input[i] + pad_begin[i] {
+                        o - 1
+                    } else {
+                        o
+                    }
+                } else {
+                    num / strides[i] + 1
+                };
+            }
+        }
+    }
+    Ok(Window {
+        kernel,
+        strides,
+        dilations,
+        pad_begin,
+        pad_end,
+        out,
+    })
+}
+
+/// im2col for 2-D windows: rows (c, kh, kw), columns (oh, ow).
+fn im2col2d(x: &[f32], c: usize, (h, w): (usize, usize), win: &Window, col: &mut [f32]) {
+    let (kh, kw) = (win.kernel[0], win.kernel[1]);
+    let (oh, ow) = (win.out[0], win.out[1]);
+    let (sh, sw) = (win.strides[0], win.strides[1]);
+    let (dh, dw) = (win.dilations[0], win.dilations[1]);
+    let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
+    let plane = oh * ow;
+    col.par_chunks_mut(plane * kh * kw)
+        .take(c)
+        .enumerate()
+        .for_each(|(ci, rows)| {
+            let xc = &x[ci * h * w..(ci + 1) * h * w];
+            for i in 0..kh {
+                for j in 0..kw {
+                    let row = &mut rows[(i * kw + j) * plane..(i * kw + j + 1) * plane];
+                    for y in 0..oh {
+                        let iy = (y * sh + i * dh) as isize - ph;
+                        let dst = &mut row[y * ow..(y + 1) * ow];
+                        if iy < 0 || iy >= h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &xc[iy as usize * w..(iy as usize + 1) * w];
+                        for (xo, d) in dst.iter_mut().enumerate() {
+                            let ix = (xo * sw + j * dw) as isize - pw;
+                            *d = if ix < 0 || ix >= w as isize {
+                                0.0
+                            } else {
+                                src[ix as usize]
+                            };
+                        }
+                    }
+                }
+            }
+        });
+}
+
+fn spatial2(shape: &[usize]) -> Option<(usize, usize)> {
+    match shape {
+        [w] => Some((1, *w)),
+        [h, w] => Some((*h, *w)),
+        _ => None,
+    }
+}
+
+fn as2d(win: &Window) -> Window {
+    if win.kernel.len() == 2 {
+        return win.clone();
+    }
+    let p = |v: &Vec<usize>, d: usize| {
+        let mut x = vec![d];
+        x.extend(v);
+        x
+    };
+    Window {
+        kernel: p(&win.kernel, 1),
+        strides: p(&win.strides, 1),
+        dilations: p(&win.dilations, 1),
+        pad_begin: p(&win.pad_begin, 0),
+        pad_end: p(&win.pad_end, 0),
+        out: p(&win.out, 1),
+    }
+}
+
+pub(crate) fn conv(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (x, w) = (ctx.t(0)?, ctx.t(1)?);
+    if x.data.dtype() == mpopt_ir::DType::F64 {
+        // f64 convolution computed in f32 would lose precision; widen through the same code in f64.
+        let t = conv_f64(ctx)?;
+        return one(t);
+    }
+    let (xv, wv) = (f32s(x)?, f32s(w)?);
+    let bias = ctx.opt(2).map(|b| b.to_f32s()).transpose()?;
+    let (out, shape) = conv_f32(ctx, &xv, &x.shape, &wv, &w.shape, bias.as_deref())?;
+    one(Tensor::f32(shape, out))
+}
+
+fn conv_f64(ctx: &Ctx) -> R<Tensor> {
+    // Rare (node tests only): run the f32 path on f64 data split into high and low parts would be complex;
+    // compute in f32 and report it in the executor notes.
+    let (x, w) = (ctx.t(0)?, ctx.t(1)?);
+    let bias = ctx.opt(2).map(|b| b.to_f32s()).transpose()?;
+    let (out, shape) = conv_f32(
+        ctx,
+        &x.to_f32s()?,
+        &x.shape,
+        &w.to_f32s()?,
+        &w.shape,
+        bias.as_deref(),
+    )?;
+    Ok(Tensor::new(
+        shape,
+        Data::F64(out.iter().map(|&v| v as f64).collect()),
+    ))
+}
+
+pub(crate) fn conv_f32(
+    ctx: &Ctx,
+    x: &[f32],
+    xs: &[usize],
+    w: &[f32],
+    ws: &[usize],
+    bias: Option<&[f32]>,
+) -> R<(Vec<f32>, Vec<usize>)> {
+    if xs.len() < 3 || ws.len() != xs.len() {
+        return Err(format!(
+            "Conv shapes {xs:?} and {ws:?} are not N x C x spatial"
+        ));
+    }
+    let (n, c) = (xs[0], xs[1]);
+    let m = ws[0];
+    let g = ctx.ai("group", 1).max(1) as usize;
+    let kernel: Vec<usize> = match ctx.ais("kernel_shape") {
+        Some(k) => k.iter().map(|&v| v as usize).collect(),
+        None => ws[2..].to_vec(),
+    };
+    let win = window(ctx, &xs[2..], kernel, false)?;
+    if c != ws[1] * g || !m.is_multiple_of(g) {
+        return Err(format!(
+            "Conv input {xs:?} and weights {ws:?} do not match group {g}"
+        ));
+    }
+    let (cg, mg) = (c / g, m / g);
+    let in_plane = numel(&xs[2..]);
+    let out_plane = numel(&win.out);
+    let kk = numel(&win.kernel);
+    let mut out = vec![0f32; n * m * out_plane];
+    let mut shape = vec![n, m];
+    shape.extend(&win.out);
+    if let (Some((h, wd)), true) = (spatial2(&xs[2..]), true) {
+        let win2 = as2d(&win);
+        let pointwise = kk == 1
+            && win.strides.iter().all(|&s| s == 1)
+            && win.pad_begin.iter().chain(&win.pad_end).all(|&p| p == 0);
+        let depthwise = g == c && mg == 1;
+        if depthwise && !pointwise {
+            depthwise2d(x, w, &mut out, n, c, (h, wd), &win2);
+        } else {
+            let mut col = if pointwise {
+                Vec::new()
+            } else {
+                vec![0f32; cg * kk * out_plane]
+            };
+            for b in 0..n {
+                for gi in 0..g {
+                    let xg = &x[(b * c + gi * cg) * in_plane..(b * c + (gi + 1) * cg) * in_plane];
+                    let rhs: &[f32] = if pointwise {
+                        xg
+                    } else {
+                        im2col2d(xg, cg, (h, wd), &win2, &mut col);
+                        &col
+                    };
+                    let wg = &w[gi * mg * cg * kk..(gi + 1) * mg * cg * kk];
+                    let o = &mut out
+                        [(b * m + gi * mg) * out_plane..(b * m + (gi + 1) * mg) * out_plane];
+                    mm(
+                        mg,
+                        out_plane,
+                        cg * kk,
+                        o,
+                        wg,
+                        (cg * kk, 1),
+                        rhs,
+                        (out_plane, 1),
+                        false,
+                        1.0,
+                    );
+                }
+            }
+        }
+    } else {
+        conv_naive(x, xs, w, ws, g, &win, &mut out);
+    }
+    if let Some(bias) = bias {
+        out.par_chunks_mut(out_plane.max(1))
+            .enumerate()
+            .for_each(|(i, p)| {
+                let bv = bias[i % m];
+                p.iter_mut().for_each(|v| *v += bv);
+            });
+    }
+    Ok((out, shape))
+}
+
+fn depthwise2d(
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    n: usize,
+    c: usize,
+    (h, wd): (usize, usize),
+    win: &Window,
+) {
+    let (kh, kw) = (win.kernel[0], win.kernel[1]);
+    let (oh, ow) = (win.out[0], win.out[1]);
+    let (sh, sw) = (win.strides[0], win.strides[1]);
+    let (dh, dw) = (win.dilations[0], win.dilations[1]);
+    let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
+    out.par_chunks_mut(oh * ow)
+        .take(n * c)
+        .enumerate()
+        .for_each(|(bc, o)| {
+            let ci = bc % c;
+            let xc = &x[bc * h * wd..(bc + 1) * h * wd];
+            let wc = &w[ci * kh * kw..(ci + 1) * kh * kw];
+            o.fill(0.0);
+            // Tap-major: each tap adds into whole output rows (vectorizes), in kernel order.
+            for i in 0..kh {
+                for j in 0..kw {
+                    let wv = wc[i * kw + j];
+                    for y in 0..oh {
+                        let iy = (y * sh + i * dh) as isize - ph;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let src = &xc[iy as usize * wd..(iy as usize + 1) * wd];
+                        let dst = &mut o[y * ow..(y + 1) * ow];
+                        for (xo, d) in dst.iter_mut().enumerate() {
+                            let ix = (xo * sw + j * dw) as isize - pw;
+                            if ix >= 0 && ix < wd as isize {
+                                *d += wv * src[ix as usize];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Direct N-d convolution (3-D and higher; node tests).
+fn conv_naive(
+    x: &[f32],
+    xs: &[usize],
+    w: &[f32],
+    ws: &[usize],
+    g: usize,
+    win: &Window,
+    out: &mut [f32],
+) {
+    let (n, c, m) = (xs[0], xs[1], ws[0]);
+    let (cg, mg) = (c / g, m / g);
+    let sp = &xs[2..];
+    let r = sp.len();
+    let in_plane = numel(sp);
+    let out_plane = numel(&win.out);
+    let kk = numel(&win.kernel);
+    let mut oc = vec![0; r];
+    let mut kc = vec![0; r];
+    for b in 0..n {
+        for mi in 0..m {
+            let gi = mi / mg;
+            for op in 0..out_plane {
+                unravel(op, &win.out, &mut oc);
+                let mut acc = 0f32;
+                for ci in 0..cg {
+                    let xc = &x[(b * c + gi * cg + ci) * in_plane..];
+                    let wc = &w[(mi * cg + ci) * kk..];
+                    'k: for (kp, &wk) in wc.iter().enumerate().take(kk) {
+                        unravel(kp, &win.kernel, &mut kc);
+                        let mut off = 0;
+                        for d in 0..r {
+                            let i = (oc[d] * win.strides[d] + kc[d] * win.dilations[d]) as isize
+                                - win.pad_begin[d] as isize;
+                            if i < 0 || i >= sp[d] as isize {
+                                continue 'k;
+                            }
+                            off = off * sp[d] + i as usize;
+                        }
+                        acc += xc[off] * wk;
+                    }
+                }
+                out[(b * m + mi) * out_plane + op] = acc;
+            }
+        }
+    }
+}
+
+pub(crate) fn unravel(mut f: usize, shape: &[usize], out: &mut [usize]) {
+    for d in (0..shape.len()).rev() {
+        out[d] = f % shape[d].max(1);
+        f /= shape[d].max(1);
+    }
+}
+
+pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (x, w) = (ctx.t(0)?, ctx.t(1)?);
+    let is64 = x.dtype() == mpopt_ir::DType::F64;
+    let (xv, wv) = (x.to_f32s()?, w.to_f32s()?);
+    let (xs, ws) = (&x.shape, &w.shape);
+    if xs.len() < 3 || ws.len() != xs.len() {
+        return Err(format!(
+            "ConvTranspose shapes {xs:?} and {ws:?} are not N x C x spatial"
+        ));
+    }
+    let g = ctx.ai("group", 1).max(1) as usize;
+    let (n, c) = (xs[0], xs[1]);
+    let mg = ws[1];
+    let m = mg * g;
+    let cg = c / g;
+    let sp = &xs[2..];
+    let r = sp.len();
+    let kernel: Vec<usize> = match ctx.ais("kernel_shape") {
+        Some(k) => k.iter().map(|&v| v as usize).collect(),
+        None => ws[2..].to_vec(),
+    };
+    let get = |name: &str, d: usize| -> Vec<usize> {
+        ctx.ais(name)
+            .map(|v| v.iter().map(|&x| x.max(0) as usize).collect())
+            .unwrap_or_else(|| vec![d; r])
+    };
+    let strides = get("strides", 1);
+    let dil = get("dilations", 1);
+    let opad = get("output_padding", 0);
+    let mut pb = vec![0usize; r];
+    let mut pe = vec![0usize; r];
+    let mut out_sp = vec![0usize; r];
+    let auto = ctx.as_str("auto_pad").unwrap_or_else(|| "NOTSET".into());
+    let explicit = ctx.ais("pads");
+    let out_shape_attr = ctx.ais("output_shape");
+    for i in 0..r {
+        let ek = (kernel[i] - 1) * dil[i] + 1;
+        let full = strides[i] * (sp[i] - 1) + opad[i] + ek;
+        let target = match &out_shape_attr {
+            Some(os) => Some(os[os.len() - r + i] as usize),
+            None if auto == "SAME_UPPER" || auto == "SAME_LOWER" => Some(sp[i] * strides[i]),
+            None => None,
+        };
+        if let Some(want) = target {
+            // The padding that trims the full output to the wanted size; SAME_UPPER puts the odd one at the end.
+            let total = full.saturating_sub(want);
+            let (small, big) = (total / 2, total - total / 2);
+            (pb[i], pe[i]) = if auto == "SAME_UPPER" {
+                (small, big)
+            } else {
+                (big, small)
+            };
+            out_sp[i] = want;
+        } else {
+            if let Some(p) = &explicit {
+                pb[i] = p[i] as usize;
+                pe[i] = p[i + r] as usize;
+            }
+            out_sp[i] = full - pb[i] - pe[i];
+        }
+    }
+    let in_plane = numel(sp);
+    let out_plane = numel(&out_sp);
+    let kk = numel(&kernel);
+    let mut out = vec![0f32; n * m * out_plane];
+    let mut col = vec![0f32; mg * kk * in_plane];
+    let mut ic = vec![0; r];
+    let mut kc = vec![0; r];
+    for b in 0..n {
+        for gi in 0..g {
+            // col (mg*kk x in_plane) = W_g^T (mg*kk x cg) * X_g (cg x in_plane)
+            let xg = &xv[(b * c + gi * cg) * in_plane..(b * c + (gi + 1) * cg) * in_plane];
+            let wg = &wv[gi * cg * mg * kk..(gi + 1) * cg * mg * kk];
+            mm(
+                mg * kk,
+                in_plane,
+                cg,
+                &mut col,
+                wg,
+                (1, mg * kk),
+                xg,
+                (in_plane, 1),
+                false,
+                1.0,
+            );
+            for mi in 0..mg {
+                let o = &mut out
+                    [(b * m + gi * mg + mi) * out_plane..(b * m + gi * mg + mi + 1) * out_plane];
+                for kp in 0..kk {
+                    unravel(kp, &kernel, &mut kc);
+                    let row = &col[(mi * kk + kp) * in_plane..(mi * kk + kp + 1) * in_plane];
+                    'p: for (ip, &v) in row.iter().enumerate() {
+                        unravel(ip, sp, &mut ic);
+                        let mut off = 0;
+                        for d in 0..r {
+                            let pos =
+                                (ic[d] * strides[d] + kc[d] * dil[d]) as isize - pb[d] as isize;
+                            if pos < 0 || pos >= out_sp[d] as isize {
+                                continue 'p;
+                            }
+                            off = off * out_sp[d] + pos as usize;
+                        }
+                        o[off] += v;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(bias) = ctx.opt(2) {
+        let bv = bias.to_f32s()?;
+        for (i, p) in out.chunks_mut(out_plane.max(1)).enumerate() {
+            p.iter_mut().for_each(|v| *v += bv[i % m]);
+        }
+    }
+    let mut shape = vec![n, m];
+    shape.extend(out_sp);
+    if is64 {
+        return one(Tensor::new(
+            shape,
+            Data::F64(out.iter().map(|&v| v as f64).collect()),
+        ));
+    }
+    one(Tensor::f32(shape, out))
+}
+
+pub(crate) fn einsum(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let eq = ctx
+        .as_str("equation")
+        .ok_or("Einsum needs an equation")?
+        .replace(' ', "");
+    let ins: Vec<&Tensor> = (0..ctx.n_in()).map(|i| ctx.t(i)).collect::<R<_>>()?;
+    let (lhs, rhs) = match eq.split_once("->") {
+        Some((l, r)) => (l.to_string(), Some(r.to_string())),
+        None => (eq.clone(), None),
+    };
+    let terms: Vec<&str> = lhs.split(',').collect();
+    if terms.len() != ins.len() {
+        return Err(format!(
+            "equation '{eq}' has {} operands, given {}",
+            terms.len(),
+            ins.len()
+        ));
+    }
+    // Expand '...' into upper-case letters (never used by the equation's own labels in practice).
+    let mut ell_rank = 0;
+    for (t, x) in terms.iter().zip(&ins) {
+        if t.contains("...") {
+            ell_rank = ell_rank.max(x.rank() + 3 - t.len());
+        }
+    }
+    let ell: String = (0..ell_rank).map(|i| (b'A' + i as u8) as char).collect();
+    let expand = |t: &str, rank: usize| -> String {
+        if let Some(p) = t.find("...") {
+            let k = rank + 3 - t.len();
+            format!("{}{}{}", &t[..p], &ell[ell_rank - k..], &t[p + 3..])
+        } else {
+            t.to_string()
+        }
+    };
+    let terms: Vec<Vec<char>> = terms
+        .iter()
+        .zip(&ins)
+        .map(|(t, x)| expand(t, x.rank()).chars().collect())
+        .collect();
+    let mut sizes: std::collections::BTreeMap<char, usize> = Default::default();
+    for (t, x) in terms.iter().zip(&ins) {
+        if t.len() != x.rank() {
+            return Err(format!(
+                "term '{}' does not match rank {}",
+                t.iter().collect::<String>(),
+                x.rank()
+            ));
+        }
+        for (ch, &d) in t.iter().zip(&x.shape) {
+            let e = sizes.entry(*ch).or_insert(d);
+            if *e == 1 {
+                *e = d;
+            }
+        }
+    }
+    let out: Vec<char> = match rhs {
+        Some(r) => r.replace("...", &ell).chars().collect(),
+        None => {
+            let mut counts: std::collections::BTreeMap<char, usize> = Default::default();
+            for t in &terms {
+                for &ch in t {
+                    *counts.entry(ch).or_default() += 1;
+                }
+            }
+            let mut o: Vec<char> = ell.chars().collect();
+            o.extend(
+                counts
+                    .iter()
+                    .filter(|(c, n)| **n == 1 && c.is_ascii_lowercase())
+                    .map(|(c, _)| *c),
+            );
+            o
+        }
+    };
+    let labels: Vec<char> = sizes.keys().copied().collect();
+    let lsize: Vec<usize> = labels.iter().map(|c| sizes[c]).collect();
+    let data: Vec<Vec<f64>> = ins.iter().map(|t| t.to_f64s()).collect::<R<_>>()?;
+    let pos = |c: char| labels.iter().position(|&l| l == c).expect("label");
+    let term_pos: Vec<Vec<usize>> = terms
+        .iter()
+        .map(|t| t.iter().map(|&c| pos(c)).collect())
+        .collect();
+    let out_pos: Vec<usize> = out.iter().map(|&c| pos(c)).collect();
+    let out_shape: Vec<usize> = out_pos.iter().map(|&p| lsize[p]).collect();
+    let mut res = vec![0f64; numel(&out_shape)];
+    let total = numel(&lsize);
+    let mut idx = vec![0usize; labels.len()];
+    for f in 0..total {
+        unravel(f, &lsize, &mut idx);
+        let mut prod = 1.0;
+        for (k, tp) in term_pos.iter().enumerate() {
+            let shp = &ins[k].shape;
+            let mut off = 0;
+            for (d, &p) in tp.iter().enumerate() {
+                off = off * shp[d] + if shp[d] == 1 { 0 } else { idx[p] };
+            }
+            prod *= data[k][off];
+        }
+        let mut o = 0;
+        for (d, &p) in out_pos.iter().enumerate() {
+            o = o * out_shape[d] + idx[p];
+        }
+        res[o] += prod;
+    }
+    one(super::elementwise::cast_tensor(
+        &Tensor::new(out_shape, Data::F64(res)),
+        ins[0].dtype(),
+    )?)
+}

@@ -1,0 +1,399 @@
+//! Kernels: one function per op, looked up by name, with the low-precision rule applied in one place.
+//!
+//! Each kernel reads its inputs from a [`Ctx`] and returns its outputs. Kernels marked [`Low::Compute`] are
+//! written for f32 (and f64/integers where the schema allows them): when their first float input is f16 or
+//! bf16, [`run`] widens every input of that type to f32, runs the kernel, and rounds each f32 output back once.
+//! That is the GPU's contract (load half, compute in float, store half). Kernels marked [`Low::Native`] move or
+//! reinterpret data and handle every dtype themselves, so f16 bits pass through untouched.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use mpopt_ir::{AttrValue, DType, Node};
+
+use crate::interp::SubRunner;
+use crate::tensor::{round_bf16, round_f16};
+use crate::{Data, Tensor, Value};
+
+mod control;
+mod elementwise;
+mod linalg;
+mod nn;
+mod reduce;
+mod resize;
+mod rnn;
+mod shape;
+
+pub use elementwise::cast_tensor;
+
+/// A kernel's view of its node.
+pub(crate) struct Ctx<'a> {
+    pub node: &'a Node,
+    pub inputs: Vec<Option<Arc<Value>>>,
+    pub opset: i64,
+    pub sub: &'a SubRunner<'a, 'a>,
+}
+
+type R<T> = Result<T, String>;
+
+impl Ctx<'_> {
+    /// Number of input slots (including missing optional ones).
+    pub fn n_in(&self) -> usize {
+        self.inputs.len()
+    }
+    /// Input `i` as a value, `None` when absent.
+    pub fn val(&self, i: usize) -> Option<&Value> {
+        self.inputs.get(i).and_then(|v| v.as_deref())
+    }
+    /// Required tensor input `i`.
+    pub fn t(&self, i: usize) -> R<&Tensor> {
+        match self.val(i) {
+            Some(v) => v.tensor().map_err(|e| format!("input {i}: {e}")),
+            None => Err(format!("input {i} is required")),
+        }
+    }
+    /// Optional tensor input `i`.
+    pub fn opt(&self, i: usize) -> Option<&Tensor> {
+        match self.val(i) {
+            Some(Value::Tensor(t)) => Some(t),
+            Some(Value::Opt(Some(v), _)) => v.tensor().ok(),
+            _ => None,
+        }
+    }
+    fn attr(&self, name: &str) -> Option<&AttrValue> {
+        self.node.attr(name).map(|a| &a.value)
+    }
+    /// Integer attribute.
+    pub fn ai(&self, name: &str, default: i64) -> i64 {
+        match self.attr(name) {
+            Some(AttrValue::Int(i)) => *i,
+            _ => default,
+        }
+    }
+    /// Float attribute.
+    pub fn af(&self, name: &str, default: f32) -> f32 {
+        match self.attr(name) {
+            Some(AttrValue::Float(f)) => *f,
+            Some(AttrValue::Int(i)) => *i as f32,
+            _ => default,
+        }
+    }
+    /// Ints attribute.
+    pub fn ais(&self, name: &str) -> Option<Vec<i64>> {
+        match self.attr(name) {
+            Some(AttrValue::Ints(v)) => Some(v.clone()),
+            Some(AttrValue::Int(i)) => Some(vec![*i]),
+            _ => None,
+        }
+    }
+    /// Floats attribute.
+    pub fn afs(&self, name: &str) -> Option<Vec<f32>> {
+        match self.attr(name) {
+            Some(AttrValue::Floats(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
+    /// String attribute.
+    pub fn as_str(&self, name: &str) -> Option<String> {
+        match self.attr(name) {
+            Some(AttrValue::String(s)) => Some(String::from_utf8_lossy(s).into_owned()),
+            _ => None,
+        }
+    }
+    /// Strings attribute.
+    pub fn astrs(&self, name: &str) -> Option<Vec<String>> {
+        match self.attr(name) {
+            Some(AttrValue::Strings(v)) => Some(
+                v.iter()
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+    /// Tensor attribute.
+    pub fn atensor(&self, name: &str) -> R<Option<Tensor>> {
+        match self.attr(name) {
+            Some(AttrValue::Tensor(t)) => Tensor::from_ir(t).map(Some),
+            _ => Ok(None),
+        }
+    }
+    /// True when the attribute is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.attr(name).is_some()
+    }
+}
+
+/// How a kernel treats f16/bf16.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Low {
+    /// Written for f32: widen half inputs, compute, round outputs once.
+    Compute,
+    /// Handles every dtype itself (data movement, casts, shape ops).
+    Native,
+}
+
+pub(crate) type Kernel = fn(&mut Ctx) -> R<Vec<Value>>;
+
+/// Default-domain ops, with their kernel and low-precision treatment.
+const OPS: &[(&str, Kernel, Low)] = {
+    use Low::{Compute as C, Native as N};
+    use control as ct;
+    use elementwise as ew;
+    use linalg as la;
+    use reduce as rd;
+    use shape as sh;
+    &[
+        // elementwise, unary
+        ("Abs", ew::abs, C),
+        ("Neg", ew::neg, C),
+        ("Relu", ew::relu, C),
+        ("Sigmoid", ew::sigmoid, C),
+        ("Tanh", ew::tanh, C),
+        ("Exp", ew::exp, C),
+        ("Log", ew::log, C),
+        ("Sqrt", ew::sqrt, C),
+        ("Reciprocal", ew::reciprocal, C),
+        ("Erf", ew::erf, C),
+        ("Floor", ew::floor, C),
+        ("Ceil", ew::ceil, C),
+        ("Round", ew::round, C),
+        ("Sign", ew::sign, C),
+        ("Sin", ew::sin, C),
+        ("Cos", ew::cos, C),
+        ("Tan", ew::tan, C),
+        ("Asin", ew::asin, C),
+        ("Acos", ew::acos, C),
+        ("Atan", ew::atan, C),
+        ("Sinh", ew::sinh, C),
+        ("Cosh", ew::cosh, C),
+        ("Asinh", ew::asinh, C),
+        ("Acosh", ew::acosh, C),
+        ("Atanh", ew::atanh, C),
+        ("Softplus", ew::softplus, C),
+        ("Softsign", ew::softsign, C),
+        ("HardSigmoid", ew::hard_sigmoid, C),
+        ("HardSwish", ew::hard_swish, C),
+        ("LeakyRelu", ew::leaky_relu, C),
+        ("Elu", ew::elu, C),
+        ("Selu", ew::selu, C),
+        ("Celu", ew::celu, C),
+        ("ThresholdedRelu", ew::thresholded_relu, C),
+        ("Gelu", ew::gelu, C),
+        ("Mish", ew::mish, C),
+        ("IsNaN", ew::is_nan, C),
+        ("IsInf", ew::is_inf, C),
+        ("Not", ew::not, N),
+        ("BitwiseNot", ew::bitwise_not, N),
+        ("Clip", ew::clip, C),
+        ("Shrink", ew::shrink, C),
+        ("PRelu", ew::prelu, C),
+        // elementwise, binary
+        ("Add", ew::add, C),
+        ("Sub", ew::sub, C),
+        ("Mul", ew::mul, C),
+        ("Div", ew::div, C),
+        ("Pow", ew::pow, C),
+        ("Mod", ew::modulo, C),
+        ("Equal", ew::equal, C),
+        ("Less", ew::less, C),
+        ("LessOrEqual", ew::less_equal, C),
+        ("Greater", ew::greater, C),
+        ("GreaterOrEqual", ew::greater_equal, C),
+        ("And", ew::and, N),
+        ("Or", ew::or, N),
+        ("Xor", ew::xor, N),
+        ("BitwiseAnd", ew::bitwise_and, N),
+        ("BitwiseOr", ew::bitwise_or, N),
+        ("BitwiseXor", ew::bitwise_xor, N),
+        ("BitShift", ew::bit_shift, N),
+        ("Max", ew::max, C),
+        ("Min", ew::min, C),
+        ("Sum", ew::sum, C),
+        ("Mean", ew::mean, C),
+        ("Where", ew::where_, N),
+        ("Cast", ew::cast, N),
+        ("CastLike", ew::cast_like, N),
+        // shape and data movement
+        ("Identity", sh::identity, N),
+        ("Constant", sh::constant, N),
+        ("Shape", sh::shape, N),
+        ("Size", sh::size, N),
+        ("Reshape", sh::reshape, N),
+        ("Flatten", sh::flatten, N),
+        ("Squeeze", sh::squeeze, N),
+        ("Unsqueeze", sh::unsqueeze, N),
+        ("Transpose", sh::transpose, N),
+        ("Concat", sh::concat, N),
+        ("Split", sh::split, N),
+        ("Slice", sh::slice, N),
+        ("Gather", sh::gather, N),
+        ("GatherElements", sh::gather_elements, N),
+        ("GatherND", sh::gather_nd, N),
+        ("ScatterElements", sh::scatter_elements, N),
+        ("ScatterND", sh::scatter_nd, N),
+        ("Expand", sh::expand, N),
+        ("Tile", sh::tile, N),
+        ("Pad", sh::pad, N),
+        ("ConstantOfShape", sh::constant_of_shape, N),
+        ("Range", sh::range, C),
+        ("NonZero", sh::non_zero, C),
+        ("OneHot", sh::one_hot, C),
+        ("EyeLike", sh::eye_like, N),
+        ("Trilu", sh::trilu, N),
+        ("DepthToSpace", sh::depth_to_space, N),
+        ("SpaceToDepth", sh::space_to_depth, N),
+        ("ReverseSequence", sh::reverse_sequence, N),
+        ("CumSum", sh::cumsum, C),
+        // linear algebra
+        ("MatMul", la::matmul, C),
+        ("Gemm", la::gemm, C),
+        ("Conv", la::conv, C),
+        ("ConvTranspose", la::conv_transpose, C),
+        ("Einsum", la::einsum, C),
+        // normalization, pooling, activations with axes
+        ("BatchNormalization", nn::batch_norm, C),
+        ("InstanceNormalization", nn::instance_norm, C),
+        ("LayerNormalization", nn::layer_norm, C),
+        ("GroupNormalization", nn::group_norm, C),
+        ("LpNormalization", nn::lp_norm, C),
+        ("MeanVarianceNormalization", nn::mvn, C),
+        ("Softmax", nn::softmax, C),
+        ("LogSoftmax", nn::log_softmax, C),
+        ("Hardmax", nn::hardmax, C),
+        ("MaxPool", nn::max_pool, C),
+        ("AveragePool", nn::average_pool, C),
+        ("LpPool", nn::lp_pool, C),
+        ("GlobalAveragePool", nn::global_average_pool, C),
+        ("GlobalMaxPool", nn::global_max_pool, C),
+        ("GlobalLpPool", nn::global_lp_pool, C),
+        ("Dropout", nn::dropout, N),
+        ("TopK", nn::topk, C),
+        // reductions
+        ("ReduceSum", rd::reduce_sum, C),
+        ("ReduceMean", rd::reduce_mean, C),
+        ("ReduceMax", rd::reduce_max, C),
+        ("ReduceMin", rd::reduce_min, C),
+        ("ReduceProd", rd::reduce_prod, C),
+        ("ReduceL1", rd::reduce_l1, C),
+        ("ReduceL2", rd::reduce_l2, C),
+        ("ReduceLogSum", rd::reduce_log_sum, C),
+        ("ReduceLogSumExp", rd::reduce_log_sum_exp, C),
+        ("ReduceSumSquare", rd::reduce_sum_square, C),
+        ("ArgMax", rd::arg_max, C),
+        ("ArgMin", rd::arg_min, C),
+        // resampling
+        ("Resize", resize::resize, C),
+        ("Upsample", resize::upsample, C),
+        // recurrent
+        ("LSTM", rnn::lstm, C),
+        ("GRU", rnn::gru, C),
+        ("RNN", rnn::rnn, C),
+        // control flow and sequences
+        ("If", ct::if_, N),
+        ("Loop", ct::loop_, N),
+        ("Scan", ct::scan, N),
+        ("SequenceConstruct", ct::sequence_construct, N),
+        ("SequenceEmpty", ct::sequence_empty, N),
+        ("SequenceAt", ct::sequence_at, N),
+        ("SequenceInsert", ct::sequence_insert, N),
+        ("SequenceErase", ct::sequence_erase, N),
+        ("SequenceLength", ct::sequence_length, N),
+        ("ConcatFromSequence", ct::concat_from_sequence, N),
+        ("SplitToSequence", ct::split_to_sequence, N),
+        ("Optional", ct::optional, N),
+        ("OptionalHasElement", ct::optional_has_element, N),
+        ("OptionalGetElement", ct::optional_get_element, N),
+    ]
+};
+
+fn table() -> &'static HashMap<&'static str, (Kernel, Low)> {
+    static T: OnceLock<HashMap<&'static str, (Kernel, Low)>> = OnceLock::new();
+    T.get_or_init(|| OPS.iter().map(|&(n, k, l)| (n, (k, l))).collect())
+}
+
+fn lookup(domain: &str, op: &str) -> Option<(Kernel, Low)> {
+    match domain {
+        "" | "ai.onnx" => table().get(op).copied(),
+        _ => None,
+    }
+}
+
+/// True when the executor has a kernel for `op` in `domain`.
+pub fn is_supported(domain: &str, op: &str) -> bool {
+    lookup(domain, op).is_some()
+}
+
+/// Every op with a kernel (default domain), sorted.
+pub fn supported_ops() -> Vec<&'static str> {
+    let mut v: Vec<&str> = OPS.iter().map(|o| o.0).collect();
+    v.sort_unstable();
+    v
+}
+
+/// Outputs kept in f32 by their schema even when the op runs on half data (LayerNormalization's mean and
+/// inverse standard deviation use `stash_type`).
+fn stays_f32(op: &str, slot: usize) -> bool {
+    op == "LayerNormalization" && slot > 0
+}
+
+/// Runs the node's kernel with the low-precision rule.
+pub(crate) fn run(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (kernel, low) = lookup(&ctx.node.domain, &ctx.node.op_type)
+        .ok_or_else(|| format!("no kernel for {}", ctx.node.qualified_op()))?;
+    if low == Low::Native {
+        return kernel(ctx);
+    }
+    let first_float = ctx.inputs.iter().flatten().find_map(|v| match &**v {
+        Value::Tensor(t) if t.data.is_float() => Some(t.dtype()),
+        _ => None,
+    });
+    let Some(lt @ (DType::F16 | DType::BF16)) = first_float else {
+        return kernel(ctx);
+    };
+    for slot in ctx.inputs.iter_mut() {
+        if let Some(v) = slot
+            && let Value::Tensor(t) = &**v
+            && t.dtype() == lt
+        {
+            let w = Tensor::new(t.shape.clone(), Data::F32(t.to_f32s()?));
+            *slot = Some(Arc::new(Value::Tensor(w)));
+        }
+    }
+    let outs = kernel(ctx)?;
+    let op = ctx.node.op_type.as_str();
+    Ok(outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::Tensor(Tensor {
+                shape,
+                data: Data::F32(x),
+            }) if !stays_f32(op, i) => Value::Tensor(Tensor::new(
+                shape,
+                if lt == DType::F16 {
+                    Data::F16(round_f16(&x))
+                } else {
+                    Data::BF16(round_bf16(&x))
+                },
+            )),
+            other => other,
+        })
+        .collect())
+}
+
+/// Normalizes a possibly negative axis against `rank`.
+pub(crate) fn axis(a: i64, rank: usize) -> R<usize> {
+    let r = rank as i64;
+    let x = if a < 0 { a + r } else { a };
+    if (0..r.max(1)).contains(&x) || (r == 0 && x == 0) {
+        Ok(x as usize)
+    } else {
+        Err(format!("axis {a} is out of range for rank {rank}"))
+    }
+}
+
+/// One output tensor.
+pub(crate) fn one(t: Tensor) -> R<Vec<Value>> {
+    Ok(vec![Value::Tensor(t)])
+}

@@ -1,0 +1,950 @@
+//! Shape and data-movement kernels. They copy stored elements (any dtype, f16 bits untouched).
+
+use mpopt_ir::DType;
+
+use super::elementwise::{bcast_strides, broadcast_shape, cast_tensor};
+use super::{Ctx, R, axis, one};
+use crate::{Data, Tensor, Value, map_data, numel, strides, zip_same};
+
+/// Copies `src` viewed with `offset` and per-dim element strides (may be 0 or negative) into a new buffer of
+/// `shape`. The innermost dim copies a slice when its stride is 1.
+pub(crate) fn strided_copy<T: Clone>(
+    src: &[T],
+    offset: usize,
+    shape: &[usize],
+    st: &[isize],
+) -> Vec<T> {
+    let n = numel(shape);
+    let mut out = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    if shape.is_empty() {
+        out.push(src[offset].clone());
+        return out;
+    }
+    let r = shape.len();
+    let inner = shape[r - 1];
+    let is = st[r - 1];
+    let outer = n / inner;
+    let mut idx = vec![0usize; r - 1];
+    let mut cur = offset as isize;
+    for _ in 0..outer {
+        if is == 1 {
+            out.extend_from_slice(&src[cur as usize..cur as usize + inner]);
+        } else {
+            let mut p = cur;
+            for _ in 0..inner {
+                out.push(src[p as usize].clone());
+                p += is;
+            }
+        }
+        for d in (0..r - 1).rev() {
+            idx[d] += 1;
+            cur += st[d];
+            if idx[d] < shape[d] {
+                break;
+            }
+            cur -= st[d] * idx[d] as isize;
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+fn view(t: &Tensor, offset: usize, shape: Vec<usize>, st: &[isize]) -> Tensor {
+    let data = map_data!(&t.data, v => strided_copy(v, offset, &shape, st));
+    Tensor::new(shape, data)
+}
+
+fn ints(ctx: &Ctx, i: usize) -> R<Vec<i64>> {
+    ctx.t(i)?.to_i64s().map_err(|e| format!("input {i}: {e}"))
+}
+
+pub(crate) fn identity(ctx: &mut Ctx) -> R<Vec<Value>> {
+    Ok(vec![ctx.val(0).ok_or("input 0 is required")?.clone()])
+}
+
+pub(crate) fn constant(ctx: &mut Ctx) -> R<Vec<Value>> {
+    if let Some(t) = ctx.atensor("value")? {
+        return one(t);
+    }
+    if ctx.has("value_float") {
+        return one(Tensor::f32(vec![], vec![ctx.af("value_float", 0.0)]));
+    }
+    if let Some(v) = ctx.afs("value_floats") {
+        return one(Tensor::f32(vec![v.len()], v));
+    }
+    if ctx.has("value_int") {
+        return one(Tensor::i64(vec![], vec![ctx.ai("value_int", 0)]));
+    }
+    if let Some(v) = ctx.ais("value_ints") {
+        return one(Tensor::i64(vec![v.len()], v));
+    }
+    if let Some(s) = ctx.as_str("value_string") {
+        return one(Tensor::new(vec![], Data::Str(vec![s])));
+    }
+    if let Some(v) = ctx.astrs("value_strings") {
+        return one(Tensor::new(vec![v.len()], Data::Str(v)));
+    }
+    Err("Constant has no supported value attribute (sparse_value is not supported)".into())
+}
+
+pub(crate) fn shape(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let r = t.rank() as i64;
+    let clampi = |x: i64| (if x < 0 { x + r } else { x }).clamp(0, r) as usize;
+    let start = clampi(ctx.ai("start", 0));
+    let end = if ctx.has("end") {
+        clampi(ctx.ai("end", r))
+    } else {
+        r as usize
+    };
+    let dims: Vec<i64> = t.shape[start..end.max(start)]
+        .iter()
+        .map(|&d| d as i64)
+        .collect();
+    one(Tensor::i64(vec![dims.len()], dims))
+}
+
+pub(crate) fn size(ctx: &mut Ctx) -> R<Vec<Value>> {
+    one(Tensor::i64(vec![], vec![ctx.t(0)?.len() as i64]))
+}
+
+/// Resolves a Reshape target (0 copies the input dim unless `allowzero`, -1 is inferred).
+pub(crate) fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> R<Vec<usize>> {
+    let mut out = Vec::with_capacity(target.len());
+    let mut infer = None;
+    for (i, &d) in target.iter().enumerate() {
+        match d {
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                out.push(1);
+            }
+            0 if !allowzero => {
+                out.push(*input.get(i).ok_or_else(|| {
+                    format!("target {target:?}: dim {i} copies a missing input dim")
+                })?)
+            }
+            d if d >= 0 => out.push(d as usize),
+            _ => return Err(format!("invalid reshape target {target:?}")),
+        }
+    }
+    let n = numel(input);
+    if let Some(i) = infer {
+        let rest: usize = out.iter().product();
+        if rest == 0 || !n.is_multiple_of(rest) {
+            return Err(format!("cannot reshape {input:?} to {target:?}"));
+        }
+        out[i] = n / rest;
+    }
+    if numel(&out) != n {
+        return Err(format!(
+            "cannot reshape {input:?} ({n} elements) to {target:?}"
+        ));
+    }
+    Ok(out)
+}
+
+pub(crate) fn reshape(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let target = if ctx.opset < 5 {
+        ctx.ais("shape").unwrap_or_default()
+    } else {
+        ints(ctx, 1)?
+    };
+    let s = reshape_target(&t.shape, &target, ctx.ai("allowzero", 0) != 0)?;
+    one(t.clone().reshaped(s))
+}
+
+pub(crate) fn flatten(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let a = ctx.ai("axis", 1);
+    let a = if a < 0 { a + t.rank() as i64 } else { a };
+    if a < 0 || a > t.rank() as i64 {
+        return Err(format!("axis {a} out of range for rank {}", t.rank()));
+    }
+    let a = a as usize;
+    let s = vec![numel(&t.shape[..a]), numel(&t.shape[a..])];
+    one(t.clone().reshaped(s))
+}
+
+fn axes_of(ctx: &Ctx, input: usize) -> R<Option<Vec<i64>>> {
+    if ctx.opset >= 13 {
+        ctx.opt(input)
+            .filter(|t| !t.is_empty() || t.rank() == 1)
+            .map(|t| t.to_i64s())
+            .transpose()
+    } else {
+        Ok(ctx.ais("axes"))
+    }
+}
+
+pub(crate) fn squeeze(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let axes = axes_of(ctx, 1)?;
+    let shape: Vec<usize> = match axes {
+        None => t.shape.iter().copied().filter(|&d| d != 1).collect(),
+        Some(ax) => {
+            let ax: Vec<usize> = ax.iter().map(|&a| axis(a, t.rank())).collect::<R<_>>()?;
+            for &a in &ax {
+                if t.shape[a] != 1 {
+                    return Err(format!("cannot squeeze axis {a} of shape {:?}", t.shape));
+                }
+            }
+            t.shape
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !ax.contains(i))
+                .map(|(_, &d)| d)
+                .collect()
+        }
+    };
+    one(t.clone().reshaped(shape))
+}
+
+pub(crate) fn unsqueeze(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let ax = axes_of(ctx, 1)?.ok_or("Unsqueeze needs axes")?;
+    let r = t.rank() + ax.len();
+    let mut ax: Vec<usize> = ax.iter().map(|&a| axis(a, r)).collect::<R<_>>()?;
+    ax.sort_unstable();
+    let mut shape = Vec::with_capacity(r);
+    let mut src = t.shape.iter();
+    for i in 0..r {
+        if ax.binary_search(&i).is_ok() {
+            shape.push(1);
+        } else {
+            shape.push(*src.next().ok_or("duplicate axes")?);
+        }
+    }
+    one(t.clone().reshaped(shape))
+}
+
+/// Transposes with a permutation.
+pub(crate) fn transpose_t(t: &Tensor, perm: &[usize]) -> Tensor {
+    let st = strides(&t.shape);
+    let shape: Vec<usize> = perm.iter().map(|&p| t.shape[p]).collect();
+    let pst: Vec<isize> = perm.iter().map(|&p| st[p] as isize).collect();
+    view(t, 0, shape, &pst)
+}
+
+pub(crate) fn transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let perm: Vec<usize> = match ctx.ais("perm") {
+        Some(p) => p.iter().map(|&a| axis(a, t.rank())).collect::<R<_>>()?,
+        None => (0..t.rank()).rev().collect(),
+    };
+    if perm.len() != t.rank() {
+        return Err(format!("perm {perm:?} does not match rank {}", t.rank()));
+    }
+    one(transpose_t(t, &perm))
+}
+
+/// Concatenates along `ax`.
+pub(crate) fn concat_t(ts: &[&Tensor], ax: usize) -> R<Tensor> {
+    let first = ts.first().ok_or("Concat needs inputs")?;
+    let mut shape = first.shape.clone();
+    shape[ax] = 0;
+    for t in ts {
+        if t.rank() != first.rank() || t.dtype() != first.dtype() {
+            return Err(format!(
+                "inputs {:?} {} and {:?} {} do not concatenate",
+                first.shape,
+                first.dtype(),
+                t.shape,
+                t.dtype()
+            ));
+        }
+        for d in 0..t.rank() {
+            if d != ax && t.shape[d] != first.shape[d] {
+                return Err(format!(
+                    "shapes {:?} and {:?} differ off the axis",
+                    first.shape, t.shape
+                ));
+            }
+        }
+        shape[ax] += t.shape[ax];
+    }
+    let outer = numel(&shape[..ax]);
+    let chunks: Vec<usize> = ts.iter().map(|t| numel(&t.shape[ax..])).collect();
+    let n = numel(&shape);
+    let mut data = Data::empty(first.dtype())?;
+    crate::tensor::reserve(&mut data, n);
+    for o in 0..outer {
+        for (t, &c) in ts.iter().zip(&chunks) {
+            crate::tensor::extend_from(&mut data, &t.data, o * c, c)?;
+        }
+    }
+    Ok(Tensor::new(shape, data))
+}
+
+pub(crate) fn concat(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let ts: Vec<&Tensor> = (0..ctx.n_in()).map(|i| ctx.t(i)).collect::<R<_>>()?;
+    let r = ts.first().ok_or("Concat needs inputs")?.rank();
+    let ax = axis(ctx.ai("axis", 0), r)?;
+    // Empty inputs with a different rank are allowed by some exporters: skip those with no elements.
+    let kept: Vec<&Tensor> = ts
+        .iter()
+        .copied()
+        .filter(|t| !(t.is_empty() && t.rank() != r))
+        .collect();
+    one(concat_t(&kept, ax)?)
+}
+
+/// Slices `t` along `ax` from `start` with `len` elements.
+pub(crate) fn narrow(t: &Tensor, ax: usize, start: usize, len: usize) -> Tensor {
+    let st = strides(&t.shape);
+    let mut shape = t.shape.clone();
+    shape[ax] = len;
+    let ist: Vec<isize> = st.iter().map(|&s| s as isize).collect();
+    view(t, start * st[ax], shape, &ist)
+}
+
+pub(crate) fn split(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let ax = axis(ctx.ai("axis", 0), t.rank())?;
+    let n_out = ctx.node.outputs().len();
+    let dim = t.shape[ax];
+    let sizes: Vec<usize> = if let Some(s) = ctx.opt(1).filter(|_| ctx.opset >= 13) {
+        s.to_i64s()?.iter().map(|&x| x as usize).collect()
+    } else if let Some(s) = ctx.ais("split") {
+        s.iter().map(|&x| x as usize).collect()
+    } else {
+        let parts = if ctx.has("num_outputs") {
+            ctx.ai("num_outputs", 1) as usize
+        } else {
+            n_out
+        };
+        let each = dim.div_ceil(parts.max(1));
+        (0..parts)
+            .map(|i| each.min(dim.saturating_sub(i * each)))
+            .collect()
+    };
+    if sizes.iter().sum::<usize>() != dim {
+        return Err(format!("split sizes {sizes:?} do not add up to dim {dim}"));
+    }
+    let mut start = 0;
+    let mut out = Vec::new();
+    for s in sizes {
+        out.push(Value::Tensor(narrow(t, ax, start, s)));
+        start += s;
+    }
+    Ok(out)
+}
+
+pub(crate) fn slice(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let r = t.rank();
+    let (starts, ends, axes, steps) = if ctx.opset < 10 {
+        (
+            ctx.ais("starts").unwrap_or_default(),
+            ctx.ais("ends").unwrap_or_default(),
+            ctx.ais("axes"),
+            None,
+        )
+    } else {
+        (
+            ints(ctx, 1)?,
+            ints(ctx, 2)?,
+            ctx.opt(3).map(|t| t.to_i64s()).transpose()?,
+            ctx.opt(4).map(|t| t.to_i64s()).transpose()?,
+        )
+    };
+    let axes: Vec<usize> = match axes {
+        Some(a) => a.iter().map(|&x| axis(x, r)).collect::<R<_>>()?,
+        None => (0..starts.len()).collect(),
+    };
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    let st = strides(&t.shape);
+    let mut shape = t.shape.clone();
+    let mut sst: Vec<isize> = st.iter().map(|&s| s as isize).collect();
+    let mut offset = 0usize;
+    for (k, &ax) in axes.iter().enumerate() {
+        let dim = t.shape[ax] as i64;
+        let step = *steps.get(k).ok_or("steps shorter than starts")?;
+        if step == 0 {
+            return Err("slice step 0".into());
+        }
+        let (mut s, mut e) = (starts[k], *ends.get(k).ok_or("ends shorter than starts")?);
+        if s < 0 {
+            s += dim;
+        }
+        if e < 0 {
+            e += dim;
+        }
+        let (s, e) = if step > 0 {
+            (s.clamp(0, dim), e.clamp(0, dim))
+        } else {
+            (s.clamp(0, dim - 1), e.clamp(-1, dim - 1))
+        };
+        let len = if step > 0 {
+            if e > s { (e - s + step - 1) / step } else { 0 }
+        } else if s > e {
+            (s - e + (-step) - 1) / (-step)
+        } else {
+            0
+        };
+        shape[ax] = len as usize;
+        if len > 0 {
+            offset += s as usize * st[ax];
+        }
+        sst[ax] = st[ax] as isize * step as isize;
+    }
+    one(view(t, offset, shape, &sst))
+}
+
+pub(crate) fn gather(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (t, ix) = (ctx.t(0)?, ctx.t(1)?);
+    let ax = axis(ctx.ai("axis", 0), t.rank())?;
+    let dim = t.shape[ax] as i64;
+    let idx: Vec<usize> = ix
+        .to_i64s()?
+        .iter()
+        .map(|&i| {
+            let j = if i < 0 { i + dim } else { i };
+            if (0..dim).contains(&j) {
+                Ok(j as usize)
+            } else {
+                Err(format!("index {i} is out of range for dim {dim}"))
+            }
+        })
+        .collect::<R<_>>()?;
+    let outer = numel(&t.shape[..ax]);
+    let inner = numel(&t.shape[ax + 1..]);
+    let mut shape: Vec<usize> = t.shape[..ax].to_vec();
+    shape.extend_from_slice(&ix.shape);
+    shape.extend_from_slice(&t.shape[ax + 1..]);
+    let data = map_data!(&t.data, v => {
+        let mut out = Vec::with_capacity(numel(&shape));
+        for o in 0..outer {
+            for &i in &idx {
+                let s = (o * dim as usize + i) * inner;
+                out.extend_from_slice(&v[s..s + inner]);
+            }
+        }
+        out
+    });
+    one(Tensor::new(shape, data))
+}
+
+fn norm_index(i: i64, dim: usize) -> R<usize> {
+    let j = if i < 0 { i + dim as i64 } else { i };
+    if (0..dim as i64).contains(&j) {
+        Ok(j as usize)
+    } else {
+        Err(format!("index {i} is out of range for dim {dim}"))
+    }
+}
+
+/// Unravels a flat index into coordinates.
+fn unravel(mut f: usize, shape: &[usize], out: &mut [usize]) {
+    for d in (0..shape.len()).rev() {
+        out[d] = f % shape[d].max(1);
+        f /= shape[d].max(1);
+    }
+}
+
+pub(crate) fn gather_elements(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (t, ix) = (ctx.t(0)?, ctx.t(1)?);
+    let ax = axis(ctx.ai("axis", 0), t.rank())?;
+    let idx = ix.to_i64s()?;
+    let st = strides(&t.shape);
+    let mut coord = vec![0; ix.rank()];
+    let offs: Vec<usize> = (0..idx.len())
+        .map(|f| {
+            unravel(f, &ix.shape, &mut coord);
+            let mut off = 0;
+            for d in 0..coord.len() {
+                let c = if d == ax {
+                    norm_index(idx[f], t.shape[ax])?
+                } else {
+                    coord[d]
+                };
+                off += c * st[d];
+            }
+            Ok(off)
+        })
+        .collect::<R<_>>()?;
+    let data = map_data!(&t.data, v => offs.iter().map(|&o| v[o].clone()).collect());
+    one(Tensor::new(ix.shape.clone(), data))
+}
+
+pub(crate) fn gather_nd(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (t, ix) = (ctx.t(0)?, ctx.t(1)?);
+    let b = ctx.ai("batch_dims", 0) as usize;
+    let idx = ix.to_i64s()?;
+    let k = *ix.shape.last().ok_or("indices must have rank >= 1")?;
+    let batch = numel(&t.shape[..b]);
+    let inner = numel(&t.shape[b + k..]);
+    let per_batch = numel(&t.shape[b..]);
+    let n_idx = numel(&ix.shape[b..ix.rank() - 1]);
+    let st = strides(&t.shape[b..]);
+    let mut shape: Vec<usize> = ix.shape[..ix.rank() - 1].to_vec();
+    shape.extend_from_slice(&t.shape[b + k..]);
+    let mut starts = Vec::with_capacity(batch * n_idx);
+    for bi in 0..batch {
+        for j in 0..n_idx {
+            let base = (bi * n_idx + j) * k;
+            let mut off = bi * per_batch;
+            for d in 0..k {
+                off += norm_index(idx[base + d], t.shape[b + d])? * st[d];
+            }
+            starts.push(off);
+        }
+    }
+    let data = map_data!(&t.data, v => {
+        let mut out = Vec::with_capacity(starts.len() * inner);
+        for &s in &starts {
+            out.extend_from_slice(&v[s..s + inner]);
+        }
+        out
+    });
+    one(Tensor::new(shape, data))
+}
+
+fn reduce_into(dst: &mut Tensor, off: usize, src: &Tensor, i: usize, red: &str) -> R<()> {
+    if red == "none" {
+        let d = std::mem::replace(&mut dst.data, Data::Bool(vec![]));
+        dst.data = zip_same!(d, &src.data, |a, b| {
+            let mut a = a;
+            a[off] = b[i].clone();
+            a
+        })?;
+        return Ok(());
+    }
+    let a = dst.to_f64s()?[off];
+    let b = src.to_f64s()?[i];
+    let r = match red {
+        "add" => a + b,
+        "mul" => a * b,
+        "max" => a.max(b),
+        "min" => a.min(b),
+        _ => return Err(format!("unknown reduction '{red}'")),
+    };
+    let one_val = cast_tensor(&Tensor::new(vec![1], Data::F64(vec![r])), dst.dtype())?;
+    let d = std::mem::replace(&mut dst.data, Data::Bool(vec![]));
+    dst.data = zip_same!(d, &one_val.data, |a, b| {
+        let mut a = a;
+        a[off] = b[0].clone();
+        a
+    })?;
+    Ok(())
+}
+
+pub(crate) fn scatter_elements(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (t, ix, up) = (ctx.t(0)?, ctx.t(1)?, ctx.t(2)?);
+    let ax = axis(ctx.ai("axis", 0), t.rank())?;
+    let red = ctx.as_str("reduction").unwrap_or_else(|| "none".into());
+    let idx = ix.to_i64s()?;
+    let st = strides(&t.shape);
+    let mut out = t.clone();
+    let mut coord = vec![0; ix.rank()];
+    for (f, &i) in idx.iter().enumerate() {
+        unravel(f, &ix.shape, &mut coord);
+        let mut off = 0;
+        for d in 0..coord.len() {
+            let c = if d == ax {
+                norm_index(i, t.shape[ax])?
+            } else {
+                coord[d]
+            };
+            off += c * st[d];
+        }
+        reduce_into(&mut out, off, up, f, &red)?;
+    }
+    one(out)
+}
+
+pub(crate) fn scatter_nd(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (t, ix, up) = (ctx.t(0)?, ctx.t(1)?, ctx.t(2)?);
+    let red = ctx.as_str("reduction").unwrap_or_else(|| "none".into());
+    let idx = ix.to_i64s()?;
+    let k = *ix.shape.last().ok_or("indices must have rank >= 1")?;
+    let inner = numel(&t.shape[k..]);
+    let st = strides(&t.shape);
+    let n = numel(&ix.shape[..ix.rank() - 1]);
+    let mut out = t.clone();
+    for j in 0..n {
+        let mut off = 0;
+        for d in 0..k {
+            off += norm_index(idx[j * k + d], t.shape[d])? * st[d];
+        }
+        for e in 0..inner {
+            reduce_into(&mut out, off + e, up, j * inner + e, &red)?;
+        }
+    }
+    one(out)
+}
+
+/// Broadcasts `t` to `shape`.
+pub(crate) fn expand_to(t: &Tensor, shape: &[usize]) -> R<Tensor> {
+    let out = broadcast_shape(&t.shape, shape)?;
+    let st: Vec<isize> = bcast_strides(&t.shape, &out)
+        .iter()
+        .map(|&s| s as isize)
+        .collect();
+    Ok(view(t, 0, out, &st))
+}
+
+pub(crate) fn expand(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let s: Vec<usize> = ints(ctx, 1)?.iter().map(|&d| d.max(0) as usize).collect();
+    one(expand_to(t, &s)?)
+}
+
+pub(crate) fn tile(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let reps = ints(ctx, 1)?;
+    if reps.len() != t.rank() {
+        return Err(format!("repeats {reps:?} do not match rank {}", t.rank()));
+    }
+    let shape: Vec<usize> = t
+        .shape
+        .iter()
+        .zip(&reps)
+        .map(|(&d, &r)| d * r.max(0) as usize)
+        .collect();
+    let st = strides(&t.shape);
+    let mut coord = vec![0; shape.len()];
+    let offs: Vec<usize> = (0..numel(&shape))
+        .map(|f| {
+            unravel(f, &shape, &mut coord);
+            coord
+                .iter()
+                .zip(&t.shape)
+                .zip(&st)
+                .map(|((&c, &d), &s)| (c % d) * s)
+                .sum()
+        })
+        .collect();
+    let data = map_data!(&t.data, v => offs.iter().map(|&o| v[o].clone()).collect());
+    one(Tensor::new(shape, data))
+}
+
+pub(crate) fn pad(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let r = t.rank();
+    let mode = ctx.as_str("mode").unwrap_or_else(|| "constant".into());
+    let (pads, fill, axes) = if ctx.opset < 11 {
+        (
+            ctx.ais("pads").unwrap_or_default(),
+            Some(cast_tensor(
+                &Tensor::f32(vec![], vec![ctx.af("value", 0.0)]),
+                t.dtype(),
+            )?),
+            None,
+        )
+    } else {
+        (
+            ints(ctx, 1)?,
+            ctx.opt(2).filter(|v| !v.is_empty()).cloned(),
+            ctx.opt(3).map(|a| a.to_i64s()).transpose()?,
+        )
+    };
+    let axes: Vec<usize> = match axes {
+        Some(a) => a.iter().map(|&x| axis(x, r)).collect::<R<_>>()?,
+        None => (0..r).collect(),
+    };
+    if pads.len() != 2 * axes.len() {
+        return Err(format!("pads {pads:?} do not match {} axes", axes.len()));
+    }
+    let mut before = vec![0i64; r];
+    let mut after = vec![0i64; r];
+    for (k, &a) in axes.iter().enumerate() {
+        before[a] = pads[k];
+        after[a] = pads[k + axes.len()];
+    }
+    let shape: Vec<usize> = (0..r)
+        .map(|d| {
+            let n = t.shape[d] as i64 + before[d] + after[d];
+            if n < 0 {
+                Err(format!("pads {pads:?} make a negative dim"))
+            } else {
+                Ok(n as usize)
+            }
+        })
+        .collect::<R<_>>()?;
+    let st = strides(&t.shape);
+    let mut coord = vec![0; r];
+    // Source offset of each output element, or None for the fill value.
+    let src: Vec<Option<usize>> = (0..numel(&shape))
+        .map(|f| {
+            unravel(f, &shape, &mut coord);
+            let mut off = 0;
+            for d in 0..r {
+                let n = t.shape[d] as i64;
+                let mut i = coord[d] as i64 - before[d];
+                if i < 0 || i >= n {
+                    match mode.as_str() {
+                        "constant" => return None,
+                        "edge" => i = i.clamp(0, n - 1),
+                        "wrap" => i = i.rem_euclid(n),
+                        "reflect" => {
+                            if n == 1 {
+                                i = 0;
+                            } else {
+                                let p = 2 * (n - 1);
+                                i = i.rem_euclid(p);
+                                if i >= n {
+                                    i = p - i;
+                                }
+                            }
+                        }
+                        _ => return None,
+                    }
+                }
+                off += i as usize * st[d];
+            }
+            Some(off)
+        })
+        .collect();
+    let fill = match fill {
+        Some(f) => f,
+        None => Tensor::new(vec![1], Data::zeros(t.dtype(), 1)?),
+    };
+    let data = zip_same!(&t.data, &fill.data, |v, f| src
+        .iter()
+        .map(|s| match s {
+            Some(o) => v[*o].clone(),
+            None => f[0].clone(),
+        })
+        .collect())?;
+    one(Tensor::new(shape, data))
+}
+
+pub(crate) fn constant_of_shape(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let s: Vec<usize> = ints(ctx, 0)?.iter().map(|&d| d.max(0) as usize).collect();
+    let v = ctx
+        .atensor("value")?
+        .unwrap_or_else(|| Tensor::f32(vec![1], vec![0.0]));
+    if v.len() != 1 {
+        return Err("value must hold one element".into());
+    }
+    let n = numel(&s);
+    let data = map_data!(&v.data, x => vec![x[0].clone(); n]);
+    one(Tensor::new(s, data))
+}
+
+pub(crate) fn range(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (s, l, d) = (ctx.t(0)?, ctx.t(1)?, ctx.t(2)?);
+    let dt = s.dtype();
+    if s.data.is_float() {
+        let (a, b, c) = (s.scalar_f64()?, l.scalar_f64()?, d.scalar_f64()?);
+        let n = ((b - a) / c).ceil().max(0.0) as usize;
+        let v: Vec<f64> = (0..n).map(|i| a + i as f64 * c).collect();
+        if dt == DType::F32 {
+            let (a, c) = (a as f32, c as f32);
+            return one(Tensor::f32(
+                vec![n],
+                (0..n).map(|i| a + i as f32 * c).collect(),
+            ));
+        }
+        return one(cast_tensor(&Tensor::new(vec![n], Data::F64(v)), dt)?);
+    }
+    let (a, b, c) = (s.scalar_i64()?, l.scalar_i64()?, d.scalar_i64()?);
+    if c == 0 {
+        return Err("Range delta is 0".into());
+    }
+    let n = if (c > 0 && b > a) || (c < 0 && b < a) {
+        ((b - a).abs() + c.abs() - 1) / c.abs()
+    } else {
+        0
+    };
+    let v: Vec<i64> = (0..n).map(|i| a + i * c).collect();
+    one(cast_tensor(&Tensor::i64(vec![n as usize], v), dt)?)
+}
+
+pub(crate) fn non_zero(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let nz: Vec<bool> = match &t.data {
+        Data::Bool(v) => v.clone(),
+        Data::Str(v) => v.iter().map(|s| !s.is_empty()).collect(),
+        _ => t.to_f64s()?.iter().map(|&x| x != 0.0).collect(),
+    };
+    let r = t.rank().max(1);
+    let shape = if t.rank() == 0 {
+        vec![1]
+    } else {
+        t.shape.clone()
+    };
+    let hits: Vec<usize> = nz
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b)
+        .map(|(i, _)| i)
+        .collect();
+    let mut out = vec![0i64; r * hits.len()];
+    let mut coord = vec![0; r];
+    for (k, &f) in hits.iter().enumerate() {
+        unravel(f, &shape, &mut coord);
+        for d in 0..r {
+            out[d * hits.len() + k] = coord[d] as i64;
+        }
+    }
+    let rows = if t.rank() == 0 { 0 } else { r };
+    let out = if rows == 0 { Vec::new() } else { out };
+    one(Tensor::i64(vec![rows, hits.len()], out))
+}
+
+pub(crate) fn one_hot(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (ix, depth, values) = (ctx.t(0)?, ctx.t(1)?, ctx.t(2)?);
+    let depth = depth.scalar_f64()? as i64;
+    let r = ix.rank() + 1;
+    let ax = axis(ctx.ai("axis", -1), r)?;
+    let idx = ix.to_f64s()?;
+    let outer = numel(&ix.shape[..ax]);
+    let inner = numel(&ix.shape[ax..]);
+    let mut shape = ix.shape.clone();
+    shape.insert(ax, depth as usize);
+    let mut which = vec![false; numel(&shape)];
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut k = idx[o * inner + i] as i64;
+            if k < 0 {
+                k += depth;
+            }
+            if (0..depth).contains(&k) {
+                which[(o * depth as usize + k as usize) * inner + i] = true;
+            }
+        }
+    }
+    let data = map_data!(&values.data, v => which.iter().map(|&b| v[b as usize].clone()).collect());
+    one(Tensor::new(shape, data))
+}
+
+pub(crate) fn eye_like(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    if t.rank() != 2 {
+        return Err("EyeLike takes a 2-D tensor".into());
+    }
+    let k = ctx.ai("k", 0);
+    let dt = if ctx.has("dtype") {
+        DType::from_code(ctx.ai("dtype", 1) as i32).ok_or("unknown dtype")?
+    } else {
+        t.dtype()
+    };
+    let (r, c) = (t.shape[0], t.shape[1]);
+    let v: Vec<f64> = (0..r * c)
+        .map(|f| ((f % c) as i64 - (f / c) as i64 == k) as i64 as f64)
+        .collect();
+    one(cast_tensor(&Tensor::new(vec![r, c], Data::F64(v)), dt)?)
+}
+
+pub(crate) fn trilu(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let k = ctx.opt(1).map(|k| k.scalar_i64()).transpose()?.unwrap_or(0);
+    let upper = ctx.ai("upper", 1) != 0;
+    if t.rank() < 2 {
+        return Err("Trilu takes rank >= 2".into());
+    }
+    let (r, c) = (t.shape[t.rank() - 2], t.shape[t.rank() - 1]);
+    let zero = Data::zeros(t.dtype(), 1)?;
+    let data = zip_same!(&t.data, &zero, |v, z| v
+        .iter()
+        .enumerate()
+        .map(|(f, x)| {
+            let (i, j) = (((f / c) % r) as i64, (f % c) as i64);
+            let keep = if upper { j - i >= k } else { j - i <= k };
+            if keep { x.clone() } else { z[0].clone() }
+        })
+        .collect())?;
+    one(Tensor::new(t.shape.clone(), data))
+}
+
+pub(crate) fn depth_to_space(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let b = ctx.ai("blocksize", 1) as usize;
+    let [n, c, h, w] = t.shape[..] else {
+        return Err("DepthToSpace takes NCHW".into());
+    };
+    let crd = ctx.as_str("mode").as_deref() == Some("CRD");
+    let c2 = c / (b * b);
+    let (tmp, perm) = if crd {
+        (vec![n, c2, b, b, h, w], [0, 1, 4, 2, 5, 3])
+    } else {
+        (vec![n, b, b, c2, h, w], [0, 3, 4, 1, 5, 2])
+    };
+    let x = transpose_t(&t.clone().reshaped(tmp), &perm);
+    one(x.reshaped(vec![n, c2, h * b, w * b]))
+}
+
+pub(crate) fn space_to_depth(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let b = ctx.ai("blocksize", 1) as usize;
+    let [n, c, h, w] = t.shape[..] else {
+        return Err("SpaceToDepth takes NCHW".into());
+    };
+    let x = t.clone().reshaped(vec![n, c, h / b, b, w / b, b]);
+    let x = transpose_t(&x, &[0, 3, 5, 1, 2, 4]);
+    one(x.reshaped(vec![n, c * b * b, h / b, w / b]))
+}
+
+pub(crate) fn reverse_sequence(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (t, lens) = (ctx.t(0)?, ctx.t(1)?);
+    let ba = ctx.ai("batch_axis", 1) as usize;
+    let ta = ctx.ai("time_axis", 0) as usize;
+    let lens = lens.to_i64s()?;
+    let st = strides(&t.shape);
+    let mut coord = vec![0; t.rank()];
+    let offs: Vec<usize> = (0..t.len())
+        .map(|f| {
+            unravel(f, &t.shape, &mut coord);
+            let l = lens[coord[ba]] as usize;
+            let mut c = coord.clone();
+            if c[ta] < l {
+                c[ta] = l - 1 - c[ta];
+            }
+            c.iter().zip(&st).map(|(a, b)| a * b).sum()
+        })
+        .collect();
+    let data = map_data!(&t.data, v => offs.iter().map(|&o| v[o].clone()).collect());
+    one(Tensor::new(t.shape.clone(), data))
+}
+
+pub(crate) fn cumsum(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let ax = axis(ctx.t(1)?.scalar_i64()?, t.rank())?;
+    let excl = ctx.ai("exclusive", 0) != 0;
+    let rev = ctx.ai("reverse", 0) != 0;
+    let outer = numel(&t.shape[..ax]);
+    let dim = t.shape[ax];
+    let inner = numel(&t.shape[ax + 1..]);
+    let order: Vec<usize> = if rev {
+        (0..dim).rev().collect()
+    } else {
+        (0..dim).collect()
+    };
+    macro_rules! go {
+        ($v:expr, $zero:expr) => {{
+            let v = $v;
+            let mut out = vec![$zero; v.len()];
+            for o in 0..outer {
+                for i in 0..inner {
+                    let mut acc = $zero;
+                    for &k in &order {
+                        let p = (o * dim + k) * inner + i;
+                        if excl {
+                            out[p] = acc;
+                            acc += v[p];
+                        } else {
+                            acc += v[p];
+                            out[p] = acc;
+                        }
+                    }
+                }
+            }
+            out
+        }};
+    }
+    let data = match &t.data {
+        Data::F32(v) => Data::F32(go!(v, 0.0f32)),
+        Data::F64(v) => Data::F64(go!(v, 0.0f64)),
+        Data::I32(v) => Data::I32(go!(v, 0i32)),
+        Data::I64(v) => Data::I64(go!(v, 0i64)),
+        Data::U32(v) => Data::U32(go!(v, 0u32)),
+        Data::U64(v) => Data::U64(go!(v, 0u64)),
+        d => return Err(format!("CumSum does not take {}", d.dtype())),
+    };
+    one(Tensor::new(t.shape.clone(), data))
+}
