@@ -30,6 +30,12 @@ pub(crate) struct RunArgs {
     /// Write every value of the main graph (inputs and node outputs), not only the graph outputs.
     #[arg(long)]
     all_values: bool,
+    /// Print the time spent per op type (of the last run).
+    #[arg(long)]
+    profile: bool,
+    /// Run this many times after one warm-up run and report the median time (for benchmarks).
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
 }
 
 /// Arguments of `mpopt compare`.
@@ -238,22 +244,43 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         .find(|s| s.index == a.set)
         .with_context(|| format!("{}: no input set {}", a.inputs.display(), a.set))?;
     let exec = Executor::new(&model).with_context(|| format!("{}", a.model.display()))?;
-    let t0 = Instant::now();
     let opts = RunOptions {
         keep_all: a.all_values,
+        profile: a.profile,
     };
-    let out = exec
-        .run(set.values, &opts)
-        .with_context(|| format!("{}", a.model.display()))?;
-    let dt = t0.elapsed();
+    // With --repeat, one warm-up run first, then the median of the timed runs.
+    let runs = if a.repeat > 1 { a.repeat + 1 } else { 1 };
+    let mut times = Vec::new();
+    let mut last = None;
+    for i in 0..runs {
+        let t0 = Instant::now();
+        let o = exec
+            .run(set.values.clone(), &opts)
+            .with_context(|| format!("{}", a.model.display()))?;
+        if runs == 1 || i > 0 {
+            times.push(t0.elapsed());
+        }
+        last = Some(o);
+    }
+    let out = last.expect("ran at least once");
+    times.sort();
+    let dt = times[times.len() / 2];
     for (name, v) in &out.outputs {
         match v {
             Value::Tensor(t) => eprintln!("{name}: {}", describe(t)),
             _ => eprintln!("{name}: (non-tensor)"),
         }
     }
+    for (op, d, n) in &out.profile {
+        eprintln!("  {op:24} {:9.3} ms  {n} nodes", d.as_secs_f64() * 1e3);
+    }
+    let how = if a.repeat > 1 {
+        format!(" (median of {} runs after a warm-up)", times.len())
+    } else {
+        String::new()
+    };
     eprintln!(
-        "ran {} in {:.1} ms",
+        "ran {} in {:.3} ms{how}",
         a.model.display(),
         dt.as_secs_f64() * 1e3
     );
@@ -390,6 +417,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     let sets = load_inputs(&a.inputs, &rm)?;
     let opts = RunOptions {
         keep_all: a.per_node,
+        profile: false,
     };
     let mut metrics: Vec<Metrics> = Vec::new();
     let mut divergent: Vec<String> = Vec::new();

@@ -15,6 +15,8 @@ pub struct RunOptions {
     /// Keep every intermediate value of the main graph (for per-node comparison and calibration) instead of
     /// freeing it after its last use.
     pub keep_all: bool,
+    /// Time every node and sum the times per op type (main graph; a subgraph's time counts to its node).
+    pub profile: bool,
 }
 
 /// What a run produced.
@@ -25,6 +27,18 @@ pub struct RunOutput {
     /// With [`RunOptions::keep_all`]: every node output of the main graph in schedule order (graph inputs
     /// first), by name.
     pub trace: Vec<(String, Arc<Value>)>,
+    /// With [`RunOptions::profile`]: (op type, total time, node runs), slowest first.
+    pub profile: Vec<(String, std::time::Duration, usize)>,
+}
+
+/// Time and count per op type.
+type Profile = HashMap<String, (std::time::Duration, usize)>;
+
+/// What a run records besides its outputs (main graph only).
+#[derive(Default)]
+struct Observe {
+    trace: Option<Vec<(String, Arc<Value>)>>,
+    prof: Option<Profile>,
 }
 
 /// The plan of one graph.
@@ -37,6 +51,8 @@ struct GraphPlan {
     order: Vec<NodeId>,
     /// Plans of subgraphs by node, in attribute order (attribute name, graph plan).
     subs: HashMap<NodeId, Vec<(String, GraphPlan)>>,
+    /// Outputs of nodes evaluated once at plan time (listed in traces with the graph inputs).
+    folded: Vec<(ValueId, Arc<Value>)>,
 }
 
 /// A model prepared to run: ops checked, constants converted. Cheap to run many times.
@@ -58,7 +74,73 @@ impl<'m> Executor<'m> {
             return Err(ExecError::Unsupported(unsupported));
         }
         let main = plan(&model.graph)?;
-        Ok(Executor { model, opset, main })
+        let mut exec = Executor { model, opset, main };
+        let folded = exec.fold_constants(&exec.main, &model.graph)?;
+        exec.main
+            .consts
+            .extend(folded.iter().flat_map(|(_, outs)| outs.iter().cloned()));
+        let skip: std::collections::HashSet<NodeId> = folded.iter().map(|(n, _)| *n).collect();
+        exec.main.order.retain(|n| !skip.contains(n));
+        exec.main.folded = folded.into_iter().flat_map(|(_, outs)| outs).collect();
+        Ok(exec)
+    }
+
+    /// Evaluates, once, every main-graph node whose inputs are all constants (initializers, `Constant`
+    /// nodes, and results of such nodes): weight transposes, casts and reshapes of constants then cost nothing
+    /// per run. Nodes with subgraphs are left alone. Returns each folded node with its outputs.
+    #[allow(clippy::type_complexity)]
+    fn fold_constants(
+        &self,
+        plan: &GraphPlan,
+        g: &Graph,
+    ) -> Result<Vec<(NodeId, Vec<(ValueId, Arc<Value>)>)>, ExecError> {
+        let mut known: HashMap<ValueId, Arc<Value>> = plan.consts.iter().cloned().collect();
+        // Graph inputs with a default may be overridden at run time: not constants.
+        for i in g.inputs() {
+            known.remove(i);
+        }
+        let mut folded = Vec::new();
+        for &n in &plan.order {
+            let node = g.node(n);
+            if node.has_subgraphs() || !node.implicit_inputs().is_empty() {
+                continue;
+            }
+            let ins: Option<Vec<Option<Arc<Value>>>> = node
+                .inputs()
+                .iter()
+                .map(|v| match v {
+                    None => Some(None),
+                    Some(v) => known.get(v).map(|x| Some(x.clone())),
+                })
+                .collect();
+            let Some(ins) = ins else { continue };
+            let sub = SubRunner {
+                exec: self,
+                plans: None,
+                node,
+                implicit: &[],
+                path: String::new(),
+            };
+            let mut ctx = ops::Ctx {
+                node,
+                inputs: ins,
+                opset: self.opset,
+                sub: &sub,
+            };
+            // A node that fails here fails at run time too, with its name: leave it to the run.
+            let Ok(outs) = ops::run(&mut ctx) else {
+                continue;
+            };
+            let mut these = Vec::new();
+            for (o, v) in node.outputs().iter().zip(outs) {
+                if let Some(o) = o {
+                    known.insert(*o, v.clone());
+                    these.push((*o, v));
+                }
+            }
+            folded.push((n, these));
+        }
+        Ok(folded)
     }
 
     /// The model.
@@ -102,10 +184,14 @@ impl<'m> Executor<'m> {
                 expected,
             });
         }
-        let mut trace = opts.keep_all.then(Vec::new);
+        let mut obs = Observe {
+            trace: opts.keep_all.then(Vec::new),
+            prof: opts.profile.then(HashMap::new),
+        };
         let outs = self
-            .run_graph(&self.main, g, positional, &[], &mut trace, "")
+            .run_graph(&self.main, g, positional, &[], &mut obs, "")
             .map_err(|e| *e)?;
+        let Observe { trace, prof } = obs;
         let outputs = g
             .outputs()
             .iter()
@@ -115,9 +201,16 @@ impl<'m> Executor<'m> {
                 (g.value(o).name().to_string(), v)
             })
             .collect();
+        let mut profile: Vec<(String, std::time::Duration, usize)> = prof
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, (d, n))| (k, d, n))
+            .collect();
+        profile.sort_by_key(|p| std::cmp::Reverse(p.1));
         Ok(RunOutput {
             outputs,
             trace: trace.unwrap_or_default(),
+            profile,
         })
     }
 
@@ -129,9 +222,10 @@ impl<'m> Executor<'m> {
         g: &Graph,
         inputs: Vec<Option<Arc<Value>>>,
         captures: &[(String, Arc<Value>)],
-        trace: &mut Option<Vec<(String, Arc<Value>)>>,
+        obs: &mut Observe,
         path: &str,
     ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
+        let Observe { trace, prof } = obs;
         let mut env: Vec<Option<Arc<Value>>> = vec![None; g.value_bound()];
         for (id, v) in &plan.consts {
             env[id.index()] = Some(v.clone());
@@ -163,6 +257,9 @@ impl<'m> Executor<'m> {
                 if let Some(v) = &env[i.index()] {
                     t.push((g.value(i).name().to_string(), v.clone()));
                 }
+            }
+            for (i, v) in &plan.folded {
+                t.push((g.value(*i).name().to_string(), v.clone()));
             }
         }
         let mut uses = plan.uses.clone();
@@ -224,7 +321,13 @@ impl<'m> Executor<'m> {
                 opset: self.opset,
                 sub: &sub,
             };
+            let t0 = prof.is_some().then(std::time::Instant::now);
             let outs = ops::run(&mut ctx).map_err(fail)?;
+            if let (Some(p), Some(t0)) = (prof.as_mut(), t0) {
+                let e = p.entry(node.op_type.clone()).or_default();
+                e.0 += t0.elapsed();
+                e.1 += 1;
+            }
             drop(ctx);
             let mut outs = outs.into_iter();
             for (slot, o) in node.outputs().iter().enumerate() {
@@ -233,7 +336,6 @@ impl<'m> Executor<'m> {
                 let Some(v) = v else {
                     return Err(fail(format!("the kernel produced no output {slot}")));
                 };
-                let v = Arc::new(v);
                 if let Some(t) = trace.as_mut() {
                     t.push((g.value(*o).name().to_string(), v.clone()));
                 }
@@ -299,7 +401,7 @@ impl SubRunner<'_, '_> {
         let path = format!("{} > {attr}", self.path);
         let ins = inputs.into_iter().map(Some).collect();
         self.exec
-            .run_graph(plan, g, ins, self.implicit, &mut None, &path)
+            .run_graph(plan, g, ins, self.implicit, &mut Observe::default(), &path)
             .map_err(|e| e.to_string())
     }
 
@@ -361,6 +463,7 @@ fn plan(g: &Graph) -> Result<GraphPlan, ExecError> {
         uses,
         order,
         subs,
+        folded: Vec::new(),
     })
 }
 

@@ -11,7 +11,15 @@ fn run(src: &str, inputs: Vec<(&str, Tensor)>) -> Result<Vec<(String, Value)>, E
         .into_iter()
         .map(|(n, t)| (n.to_string(), Value::Tensor(t)))
         .collect();
-    Ok(exec.run(ins, &RunOptions { keep_all: true })?.outputs)
+    Ok(exec
+        .run(
+            ins,
+            &RunOptions {
+                keep_all: true,
+                ..Default::default()
+            },
+        )?
+        .outputs)
 }
 
 fn f16s(v: &[f32]) -> Tensor {

@@ -4,6 +4,10 @@
 //! overflow as two's-complement hardware does.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
+
+/// Elementwise loops split across threads in chunks of at least this many elements.
+pub(crate) const PAR_MIN: usize = 1 << 15;
 use mpopt_ir::DType;
 
 use super::{Ctx, R, one};
@@ -32,11 +36,11 @@ macro_rules! float_map {
         let data = match &t.data {
             Data::F32(v) => {
                 $(let $n = ($v) as f32;)*
-                Data::F32(v.iter().map(|&$x| $e).collect())
+                Data::F32(v.par_iter().with_min_len(PAR_MIN).map(|&$x| $e).collect())
             }
             Data::F64(v) => {
                 $(let $n = ($v) as f64;)*
-                Data::F64(v.iter().map(|&$x| $e).collect())
+                Data::F64(v.par_iter().with_min_len(PAR_MIN).map(|&$x| $e).collect())
             }
             d => return Err(format!("expected a float tensor, got {}", d.dtype())),
         };
@@ -404,25 +408,43 @@ pub(crate) fn bcast_offsets(shape: &[usize], out: &[usize]) -> Vec<usize> {
 
 /// Applies `f` to two broadcast inputs. Adjacent dims with the same broadcast pattern are merged so the inner
 /// loop runs over the longest contiguous stretch.
-pub(crate) fn zip_bcast<A: Copy, B: Copy, O>(
+pub(crate) fn zip_bcast<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send>(
     a: &[A],
     ash: &[usize],
     b: &[B],
     bsh: &[usize],
-    f: impl Fn(A, B) -> O,
+    f: impl Fn(A, B) -> O + Sync + Send,
 ) -> R<(Vec<O>, Vec<usize>)> {
     let out = broadcast_shape(ash, bsh)?;
     let n = numel(&out);
     if ash == bsh {
-        return Ok((a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect(), out));
+        let v = a
+            .par_iter()
+            .with_min_len(PAR_MIN)
+            .zip(b)
+            .map(|(&x, &y)| f(x, y))
+            .collect();
+        return Ok((v, out));
     }
     if b.len() == 1 && n == a.len() {
         let y = b[0];
-        return Ok((a.iter().map(|&x| f(x, y)).collect(), out));
+        return Ok((
+            a.par_iter()
+                .with_min_len(PAR_MIN)
+                .map(|&x| f(x, y))
+                .collect(),
+            out,
+        ));
     }
     if a.len() == 1 && n == b.len() {
         let x = a[0];
-        return Ok((b.iter().map(|&y| f(x, y)).collect(), out));
+        return Ok((
+            b.par_iter()
+                .with_min_len(PAR_MIN)
+                .map(|&y| f(x, y))
+                .collect(),
+            out,
+        ));
     }
     let mut res = Vec::with_capacity(n);
     if n == 0 {

@@ -321,6 +321,20 @@ fn im2col2d(x: &[f32], c: usize, (h, w): (usize, usize), win: &Window, col: &mut
             for i in 0..kh {
                 for j in 0..kw {
                     let row = &mut rows[(i * kw + j) * plane..(i * kw + j + 1) * plane];
+                    // Output columns whose input column is inside the image: xo in [lo, hi).
+                    let off = (j * dw) as isize - pw;
+                    let lo = if off >= 0 {
+                        0
+                    } else {
+                        ((-off) as usize).div_ceil(sw)
+                    }
+                    .min(ow);
+                    let hi = if (w as isize) <= off {
+                        0
+                    } else {
+                        ((w as isize - off) as usize).div_ceil(sw).min(ow)
+                    }
+                    .max(lo);
                     for y in 0..oh {
                         let iy = (y * sh + i * dh) as isize - ph;
                         let dst = &mut row[y * ow..(y + 1) * ow];
@@ -329,13 +343,15 @@ fn im2col2d(x: &[f32], c: usize, (h, w): (usize, usize), win: &Window, col: &mut
                             continue;
                         }
                         let src = &xc[iy as usize * w..(iy as usize + 1) * w];
-                        for (xo, d) in dst.iter_mut().enumerate() {
-                            let ix = (xo * sw + j * dw) as isize - pw;
-                            *d = if ix < 0 || ix >= w as isize {
-                                0.0
-                            } else {
-                                src[ix as usize]
-                            };
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        let start = (lo as isize * sw as isize + off) as usize;
+                        if sw == 1 {
+                            dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+                        } else {
+                            for (k, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[start + k * sw];
+                            }
                         }
                     }
                 }

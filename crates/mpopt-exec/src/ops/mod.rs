@@ -338,18 +338,31 @@ fn stays_f32(op: &str, slot: usize) -> bool {
 }
 
 /// Runs the node's kernel with the low-precision rule.
-pub(crate) fn run(ctx: &mut Ctx) -> R<Vec<Value>> {
+pub(crate) fn run(ctx: &mut Ctx) -> R<Vec<Arc<Value>>> {
     let (kernel, low) = lookup(&ctx.node.domain, &ctx.node.op_type)
         .ok_or_else(|| format!("no kernel for {}", ctx.node.qualified_op()))?;
     if low == Low::Native {
-        return kernel(ctx);
+        // Ops that return their input unchanged pass the value through without a copy.
+        let op = ctx.node.op_type.as_str();
+        let same_cast = op == "Cast" && ctx.t(0).is_ok_and(|t| t.dtype() as i64 == ctx.ai("to", 0))
+            || op == "CastLike"
+                && ctx
+                    .t(0)
+                    .is_ok_and(|t| ctx.t(1).is_ok_and(|u| u.dtype() == t.dtype()));
+        if (op == "Identity" || same_cast)
+            && ctx.node.outputs().len() == 1
+            && let Some(v) = ctx.inputs.first().cloned().flatten()
+        {
+            return Ok(vec![v]);
+        }
+        return Ok(kernel(ctx)?.into_iter().map(Arc::new).collect());
     }
     let first_float = ctx.inputs.iter().flatten().find_map(|v| match &**v {
         Value::Tensor(t) if t.data.is_float() => Some(t.dtype()),
         _ => None,
     });
     let Some(lt @ (DType::F16 | DType::BF16)) = first_float else {
-        return kernel(ctx);
+        return Ok(kernel(ctx)?.into_iter().map(Arc::new).collect());
     };
     for slot in ctx.inputs.iter_mut() {
         if let Some(v) = slot
@@ -379,6 +392,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> R<Vec<Value>> {
             )),
             other => other,
         })
+        .map(Arc::new)
         .collect())
 }
 

@@ -409,6 +409,54 @@ fn pool(ctx: &Ctx, kind: PoolKind) -> R<Vec<Value>> {
     ];
     let want_idx = ctx.node.outputs().len() > 1 && ctx.node.outputs()[1].is_some();
     let row_major = ctx.ai("storage_order", 0) == 0;
+    if r == 2 && !want_idx && matches!(kind, PoolKind::Max | PoolKind::Avg { .. }) {
+        // 2-D without indices: direct loops over the window (no coordinate arithmetic per tap).
+        let (h, w) = (sp[0], sp[1]);
+        let (oh, ow) = (win.out[0], win.out[1]);
+        let (kh, kw) = (win.kernel[0], win.kernel[1]);
+        let (sh, sw) = (win.strides[0], win.strides[1]);
+        let (dh, dw) = (win.dilations[0], win.dilations[1]);
+        let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
+        let (eh, ew) = ((h + win.pad_end[0]) as isize, (w + win.pad_end[1]) as isize);
+        out.par_chunks_mut(out_plane.max(1))
+            .enumerate()
+            .for_each(|(p, o)| {
+                let xp = &v[p * in_plane..(p + 1) * in_plane];
+                for y in 0..oh {
+                    for x in 0..ow {
+                        let (mut best, mut sum, mut cnt, mut cnt_pad) =
+                            (f32::NEG_INFINITY, 0f32, 0usize, 0usize);
+                        for i in 0..kh {
+                            let iy = (y * sh + i * dh) as isize - ph;
+                            for j in 0..kw {
+                                let ix = (x * sw + j * dw) as isize - pw;
+                                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
+                                    cnt_pad += (iy < eh && ix < ew) as usize;
+                                    continue;
+                                }
+                                let e = xp[iy as usize * w + ix as usize];
+                                if e > best || e.is_nan() {
+                                    best = e;
+                                }
+                                sum += e;
+                                cnt += 1;
+                                cnt_pad += 1;
+                            }
+                        }
+                        o[y * ow + x] = match kind {
+                            PoolKind::Avg { include_pad } => {
+                                let d = if include_pad { cnt_pad } else { cnt };
+                                if d == 0 { 0.0 } else { sum / d as f32 }
+                            }
+                            _ => best,
+                        };
+                    }
+                }
+            });
+        let mut shape = x.shape[..2].to_vec();
+        shape.extend(&win.out);
+        return Ok(vec![Value::Tensor(out_like(x, shape, out))]);
+    }
     let body = |plane: usize, o: &mut [f32], a: &mut [i64]| {
         let xp = &v[plane * in_plane..(plane + 1) * in_plane];
         let mut oc = vec![0; r];

@@ -221,12 +221,68 @@ pub(crate) fn unsqueeze(ctx: &mut Ctx) -> R<Vec<Value>> {
     one(t.clone().reshaped(shape))
 }
 
-/// Transposes with a permutation.
+/// Transposes with a permutation. Dims that stay adjacent are merged first; a (batched) 2-D transpose is
+/// copied in cache-sized tiles, in parallel over the batch, and anything else goes through `strided_copy`.
 pub(crate) fn transpose_t(t: &Tensor, perm: &[usize]) -> Tensor {
-    let st = strides(&t.shape);
     let shape: Vec<usize> = perm.iter().map(|&p| t.shape[p]).collect();
+    // Input dims of size > 1, ranked in input order; runs of consecutive ranks in the output merge into one dim.
+    let mut kept: Vec<usize> = perm.iter().copied().filter(|&p| t.shape[p] != 1).collect();
+    let mut sorted = kept.clone();
+    sorted.sort_unstable();
+    for p in kept.iter_mut() {
+        *p = sorted.binary_search(p).expect("present");
+    }
+    let mut groups: Vec<(usize, usize)> = Vec::new(); // (first rank, element count)
+    let mut last_rank = usize::MAX;
+    for &k in &kept {
+        let size = t.shape[sorted[k]];
+        match groups.last_mut() {
+            Some(g) if last_rank.wrapping_add(1) == k => g.1 *= size,
+            _ => groups.push((k, size)),
+        }
+        last_rank = k;
+    }
+    match groups.len() {
+        0 | 1 => return t.clone().reshaped(shape),
+        2 => {
+            // [R, C] -> [C, R]
+            let data = map_data!(&t.data, v => transpose2d(v, groups[1].1, groups[0].1));
+            return Tensor::new(shape, data);
+        }
+        3 if groups[0].0 == 0 => {
+            // [B, R, C] -> [B, C, R]
+            let data = map_data!(&t.data, v => transpose2d(v, groups[2].1, groups[1].1));
+            return Tensor::new(shape, data);
+        }
+        _ => {}
+    }
+    let st = strides(&t.shape);
     let pst: Vec<isize> = perm.iter().map(|&p| st[p] as isize).collect();
     view(t, 0, shape, &pst)
+}
+
+/// Batches of a rows x cols matrix (`v.len()` / (rows x cols) of them), transposed in 32 x 32 tiles.
+fn transpose2d<T: Clone + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let plane = rows * cols;
+    if plane == 0 {
+        return Vec::new();
+    }
+    let mut out: Vec<T> = v.to_vec();
+    out.par_chunks_mut(plane).enumerate().for_each(|(bi, o)| {
+        let src = &v[bi * plane..(bi + 1) * plane];
+        for r0 in (0..rows).step_by(TILE) {
+            for c0 in (0..cols).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in c0..(c0 + TILE).min(cols) {
+                        o[c * rows + r] = src[r * cols + c].clone();
+                    }
+                }
+            }
+        }
+    });
+    out
 }
 
 pub(crate) fn transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
@@ -665,51 +721,69 @@ pub(crate) fn pad(ctx: &mut Ctx) -> R<Vec<Value>> {
             }
         })
         .collect::<R<_>>()?;
-    let st = strides(&t.shape);
-    let mut coord = vec![0; r];
-    // Source offset of each output element, or None for the fill value.
-    let src: Vec<Option<usize>> = (0..numel(&shape))
-        .map(|f| {
-            unravel(f, &shape, &mut coord);
-            let mut off = 0;
-            for d in 0..r {
-                let n = t.shape[d] as i64;
-                let mut i = coord[d] as i64 - before[d];
-                if i < 0 || i >= n {
-                    match mode.as_str() {
-                        "constant" => return None,
-                        "edge" => i = i.clamp(0, n - 1),
-                        "wrap" => i = i.rem_euclid(n),
-                        "reflect" => {
-                            if n == 1 {
-                                i = 0;
-                            } else {
-                                let p = 2 * (n - 1);
-                                i = i.rem_euclid(p);
-                                if i >= n {
-                                    i = p - i;
-                                }
-                            }
+    // The source index along one dim for an output index, or None for the fill value.
+    let source = |d: usize, o: usize| -> Option<usize> {
+        let n = t.shape[d] as i64;
+        let mut i = o as i64 - before[d];
+        if i < 0 || i >= n {
+            if n == 0 {
+                return None;
+            }
+            match mode.as_str() {
+                "edge" => i = i.clamp(0, n - 1),
+                "wrap" => i = i.rem_euclid(n),
+                "reflect" => {
+                    if n == 1 {
+                        i = 0;
+                    } else {
+                        let p = 2 * (n - 1);
+                        i = i.rem_euclid(p);
+                        if i >= n {
+                            i = p - i;
                         }
-                        _ => return None,
                     }
                 }
-                off += i as usize * st[d];
+                _ => return None,
             }
-            Some(off)
-        })
-        .collect();
+        }
+        Some(i as usize)
+    };
     let fill = match fill {
         Some(f) => f,
         None => Tensor::new(vec![1], Data::zeros(t.dtype(), 1)?),
     };
-    let data = zip_same!(&t.data, &fill.data, |v, f| src
-        .iter()
-        .map(|s| match s {
-            Some(o) => v[*o].clone(),
-            None => f[0].clone(),
+    if r == 0 {
+        return one(t.clone());
+    }
+    // Row by row: one source row per output row (or the fill), and a column map for the last dim.
+    let st = strides(&t.shape);
+    let last = r - 1;
+    let cols: Vec<Option<usize>> = (0..shape[last]).map(|c| source(last, c)).collect();
+    let rows = numel(&shape[..last]);
+    let mut coord = vec![0; last];
+    let row_src: Vec<Option<usize>> = (0..rows)
+        .map(|row| {
+            unravel(row, &shape[..last], &mut coord);
+            let mut off = 0;
+            for d in 0..last {
+                off += source(d, coord[d])? * st[d];
+            }
+            Some(off)
         })
-        .collect())?;
+        .collect();
+    let data = zip_same!(&t.data, &fill.data, |v, f| {
+        let mut out = Vec::with_capacity(numel(&shape));
+        for rs in &row_src {
+            match rs {
+                None => out.extend(std::iter::repeat_n(f[0].clone(), cols.len())),
+                Some(base) => out.extend(cols.iter().map(|c| match c {
+                    Some(i) => v[base + i].clone(),
+                    None => f[0].clone(),
+                })),
+            }
+        }
+        out
+    })?;
     one(Tensor::new(shape, data))
 }
 
