@@ -138,6 +138,10 @@ pub(crate) fn sign(ctx: &mut Ctx) -> R<Vec<Value>> {
         ),
     }
 }
+pub(crate) fn swish(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let a = ctx.af("alpha", 1.0);
+    float_map!(ctx.t(0)?, [a = a], |x| x / (1.0 + (-a * x).exp()))
+}
 pub(crate) fn hard_sigmoid(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (a, b) = (ctx.af("alpha", 0.2), ctx.af("beta", 0.5));
     float_map!(ctx.t(0)?, [a = a, b = b], |x| (a * x + b).clamp(0.0, 1.0))

@@ -657,3 +657,147 @@ pub(crate) fn topk(ctx: &mut Ctx) -> R<Vec<Value>> {
         Value::Tensor(Tensor::i64(shape, idxs)),
     ])
 }
+
+/// NegativeLogLikelihoodLoss on `[N, C, d...]` log-probabilities (f64 values), with the reduction applied.
+fn nll(
+    ctx: &Ctx,
+    lp: &[f64],
+    shape: &[usize],
+    target: &Tensor,
+    weight: Option<&Tensor>,
+) -> R<(Vec<f64>, Vec<usize>)> {
+    let (n, c) = (shape[0], shape[1]);
+    let inner = numel(&shape[2..]);
+    let t = target.to_i64s()?;
+    let w = weight.map(|w| w.to_f64s()).transpose()?;
+    let ignore = ctx
+        .has("ignore_index")
+        .then(|| ctx.ai("ignore_index", -100));
+    let mut loss = vec![0f64; n * inner];
+    let mut wsum = 0f64;
+    for b in 0..n {
+        for i in 0..inner {
+            let k = t[b * inner + i];
+            if Some(k) == ignore {
+                continue;
+            }
+            if k < 0 || k as usize >= c {
+                return Err(format!("target {k} is out of range for {c} classes"));
+            }
+            let wk = w.as_ref().map_or(1.0, |w| w[k as usize]);
+            loss[b * inner + i] = -lp[(b * c + k as usize) * inner + i] * wk;
+            wsum += wk;
+        }
+    }
+    let red = ctx.as_str("reduction").unwrap_or_else(|| "mean".into());
+    Ok(match red.as_str() {
+        "none" => {
+            let mut s = vec![n];
+            s.extend(&shape[2..]);
+            (loss, s)
+        }
+        "sum" => (vec![loss.iter().sum()], vec![]),
+        _ => (
+            vec![if wsum == 0.0 {
+                0.0
+            } else {
+                loss.iter().sum::<f64>() / wsum
+            }],
+            vec![],
+        ),
+    })
+}
+
+pub(crate) fn nll_loss(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let x = ctx.t(0)?;
+    let (loss, shape) = nll(ctx, &x.to_f64s()?, &x.shape, ctx.t(1)?, ctx.opt(2))?;
+    one(super::elementwise::cast_tensor(
+        &Tensor::new(shape, Data::F64(loss)),
+        x.dtype(),
+    )?)
+}
+
+pub(crate) fn softmax_cross_entropy_loss(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let x = ctx.t(0)?;
+    if x.rank() < 2 {
+        return Err("scores must be [N, C, ...]".into());
+    }
+    let (n, c) = (x.shape[0], x.shape[1]);
+    let inner = numel(&x.shape[2..]);
+    let v = x.to_f64s()?;
+    let mut lp = vec![0f64; v.len()];
+    for b in 0..n {
+        for i in 0..inner {
+            let at = |k: usize| (b * c + k) * inner + i;
+            let mx = (0..c).map(|k| v[at(k)]).fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = (0..c).map(|k| (v[at(k)] - mx).exp()).sum();
+            for k in 0..c {
+                lp[at(k)] = v[at(k)] - mx - s.ln();
+            }
+        }
+    }
+    let (loss, shape) = nll(ctx, &lp, &x.shape, ctx.t(1)?, ctx.opt(2))?;
+    let dt = x.dtype();
+    let cast = |s: Vec<usize>, v: Vec<f64>| {
+        super::elementwise::cast_tensor(&Tensor::new(s, Data::F64(v)), dt)
+    };
+    Ok(vec![
+        Value::Tensor(cast(shape, loss)?),
+        Value::Tensor(cast(x.shape.clone(), lp)?),
+    ])
+}
+
+pub(crate) fn rms_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let x = ctx.t(0)?;
+    let ax = axis(ctx.ai("axis", -1), x.rank())?;
+    let eps = ctx.af("epsilon", 1e-5) as f64;
+    let inner = numel(&x.shape[ax..]);
+    let scale = ctx.t(1)?;
+    let sv = scale.to_f64s()?;
+    let soffs = super::elementwise::bcast_offsets(&scale.shape, &x.shape[ax..]);
+    let mut v = x.to_f64s()?;
+    for p in v.chunks_mut(inner.max(1)) {
+        let ms = p.iter().map(|e| e * e).sum::<f64>() / inner as f64;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (k, e) in p.iter_mut().enumerate() {
+            *e = *e * inv * sv[soffs[k]];
+        }
+    }
+    one(super::elementwise::cast_tensor(
+        &Tensor::new(x.shape.clone(), Data::F64(v)),
+        x.dtype(),
+    )?)
+}
+
+pub(crate) fn lrn(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let x = ctx.t(0)?;
+    let (alpha, beta, bias) = (
+        ctx.af("alpha", 1e-4) as f64,
+        ctx.af("beta", 0.75) as f64,
+        ctx.af("bias", 1.0) as f64,
+    );
+    let size = ctx.ai("size", 1) as usize;
+    let (n, c) = (x.shape[0], x.shape[1]);
+    let plane = numel(&x.shape[2..]);
+    let v = x.to_f64s()?;
+    let mut out = vec![0f64; v.len()];
+    let lo = (size - 1) / 2;
+    let hi = size - 1 - lo;
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..plane {
+                let from = ch.saturating_sub(lo);
+                let to = (ch + hi).min(c - 1);
+                let sq: f64 = (from..=to)
+                    .map(|k| v[(b * c + k) * plane + p].powi(2))
+                    .sum();
+                let i = (b * c + ch) * plane + p;
+                out[i] = v[i] / (bias + alpha / size as f64 * sq).powf(beta);
+            }
+        }
+    }
+    one(super::elementwise::cast_tensor(
+        &Tensor::new(x.shape.clone(), Data::F64(out)),
+        x.dtype(),
+    )?)
+}

@@ -977,6 +977,14 @@ pub(crate) fn reverse_sequence(ctx: &mut Ctx) -> R<Vec<Value>> {
 }
 
 pub(crate) fn cumsum(ctx: &mut Ctx) -> R<Vec<Value>> {
+    cumulative(ctx, false)
+}
+pub(crate) fn cumprod(ctx: &mut Ctx) -> R<Vec<Value>> {
+    cumulative(ctx, true)
+}
+
+/// CumSum / CumProd along an axis (exclusive and reverse as attributes).
+fn cumulative(ctx: &Ctx, prod: bool) -> R<Vec<Value>> {
     let t = ctx.t(0)?;
     let ax = axis(ctx.t(1)?.scalar_i64()?, t.rank())?;
     let excl = ctx.ai("exclusive", 0) != 0;
@@ -990,19 +998,21 @@ pub(crate) fn cumsum(ctx: &mut Ctx) -> R<Vec<Value>> {
         (0..dim).collect()
     };
     macro_rules! go {
-        ($v:expr, $zero:expr) => {{
+        ($v:expr, $zero:expr, $one:expr) => {{
             let v = $v;
+            let one = if prod { $one } else { $zero };
+            let step = |a, b| if prod { a * b } else { a + b };
             let mut out = vec![$zero; v.len()];
             for o in 0..outer {
                 for i in 0..inner {
-                    let mut acc = $zero;
+                    let mut acc = one;
                     for &k in &order {
                         let p = (o * dim + k) * inner + i;
                         if excl {
                             out[p] = acc;
-                            acc += v[p];
+                            acc = step(acc, v[p]);
                         } else {
-                            acc += v[p];
+                            acc = step(acc, v[p]);
                             out[p] = acc;
                         }
                     }
@@ -1012,13 +1022,227 @@ pub(crate) fn cumsum(ctx: &mut Ctx) -> R<Vec<Value>> {
         }};
     }
     let data = match &t.data {
-        Data::F32(v) => Data::F32(go!(v, 0.0f32)),
-        Data::F64(v) => Data::F64(go!(v, 0.0f64)),
-        Data::I32(v) => Data::I32(go!(v, 0i32)),
-        Data::I64(v) => Data::I64(go!(v, 0i64)),
-        Data::U32(v) => Data::U32(go!(v, 0u32)),
-        Data::U64(v) => Data::U64(go!(v, 0u64)),
+        Data::F32(v) => Data::F32(go!(v, 0.0f32, 1.0f32)),
+        Data::F64(v) => Data::F64(go!(v, 0.0f64, 1.0f64)),
+        Data::I32(v) => Data::I32(go!(v, 0i32, 1i32)),
+        Data::I64(v) => Data::I64(go!(v, 0i64, 1i64)),
+        Data::U32(v) => Data::U32(go!(v, 0u32, 1u32)),
+        Data::U64(v) => Data::U64(go!(v, 0u64, 1u64)),
         d => return Err(format!("CumSum does not take {}", d.dtype())),
     };
     one(Tensor::new(t.shape.clone(), data))
+}
+
+pub(crate) fn compress(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (t, c) = (ctx.t(0)?, ctx.t(1)?);
+    let cond: Vec<bool> = c.to_i64s()?.iter().map(|&x| x != 0).collect();
+    let (t, ax) = if ctx.has("axis") {
+        (t.clone(), axis(ctx.ai("axis", 0), t.rank())?)
+    } else {
+        let n = t.len();
+        (t.clone().reshaped(vec![n]), 0)
+    };
+    let idx: Vec<i64> = (0..t.shape[ax].min(cond.len()))
+        .filter(|&i| cond[i])
+        .map(|i| i as i64)
+        .collect();
+    let n = idx.len();
+    let outer = numel(&t.shape[..ax]);
+    let inner = numel(&t.shape[ax + 1..]);
+    let dim = t.shape[ax];
+    let mut shape = t.shape.clone();
+    shape[ax] = n;
+    let data = map_data!(&t.data, v => {
+        let mut out = Vec::with_capacity(outer * n * inner);
+        for o in 0..outer {
+            for &i in &idx {
+                let s = (o * dim + i as usize) * inner;
+                out.extend_from_slice(&v[s..s + inner]);
+            }
+        }
+        out
+    });
+    one(Tensor::new(shape, data))
+}
+
+pub(crate) fn center_crop_pad(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (t, s) = (ctx.t(0)?, ctx.t(1)?);
+    let target = s.to_i64s()?;
+    let axes: Vec<usize> = match ctx.ais("axes") {
+        Some(a) => a.iter().map(|&x| axis(x, t.rank())).collect::<R<_>>()?,
+        None => (0..t.rank()).collect(),
+    };
+    let mut cur = t.clone();
+    for (k, &a) in axes.iter().enumerate() {
+        let want = target[k] as usize;
+        let have = cur.shape[a];
+        if want < have {
+            let start = (have - want) / 2;
+            cur = narrow(&cur, a, start, want);
+        } else if want > have {
+            let before = (want - have) / 2;
+            let mut shape = cur.shape.clone();
+            shape[a] = want;
+            let zero = Data::zeros(cur.dtype(), 1)?;
+            let outer = numel(&cur.shape[..a]);
+            let inner = numel(&cur.shape[a + 1..]);
+            let data = zip_same!(&cur.data, &zero, |v, z| {
+                let mut out = vec![z[0].clone(); numel(&shape)];
+                for o in 0..outer {
+                    for i in 0..have {
+                        let src = (o * have + i) * inner;
+                        let dst = (o * want + i + before) * inner;
+                        out[dst..dst + inner].clone_from_slice(&v[src..src + inner]);
+                    }
+                }
+                out
+            })?;
+            cur = Tensor::new(shape, data);
+        }
+    }
+    one(cur)
+}
+
+/// Hann, Hamming and Blackman windows (`periodic` divides by N instead of N - 1).
+fn window_op(ctx: &Ctx, coeffs: &[f64]) -> R<Vec<Value>> {
+    let n = ctx.t(0)?.scalar_i64()?.max(0) as usize;
+    let periodic = ctx.ai("periodic", 1) != 0;
+    let denom = if periodic {
+        n as f64
+    } else {
+        (n as f64 - 1.0).max(1.0)
+    };
+    let v: Vec<f64> = (0..n)
+        .map(|i| {
+            coeffs
+                .iter()
+                .enumerate()
+                .map(|(k, &a)| {
+                    let sign = if k % 2 == 1 { -1.0 } else { 1.0 };
+                    sign * a * (2.0 * std::f64::consts::PI * k as f64 * i as f64 / denom).cos()
+                })
+                .sum()
+        })
+        .collect();
+    let dt =
+        DType::from_code(ctx.ai("output_datatype", 1) as i32).ok_or("unknown output_datatype")?;
+    one(cast_tensor(&Tensor::new(vec![n], Data::F64(v)), dt)?)
+}
+pub(crate) fn hann_window(ctx: &mut Ctx) -> R<Vec<Value>> {
+    window_op(ctx, &[0.5, 0.5])
+}
+pub(crate) fn hamming_window(ctx: &mut Ctx) -> R<Vec<Value>> {
+    window_op(ctx, &[25.0 / 46.0, 21.0 / 46.0])
+}
+pub(crate) fn blackman_window(ctx: &mut Ctx) -> R<Vec<Value>> {
+    window_op(ctx, &[0.42, 0.5, 0.08])
+}
+
+pub(crate) fn unique(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let sorted = ctx.ai("sorted", 1) != 0;
+    let (t, ax) = if ctx.has("axis") {
+        (t.clone(), axis(ctx.ai("axis", 0), t.rank())?)
+    } else {
+        let n = t.len();
+        (t.clone().reshaped(vec![n]), 0)
+    };
+    let dim = t.shape[ax];
+    let slices: Vec<Tensor> = (0..dim).map(|i| narrow(&t, ax, i, 1)).collect();
+    let keys: Vec<Vec<f64>> = slices.iter().map(|s| s.to_f64s()).collect::<R<_>>()?;
+    let mut first: Vec<usize> = Vec::new();
+    let mut inverse = vec![0i64; dim];
+    let mut counts: Vec<i64> = Vec::new();
+    for i in 0..dim {
+        match first.iter().position(|&f| keys[f] == keys[i]) {
+            Some(u) => {
+                inverse[i] = u as i64;
+                counts[u] += 1;
+            }
+            None => {
+                inverse[i] = first.len() as i64;
+                first.push(i);
+                counts.push(1);
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..first.len()).collect();
+    if sorted {
+        order.sort_by(|&a, &b| {
+            keys[first[a]]
+                .partial_cmp(&keys[first[b]])
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+    }
+    let mut rank = vec![0i64; order.len()];
+    for (r, &u) in order.iter().enumerate() {
+        rank[u] = r as i64;
+    }
+    let parts: Vec<&Tensor> = order.iter().map(|&u| &slices[first[u]]).collect();
+    let y = if parts.is_empty() {
+        let mut s = t.shape.clone();
+        s[ax] = 0;
+        Tensor::new(s, Data::empty(t.dtype())?)
+    } else {
+        concat_t(&parts, ax)?
+    };
+    let n = order.len();
+    Ok(vec![
+        Value::Tensor(y),
+        Value::Tensor(Tensor::i64(
+            vec![n],
+            order.iter().map(|&u| first[u] as i64).collect(),
+        )),
+        Value::Tensor(Tensor::i64(
+            vec![dim],
+            inverse.iter().map(|&u| rank[u as usize]).collect(),
+        )),
+        Value::Tensor(Tensor::i64(
+            vec![n],
+            order.iter().map(|&u| counts[u]).collect(),
+        )),
+    ])
+}
+
+pub(crate) fn det(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let t = ctx.t(0)?;
+    let r = t.rank();
+    if r < 2 || t.shape[r - 1] != t.shape[r - 2] {
+        return Err(format!("Det takes [..., M, M], got {:?}", t.shape));
+    }
+    let m = t.shape[r - 1];
+    let v = t.to_f64s()?;
+    let batch = numel(&t.shape[..r - 2]);
+    let out: Vec<f64> = (0..batch)
+        .map(|b| {
+            let mut a = v[b * m * m..(b + 1) * m * m].to_vec();
+            let mut d = 1.0;
+            for c in 0..m {
+                let p = (c..m)
+                    .max_by(|&i, &j| a[i * m + c].abs().total_cmp(&a[j * m + c].abs()))
+                    .unwrap_or(c);
+                if a[p * m + c] == 0.0 {
+                    return 0.0;
+                }
+                if p != c {
+                    for k in 0..m {
+                        a.swap(p * m + k, c * m + k);
+                    }
+                    d = -d;
+                }
+                d *= a[c * m + c];
+                for i in c + 1..m {
+                    let f = a[i * m + c] / a[c * m + c];
+                    for k in c..m {
+                        a[i * m + k] -= f * a[c * m + k];
+                    }
+                }
+            }
+            d
+        })
+        .collect();
+    one(cast_tensor(
+        &Tensor::new(t.shape[..r - 2].to_vec(), Data::F64(out)),
+        t.dtype(),
+    )?)
 }
