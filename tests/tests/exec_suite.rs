@@ -16,7 +16,7 @@ use mpopt_ir::{DType, Model, Type};
 use mpopt_onnx::{ProtoKind, ProtoValue};
 
 /// The pass rate may not fall below this (share of the suite's tests).
-const FLOOR: f64 = 0.73;
+const FLOOR: f64 = 0.81;
 
 fn to_value(p: ProtoValue) -> Result<Value, String> {
     Ok(match p {
@@ -60,6 +60,19 @@ fn close(got: &Tensor, want: &Tensor) -> Result<(), String> {
                 Ok(())
             } else {
                 Err("strings differ".into())
+            };
+        }
+        (Data::Small(..), _) => {
+            // float8/float4 codes: equal values (NaN payloads and signs aside).
+            let (a, b) = (got.to_f64s()?, want.to_f64s()?);
+            let same = a
+                .iter()
+                .zip(&b)
+                .all(|(x, y)| x == y || (x.is_nan() && y.is_nan()));
+            return if same {
+                Ok(())
+            } else {
+                Err("values differ".into())
             };
         }
         (a, _) if !a.is_float() => {
@@ -188,10 +201,10 @@ fn corpus_ops() -> BTreeSet<String> {
 
 /// Failures accepted for corpus ops: test-name fragments, with the reason.
 const CORPUS_OP_EXCEPTIONS: &[(&str, &str)] = &[
-    ("FLOAT8", "float8 tensors are not executor dtypes yet"),
-    ("FLOAT4", "float4 tensors are not executor dtypes yet"),
-    ("INT4", "4-bit integer tensors are not executor dtypes yet"),
-    ("INT2", "2-bit integer tensors are not executor dtypes yet"),
+    (
+        "e8m0",
+        "float8 e8m0 (a scale type with its own rounding modes) is not an executor dtype",
+    ),
     (
         "antialias",
         "Resize antialiasing is not implemented (no corpus model uses it)",

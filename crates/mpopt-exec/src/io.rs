@@ -93,7 +93,7 @@ pub fn write_npy(t: &Tensor) -> Result<Vec<u8>, String> {
         Data::U32(v) => put!(v, u32),
         Data::U64(v) => put!(v, u64),
         Data::Bool(v) => put!(v, bool),
-        Data::BF16(_) | Data::Str(_) => {
+        Data::BF16(_) | Data::Str(_) | Data::Small(..) => {
             return Err(format!("{} tensors have no NumPy type", t.dtype()));
         }
     }

@@ -34,6 +34,14 @@ pub enum Data {
     Bool(Vec<bool>),
     /// string
     Str(Vec<String>),
+    /// float8, float4 and 4-/2-bit integers: one code per byte, unpacked (see `small`).
+    Small(DType, Vec<u8>),
+}
+
+/// The dtype of a `Small` variant bound by value or by reference (used by the dispatch macros).
+#[doc(hidden)]
+pub fn dt<B: std::borrow::Borrow<DType>>(b: B) -> DType {
+    *b.borrow()
 }
 
 /// Applies `$e` to the buffer of any variant, binding it as `$v`; the result is rebuilt in the same variant.
@@ -56,6 +64,7 @@ macro_rules! map_data {
             $crate::Data::U64($v) => $crate::Data::U64($e),
             $crate::Data::Bool($v) => $crate::Data::Bool($e),
             $crate::Data::Str($v) => $crate::Data::Str($e),
+            $crate::Data::Small(__d, $v) => $crate::Data::Small($crate::tensor::dt(__d), $e),
         }
     };
 }
@@ -80,6 +89,7 @@ macro_rules! with_data {
             $crate::Data::U64($v) => $e,
             $crate::Data::Bool($v) => $e,
             $crate::Data::Str($v) => $e,
+            $crate::Data::Small(_, $v) => $e,
         }
     };
 }
@@ -105,6 +115,11 @@ macro_rules! zip_same {
             ($crate::Data::U64($a), $crate::Data::U64($b)) => Ok($crate::Data::U64($e)),
             ($crate::Data::Bool($a), $crate::Data::Bool($b)) => Ok($crate::Data::Bool($e)),
             ($crate::Data::Str($a), $crate::Data::Str($b)) => Ok($crate::Data::Str($e)),
+            ($crate::Data::Small(__d, $a), $crate::Data::Small(__e, $b))
+                if $crate::tensor::dt(__d) == $crate::tensor::dt(__e) =>
+            {
+                Ok($crate::Data::Small($crate::tensor::dt(__d), $e))
+            }
             (p, q) => Err(format!("mismatched types {} and {}", p.dtype(), q.dtype())),
         }
     };
@@ -128,6 +143,7 @@ impl Data {
             Data::U64(_) => DType::U64,
             Data::Bool(_) => DType::Bool,
             Data::Str(_) => DType::Str,
+            Data::Small(d, _) => *d,
         }
     }
 
@@ -163,6 +179,7 @@ impl Data {
             DType::U64 => Data::U64(vec![0; n]),
             DType::Bool => Data::Bool(vec![false; n]),
             DType::Str => Data::Str(vec![String::new(); n]),
+            d if crate::small::is_small(d) => Data::Small(d, vec![0; n]),
             other => return Err(format!("the executor has no {other} tensors")),
         })
     }
@@ -280,6 +297,9 @@ impl Tensor {
             Data::U32(v) => v.iter().map(|&x| x as i64).collect(),
             Data::U64(v) => v.iter().map(|&x| x as i64).collect(),
             Data::Bool(v) => v.iter().map(|&x| x as i64).collect(),
+            Data::Small(d, v) if crate::small::is_small_int(*d) => {
+                v.iter().map(|&c| crate::small::decode_int(*d, c)).collect()
+            }
             other => return Err(format!("expected integers, got {}", other.dtype())),
         })
     }
@@ -292,6 +312,7 @@ impl Tensor {
             Data::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
             Data::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
             Data::Str(_) => return Err("expected numbers, got strings".into()),
+            Data::Small(d, v) => crate::small::to_f64s(*d, v),
             _ => self.to_i64s()?.into_iter().map(|x| x as f64).collect(),
         })
     }
@@ -338,6 +359,18 @@ impl Tensor {
             .map(|&d| usize::try_from(d).map_err(|_| format!("negative dim in {:?}", t.dims)))
             .collect::<Result<_, _>>()?;
         t.check_len()?;
+        if crate::small::is_small(t.dtype) {
+            let n = numel(&shape);
+            let bytes: Vec<u8> = match &t.data {
+                TensorData::Raw(b) => b.to_vec(),
+                TensorData::Int32s(v) => v.iter().map(|&x| x as u8).collect(),
+                _ => return Err(format!("{} tensor in an unexpected storage field", t.dtype)),
+            };
+            return Ok(Tensor::new(
+                shape,
+                Data::Small(t.dtype, crate::small::unpack(t.dtype, &bytes, n)),
+            ));
+        }
         let data = match &t.data {
             TensorData::Raw(b) => raw_to_data(t.dtype, b)?,
             TensorData::Floats(v) if t.dtype == DType::F32 => Data::F32(v.clone()),
@@ -440,6 +473,7 @@ pub fn data_to_raw(d: &Data) -> Vec<u8> {
         Data::U64(v) => le(v, u64::to_le_bytes),
         Data::Bool(v) => v.iter().map(|&x| x as u8).collect(),
         Data::Str(_) => Vec::new(),
+        Data::Small(d, v) => crate::small::pack(*d, v),
     }
 }
 

@@ -808,11 +808,51 @@ pub(crate) fn where_(ctx: &mut Ctx) -> R<Vec<Value>> {
 pub(crate) fn cast(ctx: &mut Ctx) -> R<Vec<Value>> {
     let to = ctx.ai("to", 0);
     let to = DType::from_code(to as i32).ok_or_else(|| format!("unknown target type {to}"))?;
-    one(cast_tensor(ctx.t(0)?, to)?)
+    one(cast_tensor_sat(ctx.t(0)?, to, ctx.ai("saturate", 1) != 0)?)
 }
 pub(crate) fn cast_like(ctx: &mut Ctx) -> R<Vec<Value>> {
     let to = ctx.t(1)?.dtype();
-    one(cast_tensor(ctx.t(0)?, to)?)
+    one(cast_tensor_sat(ctx.t(0)?, to, ctx.ai("saturate", 1) != 0)?)
+}
+
+/// [`cast_tensor`] with ONNX's `saturate` for float8 targets (out-of-range values clamp to the largest
+/// finite value instead of becoming inf or NaN).
+pub fn cast_tensor_sat(t: &Tensor, to: DType, saturate: bool) -> R<Tensor> {
+    use crate::small;
+    if let Data::Small(d, codes) = &t.data {
+        if *d == to {
+            return Ok(t.clone());
+        }
+        let wide = if small::is_small_int(*d) {
+            Tensor::i64(
+                t.shape.clone(),
+                codes.iter().map(|&c| small::decode_int(*d, c)).collect(),
+            )
+        } else {
+            Tensor::new(t.shape.clone(), Data::F64(small::to_f64s(*d, codes)))
+        };
+        return cast_tensor_sat(&wide, to, saturate);
+    }
+    if small::is_small(to) {
+        let codes: Vec<u8> = if small::is_small_int(to) {
+            let v: Vec<i64> = if t.data.is_float() {
+                t.to_f64s()?
+                    .iter()
+                    .map(|&x| if x.is_nan() { 0 } else { x as i64 })
+                    .collect()
+            } else {
+                t.to_i64s()?
+            };
+            v.iter().map(|&x| small::encode_int(to, x)).collect()
+        } else {
+            t.to_f64s()?
+                .iter()
+                .map(|&x| small::encode_float(to, x, saturate))
+                .collect()
+        };
+        return Ok(Tensor::new(t.shape.clone(), Data::Small(to, codes)));
+    }
+    cast_tensor(t, to)
 }
 
 /// Converts a tensor to `to`: floats round to nearest even (to +-inf past the range), floats to integers

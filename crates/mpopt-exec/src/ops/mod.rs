@@ -24,7 +24,7 @@ mod resize;
 mod rnn;
 mod shape;
 
-pub use elementwise::cast_tensor;
+pub use elementwise::{cast_tensor, cast_tensor_sat};
 
 /// A kernel's view of its node.
 pub(crate) struct Ctx<'a> {
