@@ -15,6 +15,7 @@ use crate::interp::SubRunner;
 use crate::tensor::{round_bf16, round_f16};
 use crate::{Data, Tensor, Value};
 
+mod attention;
 mod control;
 mod elementwise;
 mod linalg;
@@ -261,6 +262,7 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("Conv", la::conv, C),
         ("ConvTranspose", la::conv_transpose, C),
         ("Einsum", la::einsum, C),
+        ("Attention", attention::attention, C),
         // normalization, pooling, activations with axes
         ("BatchNormalization", nn::batch_norm, C),
         ("InstanceNormalization", nn::instance_norm, C),
