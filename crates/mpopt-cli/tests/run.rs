@@ -1,0 +1,124 @@
+//! `mpopt run` and `mpopt compare` on a testdata model.
+
+mod common;
+
+use common::{mpopt, root};
+use mpopt_exec::Tensor;
+
+fn inputs(dir: &std::path::Path, name: &str, rows: usize) -> String {
+    let x: Vec<f32> = (0..rows * 16)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0)
+        .collect();
+    let t = Tensor::f32(vec![rows, 16], x);
+    let p = dir.join("in.npz");
+    mpopt_exec::io::write_npz(&p, &[(name.to_string(), &t)]).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn run_writes_outputs_that_a_user_can_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = inputs(dir.path(), "x", 3);
+    let out = dir.path().join("out.npz");
+    let (code, _, err) = mpopt(&[
+        "run",
+        "testdata/models/tiny_mlp.onnx",
+        "--inputs",
+        &input,
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("y: f32[3, 4] nan=0 inf=0"), "{err}");
+    let back = mpopt_exec::io::read_npz(&out).unwrap();
+    assert_eq!(back[0].0, "y");
+    let y = back[0].1.to_f32s().unwrap();
+    // Softmax rows: positive, summing to one.
+    for row in y.chunks(4) {
+        assert!(row.iter().all(|&p| p > 0.0));
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{row:?}");
+    }
+}
+
+#[test]
+fn compare_passes_within_tolerance_and_fails_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = inputs(dir.path(), "x", 4);
+    let low = dir.path().join("low.onnx");
+    let (code, _, err) = mpopt(&["testdata/models/tiny_mlp.onnx", "-o", low.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let low = low.to_str().unwrap();
+    let (code, out, err) = mpopt(&[
+        "compare",
+        "testdata/models/tiny_mlp.onnx",
+        low,
+        "--inputs",
+        &input,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ok   y: f32 -> f32 [4, 4]")
+            && out.contains("cosine")
+            && out.contains("top1 4/4"),
+        "{out}"
+    );
+    // fp16 rounding is visible on the GPU-faithful executor: zero tolerance fails, exit 1, and --per-node
+    // names the first value that diverges.
+    let (code, out, err) = mpopt(&[
+        "compare",
+        "testdata/models/tiny_mlp.onnx",
+        low,
+        "--inputs",
+        &input,
+        "--rtol",
+        "0",
+        "--atol",
+        "0",
+        "--per-node",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAIL y") && out.contains("per node: first diverging values"),
+        "{out}"
+    );
+    assert!(
+        err.contains("differ from the reference past the tolerances"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = inputs(dir.path(), "z", 2);
+    let (code, _, err) = mpopt(&["run", "testdata/models/tiny_mlp.onnx", "--inputs", &wrong]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("unknown input 'z'") && err.contains("'x' f32[N,16]"),
+        "{err}"
+    );
+    let missing = dir.path().join("nope.npz");
+    let (code, _, err) = mpopt(&[
+        "run",
+        "testdata/models/tiny_mlp.onnx",
+        "--inputs",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("nope.npz") && err.contains("cannot open"),
+        "{err}"
+    );
+    // Writing the outputs over the model is refused.
+    let input = inputs(dir.path(), "x", 2);
+    let model = root().join("testdata/models/tiny_mlp.onnx");
+    let (code, _, err) = mpopt(&[
+        "run",
+        "testdata/models/tiny_mlp.onnx",
+        "--inputs",
+        &input,
+        "-o",
+        model.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+}
