@@ -345,6 +345,9 @@ fn im2col2d(x: &[f32], c: usize, (h, w): (usize, usize), win: &Window, col: &mut
                         let src = &xc[iy as usize * w..(iy as usize + 1) * w];
                         dst[..lo].fill(0.0);
                         dst[hi..].fill(0.0);
+                        if hi == lo {
+                            continue;
+                        }
                         let start = (lo as isize * sw as isize + off) as usize;
                         if sw == 1 {
                             dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
