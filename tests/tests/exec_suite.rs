@@ -200,16 +200,10 @@ fn corpus_ops() -> BTreeSet<String> {
 }
 
 /// Failures accepted for corpus ops: test-name fragments, with the reason.
-const CORPUS_OP_EXCEPTIONS: &[(&str, &str)] = &[
-    (
-        "e8m0",
-        "float8 e8m0 (a scale type with its own rounding modes) is not an executor dtype",
-    ),
-    (
-        "antialias",
-        "Resize antialiasing is not implemented (no corpus model uses it)",
-    ),
-];
+const CORPUS_OP_EXCEPTIONS: &[(&str, &str)] = &[(
+    "antialias",
+    "Resize antialiasing is not implemented (no corpus model uses it)",
+)];
 
 #[test]
 fn node_suite_conformance() {

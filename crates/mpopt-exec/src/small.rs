@@ -14,6 +14,7 @@ pub fn is_small(d: DType) -> bool {
             | DType::F8E5M2
             | DType::F8E5M2FNUZ
             | DType::F4E2M1
+            | DType::F8E8M0
             | DType::I4
             | DType::U4
             | DType::I2
@@ -48,6 +49,13 @@ fn layout(d: DType) -> (u32, u32, i32, bool) {
 
 /// The value of a small-float code (NaN, +-inf where the format has them).
 pub fn decode_float(d: DType, c: u8) -> f64 {
+    if d == DType::F8E8M0 {
+        return if c == 0xFF {
+            f64::NAN
+        } else {
+            2f64.powi(c as i32 - 127)
+        };
+    }
     let (e_bits, m_bits, bias, fnuz) = layout(d);
     let total = 1 + e_bits + m_bits;
     let sign_bit = 1u8 << (total - 1);
@@ -150,6 +158,29 @@ pub fn encode_float(d: DType, x: f64, saturate: bool) -> u8 {
         }
     };
     with_sign(pick)
+}
+
+/// Encodes to float8 e8m0 (a power of two; the sign is dropped) from the f32 bits, as ONNX's reference does:
+/// `mode` "up" rounds any fraction up, "down" truncates, "nearest" rounds to nearest even; NaN and inf become
+/// 0xFF; with `saturate` rounding never goes past the largest exponent.
+pub fn encode_e8m0(x: f32, saturate: bool, mode: &str) -> u8 {
+    let bits = x.to_bits();
+    let e = (bits >> 23) & 0xFF;
+    if e == 0xFF {
+        return 0xFF;
+    }
+    let round_up = match mode {
+        "nearest" => {
+            let g = bits & 0x40_0000 != 0;
+            let r = bits & 0x20_0000 != 0;
+            let s = bits & 0x1F_FFFF != 0;
+            g && (r || s || e > 0)
+        }
+        "down" => false,
+        _ => bits & 0x7F_FFFF != 0,
+    };
+    let inc = round_up && !(saturate && e == 0xFE);
+    (e + inc as u32) as u8
 }
 
 /// The value of a small-integer code.

@@ -808,7 +808,18 @@ pub(crate) fn where_(ctx: &mut Ctx) -> R<Vec<Value>> {
 pub(crate) fn cast(ctx: &mut Ctx) -> R<Vec<Value>> {
     let to = ctx.ai("to", 0);
     let to = DType::from_code(to as i32).ok_or_else(|| format!("unknown target type {to}"))?;
-    one(cast_tensor_sat(ctx.t(0)?, to, ctx.ai("saturate", 1) != 0)?)
+    let saturate = ctx.ai("saturate", 1) != 0;
+    if to == DType::F8E8M0 && !matches!(ctx.t(0)?.data, Data::Small(..)) {
+        let mode = ctx.as_str("round_mode").unwrap_or_else(|| "up".into());
+        let t = ctx.t(0)?;
+        let codes = t
+            .to_f32s()?
+            .iter()
+            .map(|&x| crate::small::encode_e8m0(x, saturate, &mode))
+            .collect();
+        return one(Tensor::new(t.shape.clone(), Data::Small(to, codes)));
+    }
+    one(cast_tensor_sat(ctx.t(0)?, to, saturate)?)
 }
 pub(crate) fn cast_like(ctx: &mut Ctx) -> R<Vec<Value>> {
     let to = ctx.t(1)?.dtype();
