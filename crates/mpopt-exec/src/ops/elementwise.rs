@@ -312,7 +312,7 @@ pub(crate) fn clip(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn prelu(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (x, s) = (ctx.t(0)?, ctx.t(1)?);
-    let slope = unidirectional(s, &x.shape)?;
+    let slope = s;
     match (&x.data, &slope.data) {
         (Data::F32(a), Data::F32(b)) => {
             let (o, sh) = zip_bcast(a, &x.shape, b, &slope.shape, |x, s| {
@@ -334,11 +334,6 @@ pub(crate) fn prelu(ctx: &mut Ctx) -> R<Vec<Value>> {
             one(cast_tensor(&Tensor::new(sh, Data::F64(o)), x.dtype())?)
         }
     }
-}
-
-/// PRelu's slope may be unidirectionally broadcastable in the old (pre-numpy) way: right-align as numpy does.
-fn unidirectional(s: &Tensor, _x: &[usize]) -> R<Tensor> {
-    Ok(s.clone())
 }
 
 // ---------------------------------------------------------------------------------------------------------

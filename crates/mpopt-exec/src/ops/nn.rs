@@ -272,7 +272,7 @@ pub(crate) fn mvn(ctx: &mut Ctx) -> R<Vec<Value>> {
         .map(|&a| axis(a, x.rank()))
         .collect::<R<_>>()?;
     let v = x.to_f32s()?;
-    let (mean, _) = super::reduce::reduce_f32(&v, &x.shape, &axes, 0.0, |a, b| a + b)?;
+    let (mean, _) = super::reduce::reduce_with(&v, &x.shape, &axes, 0.0, |a, b| a + b)?;
     let cnt: usize = axes.iter().map(|&a| x.shape[a]).product();
     let keep: Vec<usize> = x
         .shape
@@ -287,7 +287,7 @@ pub(crate) fn mvn(ctx: &mut Ctx) -> R<Vec<Value>> {
         .zip(&offs)
         .map(|(&e, &o)| (e - m[o]) * (e - m[o]))
         .collect();
-    let (var, _) = super::reduce::reduce_f32(&sq, &x.shape, &axes, 0.0, |a, b| a + b)?;
+    let (var, _) = super::reduce::reduce_with(&sq, &x.shape, &axes, 0.0, |a, b| a + b)?;
     let out: Vec<f32> = v
         .iter()
         .zip(&offs)

@@ -5,7 +5,7 @@ use super::{Ctx, R, axis, one};
 use crate::{Data, Tensor, Value, numel};
 
 /// Reduces `v` (of `shape`) over `axes` with `f` from `init`; returns the values and the kept-dims shape.
-pub(crate) fn reduce_f32<T: Copy + Send + Sync>(
+pub(crate) fn reduce_with<T: Copy + Send + Sync>(
     v: &[T],
     shape: &[usize],
     axes: &[usize],
@@ -103,7 +103,7 @@ fn reduce(
     // Every float type accumulates in f64 and rounds once: f32 sums of many terms then match a pairwise or
     // vectorized reduction (onnxruntime's) instead of drifting with the term count.
     let v: Vec<f64> = x.to_f64s()?.into_iter().map(pre).collect();
-    let (o, keep) = reduce_f32(&v, &x.shape, &axes, init, f)?;
+    let (o, keep) = reduce_with(&v, &x.shape, &axes, init, f)?;
     let o: Vec<f64> = o.iter().map(|&e| post(e, cnt)).collect();
     let t = cast_tensor(&Tensor::new(vec![o.len()], Data::F64(o)), x.dtype())?;
     finish(ctx, keep, &axes, t.data)
@@ -168,7 +168,7 @@ pub(crate) fn reduce_log_sum_exp(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let axes = reduce_axes(ctx, 18)?;
     let v = x.to_f64s()?;
-    let (mx, keepd) = reduce_f32(&v, &x.shape, &axes, f64::NEG_INFINITY, f64::max)?;
+    let (mx, keepd) = reduce_with(&v, &x.shape, &axes, f64::NEG_INFINITY, f64::max)?;
     let offs = bcast_offsets(&keepd, &x.shape);
     let e: Vec<f64> = v
         .iter()
@@ -181,7 +181,7 @@ pub(crate) fn reduce_log_sum_exp(ctx: &mut Ctx) -> R<Vec<Value>> {
             }
         })
         .collect();
-    let (s, _) = reduce_f32(&e, &x.shape, &axes, 0.0, |a, b| a + b)?;
+    let (s, _) = reduce_with(&e, &x.shape, &axes, 0.0, |a, b| a + b)?;
     let o: Vec<f64> = s
         .iter()
         .zip(&mx)
@@ -197,7 +197,7 @@ fn bool_reduce(ctx: &Ctx, any: bool) -> R<Vec<Value>> {
         unreachable!()
     };
     let axes = reduce_axes(ctx, 18)?;
-    let (o, keepd) = reduce_f32(
+    let (o, keepd) = reduce_with(
         v,
         &x.shape,
         &axes,
