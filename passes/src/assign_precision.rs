@@ -37,12 +37,11 @@
 use std::collections::VecDeque;
 
 use mpopt_ir::schema::{OpSchema, registry};
-use mpopt_ir::{
-    AttrValue, DType, Graph, Model, NodeId, Opsets, PrecisionDecision, Tensor, ValueId,
-};
+use mpopt_ir::{DType, Graph, Model, NodeId, Opsets, PrecisionDecision, Tensor, ValueId};
 use regex::Regex;
 
 use crate::policy::{OpClass, class_of};
+use crate::range_rules::constant_of;
 use crate::{Pass, PassError, PassOutcome};
 
 /// Selects nodes for `--keep-fp32` and `--force-low`.
@@ -154,7 +153,18 @@ pub struct PrecisionOptions {
     pub force_low: Vec<Selector>,
     /// Class overrides: (domain, op, class).
     pub classes: Vec<(String, String, OpClass)>,
+    /// Observed magnitudes are multiplied by this before they are compared with the target's range (inputs
+    /// unlike the calibration set can scale activations). Proven bounds need no margin.
+    pub range_margin: f64,
+    /// A node stays fp32 when more than this share of its observed non-zero output values would become zero
+    /// or subnormal in the target type.
+    pub max_underflow: f64,
 }
+
+/// The default [`PrecisionOptions::range_margin`]: three binades above the largest observed value.
+pub const DEFAULT_RANGE_MARGIN: f64 = 8.0;
+/// The default [`PrecisionOptions::max_underflow`].
+pub const DEFAULT_MAX_UNDERFLOW: f64 = 0.5;
 
 impl Default for PrecisionOptions {
     fn default() -> Self {
@@ -163,6 +173,8 @@ impl Default for PrecisionOptions {
             keep_fp32: Vec::new(),
             force_low: Vec::new(),
             classes: Vec::new(),
+            range_margin: DEFAULT_RANGE_MARGIN,
+            max_underflow: DEFAULT_MAX_UNDERFLOW,
         }
     }
 }
@@ -182,6 +194,15 @@ pub fn min_positive(d: DType) -> f64 {
         DType::F16 => 5.960464477539063e-8,
         DType::BF16 => 9.183549615799121e-41,
         _ => 0.0,
+    }
+}
+
+/// The smallest positive normal magnitude of a low-precision type (below it values are subnormal).
+pub fn min_normal(d: DType) -> f64 {
+    match d {
+        DType::F16 => 6.103515625e-5,
+        DType::BF16 => 1.1754943508222875e-38,
+        _ => f64::MIN_POSITIVE,
     }
 }
 
@@ -346,20 +367,207 @@ struct Stats {
     fp32: u64,
 }
 
-/// The float initializer or Constant data feeding input `v` of a node, if any.
-fn constant_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
-    if let Some(t) = g.value(v).initializer.as_deref() {
-        return Some(t);
+/// Deny ops that are dangerous only through the magnitudes of their values: proven or observed ranges can
+/// show them safe. (Recurrent, loss, index, quantization, spectral and sampling ops stay denied.)
+pub const RANGE_GUARDED: &[&str] = &[
+    "Exp",
+    "Pow",
+    "Log",
+    "Reciprocal",
+    "Softmax",
+    "LogSoftmax",
+    "Softplus",
+    "Sinh",
+    "Cosh",
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceSumSquare",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "CumSum",
+];
+
+/// Ops whose output error is the input's absolute error times the output (`e^x`): their input magnitude
+/// must be small enough that rounding it to the target keeps the output's relative error below
+/// [`EXP_INPUT_ERROR`].
+const EXPONENTIAL: &[&str] = &[
+    "Exp",
+    "Softmax",
+    "LogSoftmax",
+    "Softplus",
+    "Sinh",
+    "Cosh",
+    "ReduceLogSumExp",
+];
+
+/// The largest relative output error allowed from rounding an exponential's input: 2^-7 (0.8%), so fp16
+/// inputs up to 16 and bf16 inputs up to 2 in magnitude.
+const EXP_INPUT_ERROR: f64 = 1.0 / 128.0;
+
+/// The target's unit roundoff (half an ulp at 1).
+pub fn unit_roundoff(d: DType) -> f64 {
+    match d {
+        DType::F16 => 1.0 / 2048.0,
+        DType::BF16 => 1.0 / 256.0,
+        _ => 1.0 / 16777216.0,
     }
-    let (p, _) = g.producer(v)?;
-    let node = g.node(p);
-    if node.op_type != "Constant" || !node.in_default_domain() {
+}
+
+/// The float data values a decision changes: data inputs that are not constants, and float outputs.
+fn data_values(g: &Graph, n: NodeId, schema: &OpSchema, params: &[String]) -> Vec<(ValueId, bool)> {
+    let node = g.node(n);
+    let mut out = Vec::new();
+    for (i, v) in node.inputs().iter().enumerate() {
+        let Some(v) = *v else { continue };
+        if is_f32(g, v)
+            && constant_of(g, v).is_none()
+            && schema
+                .input_type_param(i)
+                .is_some_and(|p| params.iter().any(|x| x == p))
+        {
+            out.push((v, false));
+        }
+    }
+    for v in node.outputs().iter().flatten() {
+        if is_f32(g, *v) {
+            out.push((*v, true));
+        }
+    }
+    out
+}
+
+/// A magnitude bound for a value: proven (finite) or observed times the margin, with how it was found.
+fn magnitude(g: &Graph, v: ValueId, margin: f64) -> Option<(f64, String)> {
+    let r = g.value(v).range.as_deref()?;
+    let name = g.value(v).name();
+    if let Some(p) = r.proven.filter(|p| p.is_bounded()) {
+        let b = p.abs_max();
+        let observed_more = r.observed.is_some_and(|o| o.abs_max * margin < b);
+        if !observed_more {
+            return Some((b, format!("'{name}' in {p} (proven)")));
+        }
+    }
+    let o = r.observed?;
+    Some((
+        o.abs_max * margin,
+        format!(
+            "'{name}' |x| <= {} observed, x{} margin",
+            mpopt_ir::range_short(o.abs_max),
+            margin
+        ),
+    ))
+}
+
+/// Overflow and underflow evidence that keeps a node fp32: (rule, evidence, spreads).
+fn range_gate(
+    g: &Graph,
+    _n: NodeId,
+    values: &[(ValueId, bool)],
+    opts: &PrecisionOptions,
+) -> Option<(&'static str, String, bool)> {
+    let max = max_finite(opts.target);
+    for &(v, is_out) in values {
+        let Some(r) = g.value(v).range.as_deref() else {
+            continue;
+        };
+        let name = g.value(v).name();
+        if let Some(p) = r.proven
+            && (p.lo > max || p.hi < -max)
+        {
+            return Some((
+                "range: overflow",
+                format!(
+                    "'{name}' in {p}: proven beyond the {} range (|x| <= {max})",
+                    opts.target
+                ),
+                true,
+            ));
+        }
+        if let Some(o) = r.observed {
+            if o.abs_max * opts.range_margin > max {
+                return Some((
+                    "range: overflow",
+                    format!(
+                        "'{name}' observed |x| up to {}; with the x{} margin beyond the {} range ({max})",
+                        mpopt_ir::range_short(o.abs_max),
+                        opts.range_margin,
+                        opts.target
+                    ),
+                    true,
+                ));
+            }
+            if is_out && o.lost_share() > opts.max_underflow {
+                return Some((
+                    "range: underflow",
+                    format!(
+                        "'{name}': {:.2}% of the observed non-zero values, significant next to the tensor's largest, become zero or subnormal in {} (limit {:.2}%)",
+                        o.lost_share() * 100.0,
+                        opts.target,
+                        opts.max_underflow * 100.0
+                    ),
+                    false,
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The evidence that a guarded op is safe in the target type, or None: every value it reads and writes has
+/// a magnitude bound within the target's range, and an exponential's input is small enough to round.
+/// Kernels accumulate in f32 (cuBLAS and cuDNN compute types, onnxruntime's CUDA reductions, our executor),
+/// so what must fit is what is stored: the inputs and outputs.
+fn range_lift(
+    g: &Graph,
+    n: NodeId,
+    values: &[(ValueId, bool)],
+    opts: &PrecisionOptions,
+) -> Option<String> {
+    let max = max_finite(opts.target);
+    let node = g.node(n);
+    let mut ev = Vec::new();
+    for &(v, _) in values {
+        let (b, how) = magnitude(g, v, opts.range_margin)?;
+        if b > max {
+            return None;
+        }
+        ev.push(how);
+    }
+    if ev.is_empty() {
         return None;
     }
-    match node.attr("value").map(|a| &a.value) {
-        Some(AttrValue::Tensor(t)) => Some(t),
-        _ => None,
+    if EXPONENTIAL.contains(&node.op_type.as_str()) {
+        let x = node.inputs().first().copied().flatten()?;
+        let r = g.value(x).range.as_deref()?;
+        // rounding error is about the values that occur: observed ones when there are, else the proven bound
+        let p = match (r.observed, r.proven.filter(|p| p.is_bounded())) {
+            (Some(o), _) => o.abs_max,
+            (None, Some(p)) => p.abs_max(),
+            (None, None) => return None,
+        };
+        if p * unit_roundoff(opts.target) > EXP_INPUT_ERROR {
+            return None;
+        }
+        ev.push(format!(
+            "input magnitude {} rounds to {} within {:.2}%",
+            mpopt_ir::range_short(p),
+            opts.target,
+            p * unit_roundoff(opts.target) * 100.0
+        ));
     }
+    if node.op_type == "Pow" {
+        // the exponent scales the relative error: a constant of moderate size
+        let e = node.inputs().get(1).copied().flatten()?;
+        let t = constant_of(g, e)?;
+        let vals = t.values_f64(16)?;
+        let k = vals.iter().fold(0f64, |a, v| a.max(v.abs()));
+        if k * unit_roundoff(opts.target) > EXP_INPUT_ERROR {
+            return None;
+        }
+    }
+    Some(ev.join("; "))
 }
 
 fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: &mut Stats) {
@@ -466,7 +674,7 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
             {
                 continue;
             }
-            let Some(t) = constant_data(g, v) else {
+            let Some(t) = constant_of(g, v) else {
                 continue;
             };
             let Some(r) = range_check(t, target) else {
@@ -497,6 +705,26 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
             color[id.index()] = Color::Fp32;
             spreads[id.index()] = overflow;
             continue;
+        }
+        // Gate: range facts (calibration and static analysis) of the values it reads and writes.
+        let data_values = data_values(g, id, schema, &params);
+        let is_constant = node.op_type == "Constant" && dom.is_empty();
+        if !is_constant && let Some((rule, ev, spread)) = range_gate(g, id, &data_values, opts) {
+            fp32(&mut why, rule.into(), ev);
+            color[id.index()] = Color::Fp32;
+            spreads[id.index()] = spread;
+            continue;
+        }
+        // A guarded deny op whose values are shown to stay in range (and, for exponentials, precise enough)
+        // is no longer dangerous: it joins the colouring as an infer node.
+        if c == OpClass::Deny
+            && dom.is_empty()
+            && RANGE_GUARDED.contains(&node.op_type.as_str())
+            && let Some(ev) = range_lift(g, id, &data_values, opts)
+        {
+            c = OpClass::Infer;
+            class[id.index()] = c;
+            evidence = format!("deny lifted by range: {ev} ({evidence})");
         }
         if let Some(sel) = opts.force_low.iter().find(|s| s.matches(node)) {
             why[id.index()] = Some((format!("user: --force-low {}", sel.text()), evidence));

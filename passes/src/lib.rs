@@ -8,12 +8,15 @@
 
 #![deny(missing_docs)]
 
+pub mod analyze_ranges;
 pub mod assign_precision;
+pub mod calibrate;
 pub mod fuse_casts;
 pub mod infer_types;
 pub mod insert_casts;
 pub mod pipeline;
 pub mod policy;
+mod range_rules;
 mod shape_rules;
 mod sym;
 

@@ -1,7 +1,9 @@
 //! Every pass, declared once: the registry that resolves names given on the command line, and the default
 //! pipeline with the reason each entry is there.
 
+use crate::analyze_ranges::{AnalyzeRanges, RangeOptions};
 use crate::assign_precision::{AssignPrecision, PrecisionOptions};
+use crate::calibrate::{Calibrate, InputSet};
 use crate::fuse_casts::FuseCasts;
 use crate::infer_types::InferTypes;
 use crate::insert_casts::{InsertCasts, IoTypes};
@@ -13,6 +15,8 @@ type Constructor = fn() -> Box<dyn Pass>;
 /// Every pass by name, with a constructor.
 const REGISTRY: &[(&str, Constructor)] = &[
     ("infer-types", || Box::new(InferTypes::default())),
+    ("analyze-ranges", || Box::new(AnalyzeRanges::default())),
+    ("calibrate", || Box::new(Calibrate::default())),
     ("assign-precision", || Box::new(AssignPrecision::default())),
     ("insert-casts", || Box::new(InsertCasts::default())),
     ("fuse-casts", || Box::new(FuseCasts::default())),
@@ -91,6 +95,10 @@ impl Registry {
 /// What the conversion pipeline needs from the user.
 #[derive(Clone, Debug, Default)]
 pub struct ConvertOptions {
+    /// Declared input ranges for `analyze-ranges`.
+    pub ranges: RangeOptions,
+    /// Calibration input sets; `calibrate` runs when there are any.
+    pub calib: Vec<InputSet>,
     /// Precision choices (target, selectors, class overrides).
     pub precision: PrecisionOptions,
     /// Which graph inputs and outputs may change dtype.
@@ -101,13 +109,25 @@ pub struct ConvertOptions {
 
 /// The default conversion pipeline, in order.
 pub fn default_pipeline(opts: &ConvertOptions) -> Vec<Box<dyn Pass>> {
-    vec![
+    let mut passes: Vec<Box<dyn Pass>> = vec![
         // Every later decision needs each value's dtype and shape: which tensors are float, how large a
         // reduction is, which inputs are shape arithmetic.
         Box::new(InferTypes::default()),
+        // Prove an interval for every float value (from constants and declared input ranges): the evidence
+        // that lets guarded ops run low, and that the report shows.
+        Box::new(AnalyzeRanges::new(opts.ranges.clone())),
+    ];
+    if !opts.calib.is_empty() {
+        // Observe what the fp32 model computes on representative inputs: overflow and underflow evidence.
+        passes.push(Box::new(Calibrate::new(
+            opts.calib.clone(),
+            opts.precision.target,
+        )));
+    }
+    passes.extend([
         // Decide fp16/bf16/fp32 per node: policy classes, schema and initializer gates, user selectors,
         // TF-style colouring. Annotates only.
-        Box::new(AssignPrecision::new(opts.precision.clone())),
+        Box::new(AssignPrecision::new(opts.precision.clone())) as Box<dyn Pass>,
         // Make the graph agree with the decisions: retype outputs, convert constants once, one Cast per
         // (value, dtype), graph outputs keep their dtype and name.
         Box::new(InsertCasts::new(opts.precision.target, opts.io.clone())),
@@ -115,8 +135,9 @@ pub fn default_pipeline(opts: &ConvertOptions) -> Vec<Box<dyn Pass>> {
         // constants), including the model's own.
         Box::new(FuseCasts {
             unsafe_narrow_widen: opts.unsafe_fuse,
-        }),
-    ]
+        }) as Box<dyn Pass>,
+    ]);
+    passes
 }
 
 /// A count of a model's nodes by precision decision, and of its Casts (subgraphs included).

@@ -1,11 +1,13 @@
 //! Pass fixtures: every `testdata/passes/<pass>/*.mpir` file names the passes to run on its first line
 //! (`; RUN: infer-types`), is parsed, run through those passes with the verifier after each, and snapshotted as
-//! the full-context diff between the IR before and after, followed by the passes' notes. A fixture whose name
+//! the full-context diff between the IR before and after, followed by the passes' notes. `; INPUT-RANGE:
+//! NAME=LO:HI` lines declare input ranges for `analyze-ranges`. A fixture whose name
 //! starts with `no_` is negative: it must come out unchanged, and the passes must say they changed nothing.
 
 use std::path::Path;
 
-use mpopt_passes::{PassManager, pipeline};
+use mpopt_passes::analyze_ranges::{AnalyzeRanges, RangeOptions};
+use mpopt_passes::{Pass, PassManager, pipeline};
 
 fn run_fixture(path: &Path) -> String {
     let src = std::fs::read_to_string(path).unwrap();
@@ -16,9 +18,20 @@ fn run_fixture(path: &Path) -> String {
             path.display()
         )
     });
+    // `; INPUT-RANGE: NAME=LO:HI` lines declare input ranges for analyze-ranges.
+    let ranges = RangeOptions {
+        inputs: src
+            .lines()
+            .filter_map(|l| l.strip_prefix("; INPUT-RANGE:"))
+            .map(|r| RangeOptions::parse_input(r.trim()).unwrap())
+            .collect(),
+    };
     let passes = names
         .split(',')
-        .map(|n| pipeline::by_name(n.trim()).unwrap())
+        .map(|n| match n.trim() {
+            "analyze-ranges" => Box::new(AnalyzeRanges::new(ranges.clone())) as Box<dyn Pass>,
+            n => pipeline::by_name(n).unwrap(),
+        })
         .collect();
     let mut model =
         mpopt_ir::text::parse_model(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -124,8 +124,23 @@ def count_casts(g):
     return sum(n.op_type == "Cast" for sub in all_graphs(g) for n in sub.node)
 
 
+def run_executor(mpopt, model_path, feeds, folder, k):
+    """Runs a model on mpopt's GPU-faithful CPU executor; returns its outputs in graph order."""
+    inp, outp = os.path.join(folder, f"in{k}.npz"), os.path.join(folder, f"out{k}.npz")
+    np.savez(inp, **feeds)
+    r = subprocess.run([mpopt, "run", model_path, "--inputs", inp, "-o", outp, "--threads", "1"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip()[:400])
+    got = np.load(outp)
+    names = [o.name for o in onnx.load(model_path, load_external_data=False).graph.output]
+    return [got[n] for n in names]
+
+
 def check_one(args):
-    mpopt, path, tmp, extra = args
+    mpopt, path, tmp, extra, calibrate, executor = args
+    if calibrate and os.path.exists(os.path.join(os.path.dirname(path), "inputs.npz")):
+        extra = [*extra, "--calib", os.path.join(os.path.dirname(path), "inputs.npz")]
     name = os.path.relpath(os.path.dirname(path))
     folder = os.path.join(tmp, name.replace(os.sep, "__"))
     os.makedirs(folder, exist_ok=True)
@@ -151,6 +166,12 @@ def check_one(args):
         gots = [run_ort(out, s) for s in sets]
     except Exception as e:  # noqa: BLE001
         return name, "ort", str(e).splitlines()[0][:400], {}
+    if executor:
+        # the converted model on the GPU-faithful executor: fp16 rounding after every op, as a GPU does
+        try:
+            gots = [run_executor(mpopt, out, s, folder, k) for k, s in enumerate(sets)]
+        except Exception as e:  # noqa: BLE001
+            return name, "executor", str(e).splitlines()[0][:400], {}
     info = {"casts_before": count_casts(model.graph), "casts_after": count_casts(conv.graph)}
     for ref, got in zip(refs, gots):
         for x, y in zip(flatten(ref), flatten(got)):
@@ -172,12 +193,15 @@ def check_one(args):
 def main():
     ap = suite_parser(__doc__, "write per-model results here")
     ap.add_argument("--arg", action="append", default=[], help="extra argument for mpopt (repeatable)")
+    ap.add_argument("--calibrate", action="store_true", help="convert with --calib on each model's inputs.npz")
+    ap.add_argument("--executor", action="store_true",
+                    help="measure the converted model on mpopt's GPU-faithful executor instead of onnxruntime")
     a = ap.parse_args()
     models = find_models(a.roots)
     counts, failures, results = {}, [], {}
     with tempfile.TemporaryDirectory() as tmp:
         with ProcessPoolExecutor(a.jobs) as ex:
-            for name, verdict, msg, info in ex.map(check_one, [(a.mpopt, m, tmp, a.arg) for m in models], chunksize=4):
+            for name, verdict, msg, info in ex.map(check_one, [(a.mpopt, m, tmp, a.arg, a.calibrate, a.executor) for m in models], chunksize=4):
                 counts[verdict] = counts.get(verdict, 0) + 1
                 results[name] = {"verdict": verdict, "message": msg, **info}
                 if not (verdict == "ok" or verdict.startswith("skip")):

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use mpopt_ir::{DType, Graph, Model};
+use mpopt_passes::analyze_ranges::RangeOptions;
 use mpopt_passes::assign_precision::{PrecisionOptions, Selector};
+use mpopt_passes::calibrate::InputSet;
 use mpopt_passes::insert_casts::IoTypes;
 use mpopt_passes::pipeline::{self, ConvertOptions};
 use mpopt_passes::policy::OpClass;
@@ -62,6 +64,68 @@ pub struct ConvertArgs {
     /// Also remove f32 -> f16 -> f32 cast pairs. This changes values: off unless asked.
     #[arg(long)]
     pub unsafe_fuse_casts: bool,
+    #[command(flatten)]
+    pub ranges: RangeArgs,
+    /// Observed magnitudes times this must stay within the target's range (default 8).
+    #[arg(long, value_name = "K", default_value_t = mpopt_passes::assign_precision::DEFAULT_RANGE_MARGIN)]
+    pub range_margin: f64,
+    /// Keep a node fp32 when more than this fraction of its observed non-zero outputs would become zero or
+    /// subnormal in the target type although significant next to the tensor's largest values (default 0.5).
+    #[arg(long, value_name = "FRACTION", default_value_t = mpopt_passes::assign_precision::DEFAULT_MAX_UNDERFLOW)]
+    pub max_underflow: f64,
+}
+
+/// Range evidence: declared input ranges and calibration data (shared by conversion and `print --ranges`).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct RangeArgs {
+    /// Every element of graph input NAME lies in [LO, HI] (repeatable); undeclared float inputs are
+    /// unbounded.
+    #[arg(long = "input-range", value_name = "NAME=LO:HI")]
+    pub input_range: Vec<String>,
+    /// Calibration inputs: an .npz (keys are input names; NAME__setN keys are more sets), a folder of .npz
+    /// files, or a folder of test_data_set_N folders. Repeatable.
+    #[arg(long, value_name = "FILE.npz|DIR")]
+    pub calib: Vec<PathBuf>,
+}
+
+impl RangeArgs {
+    /// The declared ranges.
+    pub fn ranges(&self) -> Result<RangeOptions> {
+        let mut inputs = Vec::new();
+        for s in &self.input_range {
+            inputs.push(RangeOptions::parse_input(s).map_err(Usage)?);
+        }
+        Ok(RangeOptions { inputs })
+    }
+
+    /// Every calibration input set, read for `model`.
+    pub fn calibration(&self, model: &Model) -> Result<Vec<InputSet>> {
+        let mut sets = Vec::new();
+        for p in &self.calib {
+            if !p.exists() {
+                bail!("--calib {}: no such file or folder", p.display());
+            }
+            let npz: Vec<PathBuf> = if p.is_dir() {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|f| f.extension().is_some_and(|e| e == "npz"))
+                    .collect();
+                v.sort();
+                v
+            } else {
+                Vec::new()
+            };
+            let files = if npz.is_empty() { vec![p.clone()] } else { npz };
+            for f in files {
+                let loaded = crate::run::load_inputs(&f, model)
+                    .with_context(|| format!("--calib {}", f.display()))?;
+                sets.extend(loaded.into_iter().map(|s| s.values));
+            }
+        }
+        Ok(sets)
+    }
 }
 
 /// The policy file.
@@ -133,10 +197,30 @@ fn options(a: &ConvertArgs) -> Result<ConvertOptions> {
             keep_fp32: selectors(&keep, "--keep-fp32")?,
             force_low: selectors(&force, "--force-low")?,
             classes,
+            range_margin: positive(a.range_margin, "--range-margin")?,
+            max_underflow: fraction(a.max_underflow, "--max-underflow")?,
         },
+        ranges: a.ranges.ranges()?,
+        calib: Vec::new(),
         io,
         unsafe_fuse: a.unsafe_fuse_casts,
     })
+}
+
+fn positive(x: f64, flag: &str) -> Result<f64> {
+    if x.is_finite() && x >= 1.0 {
+        Ok(x)
+    } else {
+        bail!(Usage(format!("{flag} {x}: must be a number >= 1")))
+    }
+}
+
+fn fraction(x: f64, flag: &str) -> Result<f64> {
+    if (0.0..=1.0).contains(&x) {
+        Ok(x)
+    } else {
+        bail!(Usage(format!("{flag} {x}: must be between 0 and 1")))
+    }
 }
 
 fn check_io_names(m: &Model, io: &IoTypes) -> Result<()> {
@@ -163,14 +247,19 @@ fn check_io_names(m: &Model, io: &IoTypes) -> Result<()> {
 fn decisions(g: &Graph, scope: &str, out: &mut Vec<Value>) {
     for (id, n) in g.nodes() {
         if let Some(p) = &n.precision {
-            out.push(json!({
+            let mut d = json!({
                 "graph": scope,
                 "node": n.name,
                 "op": n.qualified_op(),
                 "precision": p.dtype.to_string(),
                 "rule": p.rule,
                 "evidence": p.evidence,
-            }));
+            });
+            let ranges = node_ranges(g, n);
+            if !ranges.is_empty() {
+                d["ranges"] = Value::Object(ranges);
+            }
+            out.push(d);
         }
         for (attr, sg) in n.subgraphs() {
             decisions(
@@ -180,6 +269,40 @@ fn decisions(g: &Graph, scope: &str, out: &mut Vec<Value>) {
             );
         }
     }
+}
+
+/// The range facts of a node's inputs and outputs, by value name.
+fn node_ranges(g: &Graph, n: &mpopt_ir::Node) -> serde_json::Map<String, Value> {
+    let num = |x: f64| {
+        if x.is_finite() {
+            json!(x)
+        } else {
+            json!(x.to_string())
+        }
+    };
+    let mut m = serde_json::Map::new();
+    for v in n.inputs().iter().chain(n.outputs()).flatten() {
+        let val = g.value(*v);
+        let Some(r) = val.range.as_deref() else {
+            continue;
+        };
+        let mut o = serde_json::Map::new();
+        if let Some(p) = r.proven {
+            o.insert("proven".into(), json!([num(p.lo), num(p.hi)]));
+        }
+        if let Some(ob) = r.observed {
+            o.insert(
+                "observed".into(),
+                json!({
+                    "min": num(ob.min), "max": num(ob.max), "abs_max": num(ob.abs_max),
+                    "count": ob.count, "underflow_share": ob.underflow_share(),
+                    "to_zero": ob.to_zero, "to_subnormal": ob.to_subnormal,
+                }),
+            );
+        }
+        m.insert(val.name().to_string(), Value::Object(o));
+    }
+    m
 }
 
 fn file_bytes(p: &Path) -> u64 {
@@ -196,9 +319,10 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     };
     crate::check_output(&model_path, &output)?;
     let start = Instant::now();
-    let opts = options(&a)?;
+    let mut opts = options(&a)?;
     let mut m = crate::load(&model_path)?;
     check_io_names(&m, &opts.io)?;
+    opts.calib = a.ranges.calibration(&m)?;
     let before = pipeline::census(&m.graph);
     let usage = |e: mpopt_passes::PassError| Usage(e.to_string());
     let passes = match &a.passes {

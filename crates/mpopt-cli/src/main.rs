@@ -50,6 +50,11 @@ enum Cmd {
         /// Infer every value's dtype and shape first, so that every node line shows them.
         #[arg(long)]
         types: bool,
+        /// Also analyze value ranges (and calibrate with --calib) and show them beside each value.
+        #[arg(long)]
+        ranges: bool,
+        #[command(flatten)]
+        range_args: convert::RangeArgs,
     },
     /// Infer every value's dtype and shape and write them into the model's value_info.
     Infer {
@@ -186,10 +191,28 @@ fn run(cli: Cli) -> Result<()> {
             let m = load(&model)?;
             emit(&inspect::report(&model, &m))?;
         }
-        Cmd::Print { model, types } => {
+        Cmd::Print {
+            model,
+            types,
+            ranges,
+            range_args,
+        } => {
             let mut m = load(&model)?;
-            if types {
+            if types || ranges {
                 infer(&mut m)?;
+            }
+            if ranges {
+                use mpopt_passes::Pass;
+                mpopt_passes::analyze_ranges::AnalyzeRanges::new(range_args.ranges()?)
+                    .run(&mut m)
+                    .map_err(|e| Usage(e.to_string()))?;
+                let sets = range_args.calibration(&m)?;
+                if !sets.is_empty() {
+                    mpopt_passes::calibrate::Calibrate::new(sets, mpopt_ir::DType::F16)
+                        .run(&mut m)?;
+                }
+            } else if !range_args.input_range.is_empty() || !range_args.calib.is_empty() {
+                return Err(Usage("--input-range and --calib go with --ranges".into()).into());
             }
             emit(&mpopt_ir::text::print_model(&m))?;
         }

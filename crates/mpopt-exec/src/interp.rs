@@ -31,14 +31,19 @@ pub struct RunOutput {
     pub profile: Vec<(String, std::time::Duration, usize)>,
 }
 
+/// A callback that sees values by name as they are produced.
+type Seer<'a> = dyn FnMut(&str, &Value) + 'a;
+
 /// Time and count per op type.
 type Profile = HashMap<String, (std::time::Duration, usize)>;
 
 /// What a run records besides its outputs (main graph only).
 #[derive(Default)]
-struct Observe {
+struct Observe<'o, 'f> {
     trace: Option<Vec<(String, Arc<Value>)>>,
     prof: Option<Profile>,
+    /// Called with every value of the main graph as it is produced (graph inputs and folded values first).
+    see: Option<&'o mut Seer<'f>>,
 }
 
 /// The plan of one graph.
@@ -155,6 +160,27 @@ impl<'m> Executor<'m> {
         inputs: Vec<(String, Value)>,
         opts: &RunOptions,
     ) -> Result<RunOutput, ExecError> {
+        self.run_with(inputs, opts, None)
+    }
+
+    /// Runs the main graph like [`Executor::run`], calling `see(name, value)` on every main-graph value as it
+    /// is produced (graph inputs, values folded at plan time, then node outputs in schedule order), without
+    /// keeping them: how calibration records statistics on models whose intermediates do not fit in memory.
+    pub fn run_observed(
+        &self,
+        inputs: Vec<(String, Value)>,
+        opts: &RunOptions,
+        see: &mut dyn FnMut(&str, &Value),
+    ) -> Result<RunOutput, ExecError> {
+        self.run_with(inputs, opts, Some(see))
+    }
+
+    fn run_with(
+        &self,
+        inputs: Vec<(String, Value)>,
+        opts: &RunOptions,
+        see: Option<&mut Seer<'_>>,
+    ) -> Result<RunOutput, ExecError> {
         let g = &self.model.graph;
         let expected = describe_inputs(g);
         let mut given: HashMap<String, Value> = HashMap::new();
@@ -187,11 +213,12 @@ impl<'m> Executor<'m> {
         let mut obs = Observe {
             trace: opts.keep_all.then(Vec::new),
             prof: opts.profile.then(HashMap::new),
+            see,
         };
         let outs = self
             .run_graph(&self.main, g, positional, &[], &mut obs, "")
             .map_err(|e| *e)?;
-        let Observe { trace, prof } = obs;
+        let Observe { trace, prof, .. } = obs;
         let outputs = g
             .outputs()
             .iter()
@@ -222,10 +249,10 @@ impl<'m> Executor<'m> {
         g: &Graph,
         inputs: Vec<Option<Arc<Value>>>,
         captures: &[(String, Arc<Value>)],
-        obs: &mut Observe,
+        obs: &mut Observe<'_, '_>,
         path: &str,
     ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
-        let Observe { trace, prof } = obs;
+        let Observe { trace, prof, see } = obs;
         let mut env: Vec<Option<Arc<Value>>> = vec![None; g.value_bound()];
         for (id, v) in &plan.consts {
             env[id.index()] = Some(v.clone());
@@ -250,6 +277,16 @@ impl<'m> Executor<'m> {
                         msg: format!("outer-scope value '{name}' is not available"),
                     }));
                 }
+            }
+        }
+        if let Some(f) = see.as_mut() {
+            for &i in g.inputs() {
+                if let Some(v) = &env[i.index()] {
+                    f(g.value(i).name(), v);
+                }
+            }
+            for (i, v) in &plan.folded {
+                f(g.value(*i).name(), v);
             }
         }
         if let Some(t) = trace.as_mut() {
@@ -338,6 +375,9 @@ impl<'m> Executor<'m> {
                 };
                 if let Some(t) = trace.as_mut() {
                     t.push((g.value(*o).name().to_string(), v.clone()));
+                }
+                if let Some(f) = see.as_mut() {
+                    f(g.value(*o).name(), &v);
                 }
                 env[o.index()] = Some(v);
             }

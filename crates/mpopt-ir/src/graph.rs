@@ -88,6 +88,8 @@ pub struct Value {
     pub doc_string: String,
     /// Metadata properties from the model's value info.
     pub metadata_props: Vec<(String, String)>,
+    /// Range facts from `analyze-ranges` and calibration (boxed: absent until that pass runs).
+    pub range: Option<Box<crate::ValueRange>>,
     pub(crate) def: Def,
     pub(crate) uses: Vec<Use>,
     /// Listed in the graph's `value_info` (kept here so that listing is O(1)).
@@ -310,6 +312,7 @@ impl Graph {
             sparse_initializer: None,
             doc_string: String::new(),
             metadata_props: Vec::new(),
+            range: None,
             def: Def::Detached,
             uses: Vec::new(),
             in_value_info: false,

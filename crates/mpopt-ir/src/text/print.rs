@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use crate::{
     AttrValue, Attribute, DType, DimValue, Function, Graph, Model, SparseTensor, Tensor, Type,
-    TypeInfo,
+    TypeInfo, ValueId,
 };
 
 /// Tensors with at most this many elements print their values; larger ones print `<N bytes>`.
@@ -394,6 +394,13 @@ impl Printer<'_> {
     }
 
     fn body(&mut self, g: &Graph, depth: usize) {
+        // Range facts of graph inputs and captures (node outputs carry theirs on the node line).
+        for &v in g.inputs().iter().chain(g.captures()) {
+            if let Some(r) = &g.value(v).range {
+                self.indent(depth);
+                let _ = writeln!(self.out, "; range {} {r}", value_ref(g.value(v).name()));
+            }
+        }
         for &v in g.initializers() {
             let val = g.value(v);
             self.indent(depth);
@@ -457,6 +464,25 @@ impl Printer<'_> {
             }
             if let Some(p) = &n.precision {
                 let _ = write!(self.out, " ; prec {}: {}", p.dtype, p.rule);
+            }
+            let ranges: Vec<(ValueId, &crate::ValueRange)> = n
+                .outputs()
+                .iter()
+                .flatten()
+                .filter_map(|&v| g.value(v).range.as_deref().map(|r| (v, r)))
+                .collect();
+            match ranges.as_slice() {
+                [] => {}
+                [(_, r)] if n.outputs().len() == 1 => {
+                    let _ = write!(self.out, " ; range {r}");
+                }
+                rs => {
+                    let each: Vec<String> = rs
+                        .iter()
+                        .map(|(v, r)| format!("{} {r}", value_ref(g.value(*v).name())))
+                        .collect();
+                    let _ = write!(self.out, " ; range {}", each.join(", "));
+                }
             }
             if let Some(note) = self.notes.node(g, id) {
                 let _ = write!(self.out, " ; {note}");

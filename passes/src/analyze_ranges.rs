@@ -1,0 +1,391 @@
+//! `analyze-ranges`: proves an interval for every float value by propagating intervals through the graph,
+//! subgraphs included.
+//!
+//! **Why.** Op lists cannot know whether a model's `Pow`, `Exp`, `ReduceSum` or `Softmax` stays within fp16's
+//! range; intervals can. A value proven within the target's range needs no fp32 protection, which lets
+//! `assign-precision` lower guarded ops (and spares their casts); the proof is the evidence in the report.
+//!
+//! **How.** Intervals start from constants (exact min/max of every initializer and `Constant`), from declared
+//! input ranges (`--input-range NAME=LO:HI`; undeclared float inputs are unbounded, integer ones span their
+//! dtype), and outer-scope values for subgraphs. Transfer functions (`range_rules.rs`) cover arithmetic,
+//! MatMul/Gemm/Conv with constant weights (per output column, signed sums of weight times input bound),
+//! bounded activations, normalizations (bounded by scale, bias and the normalized size), Exp/Pow/Log/Sqrt,
+//! reductions with their reduced size, Where/Max/Min and the ops that move data. `If` takes the hull of its
+//! branches; `Loop` and `Scan` iterate their bodies to a fixed point, widening an end that still moves after
+//! three rounds to infinity, so the analysis terminates. Anything not covered is unbounded: the analysis is
+//! sound, never optimistic.
+//!
+//! **Invariants.** Annotates only ([`mpopt_ir::Value::range`], the `proven` part; calibration's `observed`
+//! part is kept). One visit per node per fixed-point round: O(N) plus one pass over the weights.
+//!
+//! ```text
+//! %h = LayerNormalization(%x, %g, %b) : f32[1,4] ; range [-3.5, 3.5]
+//! %e = Exp(%h) : f32[1,4]                           ; range [0.0302, 33.12]
+//! ```
+
+use std::collections::HashMap;
+
+use mpopt_ir::{AttrValue, DType, Graph, Interval, Model, NodeId, ValueId, ValueRange};
+
+use crate::range_rules::{In, const_interval, constant_of, dtype_interval, transfer};
+use crate::{Pass, PassError, PassOutcome};
+
+/// Declared ranges of graph inputs.
+#[derive(Clone, Debug, Default)]
+pub struct RangeOptions {
+    /// (input name, interval): every element of that input lies within.
+    pub inputs: Vec<(String, Interval)>,
+}
+
+impl RangeOptions {
+    /// Parses `NAME=LO:HI` (`inf`/`-inf` allowed).
+    pub fn parse_input(s: &str) -> Result<(String, Interval), String> {
+        let err =
+            || format!("input range '{s}': expected NAME=LO:HI, for example pixel_values=-1:1");
+        let (name, r) = s.rsplit_once('=').ok_or_else(err)?;
+        let (lo, hi) = r.split_once(':').ok_or_else(err)?;
+        let num = |t: &str| t.trim().parse::<f64>().map_err(|_| err());
+        let (lo, hi) = (num(lo)?, num(hi)?);
+        if name.is_empty() || lo.is_nan() || hi.is_nan() || lo > hi {
+            return Err(err());
+        }
+        Ok((name.to_string(), Interval::new(lo, hi)))
+    }
+}
+
+/// The pass.
+#[derive(Default)]
+pub struct AnalyzeRanges {
+    opts: RangeOptions,
+}
+
+impl AnalyzeRanges {
+    /// A pass with these declared input ranges.
+    pub fn new(opts: RangeOptions) -> AnalyzeRanges {
+        AnalyzeRanges { opts }
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    float_values: u64,
+    bounded: u64,
+}
+
+impl Pass for AnalyzeRanges {
+    fn name(&self) -> &'static str {
+        "analyze-ranges"
+    }
+
+    fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
+        let g = &model.graph;
+        let mut inputs = Vec::new();
+        for &i in g.inputs() {
+            let v = g.value(i);
+            let declared = self
+                .opts
+                .inputs
+                .iter()
+                .find(|(n, _)| n == v.name())
+                .map(|(_, r)| *r);
+            inputs.push(declared.unwrap_or_else(|| default_input(v.elem())));
+        }
+        for (name, _) in &self.opts.inputs {
+            if !g.inputs().iter().any(|&i| g.value(i).name() == name) {
+                let valid: Vec<&str> = g.inputs().iter().map(|&i| g.value(i).name()).collect();
+                return Err(PassError::Failed {
+                    pass: self.name().into(),
+                    message: format!(
+                        "--input-range names '{name}', which is not a graph input; the inputs are: {}",
+                        valid.join(", ")
+                    ),
+                });
+            }
+        }
+        let opset = model.opsets().version("").unwrap_or(1);
+        let mut stats = Stats::default();
+        analyze(
+            &mut model.graph,
+            &inputs,
+            &HashMap::new(),
+            opset,
+            &mut stats,
+        );
+        Ok(PassOutcome {
+            changed: stats.float_values > 0,
+            counters: vec![
+                ("float values", stats.float_values),
+                ("bounded", stats.bounded),
+            ],
+            notes: Vec::new(),
+            records: Vec::new(),
+        })
+    }
+}
+
+/// What an undeclared graph input is assumed to hold: anything its dtype can (floats: unbounded).
+fn default_input(d: Option<DType>) -> Interval {
+    d.map_or(Interval::TOP, dtype_interval)
+}
+
+/// The static shape of a value when its rank is known; unknown dims are -1.
+fn static_shape(g: &Graph, v: ValueId) -> Option<Vec<i64>> {
+    Some(
+        g.value(v)
+            .ty
+            .as_ref()?
+            .tensor_shape()?
+            .iter()
+            .map(|d| d.value.as_known().unwrap_or(-1))
+            .collect(),
+    )
+}
+
+/// The interval of a Constant node's output.
+fn constant_node(n: &mpopt_ir::Node) -> Option<Interval> {
+    let a = n.attributes.iter().find(|a| a.ref_attr_name.is_none())?;
+    match &a.value {
+        AttrValue::Tensor(t) => const_interval(t),
+        AttrValue::Float(f) => Some(Interval::point(*f as f64)),
+        AttrValue::Int(i) => Some(Interval::point(*i as f64)),
+        AttrValue::Floats(v) if !v.is_empty() => Some(
+            v.iter()
+                .map(|&f| Interval::point(f as f64))
+                .reduce(Interval::hull)?,
+        ),
+        AttrValue::Ints(v) if !v.is_empty() => Some(
+            v.iter()
+                .map(|&f| Interval::point(f as f64))
+                .reduce(Interval::hull)?,
+        ),
+        _ => None,
+    }
+}
+
+/// Analyzes a graph given its inputs' intervals and the outer values it may capture; writes every float
+/// value's interval and returns the graph outputs' intervals.
+fn analyze(
+    g: &mut Graph,
+    inputs: &[Interval],
+    outer: &HashMap<String, Interval>,
+    opset: i64,
+    stats: &mut Stats,
+) -> Vec<Interval> {
+    let mut env: Vec<Option<Interval>> = vec![None; g.value_bound()];
+    for &v in g.initializers() {
+        if let Some(t) = g.value(v).initializer.as_deref() {
+            env[v.index()] = const_interval(t);
+        }
+    }
+    for (&i, iv) in g.inputs().iter().zip(inputs) {
+        env[i.index()] = Some(*iv);
+    }
+    for &c in g.captures() {
+        env[c.index()] = Some(
+            outer
+                .get(g.value(c).name())
+                .copied()
+                .unwrap_or(Interval::TOP),
+        );
+    }
+    let order: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
+    for id in order {
+        let node = g.node(id);
+        let outs: Vec<Interval> = if node.op_type == "Constant" && node.in_default_domain() {
+            vec![constant_node(node).unwrap_or(Interval::TOP)]
+        } else if node.has_subgraphs() {
+            control(g, id, &env, opset, stats)
+        } else {
+            let ins: Vec<In> = node
+                .inputs()
+                .iter()
+                .map(|slot| match slot {
+                    Some(v) => In {
+                        iv: Some(env[v.index()].unwrap_or(Interval::TOP)),
+                        konst: constant_of(g, *v),
+                        shape: static_shape(g, *v),
+                    },
+                    None => In {
+                        iv: None,
+                        konst: None,
+                        shape: None,
+                    },
+                })
+                .collect();
+            transfer(g, node, &ins, opset)
+        };
+        let node = g.node(id);
+        for (o, iv) in node.outputs().iter().zip(outs) {
+            if let Some(o) = o {
+                env[o.index()] = Some(iv);
+            }
+        }
+    }
+    // write the facts of float values
+    for (v, iv) in env.iter().enumerate() {
+        let Some(iv) = *iv else { continue };
+        let id = ValueId(v as u32);
+        let val = g.value_mut(id);
+        if !val.elem().is_some_and(DType::is_float) || val.initializer.is_some() {
+            continue;
+        }
+        stats.float_values += 1;
+        stats.bounded += u64::from(iv.is_bounded());
+        let r = val.range.get_or_insert_with(Box::<ValueRange>::default);
+        r.proven = Some(iv);
+    }
+    g.outputs()
+        .iter()
+        .map(|o| env[o.index()].unwrap_or(Interval::TOP))
+        .collect()
+}
+
+/// Rounds before widening a loop-carried interval that still moves.
+const WIDEN_AFTER: usize = 3;
+
+/// Intervals of a control-flow node's outputs; analyzes (and annotates) its subgraphs.
+fn control(
+    g: &mut Graph,
+    id: NodeId,
+    env: &[Option<Interval>],
+    opset: i64,
+    stats: &mut Stats,
+) -> Vec<Interval> {
+    let node = g.node(id);
+    let n_out = node.outputs().len();
+    let input = |i: usize| {
+        node.inputs()
+            .get(i)
+            .copied()
+            .flatten()
+            .map_or(Interval::TOP, |v| env[v.index()].unwrap_or(Interval::TOP))
+    };
+    let ins: Vec<Interval> = (0..node.inputs().len()).map(input).collect();
+    let op = node.op_type.clone();
+    let default = node.in_default_domain();
+    let num_scan = match node.attr("num_scan_inputs").map(|a| &a.value) {
+        Some(AttrValue::Int(k)) => *k as usize,
+        _ => 0,
+    };
+    // outer values by name, for the captures of every subgraph
+    let mut outer = HashMap::new();
+    for name in node.captured_names() {
+        if let Some(v) = g.value_by_name(&name) {
+            outer.insert(name, env[v.index()].unwrap_or(Interval::TOP));
+        }
+    }
+    let mut attrs = std::mem::take(&mut g.node_mut(id).attributes);
+    fn body<'a>(attrs: &'a mut [mpopt_ir::Attribute], name: &str) -> Option<&'a mut Graph> {
+        attrs
+            .iter_mut()
+            .find(|a| a.name == name)
+            .and_then(|a| a.value.graphs_mut().first_mut())
+    }
+    let result = match (default, op.as_str()) {
+        (true, "If") => {
+            let t =
+                body(&mut attrs, "then_branch").map(|sg| analyze(sg, &[], &outer, opset, stats));
+            let e =
+                body(&mut attrs, "else_branch").map(|sg| analyze(sg, &[], &outer, opset, stats));
+            match (t, e) {
+                (Some(t), Some(e)) if t.len() == n_out && e.len() == n_out => {
+                    t.into_iter().zip(e).map(|(a, b)| a.hull(b)).collect()
+                }
+                _ => vec![Interval::TOP; n_out],
+            }
+        }
+        (true, "Loop") => match body(&mut attrs, "body") {
+            // node: (M, cond, v...), body: (iter, cond, v...) -> (cond, v..., scan...)
+            Some(sg) => {
+                let carried: Vec<Interval> = ins.iter().skip(2).copied().collect();
+                let iter = Interval::new(0.0, i64::MAX as f64);
+                let fixed = fixed_point(carried, |c| {
+                    let mut bin = vec![iter, Interval::new(0.0, 1.0)];
+                    bin.extend_from_slice(c);
+                    let out = analyze(sg, &bin, &outer, opset, stats);
+                    let k = c.len();
+                    (out.iter().skip(1).take(k).copied().collect(), out)
+                });
+                let (carried, out) = fixed;
+                let k = carried.len();
+                let mut r = carried;
+                r.extend(out.iter().skip(1 + k).copied());
+                r.resize(n_out, Interval::TOP);
+                r
+            }
+            None => vec![Interval::TOP; n_out],
+        },
+        (true, "Scan") => match body(&mut attrs, "body") {
+            // node: (state..., scan inputs...), body: (state..., slices...) -> (state..., scan outputs...)
+            Some(sg) if ins.len() >= num_scan => {
+                let n_state = ins.len() - num_scan;
+                let state: Vec<Interval> = ins[..n_state].to_vec();
+                let slices: Vec<Interval> = ins[n_state..].to_vec();
+                let (state, out) = fixed_point(state, |s| {
+                    let mut bin = s.to_vec();
+                    bin.extend_from_slice(&slices);
+                    let out = analyze(sg, &bin, &outer, opset, stats);
+                    (out.iter().take(s.len()).copied().collect(), out)
+                });
+                let mut r = state;
+                r.extend(out.iter().skip(n_state).copied());
+                r.resize(n_out, Interval::TOP);
+                r
+            }
+            _ => vec![Interval::TOP; n_out],
+        },
+        _ => {
+            // other bodies (SequenceMap, functions of other domains): inputs unknown
+            for a in &mut attrs {
+                for sg in a.value.graphs_mut() {
+                    let k = sg.inputs().len();
+                    analyze(sg, &vec![Interval::TOP; k], &outer, opset, stats);
+                }
+            }
+            vec![Interval::TOP; n_out]
+        }
+    };
+    g.node_mut(id).attributes = attrs;
+    result
+}
+
+/// Iterates `step(carried) -> (carried', all outputs)` from the initial intervals, joining each round into
+/// the carried intervals, until they stop changing; ends still moving after [`WIDEN_AFTER`] rounds are
+/// widened to infinity. Returns the fixed point and the outputs of the last round (run on it).
+fn fixed_point(
+    init: Vec<Interval>,
+    mut step: impl FnMut(&[Interval]) -> (Vec<Interval>, Vec<Interval>),
+) -> (Vec<Interval>, Vec<Interval>) {
+    let mut cur = init;
+    for round in 0.. {
+        let (next, out) = step(&cur);
+        let joined: Vec<Interval> = cur
+            .iter()
+            .enumerate()
+            .map(|(i, c)| next.get(i).map_or(Interval::TOP, |n| c.hull(*n)))
+            .collect();
+        if joined == cur {
+            return (cur, out);
+        }
+        cur = if round + 1 >= WIDEN_AFTER {
+            cur.iter()
+                .zip(&joined)
+                .map(|(c, j)| {
+                    Interval::new(
+                        if j.lo < c.lo { f64::NEG_INFINITY } else { j.lo },
+                        if j.hi > c.hi { f64::INFINITY } else { j.hi },
+                    )
+                })
+                .collect()
+        } else {
+            joined
+        };
+        if round > WIDEN_AFTER + 2 {
+            // widened ends cannot move again; a step whose result still differs is not monotone
+            let top = vec![Interval::TOP; cur.len()];
+            let (_, out) = step(&top);
+            return (top, out);
+        }
+    }
+    unreachable!()
+}

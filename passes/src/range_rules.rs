@@ -1,0 +1,1412 @@
+//! Interval transfer functions for `analyze-ranges`, one per op family.
+//!
+//! Each function maps the intervals of a node's inputs (and, for weights, their constant contents and static
+//! shapes) to a sound interval per output: every value the op can produce, for inputs within the given
+//! intervals, lies inside. Results are computed in f64 and padded outward by the worst fp32 rounding error of
+//! the op, so they also hold for the fp32 graph. When no bound can be claimed the answer is [`Interval::TOP`].
+//! Unit tests check each family against brute-force sampling.
+
+use mpopt_ir::{AttrValue, DType, Graph, Interval, Node, Tensor, ValueId};
+
+/// fp32's unit roundoff.
+const U32: f64 = 1.0 / 16777216.0;
+
+/// What a transfer function sees of one input.
+pub(crate) struct In<'a> {
+    /// The input's interval (TOP when unknown; absent optional inputs are None).
+    pub iv: Option<Interval>,
+    /// Its constant contents, when it is an initializer or a Constant output.
+    pub konst: Option<&'a Tensor>,
+    /// Its static shape when the rank is known; unknown dims are -1.
+    pub shape: Option<Vec<i64>>,
+}
+
+impl In<'_> {
+    fn iv(&self) -> Interval {
+        self.iv.unwrap_or(Interval::TOP)
+    }
+}
+
+/// Pads an interval outward by `rel` of its magnitude (rounding error of the fp32 computation).
+fn pad(i: Interval, rel: f64) -> Interval {
+    Interval::new(i.lo - i.lo.abs() * rel, i.hi + i.hi.abs() * rel)
+}
+
+/// `a * b` where `0 * inf = 0` (a zero factor is exact).
+fn m(a: f64, b: f64) -> f64 {
+    if a == 0.0 || b == 0.0 { 0.0 } else { a * b }
+}
+
+pub(crate) fn add(a: Interval, b: Interval) -> Interval {
+    pad(Interval::new(a.lo + b.lo, a.hi + b.hi), U32)
+}
+
+pub(crate) fn neg(a: Interval) -> Interval {
+    Interval::new(-a.hi, -a.lo)
+}
+
+pub(crate) fn sub(a: Interval, b: Interval) -> Interval {
+    add(a, neg(b))
+}
+
+pub(crate) fn mul(a: Interval, b: Interval) -> Interval {
+    let c = [m(a.lo, b.lo), m(a.lo, b.hi), m(a.hi, b.lo), m(a.hi, b.hi)];
+    let lo = c.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = c.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    pad(Interval::new(lo, hi), U32)
+}
+
+/// `1 / b`; TOP when `b` may be zero.
+pub(crate) fn recip(b: Interval) -> Interval {
+    if b.contains(0.0) {
+        return Interval::TOP;
+    }
+    pad(Interval::new(1.0 / b.hi, 1.0 / b.lo), U32)
+}
+
+pub(crate) fn div(a: Interval, b: Interval) -> Interval {
+    if b.contains(0.0) {
+        return Interval::TOP;
+    }
+    mul(a, recip(b))
+}
+
+/// `f(a)` for a non-decreasing `f`.
+fn mono(a: Interval, f: impl Fn(f64) -> f64) -> Interval {
+    pad(Interval::new(f(a.lo), f(a.hi)), 4.0 * U32)
+}
+
+pub(crate) fn abs(a: Interval) -> Interval {
+    if a.lo >= 0.0 {
+        a
+    } else if a.hi <= 0.0 {
+        neg(a)
+    } else {
+        Interval::new(0.0, a.abs_max())
+    }
+}
+
+/// `x^2`.
+pub(crate) fn square(a: Interval) -> Interval {
+    let b = abs(a);
+    pad(Interval::new(b.lo * b.lo, b.hi * b.hi), U32)
+}
+
+/// `x^e` for an interval exponent.
+pub(crate) fn pow(x: Interval, e: Interval) -> Interval {
+    if e.lo == e.hi {
+        let n = e.lo;
+        if n == 0.0 {
+            return Interval::point(1.0);
+        }
+        if n == 1.0 {
+            return x;
+        }
+        if n.fract() == 0.0 && n.abs() <= 64.0 {
+            let even = (n as i64) % 2 == 0;
+            if n < 0.0 {
+                // x^-k = 1 / x^k
+                return recip(pow(x, Interval::point(-n)));
+            }
+            let r = if even {
+                let b = abs(x);
+                Interval::new(b.lo.powf(n), b.hi.powf(n))
+            } else {
+                Interval::new(x.lo.powf(n), x.hi.powf(n))
+            };
+            return pad(r, n * 2.0 * U32);
+        }
+    }
+    // a real exponent needs a non-negative base (a negative one gives NaN)
+    if x.lo < 0.0 || (x.lo == 0.0 && e.lo < 0.0) {
+        return Interval::TOP;
+    }
+    // x^e = exp(e ln x): bilinear in (e, ln x), so extremes lie at the corners
+    let c = [
+        x.lo.powf(e.lo),
+        x.lo.powf(e.hi),
+        x.hi.powf(e.lo),
+        x.hi.powf(e.hi),
+    ];
+    if c.iter().any(|v| v.is_nan()) {
+        return Interval::TOP;
+    }
+    let lo = c.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = c.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    pad(Interval::new(lo, hi), 8.0 * U32)
+}
+
+pub(crate) fn max(a: Interval, b: Interval) -> Interval {
+    Interval::new(a.lo.max(b.lo), a.hi.max(b.hi))
+}
+
+pub(crate) fn min(a: Interval, b: Interval) -> Interval {
+    Interval::new(a.lo.min(b.lo), a.hi.min(b.hi))
+}
+
+/// `f` that falls to a single minimum `(x_min, f_min)` and rises after it, and has its maxima at the ends.
+fn valley(a: Interval, x_min: f64, f_min: f64, f: impl Fn(f64) -> f64) -> Interval {
+    let (fl, fh) = (f(a.lo), f(a.hi));
+    let lo = if a.contains(x_min) { f_min } else { fl.min(fh) };
+    pad(Interval::new(lo, fl.max(fh)), 8.0 * U32)
+}
+
+/// The standard normal CDF.
+fn phi(x: f64) -> f64 {
+    0.5 * libm_erfc(-x / std::f64::consts::SQRT_2)
+}
+
+fn libm_erfc(x: f64) -> f64 {
+    // erfc from erf: the crate has no libm dependency; f64 precision is ample for bounds padded outward
+    1.0 - erf(x)
+}
+
+/// erf, Abramowitz-Stegun 7.1.26 refined: |error| < 1.2e-7, covered by the padding of its users.
+fn erf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.5 * x.abs());
+    let y = 1.0
+        - t * (-x * x - 1.26551223
+            + t * (1.00002368
+                + t * (0.37409196
+                    + t * (0.09678418
+                        + t * (-0.18628806
+                            + t * (0.27886807
+                                + t * (-1.13520398
+                                    + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+            .exp();
+    if x >= 0.0 { y } else { -y }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn float_attr(n: &Node, name: &str) -> Option<f64> {
+    match n.attr(name).map(|a| &a.value) {
+        Some(AttrValue::Float(f)) => Some(*f as f64),
+        _ => None,
+    }
+}
+
+fn int_attr(n: &Node, name: &str) -> Option<i64> {
+    match n.attr(name).map(|a| &a.value) {
+        Some(AttrValue::Int(i)) => Some(*i),
+        _ => None,
+    }
+}
+
+fn ints_attr(n: &Node, name: &str) -> Option<Vec<i64>> {
+    match n.attr(name).map(|a| &a.value) {
+        Some(AttrValue::Ints(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn str_attr<'a>(n: &'a Node, name: &str) -> Option<&'a str> {
+    match n.attr(name).map(|a| &a.value) {
+        Some(AttrValue::String(s)) => std::str::from_utf8(s).ok(),
+        _ => None,
+    }
+}
+
+/// A constant tensor's values as f64 (None for strings and unreadable data).
+pub(crate) fn values(t: &Tensor) -> Option<Vec<f64>> {
+    let n = t.numel()?;
+    let v = t.values_f64(n)?;
+    (v.len() == n).then_some(v)
+}
+
+/// The exact interval of a constant tensor (TOP when it holds NaN; None when unreadable or empty).
+pub(crate) fn const_interval(t: &Tensor) -> Option<Interval> {
+    if let (DType::F32, mpopt_ir::TensorData::Raw(b)) = (t.dtype, &t.data) {
+        // the common case, read in place
+        let (mut lo, mut hi, mut nan) = (f32::INFINITY, f32::NEG_INFINITY, false);
+        for c in b.chunks_exact(4) {
+            let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            nan |= x.is_nan();
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        return match (b.len() >= 4, nan) {
+            (false, _) => None,
+            (true, true) => Some(Interval::TOP),
+            (true, false) => Some(Interval::new(lo as f64, hi as f64)),
+        };
+    }
+    let v = values(t)?;
+    if v.is_empty() {
+        return None;
+    }
+    if v.iter().any(|x| x.is_nan()) {
+        return Some(Interval::TOP);
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some(Interval::new(lo, hi))
+}
+
+/// The range a dtype can hold (integers and bool), or TOP for floats.
+pub(crate) fn dtype_interval(d: DType) -> Interval {
+    match d {
+        DType::Bool => Interval::new(0.0, 1.0),
+        DType::U8 => Interval::new(0.0, 255.0),
+        DType::I8 => Interval::new(-128.0, 127.0),
+        DType::U16 => Interval::new(0.0, 65535.0),
+        DType::I16 => Interval::new(-32768.0, 32767.0),
+        DType::U32 => Interval::new(0.0, u32::MAX as f64),
+        DType::I32 => Interval::new(i32::MIN as f64, i32::MAX as f64),
+        DType::U64 => Interval::new(0.0, u64::MAX as f64),
+        DType::I64 => Interval::new(i64::MIN as f64, i64::MAX as f64),
+        _ => Interval::TOP,
+    }
+}
+
+/// The product of dims, when all are known.
+fn product(dims: &[i64]) -> Option<f64> {
+    dims.iter()
+        .try_fold(1.0, |acc, &d| (d >= 0).then_some(acc * d as f64))
+}
+
+/// Normalized axis.
+fn axis(a: i64, rank: usize) -> Option<usize> {
+    let r = rank as i64;
+    let a = if a < 0 { a + r } else { a };
+    (0..r).contains(&a).then_some(a as usize)
+}
+
+/// Elements reduced by a Reduce* node: the product of the reduced dims (None when unknown).
+fn reduced_count(n: &Node, ins: &[In], opset: i64) -> Option<f64> {
+    let shape = ins.first()?.shape.as_ref()?;
+    let axes: Option<Vec<i64>> = if opset >= 18 || (n.op_type == "ReduceSum" && opset >= 13) {
+        match ins.get(1) {
+            Some(In { konst: Some(t), .. }) => Some(values(t)?.iter().map(|&x| x as i64).collect()),
+            Some(In { iv: Some(_), .. }) => return None,
+            _ => None,
+        }
+    } else {
+        ints_attr(n, "axes")
+    };
+    let axes = match axes {
+        Some(a) if !a.is_empty() => a,
+        _ if int_attr(n, "noop_with_empty_axes") == Some(1) => return Some(1.0),
+        _ => (0..shape.len() as i64).collect(),
+    };
+    let mut count = 1.0;
+    for a in axes {
+        let d = shape[axis(a, shape.len())?];
+        if d < 0 {
+            return None;
+        }
+        count *= d as f64;
+    }
+    Some(count)
+}
+
+/// The interval of each output of a node that has no subgraph. `opset` is the default domain's version.
+pub(crate) fn transfer(g: &Graph, n: &Node, ins: &[In], opset: i64) -> Vec<Interval> {
+    let outs = n.outputs().len();
+    let x = || ins.first().map_or(Interval::TOP, In::iv);
+    let arg = |i: usize| ins.get(i).map_or(Interval::TOP, In::iv);
+    let same = |iv: Interval| vec![iv; outs];
+    let domain = if n.domain == "ai.onnx" {
+        ""
+    } else {
+        n.domain.as_str()
+    };
+    if !domain.is_empty() && domain != "com.microsoft" {
+        return same(Interval::TOP);
+    }
+    match (domain, n.op_type.as_str()) {
+        // values move, never change
+        (
+            "",
+            "Identity" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Transpose" | "Slice"
+            | "Gather" | "GatherElements" | "GatherND" | "Expand" | "Tile" | "DepthToSpace"
+            | "SpaceToDepth" | "Compress" | "ReverseSequence" | "GlobalMaxPool" | "ReduceMax"
+            | "ReduceMin" | "Split" | "Dropout" | "Col2Im" | "CenterCropPad" | "Optional"
+            | "OptionalGetElement" | "Upsample",
+        ) if !(n.op_type == "Upsample" && str_attr(n, "mode").is_some_and(|m| m != "nearest")) => {
+            let mut v = same(x());
+            if n.op_type == "Dropout" && outs > 1 {
+                v[1] = Interval::new(0.0, 1.0);
+            }
+            if n.op_type == "CenterCropPad" {
+                v[0] = x().hull(Interval::point(0.0));
+            }
+            v
+        }
+        ("", "MaxPool") => {
+            let mut v = same(x());
+            if outs > 1 {
+                v[1] = Interval::new(0.0, i64::MAX as f64);
+            }
+            v
+        }
+        ("", "TopK") => vec![x(), Interval::new(0.0, i64::MAX as f64)],
+        ("", "Concat") => {
+            let h = ins
+                .iter()
+                .map(In::iv)
+                .reduce(Interval::hull)
+                .unwrap_or(Interval::TOP);
+            same(h)
+        }
+        ("", "Pad") => {
+            let mode = str_attr(n, "mode").unwrap_or("constant");
+            if mode == "constant" {
+                let value = if opset >= 11 {
+                    ins.get(2)
+                        .and_then(|i| i.iv)
+                        .unwrap_or(Interval::point(0.0))
+                } else {
+                    Interval::point(float_attr(n, "value").unwrap_or(0.0))
+                };
+                same(x().hull(value))
+            } else {
+                same(x())
+            }
+        }
+        ("", "Where") => same(arg(1).hull(arg(2))),
+        ("", "ScatterND" | "ScatterElements" | "Scatter") => {
+            let red = str_attr(n, "reduction").unwrap_or("none");
+            match red {
+                "none" | "max" | "min" => same(x().hull(arg(2))),
+                _ => same(Interval::TOP),
+            }
+        }
+        ("", "Resize") => {
+            let mode = str_attr(n, "mode").unwrap_or("nearest");
+            let extrap = ins
+                .first()
+                .map(|_| {
+                    str_attr(n, "coordinate_transformation_mode") == Some("tf_crop_and_resize")
+                })
+                .unwrap_or(false);
+            let mut r = match mode {
+                "nearest" | "linear" => x(),
+                // cubic weights overshoot: the sum of |w| is at most 1.5 per axis (a = -0.75);
+                // the output lies within the input's midpoint +- 1.5^rank times its half-width
+                _ => {
+                    let rank = ins.first().and_then(|i| i.shape.as_ref()).map(|s| s.len());
+                    match rank {
+                        Some(r) => {
+                            let (c, h) = ((x().lo + x().hi) / 2.0, (x().hi - x().lo) / 2.0);
+                            let k = 1.5f64.powi(r as i32);
+                            Interval::new(c - h * k - c.abs() * k, c + h * k + c.abs() * k)
+                                .hull(x())
+                        }
+                        None => Interval::TOP,
+                    }
+                }
+            };
+            if extrap {
+                r = r.hull(Interval::point(
+                    float_attr(n, "extrapolation_value").unwrap_or(0.0),
+                ));
+            }
+            same(pad(r, 8.0 * U32))
+        }
+        ("", "AveragePool" | "GlobalAveragePool" | "ReduceMean") => {
+            // a mean stays within its terms; padded zeros count when count_include_pad is set
+            if int_attr(n, "count_include_pad") == Some(1) {
+                same(pad(x().hull(Interval::point(0.0)), 64.0 * U32))
+            } else {
+                same(pad(x(), 64.0 * U32))
+            }
+        }
+        ("", "Cast" | "CastLike") => {
+            let to = if n.op_type == "Cast" {
+                int_attr(n, "to").and_then(|c| DType::from_code(c as i32))
+            } else {
+                n.outputs()
+                    .first()
+                    .copied()
+                    .flatten()
+                    .and_then(|v| g.value(v).elem())
+            };
+            match to {
+                Some(d) if d.is_float() => same(x()),
+                Some(DType::Bool) => same(Interval::new(0.0, 1.0)),
+                Some(d) => {
+                    let t = Interval::new(x().lo.trunc(), x().hi.trunc());
+                    let full = dtype_interval(d);
+                    // out-of-range conversions wrap or saturate: claim only what surely fits
+                    if full.contains(t.lo) && full.contains(t.hi) {
+                        same(t)
+                    } else {
+                        same(full)
+                    }
+                }
+                None => same(Interval::TOP),
+            }
+        }
+        // elementwise arithmetic
+        ("", "Add") => same(add(arg(0), arg(1))),
+        ("", "Sub") => same(sub(arg(0), arg(1))),
+        ("", "Mul") => same(mul(arg(0), arg(1))),
+        ("", "Div") => {
+            let is_int = n
+                .outputs()
+                .first()
+                .copied()
+                .flatten()
+                .and_then(|v| g.value(v).elem())
+                .is_some_and(|d| !d.is_float());
+            let q = div(arg(0), arg(1));
+            if is_int {
+                // integer division truncates toward zero
+                same(Interval::new(q.lo.floor().min(0.0), q.hi.ceil().max(0.0)))
+            } else {
+                same(q)
+            }
+        }
+        ("", "Neg") => same(neg(x())),
+        ("", "Abs") => same(abs(x())),
+        ("", "Reciprocal") => same(recip(x())),
+        ("", "Pow") => same(pow(arg(0), arg(1))),
+        ("", "Sqrt") => {
+            if x().lo < 0.0 {
+                same(Interval::TOP)
+            } else {
+                same(mono(x(), f64::sqrt))
+            }
+        }
+        ("", "Exp") => same(mono(x(), f64::exp)),
+        ("", "Log") => {
+            if x().lo < 0.0 {
+                same(Interval::TOP)
+            } else {
+                same(mono(x(), f64::ln))
+            }
+        }
+        ("", "Sum") => same(ins.iter().map(In::iv).reduce(add).unwrap_or(Interval::TOP)),
+        ("", "Mean") => same(
+            ins.iter()
+                .map(In::iv)
+                .reduce(Interval::hull)
+                .map(|h| pad(h, ins.len() as f64 * U32))
+                .unwrap_or(Interval::TOP),
+        ),
+        ("", "Max") => same(ins.iter().map(In::iv).reduce(max).unwrap_or(Interval::TOP)),
+        ("", "Min") => same(ins.iter().map(In::iv).reduce(min).unwrap_or(Interval::TOP)),
+        ("", "Mod") => {
+            let b = arg(1).abs_max();
+            if int_attr(n, "fmod") == Some(1) {
+                same(Interval::new(-b, b).hull(Interval::point(0.0)))
+            } else {
+                // the result takes the divisor's sign
+                same(Interval::new(arg(1).lo.min(0.0), arg(1).hi.max(0.0)))
+            }
+        }
+        ("", "Clip") => {
+            let (lo, hi) = if opset >= 11 {
+                (
+                    ins.get(1).and_then(|i| i.iv).unwrap_or(Interval::TOP),
+                    ins.get(2).and_then(|i| i.iv).unwrap_or(Interval::TOP),
+                )
+            } else {
+                (
+                    Interval::point(float_attr(n, "min").unwrap_or(f64::NEG_INFINITY)),
+                    Interval::point(float_attr(n, "max").unwrap_or(f64::INFINITY)),
+                )
+            };
+            let lo = if lo == Interval::TOP {
+                Interval::point(f64::NEG_INFINITY)
+            } else {
+                lo
+            };
+            let hi = if hi == Interval::TOP {
+                Interval::point(f64::INFINITY)
+            } else {
+                hi
+            };
+            same(min(max(x(), lo), hi))
+        }
+        ("", "Relu") => same(max(x(), Interval::point(0.0))),
+        ("", "LeakyRelu") => {
+            let a = float_attr(n, "alpha").unwrap_or(0.01);
+            let neg_part = mul(min(x(), Interval::point(0.0)), Interval::point(a));
+            same(max(x(), Interval::point(0.0)).hull(neg_part))
+        }
+        ("", "PRelu") => {
+            let neg_part = mul(min(x(), Interval::point(0.0)), arg(1));
+            same(max(x(), Interval::point(0.0)).hull(neg_part))
+        }
+        ("", "Elu" | "Celu") => {
+            // both rise monotonically for alpha > 0: x above 0, alpha (e^(x / a') - 1) below
+            let a = float_attr(n, "alpha").unwrap_or(1.0);
+            if a <= 0.0 {
+                return same(Interval::TOP);
+            }
+            let celu = n.op_type == "Celu";
+            same(mono(x(), |v| {
+                if v >= 0.0 {
+                    v
+                } else if celu {
+                    a * ((v / a).exp() - 1.0)
+                } else {
+                    a * (v.exp() - 1.0)
+                }
+            }))
+        }
+        ("", "Selu") => {
+            let a = float_attr(n, "alpha").unwrap_or(1.673_263_2);
+            let s = float_attr(n, "gamma").unwrap_or(1.050_701);
+            same(mono(x(), |v| {
+                if v > 0.0 {
+                    s * v
+                } else {
+                    s * a * (v.exp() - 1.0)
+                }
+            }))
+        }
+        ("", "Sigmoid") => same(mono(x(), sigmoid)),
+        ("", "HardSigmoid") => {
+            let a = float_attr(n, "alpha").unwrap_or(0.2);
+            let b = float_attr(n, "beta").unwrap_or(0.5);
+            let y = add(mul(x(), Interval::point(a)), Interval::point(b));
+            same(min(max(y, Interval::point(0.0)), Interval::point(1.0)))
+        }
+        ("", "HardSwish") => same(valley(x(), -1.5, -0.375, |v| {
+            v * (v + 3.0).clamp(0.0, 6.0) / 6.0
+        })),
+        ("", "Tanh") => same(mono(x(), f64::tanh)),
+        ("", "Erf") => same(mono(x(), erf)),
+        ("", "Gelu") | ("com.microsoft", "Gelu" | "FastGelu" | "BiasGelu") => {
+            let x = if n.op_type == "BiasGelu" {
+                add(arg(0), arg(1))
+            } else {
+                x()
+            };
+            // x * Phi(x) has one minimum, about -0.16997 at -0.7518; the tanh form lies within 1e-3 of it
+            let v = valley(x, -0.7518, -0.1712, |v| v * phi(v));
+            same(Interval::new(v.lo, v.hi + v.hi.abs() * 1e-3 + 1e-3))
+        }
+        ("com.microsoft", "QuickGelu") => {
+            let a = float_attr(n, "alpha").unwrap_or(1.702);
+            // x * sigmoid(a x) has its minimum -0.2785 / a at -1.2785 / a
+            same(valley(x(), -1.2785 / a, -0.2785 / a - 1e-4, |v| {
+                v * sigmoid(a * v)
+            }))
+        }
+        ("", "Softplus") => same(mono(x(), |v| if v > 30.0 { v } else { v.exp().ln_1p() })),
+        ("", "Softsign") => same(mono(x(), |v| v / (1.0 + v.abs()))),
+        ("", "Mish") => same(valley(x(), -1.1924, -0.3089, |v| {
+            v * (if v > 30.0 { v } else { v.exp().ln_1p() }).tanh()
+        })),
+        ("", "Sin" | "Cos") => same(Interval::new(-1.0, 1.0)),
+        ("", "Atan") => same(mono(x(), f64::atan)),
+        ("", "Asin" | "Acos") => same(Interval::new(-std::f64::consts::PI, std::f64::consts::PI)),
+        ("", "Sinh") => same(mono(x(), f64::sinh)),
+        ("", "Cosh") => same(valley(x(), 0.0, 1.0, f64::cosh)),
+        ("", "Floor") => same(mono(x(), f64::floor)),
+        ("", "Ceil") => same(mono(x(), f64::ceil)),
+        ("", "Round") => same(mono(x(), f64::round)),
+        ("", "Sign") => same(mono(x(), f64::signum).hull(Interval::point(0.0))),
+        ("", "Softmax" | "Hardmax") => same(Interval::new(0.0, 1.0)),
+        ("", "LogSoftmax") => {
+            // x_i - max - ln(sum e^(x_j - max)): at least (lo - hi) - ln N, at most 0
+            let ax = int_attr(n, "axis").unwrap_or(if opset >= 13 { -1 } else { 1 });
+            let count = ins.first().and_then(|i| i.shape.as_ref()).and_then(|s| {
+                let a = axis(ax, s.len())?;
+                if opset >= 13 {
+                    product(&s[a..=a])
+                } else {
+                    product(&s[a..])
+                }
+            });
+            match count {
+                Some(c) if x().is_bounded() => {
+                    same(pad(Interval::new(x().lo - x().hi - c.ln(), 0.0), 8.0 * U32))
+                }
+                _ => same(Interval::new(f64::NEG_INFINITY, 0.0)),
+            }
+        }
+        // reductions
+        ("", "ReduceSum" | "ReduceL1" | "ReduceSumSquare" | "ReduceL2" | "ReduceLogSumExp") => {
+            let Some(c) = reduced_count(n, ins, opset) else {
+                return same(match n.op_type.as_str() {
+                    "ReduceSumSquare" | "ReduceL2" | "ReduceL1" => {
+                        Interval::new(0.0, f64::INFINITY)
+                    }
+                    _ => Interval::TOP,
+                });
+            };
+            let term = match n.op_type.as_str() {
+                "ReduceL1" => abs(x()),
+                "ReduceSumSquare" | "ReduceL2" => square(x()),
+                _ => x(),
+            };
+            let r = match n.op_type.as_str() {
+                "ReduceLogSumExp" => Interval::new(x().lo + c.ln(), x().hi + c.ln()),
+                "ReduceL2" => Interval::new((term.lo * c).sqrt(), (term.hi * c).sqrt()),
+                _ => Interval::new(m(term.lo, c), m(term.hi, c)),
+            };
+            same(pad(r, (c + 2.0) * U32))
+        }
+        ("", "ReduceProd") => {
+            let b = x().abs_max();
+            match reduced_count(n, ins, opset) {
+                Some(_) if b <= 1.0 => same(Interval::new(-b, b)),
+                Some(c) => same(Interval::new(-(b.powf(c)), b.powf(c))),
+                None if b <= 1.0 => same(Interval::new(-b, b)),
+                None => same(Interval::TOP),
+            }
+        }
+        ("", "CumSum") => {
+            let ax = ins.get(1).and_then(|i| i.konst).and_then(values);
+            let len = match (ax, ins.first().and_then(|i| i.shape.as_ref())) {
+                (Some(a), Some(s)) if a.len() == 1 => {
+                    axis(a[0] as i64, s.len()).map(|a| s[a]).filter(|&d| d >= 0)
+                }
+                _ => None,
+            };
+            match len {
+                Some(l) => {
+                    let l = l as f64;
+                    same(pad(
+                        Interval::new(m(x().lo.min(0.0), l), m(x().hi.max(0.0), l)),
+                        (l + 2.0) * U32,
+                    ))
+                }
+                None => same(Interval::TOP),
+            }
+        }
+        // linear algebra with constant weights
+        ("", "MatMul") => vec![matmul(ins)],
+        ("", "Gemm") => vec![gemm(n, ins)],
+        ("", "Conv") => vec![conv(n, ins)],
+        ("", "ConvTranspose") => vec![conv_transpose(n, ins)],
+        ("", "BatchNormalization") => {
+            let mut v = vec![batch_norm(n, ins, opset); outs];
+            for (i, o) in v.iter_mut().enumerate().skip(1) {
+                // training-mode statistics outputs: running mean / var
+                *o = if i == 1 {
+                    ins.get(3).map_or(Interval::TOP, In::iv)
+                } else {
+                    Interval::TOP
+                };
+            }
+            v
+        }
+        ("", "LayerNormalization")
+        | ("com.microsoft", "SimplifiedLayerNormalization")
+        | ("", "RMSNormalization") => {
+            let ax = int_attr(n, "axis").unwrap_or(-1);
+            let eps = float_attr(n, "epsilon").unwrap_or(1e-5);
+            let rms = n.op_type != "LayerNormalization";
+            let count = ins
+                .first()
+                .and_then(|i| i.shape.as_ref())
+                .and_then(|s| axis(ax, s.len()).and_then(|a| product(&s[a..])));
+            let z = norm_bound(x(), count, eps, rms);
+            let mut v = vec![Interval::TOP; outs];
+            if !v.is_empty() {
+                v[0] = affine_bound(z, ins.get(1), if rms { None } else { ins.get(2) });
+            }
+            if outs > 1 && !rms {
+                v[1] = x();
+            }
+            if outs > 1 + usize::from(!rms) {
+                v[1 + usize::from(!rms)] = Interval::new(0.0, 1.0 / eps.sqrt());
+            }
+            v
+        }
+        ("", "InstanceNormalization") => {
+            let eps = float_attr(n, "epsilon").unwrap_or(1e-5);
+            let count = ins
+                .first()
+                .and_then(|i| i.shape.as_ref())
+                .filter(|s| s.len() > 2)
+                .and_then(|s| product(&s[2..]));
+            same(affine_bound(
+                norm_bound(x(), count, eps, false),
+                ins.get(1),
+                ins.get(2),
+            ))
+        }
+        ("", "GroupNormalization") => {
+            let eps = float_attr(n, "epsilon").unwrap_or(1e-5);
+            let groups = int_attr(n, "num_groups").unwrap_or(1).max(1);
+            let count = ins
+                .first()
+                .and_then(|i| i.shape.as_ref())
+                .filter(|s| s.len() >= 2 && s[1] >= 0 && s[1] % groups == 0)
+                .and_then(|s| Some((s[1] / groups) as f64 * product(&s[2..])?));
+            same(affine_bound(
+                norm_bound(x(), count, eps, false),
+                ins.get(1),
+                ins.get(2),
+            ))
+        }
+        ("", "LSTM" | "GRU" | "RNN") => recurrent(n, ins, outs),
+        // generators and integer results
+        ("", "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin") => {
+            same(Interval::new(0.0, i64::MAX as f64))
+        }
+        ("", "ConstantOfShape") => {
+            let v = match n.attr("value").map(|a| &a.value) {
+                Some(AttrValue::Tensor(t)) => const_interval(t).unwrap_or(Interval::TOP),
+                _ => Interval::point(0.0),
+            };
+            same(v)
+        }
+        ("", "EyeLike") => same(Interval::new(0.0, 1.0)),
+        ("", "OneHot") => same(ins.get(2).map_or(Interval::TOP, In::iv)),
+        ("", "Range") => {
+            // start + k * delta for k < ceil((limit - start) / delta): between start and limit
+            same(arg(0).hull(arg(1)))
+        }
+        ("", "RandomUniform" | "RandomUniformLike") => same(Interval::new(
+            float_attr(n, "low").unwrap_or(0.0),
+            float_attr(n, "high").unwrap_or(1.0),
+        )),
+        (
+            "",
+            "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And" | "Or"
+            | "Xor" | "IsNaN" | "IsInf",
+        ) => same(Interval::new(0.0, 1.0)),
+        ("", "Trilu") => same(x().hull(Interval::point(0.0))),
+        _ => same(Interval::TOP),
+    }
+}
+
+/// Bound of a normalized value `(x - mean) / sqrt(var + eps)` (or `x / sqrt(mean(x^2) + eps)`) over `count`
+/// elements: `sqrt(count - 1)` (`sqrt(count)` for RMS) since the squares sum to at most `count`, and
+/// `width / sqrt(eps)` when the input is bounded.
+fn norm_bound(x: Interval, count: Option<f64>, eps: f64, rms: bool) -> f64 {
+    let by_count = count.map_or(f64::INFINITY, |c| {
+        if rms {
+            c.sqrt()
+        } else {
+            (c - 1.0).max(0.0).sqrt()
+        }
+    });
+    let width = if rms { x.abs_max() } else { x.hi - x.lo };
+    let by_eps = if eps > 0.0 && width.is_finite() {
+        width / eps.sqrt()
+    } else {
+        f64::INFINITY
+    };
+    by_count.min(by_eps) * (1.0 + 64.0 * U32)
+}
+
+/// `z * scale + bias` for `|z| <= zb`, elementwise with constant scale and bias: the hull over elements.
+fn affine_bound(zb: f64, scale: Option<&In>, bias: Option<&In>) -> Interval {
+    if !zb.is_finite() {
+        return Interval::TOP;
+    }
+    let z = Interval::new(-zb, zb);
+    let sv = scale.and_then(|s| s.konst).and_then(values);
+    let bv = bias.and_then(|b| b.konst).and_then(values);
+    match (sv, bv) {
+        (Some(s), Some(b)) if s.len() == b.len() => {
+            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+            for (s, b) in s.iter().zip(&b) {
+                lo = lo.min(b - s.abs() * zb);
+                hi = hi.max(b + s.abs() * zb);
+            }
+            pad(Interval::new(lo, hi), 4.0 * U32)
+        }
+        _ => {
+            let s = scale.map_or(Interval::point(1.0), In::iv);
+            let b = bias.map_or(Interval::point(0.0), In::iv);
+            add(mul(z, s), b)
+        }
+    }
+}
+
+/// `sum_k x_k w_k` per output column, for `x` in an interval and constant `w` (`cols` columns of `k` terms,
+/// `w[k * stride_k + col * stride_c]`): the hull over columns.
+fn dot_columns(
+    x: Interval,
+    w: &[f64],
+    cols: usize,
+    k: usize,
+    index: impl Fn(usize, usize) -> usize,
+) -> Interval {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for c in 0..cols {
+        let (mut l, mut h) = (0.0, 0.0);
+        for i in 0..k {
+            let wv = w[index(i, c)];
+            let (a, b) = (m(wv, x.lo), m(wv, x.hi));
+            l += a.min(b);
+            h += a.max(b);
+        }
+        lo = lo.min(l);
+        hi = hi.max(h);
+    }
+    pad(Interval::new(lo, hi), (k as f64 + 2.0) * U32)
+}
+
+fn matmul(ins: &[In]) -> Interval {
+    let (a, b) = match (ins.first(), ins.get(1)) {
+        (Some(a), Some(b)) => (a, b),
+        _ => return Interval::TOP,
+    };
+    // constant B [..., K, N]: per column of each batch
+    if let Some(t) = b.konst
+        && let s = &t.dims
+        && s.len() >= 2
+        && let Some(w) = values(t)
+    {
+        let (k, nn) = (s[s.len() - 2] as usize, s[s.len() - 1] as usize);
+        let batches = w.len() / (k * nn).max(1);
+        let mut r: Option<Interval> = None;
+        for bt in 0..batches {
+            let off = bt * k * nn;
+            let iv = dot_columns(a.iv(), &w, nn, k, |i, c| off + i * nn + c);
+            r = Some(r.map_or(iv, |x| x.hull(iv)));
+        }
+        return r.unwrap_or(Interval::TOP);
+    }
+    // constant A [..., M, K]: per row
+    if let Some(t) = a.konst
+        && let s = &t.dims
+        && s.len() >= 2
+        && let Some(w) = values(t)
+    {
+        let (mm, k) = (s[s.len() - 2] as usize, s[s.len() - 1] as usize);
+        let batches = w.len() / (mm * k).max(1);
+        let mut r: Option<Interval> = None;
+        for bt in 0..batches {
+            let off = bt * mm * k;
+            let iv = dot_columns(b.iv(), &w, mm, k, |i, c| off + c * k + i);
+            r = Some(r.map_or(iv, |x| x.hull(iv)));
+        }
+        return r.unwrap_or(Interval::TOP);
+    }
+    // both variable: K products
+    let k = a
+        .shape
+        .as_ref()
+        .and_then(|s| s.last().copied())
+        .or_else(|| {
+            b.shape.as_ref().and_then(|s| {
+                if s.len() >= 2 {
+                    Some(s[s.len() - 2])
+                } else {
+                    s.first().copied()
+                }
+            })
+        });
+    match k {
+        Some(k) if k >= 0 => {
+            let p = mul(a.iv(), b.iv());
+            let k = k as f64;
+            pad(
+                Interval::new(m(p.lo, k).min(0.0).min(p.lo), m(p.hi, k).max(0.0).max(p.hi)),
+                (k + 2.0) * U32,
+            )
+        }
+        _ => Interval::TOP,
+    }
+}
+
+fn gemm(n: &Node, ins: &[In]) -> Interval {
+    let alpha = float_attr(n, "alpha").unwrap_or(1.0);
+    let beta = float_attr(n, "beta").unwrap_or(1.0);
+    let ta = int_attr(n, "transA").unwrap_or(0) == 1;
+    let tb = int_attr(n, "transB").unwrap_or(0) == 1;
+    let (Some(a), Some(b)) = (ins.first(), ins.get(1)) else {
+        return Interval::TOP;
+    };
+    let prod = match (b.konst, b.konst.map(|t| &t.dims)) {
+        (Some(t), Some(s)) if s.len() == 2 => match values(t) {
+            Some(w) => {
+                let (k, nn) = if tb {
+                    (s[1] as usize, s[0] as usize)
+                } else {
+                    (s[0] as usize, s[1] as usize)
+                };
+                if tb {
+                    dot_columns(a.iv(), &w, nn, k, |i, c| c * k + i)
+                } else {
+                    dot_columns(a.iv(), &w, nn, k, |i, c| i * nn + c)
+                }
+            }
+            None => Interval::TOP,
+        },
+        _ => {
+            let k = a
+                .shape
+                .as_ref()
+                .filter(|s| s.len() == 2)
+                .map(|s| if ta { s[0] } else { s[1] })
+                .filter(|&k| k >= 0);
+            match k {
+                Some(k) => {
+                    let p = mul(a.iv(), b.iv());
+                    let k = k as f64;
+                    Interval::new(m(p.lo, k).min(0.0), m(p.hi, k).max(0.0))
+                }
+                None => Interval::TOP,
+            }
+        }
+    };
+    let r = mul(prod, Interval::point(alpha));
+    match ins.get(2).and_then(|c| c.iv) {
+        Some(c) => add(r, mul(c, Interval::point(beta))),
+        None => r,
+    }
+}
+
+/// Per output channel of a convolution with constant weights `W [M, C/group, k...]`; padding reads zeros, so
+/// the input interval is widened to hold 0.
+fn conv(n: &Node, ins: &[In]) -> Interval {
+    let _ = n;
+    let (Some(x), Some(w)) = (ins.first(), ins.get(1)) else {
+        return Interval::TOP;
+    };
+    let (Some(t), Some(s)) = (w.konst, w.konst.map(|t| &t.dims)) else {
+        return conv_variable(x, w);
+    };
+    let Some(wv) = values(t) else {
+        return Interval::TOP;
+    };
+    let mch = s[0].max(1) as usize;
+    let per = wv.len() / mch;
+    let xi = x.iv().hull(Interval::point(0.0));
+    let r = dot_columns(xi, &wv, mch, per, |i, c| c * per + i);
+    let r = per_channel_bias(r, &wv, mch, per, xi, ins.get(2));
+    pad(r, (per as f64 + 2.0) * U32)
+}
+
+/// Adds a bias per output channel when it is constant (tighter than adding the intervals).
+fn per_channel_bias(
+    r: Interval,
+    w: &[f64],
+    mch: usize,
+    per: usize,
+    xi: Interval,
+    bias: Option<&In>,
+) -> Interval {
+    let Some(b) = bias else { return r };
+    match b.konst.and_then(values) {
+        Some(bv) if bv.len() == mch => {
+            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+            for (c, bc) in bv.iter().enumerate() {
+                let ch = dot_columns(xi, &w[c * per..(c + 1) * per], 1, per, |i, _| i);
+                lo = lo.min(ch.lo + bc);
+                hi = hi.max(ch.hi + bc);
+            }
+            Interval::new(lo, hi)
+        }
+        _ => add(r, b.iv()),
+    }
+}
+
+fn conv_variable(x: &In, w: &In) -> Interval {
+    match w.shape.as_ref() {
+        Some(s) if !s.is_empty() && product(&s[1..]).is_some() => {
+            let k = product(&s[1..]).unwrap_or(0.0);
+            let p = mul(x.iv().hull(Interval::point(0.0)), w.iv());
+            Interval::new(m(p.lo, k).min(0.0), m(p.hi, k).max(0.0))
+        }
+        _ => Interval::TOP,
+    }
+}
+
+/// Transposed convolution `W [C, M/group, k...]`: an output gets at most every tap of every input channel of
+/// its group; each term lies between 0 (tap absent) and `w * x`.
+fn conv_transpose(n: &Node, ins: &[In]) -> Interval {
+    let group = int_attr(n, "group").unwrap_or(1).max(1) as usize;
+    let (Some(x), Some(w)) = (ins.first(), ins.get(1)) else {
+        return Interval::TOP;
+    };
+    let (Some(t), Some(s)) = (w.konst, w.konst.map(|t| &t.dims)) else {
+        return Interval::TOP;
+    };
+    let Some(wv) = values(t) else {
+        return Interval::TOP;
+    };
+    if s.len() < 2 {
+        return Interval::TOP;
+    }
+    let (c, mg) = (s[0] as usize, s[1] as usize);
+    let taps: usize = s[2..].iter().map(|&d| d as usize).product();
+    let cg = c / group;
+    let xi = x.iv().hull(Interval::point(0.0));
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for gi in 0..group {
+        for mo in 0..mg {
+            let (mut l, mut h) = (0.0, 0.0);
+            for ci in gi * cg..(gi + 1) * cg {
+                for k in 0..taps {
+                    let wv = wv[(ci * mg + mo) * taps + k];
+                    let (a, b) = (m(wv, xi.lo), m(wv, xi.hi));
+                    l += a.min(b).min(0.0);
+                    h += a.max(b).max(0.0);
+                }
+            }
+            lo = lo.min(l);
+            hi = hi.max(h);
+        }
+    }
+    let r = Interval::new(lo, hi);
+    let r = match ins.get(2) {
+        Some(b) => add(r, b.iv()),
+        None => r,
+    };
+    pad(r, ((cg * taps) as f64 + 2.0) * U32)
+}
+
+/// Inference BatchNormalization: per channel `scale / sqrt(var + eps) * (x - mean) + bias`.
+fn batch_norm(n: &Node, ins: &[In], _opset: i64) -> Interval {
+    let eps = float_attr(n, "epsilon").unwrap_or(1e-5);
+    let x = ins.first().map_or(Interval::TOP, In::iv);
+    let consts: Option<Vec<Vec<f64>>> = (1..5)
+        .map(|i| ins.get(i).and_then(|a| a.konst).and_then(values))
+        .collect();
+    if let Some(c) = consts
+        && c.iter().all(|v| v.len() == c[0].len())
+    {
+        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+        for (((s, bias), mean), var) in c[0].iter().zip(&c[1]).zip(&c[2]).zip(&c[3]) {
+            let a = s / (var + eps).sqrt();
+            let b = bias - mean * a;
+            let (p, q) = (m(a, x.lo) + b, m(a, x.hi) + b);
+            lo = lo.min(p.min(q));
+            hi = hi.max(p.max(q));
+        }
+        return pad(Interval::new(lo, hi), 8.0 * U32);
+    }
+    let iv = |i: usize| ins.get(i).map_or(Interval::TOP, In::iv);
+    let inv = recip(mono(add(iv(4), Interval::point(eps)), |v| {
+        v.max(0.0).sqrt()
+    }));
+    add(mul(mul(sub(x, iv(3)), inv), iv(1)), iv(2))
+}
+
+/// Recurrent layers with their default activations: hidden states are tanh-bounded (LSTM: `o * tanh(c)`,
+/// GRU: a convex mix of tanh and the previous state); the LSTM cell grows by at most 1 per step.
+fn recurrent(n: &Node, ins: &[In], outs: usize) -> Vec<Interval> {
+    let mut v = vec![Interval::TOP; outs];
+    if n.attr("activations").is_some() || n.attr("clip").is_some() {
+        return v;
+    }
+    let unit = Interval::new(-1.0, 1.0);
+    let init_h = ins
+        .get(5)
+        .and_then(|i| i.iv)
+        .unwrap_or(Interval::point(0.0));
+    let h = match n.op_type.as_str() {
+        "LSTM" => unit,
+        _ => unit.hull(init_h),
+    };
+    for o in v.iter_mut().take(2) {
+        *o = pad(h, 8.0 * U32);
+    }
+    if n.op_type == "LSTM" && outs > 2 {
+        let layout = int_attr(n, "layout").unwrap_or(0);
+        let steps = ins
+            .first()
+            .and_then(|i| i.shape.as_ref())
+            .and_then(|s| s.get(if layout == 0 { 0 } else { 1 }).copied())
+            .filter(|&d| d >= 0)
+            .map(|d| d as f64);
+        let c0 = ins
+            .get(6)
+            .and_then(|i| i.iv)
+            .unwrap_or(Interval::point(0.0));
+        if let Some(t) = steps {
+            let b = c0.abs_max() + t;
+            v[2] = pad(Interval::new(-b, b), (t + 2.0) * 8.0 * U32);
+        }
+    }
+    v
+}
+
+/// The constant tensor behind a value: an initializer, or a Constant node's `value`.
+pub(crate) fn constant_of(g: &Graph, v: ValueId) -> Option<&Tensor> {
+    if let Some(t) = g.value(v).initializer.as_deref() {
+        return Some(t);
+    }
+    let (p, _) = g.producer(v)?;
+    let node = g.node(p);
+    if node.op_type != "Constant" || !node.in_default_domain() {
+        return None;
+    }
+    match node.attr("value").map(|a| &a.value) {
+        Some(AttrValue::Tensor(t)) => Some(t),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn within(&mut self, i: Interval) -> f64 {
+            // ends sampled often: extremes of interval functions sit there
+            match (self.next() * 8.0) as u32 {
+                0 => i.lo,
+                1 => i.hi,
+                _ => i.lo + (i.hi - i.lo) * self.next(),
+            }
+        }
+    }
+
+    const CASES: &[(f64, f64)] = &[
+        (-3.0, 5.0),
+        (0.5, 2.0),
+        (-4.0, -0.25),
+        (-0.1, 0.1),
+        (0.0, 10.0),
+        (-20.0, 3.0),
+    ];
+
+    /// Checks `f`'s samples lie within `bound` for unary ops.
+    fn check_unary(name: &str, bound: impl Fn(Interval) -> Interval, f: impl Fn(f64) -> f64) {
+        let mut r = Rng(0x9e3779b97f4a7c15);
+        for &(lo, hi) in CASES {
+            let i = Interval::new(lo, hi);
+            let b = bound(i);
+            for _ in 0..2000 {
+                let x = r.within(i);
+                let y = f(x);
+                if y.is_nan() {
+                    assert_eq!(b, Interval::TOP, "{name}({x}) is NaN but {b} claimed");
+                    continue;
+                }
+                assert!(b.contains(y), "{name}({x}) = {y} outside {b} for input {i}");
+            }
+        }
+    }
+
+    fn check_binary(
+        name: &str,
+        bound: impl Fn(Interval, Interval) -> Interval,
+        f: impl Fn(f64, f64) -> f64,
+    ) {
+        let mut r = Rng(0x2545f4914f6cdd1d);
+        for &(al, ah) in CASES {
+            for &(bl, bh) in CASES {
+                let (a, b) = (Interval::new(al, ah), Interval::new(bl, bh));
+                let out = bound(a, b);
+                for _ in 0..500 {
+                    let (x, y) = (r.within(a), r.within(b));
+                    let z = f(x, y);
+                    if z.is_nan() || z.is_infinite() {
+                        assert!(
+                            !out.is_bounded(),
+                            "{name}({x}, {y}) = {z} but {out} claimed"
+                        );
+                        continue;
+                    }
+                    assert!(
+                        out.contains(z),
+                        "{name}({x}, {y}) = {z} outside {out} for {a}, {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn arithmetic_against_sampling() {
+        check_binary("add", add, |a, b| a + b);
+        check_binary("sub", sub, |a, b| a - b);
+        check_binary("mul", mul, |a, b| a * b);
+        check_binary("div", div, |a, b| a / b);
+        check_binary("max", max, f64::max);
+        check_binary("min", min, f64::min);
+        check_binary("pow", pow, f64::powf);
+        for e in [2.0, 3.0, -1.0, -2.0, 0.5, 1.5] {
+            check_unary(
+                &format!("pow {e}"),
+                |x| pow(x, Interval::point(e)),
+                |x| x.powf(e),
+            );
+        }
+        check_unary("abs", abs, f64::abs);
+        check_unary("square", square, |x| x * x);
+        check_unary("recip", recip, |x| 1.0 / x);
+        check_unary("neg", neg, |x| -x);
+    }
+
+    /// Runs one node's transfer on scalar-interval inputs.
+    fn node_bound(op: &str, attrs: &[(&str, AttrValue)], ins: Vec<In>) -> Interval {
+        let mut n = Node::new(op);
+        for (k, v) in attrs {
+            n.attributes.push(mpopt_ir::Attribute::new(*k, v.clone()));
+        }
+        let mut g = Graph::new("t");
+        let y = g.add_value("y", None).unwrap();
+        let id = g.add_node(n, &[], &[Some(y)]).unwrap();
+        transfer(&g, g.node(id), &ins, 18)[0]
+    }
+
+    fn scalar(i: Interval) -> In<'static> {
+        In {
+            iv: Some(i),
+            konst: None,
+            shape: None,
+        }
+    }
+
+    #[test]
+    fn activations_against_sampling() {
+        type Case<'a> = (&'a str, &'a [(&'a str, AttrValue)], fn(f64) -> f64);
+        let unary: &[Case] = &[
+            ("Relu", &[], |x| x.max(0.0)),
+            ("Sigmoid", &[], sigmoid),
+            ("Tanh", &[], f64::tanh),
+            ("Exp", &[], f64::exp),
+            ("Log", &[], f64::ln),
+            ("Sqrt", &[], f64::sqrt),
+            ("Erf", &[], erf),
+            ("Gelu", &[], |x| x * phi(x)),
+            ("HardSwish", &[], |x| x * (x + 3.0).clamp(0.0, 6.0) / 6.0),
+            ("HardSigmoid", &[], |x| (0.2 * x + 0.5).clamp(0.0, 1.0)),
+            ("LeakyRelu", &[], |x| if x < 0.0 { 0.01 * x } else { x }),
+            ("Elu", &[], |x| if x < 0.0 { x.exp() - 1.0 } else { x }),
+            ("Softplus", &[], |x| x.exp().ln_1p()),
+            ("Softsign", &[], |x| x / (1.0 + x.abs())),
+            ("Cosh", &[], f64::cosh),
+            ("Sinh", &[], f64::sinh),
+            ("Floor", &[], f64::floor),
+            ("Sign", &[], |x| if x == 0.0 { 0.0 } else { x.signum() }),
+            ("Mish", &[], |x| x * x.exp().ln_1p().tanh()),
+        ];
+        for (op, attrs, f) in unary {
+            check_unary(op, |i| node_bound(op, attrs, vec![scalar(i)]), f);
+        }
+    }
+
+    fn konst(t: &Tensor) -> In<'_> {
+        In {
+            iv: const_interval(t),
+            konst: Some(t),
+            shape: Some(t.dims.clone()),
+        }
+    }
+
+    #[test]
+    fn matmul_conv_against_sampling() {
+        let mut r = Rng(7);
+        let w: Vec<f32> = (0..12).map(|_| (r.next() * 2.0 - 1.0) as f32).collect();
+        let wt = Tensor::from_f32(vec![4, 3], &w);
+        for &(lo, hi) in CASES {
+            let xi = Interval::new(lo, hi);
+            let b = node_bound(
+                "MatMul",
+                &[],
+                vec![
+                    In {
+                        iv: Some(xi),
+                        konst: None,
+                        shape: Some(vec![2, 4]),
+                    },
+                    konst(&wt),
+                ],
+            );
+            for _ in 0..2000 {
+                let x: Vec<f64> = (0..4).map(|_| r.within(xi)).collect();
+                for c in 0..3 {
+                    let y: f64 = (0..4).map(|k| x[k] * w[k * 3 + c] as f64).sum();
+                    assert!(b.contains(y), "matmul {y} outside {b}");
+                }
+            }
+            // Conv: weights [M=3, C=2, 2] read as 3 channels of 4 taps; padding reads zeros
+            let cw = Tensor::from_f32(vec![3, 2, 2], &w);
+            let cb = node_bound(
+                "Conv",
+                &[],
+                vec![
+                    In {
+                        iv: Some(xi),
+                        konst: None,
+                        shape: Some(vec![1, 2, 5]),
+                    },
+                    konst(&cw),
+                ],
+            );
+            for _ in 0..2000 {
+                let x: Vec<f64> = (0..4)
+                    .map(|_| if r.next() < 0.2 { 0.0 } else { r.within(xi) })
+                    .collect();
+                for c in 0..3 {
+                    let y: f64 = (0..4).map(|k| x[k] * w[c * 4 + k] as f64).sum();
+                    assert!(cb.contains(y), "conv {y} outside {cb}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn normalizations_against_sampling() {
+        let mut r = Rng(11);
+        let scale = Tensor::from_f32(vec![6], &[1.0, -2.0, 0.5, 1.5, 0.1, 3.0]);
+        let bias = Tensor::from_f32(vec![6], &[0.0, 1.0, -1.0, 0.5, 2.0, -3.0]);
+        for &(lo, hi) in CASES {
+            let xi = Interval::new(lo, hi);
+            let b = node_bound(
+                "LayerNormalization",
+                &[("epsilon", AttrValue::Float(1e-5))],
+                vec![
+                    In {
+                        iv: Some(xi),
+                        konst: None,
+                        shape: Some(vec![2, 6]),
+                    },
+                    konst(&scale),
+                    konst(&bias),
+                ],
+            );
+            assert!(b.is_bounded());
+            for _ in 0..3000 {
+                // extreme rows: one outlier among equal values reaches the bound sqrt(N - 1)
+                let x: Vec<f64> = (0..6)
+                    .map(|i| {
+                        if r.next() < 0.5 && i > 0 {
+                            xi.lo
+                        } else {
+                            r.within(xi)
+                        }
+                    })
+                    .collect();
+                let mean = x.iter().sum::<f64>() / 6.0;
+                let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / 6.0;
+                for j in 0..6 {
+                    let s = [1.0, -2.0, 0.5, 1.5, 0.1, 3.0][j];
+                    let bb = [0.0, 1.0, -1.0, 0.5, 2.0, -3.0][j];
+                    let y = (x[j] - mean) / (var + 1e-5).sqrt() * s + bb;
+                    assert!(b.contains(y), "layernorm {y} outside {b}");
+                }
+            }
+        }
+        // sum and mean reductions over 4 elements
+        for &(lo, hi) in CASES {
+            let xi = Interval::new(lo, hi);
+            let shape = Some(vec![3, 4]);
+            let axes = Tensor::from_i64(vec![1], &[1]);
+            let sb = node_bound(
+                "ReduceSum",
+                &[],
+                vec![
+                    In {
+                        iv: Some(xi),
+                        konst: None,
+                        shape: shape.clone(),
+                    },
+                    konst(&axes),
+                ],
+            );
+            for _ in 0..1000 {
+                let y: f64 = (0..4).map(|_| r.within(xi)).sum();
+                assert!(sb.contains(y), "reduce sum {y} outside {sb}");
+            }
+        }
+    }
+}
