@@ -12,9 +12,16 @@
 //!    - its schema allows no target-precision type for its data at the model's opset;
 //!    - a float initializer or Constant feeding its data holds values beyond the target's finite range, or
 //!      small non-zero values that would flush to zero where that matters: any in a constant of at most 16
-//!      elements (epsilons, masks, scales), more than 1% of a larger one;
+//!      elements (epsilons, masks, scales); in a larger one, more than 1% of its values, except for the
+//!      operands of Add/Sub/Sum (a flushed addend moves a sum by less than the smallest subnormal);
+//!    - range facts (`analyze-ranges`, `calibrate`): a value it reads or writes is proven beyond the
+//!      target's range, or observed beyond it after the safety margin (this spreads like deny); or more than
+//!      `max_underflow` of its observed significant outputs underflow (this does not spread);
 //!    - a user `--keep-fp32` selector matches it.
-//! 3. Colouring over float edges:
+//! 3. A guarded deny op (`RANGE_GUARDED`: exp/log/pow, softmax, summing reductions, cumsum) whose inputs and
+//!    outputs are all proven (or observed, with the margin) within the target's range, and whose exponential
+//!    input is small enough to round, is treated as infer, with that evidence.
+//! 4. Colouring over float edges:
 //!    - allow nodes are low;
 //!    - deny spreads forward through infer/clear nodes, from the nodes whose outputs can be dangerous in low
 //!      precision: deny-class ops, nodes reading constants beyond the target's range, and user `--keep-fp32`.
@@ -23,7 +30,7 @@
 //!    - low floods through clear nodes in both directions;
 //!    - an infer/clear node whose float producers and consumers are all low (at least one of each) becomes
 //!      low, and the flood goes on, to a fixed point.
-//! 4. `--force-low` selectors make a node low unless its schema forbids it.
+//! 5. `--force-low` selectors make a node low unless its schema forbids it.
 //!
 //! **Invariants.**
 //! - It only annotates nodes (`Node::precision`); inserting the casts is `insert-casts`' job.
@@ -689,10 +696,14 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
                 ));
                 break;
             }
-            // Flushing matters in short constants (epsilons, masks, scales) and where more than 1% of a tensor
-            // would vanish: heavily subnormal weights mark layers that are sensitive to fp16 rounding.
+            // Flushing matters in short constants (epsilons, masks, scales), and in factors (weights, scales)
+            // where more than 1% of the values would vanish: heavily subnormal weights mark layers that are
+            // sensitive to fp16 rounding (ppocrv4_rec's convolutions with 46% of their weights below 6e-8 cost
+            // it one of six text lines on the GPU-faithful executor). A flushed operand of Add/Sub/Sum moves
+            // the sum by less than the smallest subnormal: harmless (open_nsfw's 52 batch-norm bias Adds).
             let short = r.count <= 16;
-            if r.flush > 0 && (short || r.flush * 100 > r.count) {
+            let addend = dom.is_empty() && matches!(node.op_type.as_str(), "Add" | "Sub" | "Sum");
+            if r.flush > 0 && (short || !addend && r.flush * 100 > r.count) {
                 data_gate = Some(format!(
                     "initializer '{name}': {} of {} non-zero values would flush to zero in {target}",
                     r.flush, r.count

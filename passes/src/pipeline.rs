@@ -151,6 +151,46 @@ pub struct PrecisionCensus {
     pub fp32: usize,
     /// Cast nodes.
     pub casts: usize,
+    /// Estimated floating-point operations of the decided nodes (unknown dims count as 1): matrix products
+    /// and convolutions 2 per multiply-add, other ops one per output element.
+    pub flops: u64,
+    /// The part of [`PrecisionCensus::flops`] in nodes decided low.
+    pub flops_low: u64,
+}
+
+/// Estimated floating-point operations of one node (see [`PrecisionCensus::flops`]).
+pub fn node_flops(g: &mpopt_ir::Graph, n: &mpopt_ir::Node) -> u64 {
+    let dims = |v: Option<mpopt_ir::ValueId>| -> Vec<u64> {
+        v.and_then(|v| {
+            g.value(v)
+                .ty
+                .as_ref()
+                .and_then(|t| t.tensor_shape().map(|s| s.to_vec()))
+        })
+        .unwrap_or_default()
+        .iter()
+        .map(|d| d.value.as_known().filter(|&x| x > 0).unwrap_or(1) as u64)
+        .collect()
+    };
+    let numel = |d: &[u64]| d.iter().product::<u64>();
+    let out = dims(n.outputs().first().copied().flatten());
+    let input = |i: usize| dims(n.inputs().get(i).copied().flatten());
+    let macs = match n.op_type.as_str() {
+        "MatMul" | "FusedMatMul" => input(0).last().copied().unwrap_or(1) * numel(&out),
+        "Gemm" => {
+            let a = input(0);
+            let trans_a = matches!(
+                n.attr("transA").map(|a| &a.value),
+                Some(mpopt_ir::AttrValue::Int(1))
+            );
+            let k = if trans_a { a.first() } else { a.last() };
+            k.copied().unwrap_or(1) * numel(&out)
+        }
+        "Conv" | "FusedConv" => numel(input(1).get(1..).unwrap_or(&[])) * numel(&out),
+        "ConvTranspose" => numel(&input(0)) * numel(input(1).get(1..).unwrap_or(&[])),
+        _ => return numel(&out),
+    };
+    2 * macs
 }
 
 /// Counts a graph's nodes by decision, and its Casts, subgraphs included.
@@ -160,8 +200,16 @@ pub fn census(g: &mpopt_ir::Graph) -> PrecisionCensus {
             c.nodes += 1;
             c.casts += usize::from(n.op_type == "Cast" && n.in_default_domain());
             match n.precision.as_ref().map(|p| p.dtype) {
-                Some(mpopt_ir::DType::F32) => c.fp32 += 1,
-                Some(_) => c.low += 1,
+                Some(mpopt_ir::DType::F32) => {
+                    c.fp32 += 1;
+                    c.flops += node_flops(g, n);
+                }
+                Some(_) => {
+                    c.low += 1;
+                    let f = node_flops(g, n);
+                    c.flops += f;
+                    c.flops_low += f;
+                }
                 None => {}
             }
             for (_, sg) in n.subgraphs() {

@@ -98,6 +98,38 @@ def combine(ms):
     return out
 
 
+# The best peer's task metric on each corpus model (../shared/corpus/README.md): a converted model must do at
+# least as well. Agreement counts are compared as fractions.
+PEER_BEST = {
+    "ppocrv4_det": {"iou": 0.99},
+    "ppocrv4_rec": {"seq_agree": 1.0},
+    "ppocr_mobile_v2_cls": {"top1_agree": 1.0},
+    "silero_vad_v6": {"decisions_agree": 1.0},
+    "silero_vad_16k_sequence_lstm": {"decisions_agree": 485 / 486},
+    "magika_standard_v3_3": {"top1_agree": 1.0},
+    "ddddocr_det_yolox": {"anchors_jaccard": 1.0, "top_anchor_agree": 1.0},
+    "open_nsfw_resnet50": {"top1_agree": 1.0},
+    "paraphrase_minilm_l3_v2": {"cosine_min": 0.999},
+    "vit_tiny_patch16_224_random": {"top1_agree": 1.0},
+}
+
+
+def below_peer(name, m):
+    """The metrics of model `name` that fall below the best peer's, as text (empty when none)."""
+    floors = PEER_BEST.get(os.path.basename(name), {})
+    bad = []
+    for k, floor in floors.items():
+        if k not in m:
+            continue
+        v = m[k]
+        total = m.get(k.replace("_agree", "_total"))
+        if k.endswith("_agree") and k != "top_anchor_agree" and total:
+            v = v / total
+        if v < floor - 1e-12:
+            bad.append(f"{k}={m[k]} below the best peer's {floor:.4g}")
+    return "; ".join(bad)
+
+
 def close(ref, got):
     for x, y in zip(flatten(ref), flatten(got)):
         x, y = np.asarray(x), np.asarray(y)
@@ -186,6 +218,9 @@ def check_one(args):
         info["metric"] = combine([metric(kind, a, b) for a, b in zip(refs, gots)])
         if info.get("nonfinite"):
             return name, "nan-inf", "the converted model produces NaN/Inf", info
+        worse = below_peer(name, info["metric"])
+        if worse:
+            return name, "metric", worse, info
     info["close"] = all(close(a, b) for a, b in zip(refs, gots))
     return name, "ok", "", info
 

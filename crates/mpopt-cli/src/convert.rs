@@ -376,7 +376,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         }
     }
     eprintln!(
-        "converted {} -> {} ({}): {} nodes, {} {} / {} fp32; casts {} -> {}; {} -> {} bytes; {:.3} s",
+        "converted {} -> {} ({}): {} nodes, {} {} / {} fp32 ({:.1}% of FLOPs low); casts {} -> {}; {} -> {} bytes; {:.3} s",
         model_path.display(),
         output.display(),
         opts.precision.target,
@@ -384,6 +384,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         after.low,
         opts.precision.target,
         after.fp32,
+        if after.flops > 0 {
+            100.0 * after.flops_low as f64 / after.flops as f64
+        } else {
+            0.0
+        },
         before.casts,
         after.casts,
         bytes_before,
@@ -424,6 +429,9 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                 "nodes": after.nodes,
                 "nodes_low": after.low,
                 "nodes_fp32": after.fp32,
+                "flops": after.flops,
+                "flops_low": after.flops_low,
+                "flops_low_share": if after.flops > 0 { after.flops_low as f64 / after.flops as f64 } else { 0.0 },
                 "casts_before": before.casts,
                 "casts_after": after.casts,
                 "bytes_before": bytes_before,
