@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """mpopt against the peers on every corpus model, in one run: whole-process time, peak RSS, casts, validity and
-task metric. Peers: onnxconverter-common 1.16 `float16.convert_float_to_float16(keep_io_types=True)` (occ) and
+task metric, and the share of FLOPs running in fp16 (from each output model). Peers: onnxconverter-common 1.16 `float16.convert_float_to_float16(keep_io_types=True)` (occ) and
 onnxruntime 1.32 `transformers.float16` (same call, ort). Also times mpopt on a generated 100,000-node model.
 
     bench/convert.sh            (builds mpopt, installs the pinned peer, runs this)
@@ -22,10 +22,14 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "py"))
-from common import checker_ok, run_ort  # noqa: E402
+from common import all_graphs, checker_ok, run_ort  # noqa: E402
 from convert_check import combine, count_casts, input_sets, metric  # noqa: E402
 
+import numpy as np  # noqa: E402
 import onnx  # noqa: E402
+
+# mpopt+cal: mpopt with --calib on the model's inputs.npz (calibration, as ModelOpt's figures were measured)
+TOOLS = ("mpopt", "mpopt+cal", "occ", "ort")
 
 PEER = {
     "occ": "from onnxconverter_common import float16 as f",
@@ -44,6 +48,47 @@ def timed(cmd, tmp, reps=3):
         times.append(float(t))
         rss.append(int(m) / 1024)
     return statistics.median(times), statistics.median(rss), None
+
+
+def low_flops_share(path):
+    """Share of the estimated FLOPs (matrix products and convolutions 2 per multiply-add, other ops one per
+    output element; unknown dims count as 1) in nodes whose float output is fp16 or bf16, for any tool's output.
+    Casts are not counted."""
+    m = onnx.shape_inference.infer_shapes(onnx.load(path))
+    graphs = list(all_graphs(m.graph))
+    info = {}
+    for g in graphs:
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            t = vi.type.tensor_type
+            dims = [d.dim_value if d.dim_value > 0 else 1 for d in t.shape.dim]
+            info[vi.name] = (t.elem_type, dims)
+        for init in g.initializer:
+            info[init.name] = (init.data_type, list(init.dims) or [])
+    prod = lambda d: int(np.prod(d)) if d else 1  # noqa: E731
+    low = total = 0
+    F32, F16, BF16 = 1, 10, 16
+    for n in (n for g in graphs for n in g.node):
+        if n.op_type in ("Cast", "If", "Loop", "Scan") or not n.output or n.output[0] not in info:
+            continue
+        et, out = info[n.output[0]]
+        if et not in (F32, F16, BF16):
+            continue
+        ins = [info.get(i, (0, []))[1] for i in n.input]
+        if n.op_type == "MatMul" and ins:
+            f = 2 * (ins[0][-1] if ins[0] else 1) * prod(out)
+        elif n.op_type == "Gemm" and ins:
+            ta = any(a.name == "transA" and a.i == 1 for a in n.attribute)
+            k = (ins[0][0] if ta else ins[0][-1]) if ins[0] else 1
+            f = 2 * k * prod(out)
+        elif n.op_type == "Conv" and len(ins) > 1:
+            f = 2 * prod(ins[1][1:]) * prod(out)
+        elif n.op_type == "ConvTranspose" and len(ins) > 1:
+            f = 2 * prod(ins[0]) * prod(ins[1][1:])
+        else:
+            f = prod(out)
+        total += f
+        low += f if et in (F16, BF16) else 0
+    return low / total if total else 0.0
 
 
 def evaluate(model_path, out, refs, sets, kind):
@@ -82,10 +127,12 @@ def main():
             kind = json.load(open(os.path.join(os.path.dirname(path), "meta.json"))).get("metric")
             casts0 = count_casts(model.graph)
             res = {}
-            for tool in ("mpopt", "occ", "ort"):
+            for tool in TOOLS:
                 out = os.path.join(tmp, f"{name}.{tool}.onnx")
                 if tool == "mpopt":
                     cmd = [a.mpopt, path, "-o", out]
+                elif tool == "mpopt+cal":
+                    cmd = [a.mpopt, path, "-o", out, "--calib", os.path.join(os.path.dirname(path), "inputs.npz")]
                 else:
                     code = (
                         f"import onnx; {PEER[tool]}; "
@@ -94,10 +141,12 @@ def main():
                     cmd = [a.python, "-c", code]
                 t, rss, err = timed(cmd, tmp)
                 if err:
-                    res[tool] = {"s": None, "rss": None, "casts": None, "valid": "conversion failed", "metric": None}
+                    res[tool] = {"s": None, "rss": None, "casts": None, "valid": "conversion failed", "metric": None,
+                                 "low": None}
                     continue
                 valid, m = evaluate(path, out, refs, sets, kind)
-                res[tool] = {"s": t, "rss": rss, "casts": count_casts(onnx.load(out).graph) - casts0, "valid": valid, "metric": m}
+                res[tool] = {"s": t, "rss": rss, "casts": count_casts(onnx.load(out).graph) - casts0, "valid": valid,
+                             "metric": m, "low": low_flops_share(out)}
             rows.append((name, res))
         # the 100,000-node model
         gen = os.path.join(os.path.dirname(a.mpopt), "examples", "gen_bench_model")
@@ -106,16 +155,18 @@ def main():
         if os.path.exists(gen):
             subprocess.run([gen, big, "50000", "8"], check=True, capture_output=True)
             big_t, big_rss, _ = timed([a.mpopt, big, "-o", os.path.join(tmp, "big16.onnx")], tmp)
-    print(f"{'model':30} {'tool':5} {'s':>7} {'speedup':>8} {'RSS MB':>7} {'casts':>6}  {'valid':10} metric")
+    print(f"{'model':30} {'tool':9} {'s':>7} {'speedup':>8} {'RSS MB':>7} {'casts':>6} {'low FLOPs':>9}  {'valid':10} metric")
     for name, res in rows:
         base = res["occ"]["s"]
-        for tool in ("mpopt", "occ", "ort"):
+        for tool in TOOLS:
             r = res[tool]
             s = f"{r['s']:.3f}" if r["s"] is not None else "-"
-            sp = f"{base / r['s']:.1f}x" if (r["s"] and base and tool == "mpopt") else ""
+            sp = f"{base / r['s']:.1f}x" if (r["s"] and base and tool.startswith("mpopt")) else ""
             rss = f"{r['rss']:.0f}" if r["rss"] is not None else "-"
             casts = f"{r['casts']:+d}" if r["casts"] is not None else "-"
-            print(f"{name:30} {tool:5} {s:>7} {sp:>8} {rss:>7} {casts:>6}  {r['valid'][:10]:10} {fmt_metric(r['metric'])}")
+            low = f"{100 * r['low']:.1f}%" if r["low"] is not None else "-"
+            print(f"{name:30} {tool:9} {s:>7} {sp:>8} {rss:>7} {casts:>6} {low:>9}  {r['valid'][:10]:10} "
+                  f"{fmt_metric(r['metric'])}")
     if big_t is not None:
         print(f"generated 100,000-node model: mpopt {big_t:.2f} s, {big_rss:.0f} MB peak RSS")
     if a.json:
