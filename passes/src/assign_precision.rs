@@ -166,6 +166,10 @@ pub struct PrecisionOptions {
     /// A node stays fp32 when more than this share of its observed non-zero output values would become zero
     /// or subnormal in the target type.
     pub max_underflow: f64,
+    /// `--to auto`: with an f16 target, nodes kept fp32 only because their values leave fp16's range (range
+    /// and initializer overflow, and the nodes that overflow spreads to) run in bf16 instead, when their
+    /// schema allows it.
+    pub auto_bf16: bool,
 }
 
 /// The default [`PrecisionOptions::range_margin`]: three binades above the largest observed value.
@@ -182,6 +186,7 @@ impl Default for PrecisionOptions {
             classes: Vec::new(),
             range_margin: DEFAULT_RANGE_MARGIN,
             max_underflow: DEFAULT_MAX_UNDERFLOW,
+            auto_bf16: false,
         }
     }
 }
@@ -588,6 +593,9 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
     let mut why: Vec<Option<(String, String)>> = vec![None; bound];
     let order: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
     let target = opts.target;
+    // --to auto: nodes whose only problem is fp16's range (they may run bf16), and nodes whose schema allows bf16
+    let mut range_only = vec![false; bound];
+    let mut bf16_ok = vec![false; bound];
 
     for &id in &order {
         let node = g.node(id);
@@ -643,6 +651,14 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
             continue;
         };
         let params = data_params(g, id, schema);
+        let allows = |d: DType| {
+            params.iter().all(|p| {
+                schema
+                    .constraint(p)
+                    .is_some_and(|c| c.allowed.iter().any(|t| t.tensor_elem() == Some(d)))
+            })
+        };
+        bf16_ok[id.index()] = opts.auto_bf16 && !params.is_empty() && allows(DType::BF16);
         let blocked: Vec<&String> = params
             .iter()
             .filter(|p| {
@@ -715,6 +731,7 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
             fp32(&mut why, "initializer range".into(), ev);
             color[id.index()] = Color::Fp32;
             spreads[id.index()] = overflow;
+            range_only[id.index()] = overflow;
             continue;
         }
         // Gate: range facts (calibration and static analysis) of the values it reads and writes.
@@ -724,6 +741,8 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
             fp32(&mut why, rule.into(), ev);
             color[id.index()] = Color::Fp32;
             spreads[id.index()] = spread;
+            // overflow and underflow alike: bf16 has fp32's exponent range
+            range_only[id.index()] = true;
             continue;
         }
         // A guarded deny op whose values are shown to stay in range (and, for exponentials, precise enough)
@@ -780,22 +799,27 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
             && matches!(class[id.index()], OpClass::Infer | OpClass::Clear)
     };
 
-    // Deny spreads forward through infer/clear nodes.
+    // Deny spreads forward through infer/clear nodes: first from the nodes that are dangerous for precision,
+    // then from those that are dangerous only through fp16's range (what a node reached only by the second
+    // wave records, for --to auto).
     let mut painted = vec![false; bound];
-    let mut q: VecDeque<NodeId> = order
-        .iter()
-        .copied()
-        .filter(|&n| spreads[n.index()])
-        .collect();
-    while let Some(n) = q.pop_front() {
-        for s in succ(g, n) {
-            if passable(s, &color, &class) && !painted[s.index()] {
-                painted[s.index()] = true;
-                why[s.index()] = Some((
-                    "deny spreads".into(),
-                    format!("downstream of fp32 node {}", mpopt_ir::node_label(g, n)),
-                ));
-                q.push_back(s);
+    for wave in [false, true] {
+        let mut q: VecDeque<NodeId> = order
+            .iter()
+            .copied()
+            .filter(|&n| spreads[n.index()] && range_only[n.index()] == wave)
+            .collect();
+        while let Some(n) = q.pop_front() {
+            for s in succ(g, n) {
+                if passable(s, &color, &class) && !painted[s.index()] {
+                    painted[s.index()] = true;
+                    range_only[s.index()] = wave;
+                    why[s.index()] = Some((
+                        "deny spreads".into(),
+                        format!("downstream of fp32 node {}", mpopt_ir::node_label(g, n)),
+                    ));
+                    q.push_back(s);
+                }
             }
         }
     }
@@ -881,6 +905,10 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
         let (rule, evidence) = why[id.index()].take().unwrap_or_default();
         let (dtype, rule) = match c {
             Color::Low => (target, rule),
+            Color::Fp32 if range_only[id.index()] && bf16_ok[id.index()] => (
+                DType::BF16,
+                format!("auto: bf16, fp16's range is the only problem ({rule})"),
+            ),
             _ => (
                 DType::F32,
                 if rule.is_empty() {

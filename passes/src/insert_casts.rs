@@ -369,13 +369,15 @@ fn process(
 
     // Phase 1: final output dtypes of low nodes; which inputs need which dtype.
     let mut needs: Vec<(ValueId, DType, Use)> = Vec::new();
-    let mut low_params: HashMap<NodeId, Vec<String>> = HashMap::new();
+    let mut low_params: HashMap<NodeId, (Vec<String>, DType)> = HashMap::new();
     for &id in &order {
         let node = g.node(id);
         let Some(d) = node.precision.as_ref() else {
             continue;
         };
-        if d.dtype != target {
+        // the node's own low type: the target, or bf16 where `--to auto` chose it
+        let low = d.dtype;
+        if !matches!(low, DType::F16 | DType::BF16) {
             continue;
         }
         let dom = if node.domain == "ai.onnx" {
@@ -400,11 +402,11 @@ fn process(
                     .output_type_param(i)
                     .is_some_and(|p| params.iter().any(|x| x == p))
             {
-                set_elem(g, v, target);
+                set_elem(g, v, low);
             }
         }
-        low_params.insert(id, params);
-        retarget_attributes(g.node_mut(id), target, out, scope);
+        low_params.insert(id, (params, low));
+        retarget_attributes(g.node_mut(id), low, out, scope);
     }
     for &id in &order {
         let node = g.node(id);
@@ -441,12 +443,12 @@ fn process(
             let want = match (params, schema) {
                 // Every input bound to a lowered parameter follows it, as the type constraint requires, even a
                 // non-differentiable one; parameters that only shape-like inputs use are never lowered.
-                (Some(ps), Some(s))
+                (Some((ps, low)), Some(s))
                     if s.input_type_param(i)
                         .is_some_and(|p| ps.iter().any(|x| x == p))
-                        && (was == DType::F32 || was == target) =>
+                        && (was == DType::F32 || was == target || was == *low) =>
                 {
-                    target
+                    *low
                 }
                 _ => was,
             };

@@ -1,12 +1,14 @@
 //! Pass fixtures: every `testdata/passes/<pass>/*.mpir` file names the passes to run on its first line
 //! (`; RUN: infer-types`), is parsed, run through those passes with the verifier after each, and snapshotted as
 //! the full-context diff between the IR before and after, followed by the passes' notes. `; INPUT-RANGE:
-//! NAME=LO:HI` lines declare input ranges for `analyze-ranges`. A fixture whose name
+//! NAME=LO:HI` lines declare input ranges for `analyze-ranges`; `; TO: auto` runs `assign-precision` with bf16
+//! where fp16's range is the only problem. A fixture whose name
 //! starts with `no_` is negative: it must come out unchanged, and the passes must say they changed nothing.
 
 use std::path::Path;
 
 use mpopt_passes::analyze_ranges::{AnalyzeRanges, RangeOptions};
+use mpopt_passes::assign_precision::{AssignPrecision, PrecisionOptions};
 use mpopt_passes::{Pass, PassManager, pipeline};
 
 fn run_fixture(path: &Path) -> String {
@@ -26,10 +28,16 @@ fn run_fixture(path: &Path) -> String {
             .map(|r| RangeOptions::parse_input(r.trim()).unwrap())
             .collect(),
     };
+    // `; TO: auto` converts to fp16 with bf16 where fp16's range is the only problem.
+    let auto = src.lines().any(|l| l.trim() == "; TO: auto");
     let passes = names
         .split(',')
         .map(|n| match n.trim() {
             "analyze-ranges" => Box::new(AnalyzeRanges::new(ranges.clone())) as Box<dyn Pass>,
+            "assign-precision" if auto => Box::new(AssignPrecision::new(PrecisionOptions {
+                auto_bf16: true,
+                ..PrecisionOptions::default()
+            })),
             n => pipeline::by_name(n).unwrap(),
         })
         .collect();

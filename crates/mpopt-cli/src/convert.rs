@@ -26,8 +26,9 @@ pub struct ConvertArgs {
     /// Where to write the converted model.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
-    /// Low precision to convert to: fp16 or bf16.
-    #[arg(long, default_value = "fp16", value_name = "fp16|bf16")]
+    /// Low precision to convert to: fp16, bf16, or auto (fp16, and bf16 for the nodes whose only problem is
+    /// fp16's range: values beyond 65504 or underflowing, proven or observed).
+    #[arg(long, default_value = "fp16", value_name = "fp16|bf16|auto")]
     pub to: String,
     /// Graph inputs and outputs keep their dtypes (the default; see --io-types).
     #[arg(long, default_value_t = true)]
@@ -141,11 +142,13 @@ struct PolicyFile {
     classes: BTreeMap<String, String>,
 }
 
-fn target(s: &str) -> Result<DType> {
+/// The target type and whether `auto` (fp16, with bf16 where fp16's range is the only problem) was asked.
+fn target(s: &str) -> Result<(DType, bool)> {
     match s {
-        "fp16" | "f16" | "float16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        _ => Err(Usage(format!("--to '{s}': choose fp16 or bf16")).into()),
+        "fp16" | "f16" | "float16" => Ok((DType::F16, false)),
+        "bf16" | "bfloat16" => Ok((DType::BF16, false)),
+        "auto" => Ok((DType::F16, true)),
+        _ => Err(Usage(format!("--to '{s}': choose fp16, bf16 or auto")).into()),
     }
 }
 
@@ -193,7 +196,8 @@ fn options(a: &ConvertArgs) -> Result<ConvertOptions> {
     };
     Ok(ConvertOptions {
         precision: PrecisionOptions {
-            target: target(&to)?,
+            target: target(&to)?.0,
+            auto_bf16: target(&to)?.1,
             keep_fp32: selectors(&keep, "--keep-fp32")?,
             force_low: selectors(&force, "--force-low")?,
             classes,
@@ -382,7 +386,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         opts.precision.target,
         after.nodes,
         after.low,
-        opts.precision.target,
+        if opts.precision.auto_bf16 {
+            "f16/bf16".to_string()
+        } else {
+            opts.precision.target.to_string()
+        },
         after.fp32,
         if after.flops > 0 {
             100.0 * after.flops_low as f64 / after.flops as f64

@@ -124,7 +124,23 @@ fn option_errors_name_the_valid_choices() {
     );
     let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--to", "int8"]);
     assert_eq!(code, 2);
-    assert_eq!(err, "error: --to 'int8': choose fp16 or bf16\n");
+    assert_eq!(err, "error: --to 'int8': choose fp16, bf16 or auto\n");
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--input-range", "x=1"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err,
+        "error: input range 'x=1': expected NAME=LO:HI, for example pixel_values=-1:1\n"
+    );
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--input-range", "nope=-1:1"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--input-range names 'nope', which is not a graph input; the inputs are: "),
+        "{err}"
+    );
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--calib", "/no/such.npz"]);
+    assert_eq!(code, 1);
+    assert_eq!(err, "error: --calib /no/such.npz: no such file or folder\n");
+    assert!(!out.exists(), "no output is written after an error");
     let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--io-types", "nope"]);
     assert_eq!(code, 2);
     assert_eq!(

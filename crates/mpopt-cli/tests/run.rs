@@ -122,3 +122,64 @@ fn bad_inputs_get_clear_errors() {
     ]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn calibration_and_ranges_reach_the_report_and_the_printout() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = inputs(dir.path(), "x", 4);
+    let out = dir.path().join("low.onnx");
+    let report = dir.path().join("r.json");
+    let (code, _, err) = mpopt(&[
+        "testdata/models/tiny_mlp.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        &calib,
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("% of FLOPs low"), "{err}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let passes: Vec<&str> = r["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(passes.contains(&"calibrate"), "{passes:?}");
+    // every decided node's values carry the observed range, and the observations are consistent
+    let nodes = r["nodes"].as_array().unwrap();
+    let observed: Vec<&serde_json::Value> = nodes
+        .iter()
+        .filter_map(|n| n["ranges"].as_object())
+        .flat_map(|m| m.values())
+        .filter_map(|v| v.get("observed"))
+        .collect();
+    assert!(!observed.is_empty());
+    for o in observed {
+        let (lo, hi, am) = (
+            o["min"].as_f64().unwrap(),
+            o["max"].as_f64().unwrap(),
+            o["abs_max"].as_f64().unwrap(),
+        );
+        assert!(lo <= hi && am == lo.abs().max(hi.abs()), "{o}");
+    }
+    // the printout shows proven and observed ranges beside the values
+    let (code, text, err) = mpopt(&[
+        "print",
+        "testdata/models/tiny_mlp.onnx",
+        "--ranges",
+        "--input-range",
+        "x=-1:1",
+        "--calib",
+        &calib,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("; range %x [-1, 1] obs ["), "{text}");
+    assert!(
+        text.lines().filter(|l| l.contains(" ; range [")).count() >= 3,
+        "{text}"
+    );
+}
