@@ -1409,4 +1409,129 @@ mod tests {
             }
         }
     }
+
+    fn var(i: Interval, shape: Vec<i64>) -> In<'static> {
+        In {
+            iv: Some(i),
+            konst: None,
+            shape: Some(shape),
+        }
+    }
+
+    #[test]
+    fn clip_where_reductions_against_sampling() {
+        let mut r = Rng(23);
+        for &(lo, hi) in CASES {
+            let xi = Interval::new(lo, hi);
+            let (a, b) = (
+                Tensor::from_f32(vec![], &[-0.5]),
+                Tensor::from_f32(vec![], &[2.0]),
+            );
+            let cb = node_bound("Clip", &[], vec![scalar(xi), konst(&a), konst(&b)]);
+            let wb = node_bound(
+                "Where",
+                &[],
+                vec![scalar(Interval::new(0.0, 1.0)), scalar(xi), konst(&b)],
+            );
+            let axes = Tensor::from_i64(vec![1], &[1]);
+            let shape = vec![2, 5];
+            let red = |op: &str| node_bound(op, &[], vec![var(xi, shape.clone()), konst(&axes)]);
+            let (ssq, l2, lse, l1) = (
+                red("ReduceSumSquare"),
+                red("ReduceL2"),
+                red("ReduceLogSumExp"),
+                red("ReduceL1"),
+            );
+            let ls = node_bound("LogSoftmax", &[], vec![var(xi, shape.clone())]);
+            let cs = node_bound("CumSum", &[], vec![var(xi, shape.clone()), konst(&axes)]);
+            for _ in 0..2000 {
+                let x = r.within(xi);
+                assert!(cb.contains(x.clamp(-0.5, 2.0)), "clip");
+                assert!(wb.contains(x) && wb.contains(2.0), "where");
+                let v: Vec<f64> = (0..5).map(|_| r.within(xi)).collect();
+                let sq: f64 = v.iter().map(|x| x * x).sum();
+                assert!(ssq.contains(sq), "sum square {sq} outside {ssq}");
+                assert!(l2.contains(sq.sqrt()), "l2");
+                assert!(l1.contains(v.iter().map(|x| x.abs()).sum()), "l1");
+                let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let s: f64 = v.iter().map(|x| (x - m).exp()).sum();
+                assert!(lse.contains(m + s.ln()), "logsumexp");
+                for x in &v {
+                    assert!(
+                        ls.contains(x - m - s.ln()),
+                        "logsoftmax {} outside {ls}",
+                        x - m - s.ln()
+                    );
+                }
+                let mut acc = 0.0;
+                for x in &v {
+                    acc += x;
+                    assert!(cs.contains(acc), "cumsum {acc} outside {cs}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batchnorm_gemm_conv_transpose_against_sampling() {
+        let mut r = Rng(31);
+        let scale = Tensor::from_f32(vec![2], &[1.5, -0.5]);
+        let bias = Tensor::from_f32(vec![2], &[0.25, 1.0]);
+        let mean = Tensor::from_f32(vec![2], &[0.1, -2.0]);
+        let varc = Tensor::from_f32(vec![2], &[4.0, 0.01]);
+        let w: Vec<f32> = (0..6).map(|_| (r.next() * 2.0 - 1.0) as f32).collect();
+        let wt = Tensor::from_f32(vec![2, 3], &w);
+        let c = Tensor::from_f32(vec![2], &[0.5, -0.5]);
+        // ConvTranspose weights [C=2, M=1, k=3]
+        let ctw = Tensor::from_f32(vec![2, 1, 3], &w);
+        for &(lo, hi) in CASES {
+            let xi = Interval::new(lo, hi);
+            let bn = node_bound(
+                "BatchNormalization",
+                &[],
+                vec![
+                    var(xi, vec![1, 2, 3]),
+                    konst(&scale),
+                    konst(&bias),
+                    konst(&mean),
+                    konst(&varc),
+                ],
+            );
+            // Gemm(A [1, 3], B^T with B [2, 3], C), alpha 2
+            let gb = node_bound(
+                "Gemm",
+                &[
+                    ("transB", AttrValue::Int(1)),
+                    ("alpha", AttrValue::Float(2.0)),
+                ],
+                vec![var(xi, vec![1, 3]), konst(&wt), konst(&c)],
+            );
+            let ct = node_bound(
+                "ConvTranspose",
+                &[("strides", AttrValue::Ints(vec![2]))],
+                vec![var(xi, vec![1, 2, 4]), konst(&ctw)],
+            );
+            for _ in 0..2000 {
+                let x = r.within(xi);
+                for ch in 0..2 {
+                    let sc = [1.5, -0.5][ch];
+                    let y = (x - [0.1, -2.0][ch]) / ([4.0, 0.01][ch] + 1e-5f64).sqrt() * sc
+                        + [0.25, 1.0][ch];
+                    assert!(bn.contains(y), "batchnorm {y} outside {bn}");
+                }
+                let a: Vec<f64> = (0..3).map(|_| r.within(xi)).collect();
+                for n in 0..2 {
+                    let y = 2.0 * (0..3).map(|k| a[k] * w[n * 3 + k] as f64).sum::<f64>()
+                        + [0.5, -0.5][n];
+                    assert!(gb.contains(y), "gemm {y} outside {gb}");
+                }
+                // an output of a stride-2 transposed convolution sums a subset of taps over both channels
+                let xs: Vec<f64> = (0..2).map(|_| r.within(xi)).collect();
+                let y: f64 = (0..2)
+                    .map(|ch| xs[ch] * w[ch * 3 + (r.next() * 3.0) as usize] as f64)
+                    .sum();
+                assert!(ct.contains(y), "conv transpose {y} outside {ct}");
+            }
+        }
+    }
 }
