@@ -50,9 +50,15 @@ def timed(cmd, tmp, reps=3):
     return statistics.median(times), statistics.median(rss), None
 
 
+# data movement computes nothing
+MOVES = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Slice", "Gather", "GatherElements",
+         "GatherND", "Concat", "Split", "Expand", "Tile", "Pad", "Constant", "Shape", "Size", "DepthToSpace",
+         "SpaceToDepth", "CastLike"}
+
+
 def low_flops_share(path):
-    """Share of the estimated FLOPs (matrix products and convolutions 2 per multiply-add, other ops one per
-    output element; unknown dims count as 1) in nodes whose float output is fp16 or bf16, for any tool's output.
+    """Share of the estimated FLOPs (matrix products, convolutions and recurrent layers 2 per multiply-add, data
+    movement none, other ops one per output element; unknown dims count as 1) in nodes whose float output is fp16 or bf16, for any tool's output.
     Casts are not counted."""
     m = onnx.shape_inference.infer_shapes(onnx.load(path))
     graphs = list(all_graphs(m.graph))
@@ -84,6 +90,10 @@ def low_flops_share(path):
             f = 2 * prod(ins[1][1:]) * prod(out)
         elif n.op_type == "ConvTranspose" and len(ins) > 1:
             f = 2 * prod(ins[0]) * prod(ins[1][1:])
+        elif n.op_type in ("LSTM", "GRU", "RNN") and len(ins) > 2:
+            f = 2 * prod(ins[0][:2]) * (prod(ins[1]) + prod(ins[2]))
+        elif n.op_type in MOVES:
+            f = 0
         else:
             f = prod(out)
         total += f

@@ -18,9 +18,9 @@
 //!      target's range, or observed beyond it after the safety margin (this spreads like deny); or more than
 //!      `max_underflow` of its observed significant outputs underflow (this does not spread);
 //!    - a user `--keep-fp32` selector matches it.
-//! 3. A guarded deny op (`RANGE_GUARDED`: exp/log/pow, softmax, summing reductions, cumsum) whose inputs and
-//!    outputs are all proven (or observed, with the margin) within the target's range, and whose exponential
-//!    input is small enough to round, is treated as infer, with that evidence.
+//! 3. A guarded deny op (`RANGE_GUARDED`: exp/log/pow, softmax, summing reductions, cumsum, recurrent layers)
+//!    whose inputs and outputs are all proven (or observed, with the margin) within the target's range, and
+//!    whose exponential input is small enough to round, is treated as infer, with that evidence.
 //! 4. Colouring over float edges:
 //!    - allow nodes are low;
 //!    - deny spreads forward through infer/clear nodes, from the nodes whose outputs can be dangerous in low
@@ -399,6 +399,11 @@ pub const RANGE_GUARDED: &[&str] = &[
     "ReduceLogSum",
     "ReduceLogSumExp",
     "CumSum",
+    // recurrent layers: kernels keep the state in f32 between steps (cuDNN's f32 math precision, our
+    // executor), so what must fit is the sequence in and the states out
+    "LSTM",
+    "GRU",
+    "RNN",
 ];
 
 /// Ops whose output error is the input's absolute error times the output (`e^x`): their input magnitude

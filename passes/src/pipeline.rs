@@ -151,8 +151,9 @@ pub struct PrecisionCensus {
     pub fp32: usize,
     /// Cast nodes.
     pub casts: usize,
-    /// Estimated floating-point operations of the decided nodes (unknown dims count as 1): matrix products
-    /// and convolutions 2 per multiply-add, other ops one per output element.
+    /// Estimated floating-point operations of the decided nodes (unknown dims count as 1): matrix products,
+    /// convolutions and recurrent layers 2 per multiply-add, data movement none, other ops one per output
+    /// element.
     pub flops: u64,
     /// The part of [`PrecisionCensus::flops`] in nodes decided low.
     pub flops_low: u64,
@@ -188,6 +189,17 @@ pub fn node_flops(g: &mpopt_ir::Graph, n: &mpopt_ir::Node) -> u64 {
         }
         "Conv" | "FusedConv" => numel(input(1).get(1..).unwrap_or(&[])) * numel(&out),
         "ConvTranspose" => numel(&input(0)) * numel(input(1).get(1..).unwrap_or(&[])),
+        // recurrent layers: the input and recurrent products of every step
+        "LSTM" | "GRU" | "RNN" => {
+            let x = input(0);
+            let steps = x.iter().take(2).product::<u64>().max(1);
+            steps * (numel(&input(1)) + numel(&input(2)))
+        }
+        // data movement computes nothing
+        "Reshape" | "Squeeze" | "Unsqueeze" | "Flatten" | "Identity" | "Transpose" | "Slice"
+        | "Gather" | "GatherElements" | "GatherND" | "Concat" | "Split" | "Expand" | "Tile"
+        | "Pad" | "Constant" | "Shape" | "Size" | "DepthToSpace" | "SpaceToDepth" | "Cast"
+        | "CastLike" => return 0,
         _ => return numel(&out),
     };
     2 * macs
