@@ -1534,4 +1534,71 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn instance_group_norm_and_recurrent_against_sampling() {
+        let mut r = Rng(41);
+        let scale = Tensor::from_f32(vec![2], &[2.0, -0.5]);
+        let bias = Tensor::from_f32(vec![2], &[0.5, 1.0]);
+        for &(lo, hi) in CASES {
+            let xi = Interval::new(lo, hi);
+            // x [1, 2, 3]: 2 channels of 3 values
+            let inb = node_bound(
+                "InstanceNormalization",
+                &[],
+                vec![var(xi, vec![1, 2, 3]), konst(&scale), konst(&bias)],
+            );
+            let gnb = node_bound(
+                "GroupNormalization",
+                &[("num_groups", AttrValue::Int(1))],
+                vec![var(xi, vec![1, 2, 3]), konst(&scale), konst(&bias)],
+            );
+            let lstm = {
+                let mut n = Node::new("LSTM");
+                n.attributes
+                    .push(mpopt_ir::Attribute::new("hidden_size", AttrValue::Int(1)));
+                let mut g = Graph::new("t");
+                let outs: Vec<_> = ["y", "yh", "yc"]
+                    .iter()
+                    .map(|n| Some(g.add_value(*n, None).unwrap()))
+                    .collect();
+                let id = g.add_node(n, &[], &outs).unwrap();
+                transfer(&g, g.node(id), &[var(xi, vec![5, 1, 1])], 18)
+            };
+            for _ in 0..2000 {
+                let x: Vec<f64> = (0..6)
+                    .map(|_| if r.next() < 0.4 { xi.hi } else { r.within(xi) })
+                    .collect();
+                for ch in 0..2 {
+                    let v = &x[ch * 3..ch * 3 + 3];
+                    let mean = v.iter().sum::<f64>() / 3.0;
+                    let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / 3.0;
+                    for a in v {
+                        let y = (a - mean) / (var + 1e-5).sqrt() * [2.0, -0.5][ch] + [0.5, 1.0][ch];
+                        assert!(inb.contains(y), "instance norm {y} outside {inb}");
+                    }
+                }
+                let mean = x.iter().sum::<f64>() / 6.0;
+                let var = x.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / 6.0;
+                for (j, a) in x.iter().enumerate() {
+                    let ch = j / 3;
+                    let y = (a - mean) / (var + 1e-5).sqrt() * [2.0, -0.5][ch] + [0.5, 1.0][ch];
+                    assert!(gnb.contains(y), "group norm {y} outside {gnb}");
+                }
+            }
+            // a one-unit LSTM over 5 steps with random gates: |h| <= 1, |c| <= steps
+            assert_eq!(lstm[0], lstm[1], "Y and Y_h share the hidden-state bound");
+            let (mut c, mut h) = (0.0f64, 0.0f64);
+            for _ in 0..5 {
+                let gate = |r: &mut Rng| sigmoid(r.next() * 20.0 - 10.0);
+                let (i, f, o) = (gate(&mut r), gate(&mut r), gate(&mut r));
+                c = f * c + i * (r.next() * 2.0 - 1.0).tanh();
+                h = o * c.tanh();
+                assert!(
+                    lstm[0].contains(h) && lstm[2].contains(c),
+                    "lstm h {h} c {c}"
+                );
+            }
+        }
+    }
 }
