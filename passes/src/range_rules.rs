@@ -1588,12 +1588,12 @@ mod tests {
             }
             // a one-unit LSTM over 5 steps with random gates: |h| <= 1, |c| <= steps
             assert_eq!(lstm[0], lstm[1], "Y and Y_h share the hidden-state bound");
-            let (mut c, mut h) = (0.0f64, 0.0f64);
+            let mut c = 0.0f64;
             for _ in 0..5 {
                 let gate = |r: &mut Rng| sigmoid(r.next() * 20.0 - 10.0);
                 let (i, f, o) = (gate(&mut r), gate(&mut r), gate(&mut r));
                 c = f * c + i * (r.next() * 2.0 - 1.0).tanh();
-                h = o * c.tanh();
+                let h = o * c.tanh();
                 assert!(
                     lstm[0].contains(h) && lstm[2].contains(c),
                     "lstm h {h} c {c}"
