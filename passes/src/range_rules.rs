@@ -327,8 +327,22 @@ pub(crate) fn transfer(g: &Graph, n: &Node, ins: &[In], opset: i64) -> Vec<Inter
             | "OptionalGetElement" | "Upsample",
         ) if !(n.op_type == "Upsample" && str_attr(n, "mode").is_some_and(|m| m != "nearest")) => {
             let mut v = same(x());
-            if n.op_type == "Dropout" && outs > 1 {
-                v[1] = Interval::new(0.0, 1.0);
+            if n.op_type == "Dropout" {
+                // in training mode the kept values are scaled by 1 / (1 - ratio): no bound is claimed unless
+                // training_mode is absent or a constant false
+                let training = match ins.get(2) {
+                    Some(In { konst: Some(t), .. }) => {
+                        values(t).is_none_or(|v| v.iter().any(|&b| b != 0.0))
+                    }
+                    Some(In { iv: Some(_), .. }) => true,
+                    _ => false,
+                };
+                if training {
+                    v[0] = Interval::TOP;
+                }
+                if outs > 1 {
+                    v[1] = Interval::new(0.0, 1.0);
+                }
             }
             if n.op_type == "CenterCropPad" {
                 v[0] = x().hull(Interval::point(0.0));
@@ -573,10 +587,10 @@ pub(crate) fn transfer(g: &Graph, n: &Node, ins: &[In], opset: i64) -> Vec<Inter
         ("", "Tanh") => same(mono(x(), f64::tanh)),
         ("", "Erf") => same(mono(x(), erf)),
         ("", "Gelu") | ("com.microsoft", "Gelu" | "FastGelu" | "BiasGelu") => {
-            let x = if n.op_type == "BiasGelu" {
-                add(arg(0), arg(1))
-            } else {
-                x()
+            // BiasGelu and FastGelu (with its optional bias) act on x + bias
+            let x = match ins.get(1) {
+                Some(b) if n.op_type != "Gelu" && b.iv.is_some() => add(arg(0), arg(1)),
+                _ => x(),
             };
             // x * Phi(x) has one minimum, about -0.16997 at -0.7518; the tanh form lies within 1e-3 of it
             let v = valley(x, -0.7518, -0.1712, |v| v * phi(v));
@@ -1600,5 +1614,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn dropout_in_training_and_fast_gelu_bias_are_not_under_bounded() {
+        let xi = Interval::new(-1.0, 1.0);
+        let on = Tensor::from_raw(DType::Bool, vec![], bytes::Bytes::from_static(&[1]));
+        let off = Tensor::from_raw(DType::Bool, vec![], bytes::Bytes::from_static(&[0]));
+        let ratio = Tensor::from_f32(vec![], &[0.5]);
+        let d = |mode: &Tensor| {
+            node_bound("Dropout", &[], vec![scalar(xi), konst(&ratio), konst(mode)])
+        };
+        // training scales the kept values by 2 here: [-1, 1] would be wrong
+        assert_eq!(d(&on), Interval::TOP);
+        assert_eq!(d(&off), xi);
+        let bias = Tensor::from_f32(vec![1], &[3.0]);
+        let mut n = Node::new("FastGelu");
+        n.domain = "com.microsoft".into();
+        let mut g = Graph::new("t");
+        let y = g.add_value("y", None).unwrap();
+        let id = g.add_node(n, &[], &[Some(y)]).unwrap();
+        let b = transfer(&g, g.node(id), &[scalar(xi), konst(&bias)], 18)[0];
+        // gelu(1 + 3) = 3.9999
+        assert!(b.contains(3.9999), "{b}");
     }
 }
