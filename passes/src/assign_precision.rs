@@ -480,7 +480,6 @@ fn magnitude(g: &Graph, v: ValueId, margin: f64) -> Option<(f64, String)> {
 /// Overflow and underflow evidence that keeps a node fp32: (rule, evidence, spreads).
 fn range_gate(
     g: &Graph,
-    _n: NodeId,
     values: &[(ValueId, bool)],
     opts: &PrecisionOptions,
 ) -> Option<(&'static str, String, bool)> {
@@ -742,7 +741,7 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
         // Gate: range facts (calibration and static analysis) of the values it reads and writes.
         let data_values = data_values(g, id, schema, &params);
         let is_constant = node.op_type == "Constant" && dom.is_empty();
-        if !is_constant && let Some((rule, ev, spread)) = range_gate(g, id, &data_values, opts) {
+        if !is_constant && let Some((rule, ev, spread)) = range_gate(g, &data_values, opts) {
             fp32(&mut why, rule.into(), ev);
             color[id.index()] = Color::Fp32;
             spreads[id.index()] = spread;

@@ -153,12 +153,7 @@ fn valley(a: Interval, x_min: f64, f_min: f64, f: impl Fn(f64) -> f64) -> Interv
 
 /// The standard normal CDF.
 fn phi(x: f64) -> f64 {
-    0.5 * libm_erfc(-x / std::f64::consts::SQRT_2)
-}
-
-fn libm_erfc(x: f64) -> f64 {
-    // erfc from erf: the crate has no libm dependency; f64 precision is ample for bounds padded outward
-    1.0 - erf(x)
+    0.5 * (1.0 + erf(x / std::f64::consts::SQRT_2))
 }
 
 /// erf, Abramowitz-Stegun 7.1.26 refined: |error| < 1.2e-7, covered by the padding of its users.
@@ -689,10 +684,10 @@ pub(crate) fn transfer(g: &Graph, n: &Node, ins: &[In], opset: i64) -> Vec<Inter
         // linear algebra with constant weights
         ("", "MatMul") => vec![matmul(ins)],
         ("", "Gemm") => vec![gemm(n, ins)],
-        ("", "Conv") => vec![conv(n, ins)],
+        ("", "Conv") => vec![conv(ins)],
         ("", "ConvTranspose") => vec![conv_transpose(n, ins)],
         ("", "BatchNormalization") => {
-            let mut v = vec![batch_norm(n, ins, opset); outs];
+            let mut v = vec![batch_norm(n, ins); outs];
             for (i, o) in v.iter_mut().enumerate().skip(1) {
                 // training-mode statistics outputs: running mean / var
                 *o = if i == 1 {
@@ -854,6 +849,15 @@ fn dot_columns(
     pad(Interval::new(lo, hi), (k as f64 + 2.0) * U32)
 }
 
+/// The hull of `f(batch)` over the batches of a constant of `w.len()` values, `per` values a batch (TOP when
+/// there is none).
+fn per_batch(w: &[f64], per: usize, f: impl Fn(usize) -> Interval) -> Interval {
+    (0..w.len() / per.max(1))
+        .map(f)
+        .reduce(Interval::hull)
+        .unwrap_or(Interval::TOP)
+}
+
 fn matmul(ins: &[In]) -> Interval {
     let (a, b) = match (ins.first(), ins.get(1)) {
         (Some(a), Some(b)) => (a, b),
@@ -866,14 +870,9 @@ fn matmul(ins: &[In]) -> Interval {
         && let Some(w) = values(t)
     {
         let (k, nn) = (s[s.len() - 2] as usize, s[s.len() - 1] as usize);
-        let batches = w.len() / (k * nn).max(1);
-        let mut r: Option<Interval> = None;
-        for bt in 0..batches {
-            let off = bt * k * nn;
-            let iv = dot_columns(a.iv(), &w, nn, k, |i, c| off + i * nn + c);
-            r = Some(r.map_or(iv, |x| x.hull(iv)));
-        }
-        return r.unwrap_or(Interval::TOP);
+        return per_batch(&w, k * nn, |bt| {
+            dot_columns(a.iv(), &w, nn, k, |i, c| bt * k * nn + i * nn + c)
+        });
     }
     // constant A [..., M, K]: per row
     if let Some(t) = a.konst
@@ -882,14 +881,9 @@ fn matmul(ins: &[In]) -> Interval {
         && let Some(w) = values(t)
     {
         let (mm, k) = (s[s.len() - 2] as usize, s[s.len() - 1] as usize);
-        let batches = w.len() / (mm * k).max(1);
-        let mut r: Option<Interval> = None;
-        for bt in 0..batches {
-            let off = bt * mm * k;
-            let iv = dot_columns(b.iv(), &w, mm, k, |i, c| off + c * k + i);
-            r = Some(r.map_or(iv, |x| x.hull(iv)));
-        }
-        return r.unwrap_or(Interval::TOP);
+        return per_batch(&w, mm * k, |bt| {
+            dot_columns(b.iv(), &w, mm, k, |i, c| bt * mm * k + c * k + i)
+        });
     }
     // both variable: K products
     let k = a
@@ -968,8 +962,7 @@ fn gemm(n: &Node, ins: &[In]) -> Interval {
 
 /// Per output channel of a convolution with constant weights `W [M, C/group, k...]`; padding reads zeros, so
 /// the input interval is widened to hold 0.
-fn conv(n: &Node, ins: &[In]) -> Interval {
-    let _ = n;
+fn conv(ins: &[In]) -> Interval {
     let (Some(x), Some(w)) = (ins.first(), ins.get(1)) else {
         return Interval::TOP;
     };
@@ -1067,7 +1060,7 @@ fn conv_transpose(n: &Node, ins: &[In]) -> Interval {
 }
 
 /// Inference BatchNormalization: per channel `scale / sqrt(var + eps) * (x - mean) + bias`.
-fn batch_norm(n: &Node, ins: &[In], _opset: i64) -> Interval {
+fn batch_norm(n: &Node, ins: &[In]) -> Interval {
     let eps = float_attr(n, "epsilon").unwrap_or(1e-5);
     let x = ins.first().map_or(Interval::TOP, In::iv);
     let consts: Option<Vec<Vec<f64>>> = (1..5)
