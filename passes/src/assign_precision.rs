@@ -170,6 +170,19 @@ pub struct PrecisionOptions {
     /// and initializer overflow, and the nodes that overflow spreads to) run in bf16 instead, when their
     /// schema allows it.
     pub auto_bf16: bool,
+    /// Set by `search-precision` while it tries decisions; `None` otherwise.
+    pub search: Option<std::sync::Arc<SearchOverrides>>,
+}
+
+/// How `search-precision` changes the decisions of the main graph (subgraphs keep the default rules).
+#[derive(Clone, Debug, Default)]
+pub struct SearchOverrides {
+    /// Drop the precision heuristics that a measurement replaces: the flush gate for initializers (overflow
+    /// still gates), the underflow gate (overflow still gates), and, for guarded deny ops, the input-rounding
+    /// checks of exponentials and `Pow` (their values must still be shown in range).
+    pub relax: bool,
+    /// Main-graph nodes kept fp32, with the evidence (they do not spread).
+    pub keep: std::collections::HashMap<NodeId, String>,
 }
 
 /// The default [`PrecisionOptions::range_margin`]: three binades above the largest observed value.
@@ -187,6 +200,7 @@ impl Default for PrecisionOptions {
             range_margin: DEFAULT_RANGE_MARGIN,
             max_underflow: DEFAULT_MAX_UNDERFLOW,
             auto_bf16: false,
+            search: None,
         }
     }
 }
@@ -358,7 +372,7 @@ impl Pass for AssignPrecision {
         }
         let opsets = model.opsets();
         let mut stats = Stats::default();
-        decide_graph(&mut model.graph, &self.opts, &opsets, &mut stats);
+        decide_graph(&mut model.graph, &self.opts, &opsets, &mut stats, true);
         Ok(PassOutcome {
             changed: stats.decided > 0,
             counters: vec![
@@ -482,6 +496,7 @@ fn range_gate(
     g: &Graph,
     values: &[(ValueId, bool)],
     opts: &PrecisionOptions,
+    underflow: bool,
 ) -> Option<(&'static str, String, bool)> {
     let max = max_finite(opts.target);
     for &(v, is_out) in values {
@@ -514,7 +529,7 @@ fn range_gate(
                     true,
                 ));
             }
-            if is_out && o.lost_share() > opts.max_underflow {
+            if underflow && is_out && o.lost_share() > opts.max_underflow {
                 return Some((
                     "range: underflow",
                     format!(
@@ -540,6 +555,7 @@ fn range_lift(
     n: NodeId,
     values: &[(ValueId, bool)],
     opts: &PrecisionOptions,
+    relax: bool,
 ) -> Option<String> {
     let max = max_finite(opts.target);
     let node = g.node(n);
@@ -553,6 +569,9 @@ fn range_lift(
     }
     if ev.is_empty() {
         return None;
+    }
+    if relax {
+        return Some(ev.join("; ") + "; input rounding left to the search's measurement");
     }
     if EXPONENTIAL.contains(&node.op_type.as_str()) {
         let x = node.inputs().first().copied().flatten()?;
@@ -586,9 +605,17 @@ fn range_lift(
     Some(ev.join("; "))
 }
 
-fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: &mut Stats) {
+fn decide_graph(
+    g: &mut Graph,
+    opts: &PrecisionOptions,
+    opsets: &Opsets,
+    stats: &mut Stats,
+    main: bool,
+) {
     // Subgraphs first, each on its own.
-    g.for_each_subgraph_mut(|_, _, sg| decide_graph(sg, opts, opsets, stats));
+    g.for_each_subgraph_mut(|_, _, sg| decide_graph(sg, opts, opsets, stats, false));
+    let search = opts.search.as_deref().filter(|_| main);
+    let relax = search.is_some_and(|s| s.relax);
 
     let bound = g.node_bound();
     let mut spreads = vec![false; bound];
@@ -641,6 +668,11 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
             );
             color[id.index()] = Color::Fp32;
             spreads[id.index()] = true;
+            continue;
+        }
+        if let Some(ev) = search.and_then(|s| s.keep.get(&id)) {
+            fp32(&mut why, "search: kept fp32".into(), ev.clone());
+            color[id.index()] = Color::Fp32;
             continue;
         }
         // Gate: schema allows the target for the data parameters.
@@ -723,7 +755,7 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
             // the sum by less than the smallest subnormal: harmless (open_nsfw's 52 batch-norm bias Adds).
             let short = r.count <= 16;
             let addend = dom.is_empty() && matches!(node.op_type.as_str(), "Add" | "Sub" | "Sum");
-            if r.flush > 0 && (short || !addend && r.flush * 100 > r.count) {
+            if r.flush > 0 && !relax && (short || !addend && r.flush * 100 > r.count) {
                 data_gate = Some(format!(
                     "initializer '{name}': {} of {} non-zero values would flush to zero in {target}",
                     r.flush, r.count
@@ -741,7 +773,8 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
         // Gate: range facts (calibration and static analysis) of the values it reads and writes.
         let data_values = data_values(g, id, schema, &params);
         let is_constant = node.op_type == "Constant" && dom.is_empty();
-        if !is_constant && let Some((rule, ev, spread)) = range_gate(g, &data_values, opts) {
+        if !is_constant && let Some((rule, ev, spread)) = range_gate(g, &data_values, opts, !relax)
+        {
             fp32(&mut why, rule.into(), ev);
             color[id.index()] = Color::Fp32;
             spreads[id.index()] = spread;
@@ -754,7 +787,7 @@ fn decide_graph(g: &mut Graph, opts: &PrecisionOptions, opsets: &Opsets, stats: 
         if c == OpClass::Deny
             && dom.is_empty()
             && RANGE_GUARDED.contains(&node.op_type.as_str())
-            && let Some(ev) = range_lift(g, id, &data_values, opts)
+            && let Some(ev) = range_lift(g, id, &data_values, opts, relax)
         {
             c = OpClass::Infer;
             class[id.index()] = c;

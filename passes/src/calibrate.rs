@@ -46,44 +46,155 @@ impl Default for Calibrate {
     }
 }
 
-/// Adds one tensor's elements to a value's statistics.
+/// Partial statistics of a block of values.
+#[derive(Clone, Copy)]
+struct Part {
+    lo: f32,
+    hi: f32,
+    am: f32,
+    non_finite: u64,
+    nonzero: u64,
+    small: u64,
+}
+
+impl Part {
+    const EMPTY: Part = Part {
+        lo: f32::INFINITY,
+        hi: f32::NEG_INFINITY,
+        am: 0.0,
+        non_finite: 0,
+        nonzero: 0,
+        small: 0,
+    };
+
+    fn of(xs: &[f32], normal: f32) -> Part {
+        let mut p = Part::EMPTY;
+        for &x in xs {
+            let a = x.abs();
+            if a <= f32::MAX {
+                p.lo = p.lo.min(x);
+                p.hi = p.hi.max(x);
+                p.am = p.am.max(a);
+                p.nonzero += u64::from(a != 0.0);
+                p.small += u64::from(a != 0.0 && a < normal);
+            } else {
+                p.non_finite += 1;
+            }
+        }
+        p
+    }
+
+    fn join(a: Part, b: Part) -> Part {
+        Part {
+            lo: a.lo.min(b.lo),
+            hi: a.hi.max(b.hi),
+            am: a.am.max(b.am),
+            non_finite: a.non_finite + b.non_finite,
+            nonzero: a.nonzero + b.nonzero,
+            small: a.small + b.small,
+        }
+    }
+}
+
+/// Adds one tensor's elements to a value's statistics (in parallel blocks: calibration sees every value of
+/// every run).
 fn observe(o: &mut Observed, xs: &[f32], target: DType) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 16;
     let tiny = (min_positive(target) / 2.0) as f32;
     let normal = min_normal(target) as f32;
     if o.count == 0 {
         o.min = f64::INFINITY;
         o.max = f64::NEG_INFINITY;
     }
-    let (mut lo, mut hi, mut am) = (f32::INFINITY, f32::NEG_INFINITY, 0f32);
-    for &x in xs {
-        if x.is_finite() {
-            lo = lo.min(x);
-            hi = hi.max(x);
-            am = am.max(x.abs());
-        } else {
-            o.non_finite += 1;
-        }
-    }
-    // values below this vanish next to the tensor's largest ones in any precision
-    let significant = am * unit_roundoff(target) as f32;
-    for &x in xs {
-        let a = x.abs();
-        if a != 0.0 && a.is_finite() {
-            o.nonzero += 1;
-            if a < normal {
-                if a < tiny {
-                    o.to_zero += 1;
-                } else {
-                    o.to_subnormal += 1;
+    let p = xs
+        .par_chunks(BLOCK)
+        .map(|c| Part::of(c, normal))
+        .reduce(|| Part::EMPTY, Part::join);
+    o.non_finite += p.non_finite;
+    o.nonzero += p.nonzero;
+    // Values below this vanish next to the tensor's largest ones in any precision: the lost values are the
+    // underflowing ones above it. A second pass, only when some value underflows.
+    let significant = p.am * unit_roundoff(target) as f32;
+    if p.small > 0 {
+        let (z, s, l) = xs
+            .par_chunks(BLOCK)
+            .map(|c| {
+                let (mut z, mut s, mut l) = (0u64, 0u64, 0u64);
+                for &x in c {
+                    let a = x.abs();
+                    if a != 0.0 && a < normal {
+                        z += u64::from(a < tiny);
+                        s += u64::from(a >= tiny);
+                        l += u64::from(a > significant);
+                    }
                 }
-                o.lost += u64::from(a > significant);
-            }
-        }
+                (z, s, l)
+            })
+            .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+        o.to_zero += z;
+        o.to_subnormal += s;
+        o.lost += l;
     }
     o.count += xs.len() as u64;
-    o.min = o.min.min(lo as f64);
-    o.max = o.max.max(hi as f64);
-    o.abs_max = o.abs_max.max(am as f64);
+    o.min = o.min.min(p.lo as f64);
+    o.max = o.max.max(p.hi as f64);
+    o.abs_max = o.abs_max.max(p.am as f64);
+}
+
+/// Statistics of the values of runs, by name, until they are stored on the model.
+pub(crate) struct Observations {
+    stats: HashMap<String, Observed>,
+    target: DType,
+}
+
+impl Observations {
+    /// No observations yet; underflow is counted against `target`.
+    pub(crate) fn new(target: DType) -> Observations {
+        Observations {
+            stats: HashMap::new(),
+            target,
+        }
+    }
+
+    /// Adds a value (float tensors only) to the statistics of its name.
+    pub(crate) fn see(&mut self, name: &str, v: &Value) {
+        let Value::Tensor(t) = v else { return };
+        if !t.data.is_float() {
+            return;
+        }
+        let o = match self.stats.get_mut(name) {
+            Some(o) => o,
+            None => self.stats.entry(name.to_string()).or_default(),
+        };
+        let target = self.target;
+        match &t.data {
+            Data::F32(x) => observe(o, x, target),
+            Data::F16(x) => observe(o, &x.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), target),
+            Data::BF16(x) => observe(o, &x.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), target),
+            Data::F64(x) => observe(o, &x.iter().map(|&v| v as f32).collect::<Vec<_>>(), target),
+            _ => {}
+        }
+    }
+
+    /// Stores the statistics on the main graph's values (initializers excepted); returns how many.
+    pub(crate) fn store(self, model: &mut Model) -> u64 {
+        let g = &mut model.graph;
+        let mut recorded = 0u64;
+        for (name, o) in self.stats {
+            let Some(v) = g.value_by_name(&name) else {
+                continue;
+            };
+            let val = g.value_mut(v);
+            if val.initializer.is_some() {
+                continue;
+            }
+            let r = val.range.get_or_insert_with(Box::<ValueRange>::default);
+            r.observed = Some(o);
+            recorded += 1;
+        }
+        recorded
+    }
 }
 
 impl Pass for Calibrate {
@@ -102,53 +213,18 @@ impl Pass for Calibrate {
                     .into(),
             ));
         }
-        let mut stats: HashMap<String, Observed> = HashMap::new();
+        let mut obs = Observations::new(self.target);
         {
             let exec =
                 Executor::new(model).map_err(|e| fail(format!("cannot run the model: {e}")))?;
-            let target = self.target;
             for (k, set) in self.sets.iter().enumerate() {
-                let mut see = |name: &str, v: &Value| {
-                    let Value::Tensor(t) = v else { return };
-                    if !t.data.is_float() {
-                        return;
-                    }
-                    let o = match stats.get_mut(name) {
-                        Some(o) => o,
-                        None => stats.entry(name.to_string()).or_default(),
-                    };
-                    match &t.data {
-                        Data::F32(x) => observe(o, x, target),
-                        Data::F16(x) => {
-                            observe(o, &x.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), target)
-                        }
-                        Data::BF16(x) => {
-                            observe(o, &x.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), target)
-                        }
-                        Data::F64(x) => {
-                            observe(o, &x.iter().map(|&v| v as f32).collect::<Vec<_>>(), target)
-                        }
-                        _ => {}
-                    }
-                };
-                exec.run_observed(set.clone(), &RunOptions::default(), &mut see)
-                    .map_err(|e| fail(format!("input set {k}: {e}")))?;
+                exec.run_observed(set.clone(), &RunOptions::default(), &mut |n, v| {
+                    obs.see(n, v)
+                })
+                .map_err(|e| fail(format!("input set {k}: {e}")))?;
             }
         }
-        let g = &mut model.graph;
-        let mut recorded = 0u64;
-        for (name, o) in stats {
-            let Some(v) = g.value_by_name(&name) else {
-                continue;
-            };
-            let val = g.value_mut(v);
-            if val.initializer.is_some() {
-                continue;
-            }
-            let r = val.range.get_or_insert_with(Box::<ValueRange>::default);
-            r.observed = Some(o);
-            recorded += 1;
-        }
+        let recorded = obs.store(model);
         Ok(PassOutcome {
             changed: recorded > 0,
             counters: vec![

@@ -17,6 +17,7 @@ pub mod insert_casts;
 pub mod pipeline;
 pub mod policy;
 mod range_rules;
+pub mod search_precision;
 mod shape_rules;
 mod sym;
 

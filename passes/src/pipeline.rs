@@ -7,6 +7,7 @@ use crate::calibrate::{Calibrate, InputSet};
 use crate::fuse_casts::FuseCasts;
 use crate::infer_types::InferTypes;
 use crate::insert_casts::{InsertCasts, IoTypes};
+use crate::search_precision::{DEFAULT_MAX_CHECKS, SearchOptions, SearchPrecision, Tolerance};
 use crate::{Pass, PassError};
 
 /// Makes a fresh pass.
@@ -18,6 +19,7 @@ const REGISTRY: &[(&str, Constructor)] = &[
     ("analyze-ranges", || Box::new(AnalyzeRanges::default())),
     ("calibrate", || Box::new(Calibrate::default())),
     ("assign-precision", || Box::new(AssignPrecision::default())),
+    ("search-precision", || Box::new(SearchPrecision::default())),
     ("insert-casts", || Box::new(InsertCasts::default())),
     ("fuse-casts", || Box::new(FuseCasts::default())),
 ];
@@ -105,6 +107,8 @@ pub struct ConvertOptions {
     pub io: IoTypes,
     /// Also drop f32 -> f16 -> f32 cast pairs (changes values).
     pub unsafe_fuse: bool,
+    /// Error budgets: `search-precision` runs (on the calibration sets) when there are any.
+    pub tolerances: Vec<Tolerance>,
 }
 
 /// The default conversion pipeline, in order.
@@ -117,17 +121,32 @@ pub fn default_pipeline(opts: &ConvertOptions) -> Vec<Box<dyn Pass>> {
         // that lets guarded ops run low, and that the report shows.
         Box::new(AnalyzeRanges::new(opts.ranges.clone())),
     ];
-    if !opts.calib.is_empty() {
-        // Observe what the fp32 model computes on representative inputs: overflow and underflow evidence.
-        passes.push(Box::new(Calibrate::new(
-            opts.calib.clone(),
-            opts.precision.target,
-        )));
-    }
-    passes.extend([
+    if !opts.tolerances.is_empty() {
+        // With an error budget: one fp32 run per calibration set is both the calibration and the search's
+        // reference; each node is measured in low precision, and the most low precision that the budget
+        // allows, checked on the whole model, is decided (the search runs assign-precision itself).
+        passes.push(Box::new(SearchPrecision::new(SearchOptions {
+            tolerances: opts.tolerances.clone(),
+            sets: opts.calib.clone(),
+            precision: opts.precision.clone(),
+            io: opts.io.clone(),
+            unsafe_fuse: opts.unsafe_fuse,
+            max_checks: DEFAULT_MAX_CHECKS,
+            observe: true,
+        })));
+    } else {
+        if !opts.calib.is_empty() {
+            // Observe what the fp32 model computes on representative inputs: overflow and underflow evidence.
+            passes.push(Box::new(Calibrate::new(
+                opts.calib.clone(),
+                opts.precision.target,
+            )));
+        }
         // Decide fp16/bf16/fp32 per node: policy classes, schema and initializer gates, user selectors,
         // TF-style colouring. Annotates only.
-        Box::new(AssignPrecision::new(opts.precision.clone())) as Box<dyn Pass>,
+        passes.push(Box::new(AssignPrecision::new(opts.precision.clone())));
+    }
+    passes.extend([
         // Make the graph agree with the decisions: retype outputs, convert constants once, one Cast per
         // (value, dtype), graph outputs keep their dtype and name.
         Box::new(InsertCasts::new(opts.precision.target, opts.io.clone())),

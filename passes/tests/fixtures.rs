@@ -2,13 +2,17 @@
 //! (`; RUN: infer-types`), is parsed, run through those passes with the verifier after each, and snapshotted as
 //! the full-context diff between the IR before and after, followed by the passes' notes. `; INPUT-RANGE:
 //! NAME=LO:HI` lines declare input ranges for `analyze-ranges`; `; TO: auto` runs `assign-precision` with bf16
-//! where fp16's range is the only problem. A fixture whose name
+//! where fp16's range is the only problem. `; CALIB: NAME=LO:HI` lines make one calibration input set (the
+//! input's elements spread over [LO, HI] by the golden ratio) for `calibrate` and `search-precision`, and
+//! `; TOLERANCE: METRIC=VALUE` lines give the search its budget. A fixture whose name
 //! starts with `no_` is negative: it must come out unchanged, and the passes must say they changed nothing.
 
 use std::path::Path;
 
 use mpopt_passes::analyze_ranges::{AnalyzeRanges, RangeOptions};
 use mpopt_passes::assign_precision::{AssignPrecision, PrecisionOptions};
+use mpopt_passes::calibrate::{Calibrate, InputSet};
+use mpopt_passes::search_precision::{SearchOptions, SearchPrecision, Tolerance};
 use mpopt_passes::{Pass, PassManager, pipeline};
 
 fn run_fixture(path: &Path) -> String {
@@ -30,6 +34,42 @@ fn run_fixture(path: &Path) -> String {
     };
     // `; TO: auto` converts to fp16 with bf16 where fp16's range is the only problem.
     let auto = src.lines().any(|l| l.trim() == "; TO: auto");
+    let mut model =
+        mpopt_ir::text::parse_model(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let calib: InputSet = src
+        .lines()
+        .filter_map(|l| l.strip_prefix("; CALIB:"))
+        .map(|c| {
+            let r = RangeOptions::parse_input(c.trim()).unwrap();
+            let g = &model.graph;
+            let v = g
+                .value_by_name(&r.0)
+                .expect("a CALIB line names a graph input");
+            let shape: Vec<usize> = g
+                .value(v)
+                .ty
+                .as_ref()
+                .unwrap()
+                .tensor_shape()
+                .unwrap()
+                .iter()
+                .map(|d| d.value.as_known().unwrap() as usize)
+                .collect();
+            let n = shape.iter().product::<usize>();
+            let x = (0..n)
+                .map(|i| (r.1.lo + (r.1.hi - r.1.lo) * ((i as f64 * 0.618_033_988_7) % 1.0)) as f32)
+                .collect();
+            (
+                r.0.clone(),
+                mpopt_exec::Value::Tensor(mpopt_exec::Tensor::f32(shape, x)),
+            )
+        })
+        .collect();
+    let tolerances: Vec<Tolerance> = src
+        .lines()
+        .filter_map(|l| l.strip_prefix("; TOLERANCE:"))
+        .map(|t| Tolerance::parse(t.trim()).unwrap())
+        .collect();
     let passes = names
         .split(',')
         .map(|n| match n.trim() {
@@ -38,11 +78,15 @@ fn run_fixture(path: &Path) -> String {
                 auto_bf16: true,
                 ..PrecisionOptions::default()
             })),
+            "calibrate" => Box::new(Calibrate::new(vec![calib.clone()], mpopt_ir::DType::F16)),
+            "search-precision" => Box::new(SearchPrecision::new(SearchOptions {
+                tolerances: tolerances.clone(),
+                sets: vec![calib.clone()],
+                ..SearchOptions::default()
+            })),
             n => pipeline::by_name(n).unwrap(),
         })
         .collect();
-    let mut model =
-        mpopt_ir::text::parse_model(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     mpopt_ir::verify_model(&model)
         .unwrap_or_else(|e| panic!("{}: fixture is invalid: {e}", path.display()));
     let before = mpopt_ir::text::print_model(&model);

@@ -12,6 +12,7 @@ use mpopt_passes::calibrate::InputSet;
 use mpopt_passes::insert_casts::IoTypes;
 use mpopt_passes::pipeline::{self, ConvertOptions};
 use mpopt_passes::policy::OpClass;
+use mpopt_passes::search_precision::Tolerance;
 use mpopt_passes::{PassManager, PassRun};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -74,6 +75,11 @@ pub struct ConvertArgs {
     /// subnormal in the target type although significant next to the tensor's largest values (default 0.5).
     #[arg(long, value_name = "FRACTION", default_value_t = mpopt_passes::assign_precision::DEFAULT_MAX_UNDERFLOW)]
     pub max_underflow: f64,
+    /// An error budget on the outputs, measured on the --calib inputs with the GPU-faithful executor:
+    /// `max-rel`, `max-abs`, `cosine` or `top1`, optionally for one output (`cosine@emb=0.9999`).
+    /// Repeatable; all must hold. The search keeps as much low precision as the budget allows.
+    #[arg(long = "tolerance", value_name = "METRIC[@OUTPUT]=VALUE")]
+    pub tolerance: Vec<String>,
 }
 
 /// Range evidence: declared input ranges and calibration data (shared by conversion and `print --ranges`).
@@ -203,11 +209,17 @@ fn options(a: &ConvertArgs) -> Result<ConvertOptions> {
             classes,
             range_margin: positive(a.range_margin, "--range-margin")?,
             max_underflow: fraction(a.max_underflow, "--max-underflow")?,
+            search: None,
         },
         ranges: a.ranges.ranges()?,
         calib: Vec::new(),
         io,
         unsafe_fuse: a.unsafe_fuse_casts,
+        tolerances: a
+            .tolerance
+            .iter()
+            .map(|t| Tolerance::parse(t).map_err(|e| Usage(format!("--tolerance: {e}")).into()))
+            .collect::<Result<_>>()?,
     })
 }
 
@@ -327,6 +339,11 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     let mut m = crate::load(&model_path)?;
     check_io_names(&m, &opts.io)?;
     opts.calib = a.ranges.calibration(&m)?;
+    if !opts.tolerances.is_empty() && opts.calib.is_empty() {
+        bail!(Usage(
+            "--tolerance needs inputs to measure on: give --calib FILE.npz (or a folder)".into()
+        ));
+    }
     let before = pipeline::census(&m.graph);
     let usage = |e: mpopt_passes::PassError| Usage(e.to_string());
     let passes = match &a.passes {
@@ -417,17 +434,22 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                 })
             })
             .collect();
-        let records: Vec<Value> = runs
-            .iter()
-            .flat_map(|r| r.outcome.records.iter())
-            .map(|rec| {
-                let mut o = serde_json::Map::new();
-                o.insert("kind".into(), json!(rec.kind));
-                for (k, v) in &rec.fields {
-                    o.insert((*k).into(), json!(v));
-                }
-                Value::Object(o)
-            })
+        let record = |rec: &mpopt_passes::Record| {
+            let mut o = serde_json::Map::new();
+            o.insert("kind".into(), json!(rec.kind));
+            for (k, v) in &rec.fields {
+                o.insert((*k).into(), json!(v));
+            }
+            Value::Object(o)
+        };
+        let all = || runs.iter().flat_map(|r| r.outcome.records.iter());
+        let records: Vec<Value> = all()
+            .filter(|r| !r.kind.starts_with("search"))
+            .map(record)
+            .collect();
+        let search: Vec<Value> = all()
+            .filter(|r| r.kind.starts_with("search"))
+            .map(record)
             .collect();
         let doc = json!({
             "model": model_path.display().to_string(),
@@ -449,6 +471,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             "passes": passes,
             "nodes": nodes,
             "conversions": records,
+            "search": search,
         });
         let text = serde_json::to_string_pretty(&doc)?;
         std::fs::write(report, text)

@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
+use mpopt_exec::metrics::{OutputMetrics, adapt_inputs};
 use mpopt_exec::{Executor, RunOptions, Tensor, Value};
 use mpopt_ir::{DType, Model, Type};
 
@@ -194,28 +195,6 @@ pub(crate) fn load_inputs(path: &Path, model: &Model) -> Result<Vec<InputSet>> {
     Ok(sets)
 }
 
-/// Casts float inputs to the float dtype each input is declared with (a converted model may take f16).
-fn adapt_inputs(model: &Model, values: &[(String, Value)]) -> Vec<(String, Value)> {
-    let g = &model.graph;
-    values
-        .iter()
-        .map(|(n, v)| {
-            let want = g.value_by_name(n).and_then(|id| g.value(id).elem());
-            match (v, want) {
-                (Value::Tensor(t), Some(d))
-                    if t.data.is_float()
-                        && t.dtype() != d
-                        && matches!(d, DType::F16 | DType::BF16 | DType::F32 | DType::F64) =>
-                {
-                    let c = mpopt_exec::cast_tensor(t, d).unwrap_or_else(|_| t.clone());
-                    (n.clone(), Value::Tensor(c))
-                }
-                _ => (n.clone(), v.clone()),
-            }
-        })
-        .collect()
-}
-
 fn describe(t: &Tensor) -> String {
     let (nan, inf) = nan_inf(t);
     format!("{}{:?} nan={nan} inf={inf}", t.dtype(), t.shape)
@@ -315,99 +294,6 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Metrics of one output over every input set.
-#[derive(serde::Serialize, Default, Clone)]
-struct Metrics {
-    name: String,
-    ref_dtype: String,
-    cand_dtype: String,
-    shape: Vec<usize>,
-    max_abs: f64,
-    max_rel: f64,
-    cosine: f64,
-    nan_ref: usize,
-    nan_cand: usize,
-    inf_ref: usize,
-    inf_cand: usize,
-    /// (agreeing rows, rows) of the arg-max over the last axis, for classifier-shaped outputs.
-    top1: Option<(usize, usize)>,
-    /// Elements past the tolerances.
-    bad: usize,
-    ok: bool,
-}
-
-fn floats(v: &Value) -> Option<(Vec<f64>, Vec<usize>, DType)> {
-    let t = v.tensor().ok()?;
-    Some((t.to_f64s().ok()?, t.shape.clone(), t.dtype()))
-}
-
-fn accumulate(m: &mut Metrics, r: &Value, c: &Value, rtol: f64, atol: f64, first: bool) {
-    let (Some((a, ash, ad)), Some((b, bsh, bd))) = (floats(r), floats(c)) else {
-        m.ok = false;
-        return;
-    };
-    if first {
-        m.ref_dtype = ad.to_string();
-        m.cand_dtype = bd.to_string();
-        m.shape = ash.clone();
-        m.cosine = 1.0;
-        m.ok = true;
-    }
-    if ash != bsh {
-        m.ok = false;
-        m.bad += a.len().max(b.len());
-        return;
-    }
-    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(&b) {
-        m.nan_ref += x.is_nan() as usize;
-        m.nan_cand += y.is_nan() as usize;
-        m.inf_ref += x.is_infinite() as usize;
-        m.inf_cand += y.is_infinite() as usize;
-        let bad = if x.is_nan() || y.is_nan() {
-            x.is_nan() != y.is_nan()
-        } else if x.is_infinite() || y.is_infinite() {
-            x != y
-        } else {
-            let d = (x - y).abs();
-            m.max_abs = m.max_abs.max(d);
-            m.max_rel = m.max_rel.max(d / x.abs().max(1e-12));
-            dot += x * y;
-            na += x * x;
-            nb += y * y;
-            d > atol + rtol * x.abs()
-        };
-        m.bad += bad as usize;
-    }
-    let cos = if na == 0.0 && nb == 0.0 {
-        1.0
-    } else {
-        dot / (na.sqrt() * nb.sqrt()).max(1e-300)
-    };
-    m.cosine = m.cosine.min(cos);
-    let last = ash.last().copied().unwrap_or(1);
-    if ad != DType::I64 && last > 1 && ash.len() >= 2 && a.len() / last <= 4096 {
-        let rows = a.len() / last;
-        let argmax = |v: &[f64]| {
-            v.iter()
-                .enumerate()
-                .fold(
-                    (0, f64::NEG_INFINITY),
-                    |acc, (i, &x)| if x > acc.1 { (i, x) } else { acc },
-                )
-                .0
-        };
-        let agree = (0..rows)
-            .filter(|&r| {
-                argmax(&a[r * last..(r + 1) * last]) == argmax(&b[r * last..(r + 1) * last])
-            })
-            .count();
-        let (x, y) = m.top1.unwrap_or((0, 0));
-        m.top1 = Some((x + agree, y + rows));
-    }
-    m.ok &= m.bad == 0;
-}
-
 pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     set_threads(a.threads)?;
     let rm = crate::load(&a.reference)?;
@@ -419,7 +305,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
         keep_all: a.per_node,
         profile: false,
     };
-    let mut metrics: Vec<Metrics> = Vec::new();
+    let mut metrics: Vec<OutputMetrics> = Vec::new();
     let mut divergent: Vec<String> = Vec::new();
     for set in &sets {
         let ro = re
@@ -438,14 +324,9 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
                 bail!("the candidate has no output '{name}'");
             };
             if metrics.len() <= k {
-                metrics.push(Metrics {
-                    name: name.clone(),
-                    ..Default::default()
-                });
-                accumulate(&mut metrics[k], rv, cv, a.rtol, a.atol, true);
-            } else {
-                accumulate(&mut metrics[k], rv, cv, a.rtol, a.atol, false);
+                metrics.push(OutputMetrics::new(name.clone()));
             }
+            metrics[k].add(rv, cv, a.rtol, a.atol);
         }
         if a.per_node && set.index == sets[0].index {
             let reference: std::collections::HashMap<&str, &Value> = ro
@@ -460,8 +341,8 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
                 let Some(rv) = reference.get(name.as_str()) else {
                     continue;
                 };
-                let mut m = Metrics::default();
-                accumulate(&mut m, rv, cv, a.rtol, a.atol, true);
+                let mut m = OutputMetrics::new(name.clone());
+                m.add(rv, cv, a.rtol, a.atol);
                 if !m.ok && m.bad > 0 {
                     let producer = cm
                         .graph

@@ -183,3 +183,90 @@ fn calibration_and_ranges_reach_the_report_and_the_printout() {
         "{text}"
     );
 }
+
+#[test]
+fn tolerance_search_meets_its_budget_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = inputs(dir.path(), "x", 6);
+    let out = dir.path().join("low.onnx");
+    let report = dir.path().join("r.json");
+    let (code, _, err) = mpopt(&[
+        "testdata/models/tiny_mlp.onnx",
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        &calib,
+        "--tolerance",
+        "max-abs=0.01",
+        "--tolerance",
+        "top1=1",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("max-abs@y = "), "{err}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let search = r["search"].as_array().unwrap();
+    let checks: Vec<&serde_json::Value> = search
+        .iter()
+        .filter(|x| x["kind"] == "search-check")
+        .collect();
+    assert!(!checks.is_empty(), "{search:?}");
+    assert_eq!(checks.last().unwrap()["pass"], "true", "{search:?}");
+    assert!(search.iter().any(|x| x["kind"] == "search-cost"));
+    // the written model meets the budget on the same inputs, checked independently
+    let json = dir.path().join("m.json");
+    let (code, _, err) = mpopt(&[
+        "compare",
+        "testdata/models/tiny_mlp.onnx",
+        out.to_str().unwrap(),
+        "--inputs",
+        &calib,
+        "--json",
+        json.to_str().unwrap(),
+        "--rtol",
+        "1",
+        "--atol",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(m[0]["max_abs"].as_f64().unwrap() <= 0.01, "{m}");
+    assert_eq!(m[0]["top1"][0], m[0]["top1"][1], "{m}");
+}
+
+#[test]
+fn tolerance_errors_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("low.onnx");
+    let calib = inputs(dir.path(), "x", 2);
+    for (args, want) in [
+        (vec!["--tolerance", "cosine=0.99"], "needs inputs"),
+        (
+            vec!["--calib", calib.as_str(), "--tolerance", "cosine=1"],
+            "exclusive",
+        ),
+        (
+            vec!["--calib", calib.as_str(), "--tolerance", "mse=1"],
+            "unknown metric 'mse'",
+        ),
+        (
+            vec![
+                "--calib",
+                calib.as_str(),
+                "--tolerance",
+                "cosine@logits=0.99",
+            ],
+            "the outputs are: y",
+        ),
+    ] {
+        let mut all = vec!["testdata/models/tiny_mlp.onnx", "-o", out.to_str().unwrap()];
+        all.extend(args);
+        let (code, _, err) = mpopt(&all);
+        assert_ne!(code, 0, "{all:?}");
+        assert!(err.contains(want), "{all:?}: {err}");
+        assert!(!out.exists(), "no partial output");
+    }
+}

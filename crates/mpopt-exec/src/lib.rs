@@ -22,6 +22,7 @@
 
 mod interp;
 pub mod io;
+pub mod metrics;
 mod ops;
 pub mod small;
 #[doc(hidden)]

@@ -1,0 +1,808 @@
+//! `search-precision`: keeps as much of the model in low precision as an error budget allows, measured on
+//! calibration inputs with the GPU-faithful executor (`mpopt ... --calib DATA --tolerance cosine=0.9999`).
+//!
+//! **Why.** Static rules are guesses made for every model at once: some keep layers fp32 that are harmless in
+//! fp16 (open_nsfw's convolutions with subnormal weights), and none knows what error the user can accept.
+//! onnxconverter-common's auto mode bisects by re-converting and re-running the whole model per try; this pass
+//! measures each node once and runs the whole model only to check.
+//!
+//! **Algorithm.**
+//! 1. *Reference*: one fp32 run per input set; the first keeps every main-graph value. With
+//!    [`SearchOptions::observe`] (the default pipeline) these runs are also the calibration: their statistics
+//!    go on the values as `calibrate` would put them.
+//! 2. *Most-low decisions*: `assign-precision` with the measured heuristics relaxed (the initializer flush
+//!    gate, the underflow gate, the rounding checks of exponentials and `Pow`; overflow, schema, shape and
+//!    user rules stay). Its low main-graph nodes are the candidates.
+//! 3. *Per-node pass*: each candidate alone, in a one-node model built from its decision (`insert-casts`
+//!    makes its casts), reads the fp32 reference values of its inputs and computes in low precision; its
+//!    sensitivity is the relative RMS error of its outputs against the reference (infinite when it makes
+//!    NaN/Inf). Nodes that make NaN/Inf are kept fp32 from the start.
+//! 4. *Choose and verify*: the whole model is converted (`assign-precision` with the kept set, `insert-casts`,
+//!    `fuse-casts`) and run on every input set; the outputs are judged against each tolerance as a *badness*
+//!    (1 at the budget). If it fails, errors are taken to add up in proportion to sensitivity: the most
+//!    sensitive nodes are kept fp32 until the predicted badness is half the budget, and the model is checked
+//!    again; the scale is re-measured after each check (greedy repair). Data-movement nodes are never kept:
+//!    keeping one fp32 removes no rounding. If the result has fewer low FLOPs than the static decisions and
+//!    those meet the budget too, they win.
+//!
+//! **Invariants.** Main graph only: subgraph nodes keep the static rules, and control-flow nodes their
+//! decision. Deterministic (same inputs, same decisions). Annotates only, like `assign-precision`: the pipeline's
+//! `insert-casts` and `fuse-casts` then build exactly the model that was verified. Fails, naming the metric,
+//! when even keeping every candidate fp32 misses the budget.
+//!
+//! ```text
+//! %e = Exp(%x)  : f32[N,8]   ; prec f32 (search: kept fp32; sensitivity 3.1e-2, rank 1 of 3)
+//! %y = MatMul(%e, %w) : f32[N,4]   ; prec f16 (allow: matrix product ...)
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mpopt_exec::metrics::{OutputMetrics, adapt_inputs};
+use mpopt_exec::{Executor, RunOptions, Value};
+use mpopt_ir::{DType, Graph, Model, NodeId};
+
+use crate::assign_precision::{AssignPrecision, PrecisionOptions, SearchOverrides};
+use crate::calibrate::{InputSet, Observations};
+use crate::fuse_casts::FuseCasts;
+use crate::insert_casts::{InsertCasts, IoTypes};
+use crate::pipeline::node_flops;
+use crate::range_rules::constant_of;
+use crate::{Pass, PassError, PassOutcome, Record};
+
+/// What a tolerance measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// Largest |cand - ref| / max(|ref|, 1e-3 * peak |ref|) (see [`OutputMetrics::max_rel_peak`]).
+    MaxRel,
+    /// Largest |cand - ref|.
+    MaxAbs,
+    /// Smallest cosine similarity of an input set's output.
+    Cosine,
+    /// Share of classifier rows (last axis) whose arg-max agrees.
+    Top1,
+}
+
+impl Metric {
+    fn name(self) -> &'static str {
+        match self {
+            Metric::MaxRel => "max-rel",
+            Metric::MaxAbs => "max-abs",
+            Metric::Cosine => "cosine",
+            Metric::Top1 => "top1",
+        }
+    }
+}
+
+/// One budget: `METRIC[@OUTPUT]=VALUE`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tolerance {
+    /// The metric.
+    pub metric: Metric,
+    /// The output it applies to; every output (every classifier-shaped one for top1) when `None`.
+    pub output: Option<String>,
+    /// The bound: the most for errors, the least for cosine and top1.
+    pub value: f64,
+}
+
+impl Tolerance {
+    /// Parses `max-rel=0.01`, `max-abs=1e-3`, `cosine@embeddings=0.9999` or `top1=1.0`.
+    pub fn parse(s: &str) -> Result<Tolerance, String> {
+        let usage = "use METRIC[@OUTPUT]=VALUE with METRIC one of max-rel, max-abs, cosine, top1";
+        let (lhs, v) = s
+            .split_once('=')
+            .ok_or_else(|| format!("tolerance '{s}': {usage}"))?;
+        let (m, output) = match lhs.split_once('@') {
+            Some((m, o)) if !o.is_empty() => (m, Some(o.to_string())),
+            Some(_) => return Err(format!("tolerance '{s}': empty output name; {usage}")),
+            None => (lhs, None),
+        };
+        let metric = match m.trim() {
+            "max-rel" => Metric::MaxRel,
+            "max-abs" => Metric::MaxAbs,
+            "cosine" => Metric::Cosine,
+            "top1" => Metric::Top1,
+            other => {
+                return Err(format!(
+                    "tolerance '{s}': unknown metric '{other}'; {usage}"
+                ));
+            }
+        };
+        let value: f64 = v
+            .trim()
+            .parse()
+            .map_err(|_| format!("tolerance '{s}': '{v}' is not a number"))?;
+        let ok = match metric {
+            Metric::MaxRel | Metric::MaxAbs => value.is_finite() && value > 0.0,
+            Metric::Cosine => value > 0.0 && value < 1.0,
+            Metric::Top1 => value > 0.0 && value <= 1.0,
+        };
+        if !ok {
+            return Err(format!(
+                "tolerance '{s}': {} must be {}",
+                metric.name(),
+                match metric {
+                    Metric::MaxRel | Metric::MaxAbs => "a positive number",
+                    Metric::Cosine => "between 0 and 1, exclusive (1 would ask for fp32 exactly)",
+                    Metric::Top1 => "in (0, 1]",
+                }
+            ));
+        }
+        Ok(Tolerance {
+            metric,
+            output,
+            value,
+        })
+    }
+
+    /// The tolerance as written.
+    pub fn text(&self) -> String {
+        match &self.output {
+            Some(o) => format!("{}@{o}={}", self.metric.name(), self.value),
+            None => format!("{}={}", self.metric.name(), self.value),
+        }
+    }
+}
+
+/// What the search needs.
+#[derive(Clone, Debug)]
+pub struct SearchOptions {
+    /// The budgets, all of which must hold.
+    pub tolerances: Vec<Tolerance>,
+    /// Input sets the search measures on.
+    pub sets: Vec<InputSet>,
+    /// The conversion's precision options (the search adds its overrides).
+    pub precision: PrecisionOptions,
+    /// The conversion's I/O policy (trial models are built as the final one).
+    pub io: IoTypes,
+    /// The conversion's `--unsafe-fuse-casts`.
+    pub unsafe_fuse: bool,
+    /// Most whole-model checks before giving up.
+    pub max_checks: usize,
+    /// Record the reference runs' statistics on the model's values, as `calibrate` does (the pipeline then
+    /// needs no calibration run of its own).
+    pub observe: bool,
+}
+
+/// How many of the most sensitive nodes the report lists.
+const SHOWN: usize = 20;
+
+/// The badness the repair aims at (1 is the budget): a margin for the prediction's error.
+const TARGET: f64 = 0.7;
+
+/// The default [`SearchOptions::max_checks`].
+pub const DEFAULT_MAX_CHECKS: usize = 8;
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions {
+            tolerances: Vec::new(),
+            sets: Vec::new(),
+            precision: PrecisionOptions::default(),
+            io: IoTypes::Keep,
+            unsafe_fuse: false,
+            max_checks: DEFAULT_MAX_CHECKS,
+            observe: false,
+        }
+    }
+}
+
+/// The pass.
+#[derive(Default)]
+pub struct SearchPrecision {
+    opts: SearchOptions,
+}
+
+impl SearchPrecision {
+    /// A search with these options.
+    pub fn new(opts: SearchOptions) -> SearchPrecision {
+        SearchPrecision { opts }
+    }
+}
+
+/// The badness of outputs against the budgets: 1 at a budget, above it past it.
+struct Verdict {
+    pass: bool,
+    badness: f64,
+    /// Per tolerance: measured value, and whether it holds.
+    lines: Vec<String>,
+}
+
+fn judge(tols: &[Tolerance], ms: &[OutputMetrics]) -> Result<Verdict, String> {
+    let mut v = Verdict {
+        pass: true,
+        badness: 0.0,
+        lines: Vec::new(),
+    };
+    for m in ms
+        .iter()
+        .filter(|m| m.new_non_finite() || !m.ok && m.sets == 0)
+    {
+        v.pass = false;
+        v.badness = f64::INFINITY;
+        v.lines
+            .push(format!("output '{}': NaN/Inf or unreadable", m.name));
+    }
+    for t in tols {
+        let applies: Vec<&OutputMetrics> = ms
+            .iter()
+            .filter(|m| t.output.as_deref().is_none_or(|o| o == m.name))
+            .filter(|m| t.metric != Metric::Top1 || m.top1.is_some())
+            .collect();
+        if applies.is_empty() {
+            let names: Vec<&str> = ms.iter().map(|m| m.name.as_str()).collect();
+            return Err(format!(
+                "tolerance {}: no {}output matches; the outputs are: {}",
+                t.text(),
+                if t.metric == Metric::Top1 {
+                    "classifier-shaped (rank >= 2, last axis > 1) "
+                } else {
+                    ""
+                },
+                names.join(", ")
+            ));
+        }
+        for m in applies {
+            let (value, ok, bad) = match t.metric {
+                Metric::MaxRel => (
+                    m.max_rel_peak,
+                    m.max_rel_peak <= t.value,
+                    m.max_rel_peak / t.value,
+                ),
+                Metric::MaxAbs => (m.max_abs, m.max_abs <= t.value, m.max_abs / t.value),
+                // 1 - cos grows with the square of the error
+                Metric::Cosine => (
+                    m.cosine,
+                    m.cosine >= t.value,
+                    ((1.0 - m.cosine).max(0.0) / (1.0 - t.value)).sqrt(),
+                ),
+                Metric::Top1 => {
+                    let (agree, rows) = m.top1.unwrap_or((0, 0));
+                    let share = agree as f64 / rows.max(1) as f64;
+                    // the rows allowed to flip may; the next one's flip risk is the badness
+                    let mut risk = m.flip_risk.clone();
+                    risk.sort_by(|a, b| b.total_cmp(a));
+                    let allowed = ((1.0 - t.value) * rows as f64 + 1e-9).floor() as usize;
+                    let bad = risk.get(allowed).copied().unwrap_or(0.0);
+                    (share, share >= t.value, bad)
+                }
+            };
+            v.pass &= ok;
+            v.badness = v.badness.max(bad);
+            v.lines.push(format!(
+                "{}@{} = {value:.6} ({}; budget {})",
+                t.metric.name(),
+                m.name,
+                if ok { "holds" } else { "FAILS" },
+                t.value
+            ));
+        }
+    }
+    Ok(v)
+}
+
+/// The decisions with these overrides, then the casts, as the pipeline would build them.
+fn convert(
+    base: &Model,
+    opts: &SearchOptions,
+    overrides: SearchOverrides,
+) -> Result<Model, PassError> {
+    let mut m = base.clone();
+    let mut p = opts.precision.clone();
+    p.search = Some(Arc::new(overrides));
+    AssignPrecision::new(p).run(&mut m)?;
+    InsertCasts::new(opts.precision.target, opts.io.clone()).run(&mut m)?;
+    FuseCasts {
+        unsafe_narrow_widen: opts.unsafe_fuse,
+    }
+    .run(&mut m)?;
+    Ok(m)
+}
+
+fn fail(message: String) -> PassError {
+    PassError::Failed {
+        pass: "search-precision".into(),
+        message,
+    }
+}
+
+/// Runs a model on every set and compares its outputs with the reference's.
+fn check(
+    m: &Model,
+    sets: &[InputSet],
+    refs: &[Vec<(String, Value)>],
+) -> Result<Vec<OutputMetrics>, PassError> {
+    let exec = Executor::new(m).map_err(|e| fail(format!("cannot run a trial model: {e}")))?;
+    let mut ms: Vec<OutputMetrics> = Vec::new();
+    for (k, (set, r)) in sets.iter().zip(refs).enumerate() {
+        let out = exec
+            .run(adapt_inputs(m, set), &RunOptions::default())
+            .map_err(|e| fail(format!("input set {k}: a trial model failed: {e}")))?;
+        for (i, (name, rv)) in r.iter().enumerate() {
+            let cv = out
+                .outputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v)
+                .ok_or_else(|| fail(format!("a trial model lost output '{name}'")))?;
+            if ms.len() <= i {
+                ms.push(OutputMetrics::new(name.clone()));
+            }
+            ms[i].add(rv, cv, 0.0, 0.0);
+        }
+    }
+    Ok(ms)
+}
+
+/// A float tensor's values as f32, borrowed when they are f32 already.
+fn f32s(t: &mpopt_exec::Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
+    match &t.data {
+        mpopt_exec::Data::F32(x) => Some(std::borrow::Cow::Borrowed(x.as_slice())),
+        _ => t.to_f32s().ok().map(std::borrow::Cow::Owned),
+    }
+}
+
+/// Relative RMS error of a candidate against a reference value (infinite for new NaN/Inf).
+fn rel_rms(r: &Value, c: &Value) -> Option<f64> {
+    let (Ok(r), Ok(c)) = (r.tensor(), c.tensor()) else {
+        return None;
+    };
+    if !r.data.is_float() {
+        return Some(0.0);
+    }
+    let (a, b) = (f32s(r)?, f32s(c)?);
+    if a.len() != b.len() {
+        return None;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b.iter()) {
+        if !x.is_finite() {
+            continue;
+        }
+        if !y.is_finite() {
+            return Some(f64::INFINITY);
+        }
+        let d = (x - y) as f64;
+        num += d * d;
+        den += x as f64 * x as f64;
+    }
+    Some(if den > 0.0 {
+        (num / den).sqrt()
+    } else if num > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    })
+}
+
+/// One node alone in a model of its own, reading the reference values: its outputs' largest relative RMS error.
+fn node_sensitivity(
+    base: &Model,
+    id: NodeId,
+    trace: &HashMap<&str, &Value>,
+    opts: &SearchOptions,
+) -> Option<f64> {
+    let g = &base.graph;
+    let node = g.node(id);
+    let mut mg = Graph::new("node");
+    let mut feeds = Vec::new();
+    let mut ins = Vec::new();
+    for v in node.inputs() {
+        let Some(v) = *v else {
+            ins.push(None);
+            continue;
+        };
+        let val = g.value(v);
+        let name = val.name();
+        if mg.value_by_name(name).is_some() {
+            ins.push(mg.value_by_name(name));
+            continue;
+        }
+        let nv = if let Some(t) = constant_of(g, v) {
+            mg.add_initializer(name, t.clone()).ok()?
+        } else {
+            let x = trace.get(name)?;
+            feeds.push((name.to_string(), (*x).clone()));
+            mg.add_input(name, val.ty.clone()).ok()?
+        };
+        ins.push(Some(nv));
+    }
+    let mut outs = Vec::new();
+    for v in node.outputs() {
+        match v {
+            Some(v) => {
+                let val = g.value(*v);
+                let o = mg.add_value(val.name(), val.ty.clone()).ok()?;
+                mg.add_output(o);
+                outs.push(Some(o));
+            }
+            None => outs.push(None),
+        }
+    }
+    mg.add_node(node.clone(), &ins, &outs).ok()?;
+    let mut m = Model::new(mg, base.opset("").unwrap_or(21));
+    m.ir_version = base.ir_version;
+    m.opset_imports = base.opset_imports.clone();
+    InsertCasts::new(opts.precision.target, IoTypes::Keep)
+        .run(&mut m)
+        .ok()?;
+    let exec = Executor::new(&m).ok()?;
+    let out = exec.run(feeds, &RunOptions::default()).ok()?;
+    let mut worst = 0f64;
+    for (name, c) in &out.outputs {
+        let r = trace.get(name.as_str())?;
+        worst = worst.max(rel_rms(r, c)?);
+    }
+    Some(worst)
+}
+
+/// Converts with these overrides, checks the result on every set and records the check.
+fn try_decisions(
+    model: &Model,
+    opts: &SearchOptions,
+    refs: &[Vec<(String, Value)>],
+    overrides: &SearchOverrides,
+    checks: &mut usize,
+    records: &mut Vec<Record>,
+) -> Result<(Verdict, u64), PassError> {
+    let trial = convert(model, opts, overrides.clone())?;
+    let ms = check(&trial, &opts.sets, refs)?;
+    *checks += 1;
+    let v = judge(&opts.tolerances, &ms).map_err(fail)?;
+    let (fl, ft) = flops_low(&trial);
+    records.push(Record {
+        kind: "search-check",
+        fields: vec![
+            ("check", checks.to_string()),
+            (
+                "decisions",
+                if !overrides.relax {
+                    "static rules".into()
+                } else if overrides.keep.is_empty() {
+                    "every candidate low".into()
+                } else {
+                    format!("{} candidates kept fp32", overrides.keep.len())
+                },
+            ),
+            (
+                "flops_low_share",
+                format!("{:.4}", fl as f64 / ft.max(1) as f64),
+            ),
+            ("badness", format!("{:.4}", v.badness)),
+            ("pass", v.pass.to_string()),
+            ("metrics", v.lines.join("; ")),
+        ],
+    });
+    Ok((v, fl))
+}
+
+fn flops_low(m: &Model) -> (u64, u64) {
+    let c = crate::pipeline::census(&m.graph);
+    (c.flops_low, c.flops)
+}
+
+impl Pass for SearchPrecision {
+    fn name(&self) -> &'static str {
+        "search-precision"
+    }
+
+    fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
+        let opts = &self.opts;
+        if opts.tolerances.is_empty() {
+            return Err(fail(
+                "no tolerance given (mpopt: --tolerance METRIC=VALUE)".into(),
+            ));
+        }
+        if opts.sets.is_empty() {
+            return Err(fail(
+                "no input sets to measure on (mpopt: --calib FILE.npz with --tolerance)".into(),
+            ));
+        }
+        let mut records = Vec::new();
+        let mut notes = Vec::new();
+
+        // 1. Reference: fp32 outputs of every set, and every main-graph value of the first.
+        let t_ref = std::time::Instant::now();
+        let mut obs = Observations::new(opts.precision.target);
+        let (refs, trace_vals) = {
+            let exec =
+                Executor::new(model).map_err(|e| fail(format!("cannot run the model: {e}")))?;
+            let mut refs = Vec::new();
+            let mut trace = Vec::new();
+            for (k, set) in opts.sets.iter().enumerate() {
+                let run = RunOptions {
+                    keep_all: k == 0,
+                    profile: false,
+                };
+                let mut see = |n: &str, v: &Value| {
+                    if opts.observe {
+                        obs.see(n, v)
+                    }
+                };
+                let out = exec
+                    .run_observed(set.clone(), &run, &mut see)
+                    .map_err(|e| fail(format!("input set {k}: {e}")))?;
+                if k == 0 {
+                    trace = out.trace;
+                    for (n, v) in set {
+                        trace.push((n.clone(), Arc::new(v.clone())));
+                    }
+                }
+                refs.push(out.outputs);
+            }
+            (refs, trace)
+        };
+        if opts.observe {
+            obs.store(model);
+        }
+        let reference_ms = t_ref.elapsed().as_secs_f64() * 1e3;
+        let trace: HashMap<&str, &Value> = trace_vals
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_ref()))
+            .collect();
+
+        // 2. The most-low decisions and their candidates.
+        let relaxed = SearchOverrides {
+            relax: true,
+            keep: HashMap::new(),
+        };
+        let mut decided = model.clone();
+        {
+            let mut p = opts.precision.clone();
+            p.search = Some(Arc::new(relaxed.clone()));
+            AssignPrecision::new(p).run(&mut decided)?;
+        }
+        let g = &decided.graph;
+        let low = |n: &mpopt_ir::Node| n.precision.as_ref().is_some_and(|p| p.dtype != DType::F32);
+        let candidates: Vec<NodeId> = g
+            .nodes()
+            .filter(|(_, n)| low(n) && !n.has_subgraphs() && n.op_type != "Cast")
+            .map(|(id, _)| id)
+            .collect();
+
+        // 3. Per-node pass.
+        let t0 = std::time::Instant::now();
+        let mut sens: Vec<(NodeId, f64, u64)> = Vec::new();
+        let mut unmeasured = 0u64;
+        // nodes are measured independently: in parallel, collected in schedule order
+        let measured: Vec<Option<f64>> = {
+            use rayon::prelude::*;
+            candidates
+                .par_iter()
+                .map(|&id| node_sensitivity(&decided, id, &trace, opts))
+                .collect()
+        };
+        for (&id, m) in candidates.iter().zip(measured) {
+            match m {
+                Some(s) => sens.push((id, s, node_flops(g, g.node(id)))),
+                None => unmeasured += 1,
+            }
+        }
+        let per_node_ms = t0.elapsed().as_secs_f64() * 1e3;
+        // most sensitive first; ties: fewer FLOPs first (cheaper to keep), then schedule order
+        sens.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
+        // the most sensitive nodes, for the report whatever the search decides
+        for (id, s, f) in sens.iter().take(SHOWN) {
+            records.push(Record {
+                kind: "search-sensitivity",
+                fields: vec![
+                    ("node", mpopt_ir::node_label(g, *id)),
+                    ("op", g.node(*id).qualified_op()),
+                    ("sensitivity", format!("{s:.4e}")),
+                    ("flops", f.to_string()),
+                ],
+            });
+        }
+        let rank: HashMap<NodeId, usize> = sens.iter().enumerate().map(|(i, s)| (s.0, i)).collect();
+        let evidence = |id: NodeId, s: f64| {
+            format!(
+                "sensitivity {s:.3e} (relative RMS error of its outputs alone in {}; rank {} of {})",
+                opts.precision.target,
+                rank[&id] + 1,
+                sens.len()
+            )
+        };
+
+        // 4. Choose and verify.
+        let mut keep: HashMap<NodeId, String> = HashMap::new();
+        for &(id, s, _) in &sens {
+            if !s.is_finite() {
+                keep.insert(id, format!("makes NaN/Inf alone: {}", evidence(id, s)));
+            }
+        }
+        // the nodes worth keeping: they compute (data movement only copies rounded values)
+        let keepable: Vec<(NodeId, f64)> = sens
+            .iter()
+            .filter(|(id, s, f)| s.is_finite() && *f > 0 && !keep.contains_key(id))
+            .map(|&(id, s, _)| (id, s))
+            .collect();
+        let t_checks = std::time::Instant::now();
+        let statically = {
+            let mut m = model.clone();
+            AssignPrecision::new(opts.precision.clone()).run(&mut m)?;
+            flops_low(&m).0
+        };
+        let mut static_checked = false;
+        let mut next = 0usize;
+        let mut checks = 0usize;
+        let mut current = SearchOverrides {
+            relax: true,
+            keep: keep.clone(),
+        };
+        let (chosen, verdict) = loop {
+            let (v, fl) = try_decisions(model, opts, &refs, &current, &mut checks, &mut records)?;
+            if v.pass {
+                // the static decisions win when they lower more and also meet the budget
+                if !static_checked && statically > fl {
+                    let s = SearchOverrides::default();
+                    let (sv, _) = try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
+                    if sv.pass {
+                        break (s, sv);
+                    }
+                }
+                break (current, v);
+            }
+            if checks >= opts.max_checks || next >= keepable.len() {
+                return Err(fail(format!(
+                    "the budget is not met after {checks} whole-model checks with {} of {} candidate nodes kept fp32: {}",
+                    current.keep.len(),
+                    sens.len(),
+                    v.lines.join("; ")
+                )));
+            }
+            // independent rounding errors add in quadrature: keep the most sensitive nodes until the
+            // predicted badness is a safe fraction of the budget
+            let remaining: f64 = keepable[next..].iter().map(|x| x.1 * x.1).sum();
+            let scale = if remaining > 0.0 && v.badness.is_finite() {
+                v.badness / remaining.sqrt()
+            } else {
+                f64::INFINITY
+            };
+            let mut left = remaining;
+            // without a finite scale (NaN/Inf at the outputs, no node alone to blame): a quarter at a time
+            let quota = if scale.is_finite() {
+                usize::MAX
+            } else {
+                ((keepable.len() - next) / 4).max(1)
+            };
+            let mut taken = 0;
+            while next < keepable.len()
+                && taken < quota
+                && (taken == 0 || scale * left.max(0.0).sqrt() > TARGET)
+            {
+                let (id, s) = keepable[next];
+                keep.insert(id, evidence(id, s));
+                left -= s * s;
+                next += 1;
+                taken += 1;
+            }
+            current = SearchOverrides {
+                relax: true,
+                keep: keep.clone(),
+            };
+            // a proposal that lowers less than the static rules: check those first
+            if !static_checked && flops_low(&convert(model, opts, current.clone())?).0 < statically
+            {
+                static_checked = true;
+                let s = SearchOverrides::default();
+                let (sv, _) = try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
+                if sv.pass {
+                    break (s, sv);
+                }
+            }
+        };
+        let checks_ms = t_checks.elapsed().as_secs_f64() * 1e3;
+        if !chosen.relax {
+            notes.push(
+                "the static decisions meet the budget and lower more FLOPs than the search's: kept"
+                    .into(),
+            );
+        }
+        let final_keep = chosen.keep.clone();
+
+        // Decide the model itself as verified.
+        let mut p = opts.precision.clone();
+        p.search = Some(Arc::new(chosen));
+        AssignPrecision::new(p).run(model)?;
+        let g = &model.graph;
+        let mut kept: Vec<(&NodeId, &String)> = final_keep.iter().collect();
+        kept.sort_by_key(|(id, _)| rank.get(id).copied().unwrap_or(usize::MAX));
+        for (id, ev) in kept {
+            records.push(Record {
+                kind: "search-kept",
+                fields: vec![
+                    ("node", mpopt_ir::node_label(g, *id)),
+                    ("op", g.node(*id).qualified_op()),
+                    ("evidence", ev.clone()),
+                ],
+            });
+        }
+        let (fl, ft) = flops_low(model);
+        notes.push(format!(
+            "{} candidate nodes measured ({unmeasured} could not be run alone); {} kept fp32; {} whole-model check(s) on {} input set(s); {:.1}% of FLOPs low; {}",
+            sens.len(),
+            final_keep.len(),
+            checks,
+            opts.sets.len(),
+            100.0 * fl as f64 / ft.max(1) as f64,
+            verdict.lines.join("; ")
+        ));
+        records.push(Record {
+            kind: "search-cost",
+            fields: vec![
+                ("reference_runs", opts.sets.len().to_string()),
+                ("reference_ms", format!("{reference_ms:.1}")),
+                ("checks_ms", format!("{checks_ms:.1}")),
+                ("per_node_pass_ms", format!("{per_node_ms:.1}")),
+                ("nodes_measured", sens.len().to_string()),
+                ("whole_model_checks", checks.to_string()),
+            ],
+        });
+        Ok(PassOutcome {
+            changed: true,
+            counters: vec![
+                ("candidates", sens.len() as u64),
+                ("kept fp32", final_keep.len() as u64),
+                ("checks", checks as u64),
+            ],
+            notes,
+            records,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerances_parse() {
+        let t = Tolerance::parse("cosine@emb=0.9999").unwrap();
+        assert_eq!(t.metric, Metric::Cosine);
+        assert_eq!(t.output.as_deref(), Some("emb"));
+        assert_eq!(t.text(), "cosine@emb=0.9999");
+        assert_eq!(Tolerance::parse("top1=1").unwrap().metric, Metric::Top1);
+        for (bad, why) in [
+            ("cosine=1", "exclusive"),
+            ("l2=3", "unknown metric 'l2'"),
+            ("max-rel", "METRIC"),
+            ("max-abs=x", "not a number"),
+            ("max-abs@=1", "empty output"),
+        ] {
+            let e = Tolerance::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    fn metrics(name: &str, r: Vec<f32>, c: Vec<f32>, shape: Vec<usize>) -> OutputMetrics {
+        let mut m = OutputMetrics::new(name);
+        let t = |x| Value::Tensor(mpopt_exec::Tensor::f32(shape.clone(), x));
+        m.add(&t(r), &t(c), 0.0, 0.0);
+        m
+    }
+
+    #[test]
+    fn judging_against_budgets() {
+        let m = metrics(
+            "y",
+            vec![1.0, 2.0, 4.0, 0.0],
+            vec![1.0, 2.1, 4.0, 0.0],
+            vec![2, 2],
+        );
+        let tol = |s: &str| Tolerance::parse(s).unwrap();
+        let v = judge(&[tol("max-abs=0.2")], std::slice::from_ref(&m)).unwrap();
+        assert!(v.pass && (v.badness - 0.5).abs() < 1e-5, "{}", v.badness);
+        let v = judge(&[tol("max-abs=0.05")], std::slice::from_ref(&m)).unwrap();
+        assert!(!v.pass && (v.badness - 2.0).abs() < 1e-5);
+        // rows [1, 2] and [4, 0]: margins 1 and 4, errors 0.1 and 0 -> flip risk 0.2
+        let v = judge(&[tol("top1=1")], std::slice::from_ref(&m)).unwrap();
+        assert!(v.pass && (v.badness - 0.2).abs() < 1e-5);
+        let err = judge(&[tol("cosine@z=0.9")], std::slice::from_ref(&m))
+            .err()
+            .unwrap();
+        assert!(err.contains("the outputs are: y"), "{err}");
+        let inf = metrics("y", vec![1.0, 2.0], vec![1.0, f32::INFINITY], vec![2]);
+        let v = judge(&[tol("max-abs=1")], &[inf]).unwrap();
+        assert!(!v.pass && v.badness.is_infinite());
+    }
+}
