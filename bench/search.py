@@ -26,6 +26,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "py"))
+from common import checker_ok, run_ort  # noqa: E402
 from convert_check import combine, metric  # noqa: E402
 
 import onnx  # noqa: E402
@@ -43,6 +44,20 @@ MODELS = {
     "silero_vad_16k_sequence_lstm": ("max-abs", 0.01, "rows", {"h": None, "c": None}),
     "silero_vad_v6": ("max-abs", 0.01, "rows", {"state": 1, "sr": None}),
     "vit_tiny_patch16_224_random": ("top1", 1.0, "rows", {}),
+}
+
+# Tighter budgets, where the search has to keep nodes fp32 (`--budgets strict`).
+STRICT = {
+    "ddddocr_det_yolox": ("cosine", 0.999999),
+    "magika_standard_v3_3": ("max-abs", 1e-3),
+    "open_nsfw_resnet50": ("max-abs", 1e-3),
+    "paraphrase_minilm_l3_v2": ("cosine", 0.999999),
+    "ppocr_mobile_v2_cls": ("max-abs", 1e-3),
+    "ppocrv4_det": ("cosine", 0.999999),
+    "ppocrv4_rec": ("max-abs", 1e-2),
+    "silero_vad_16k_sequence_lstm": ("max-abs", 1e-3),
+    "silero_vad_v6": ("max-abs", 1e-3),
+    "vit_tiny_patch16_224_random": ("cosine", 0.99999),
 }
 
 
@@ -114,7 +129,12 @@ def main():
     ap.add_argument("--mpopt", required=True)
     ap.add_argument("--occ-timeout", type=float, default=300.0)
     ap.add_argument("--only", help="comma-separated model names")
+    ap.add_argument("--budgets", choices=["default", "strict"], default="default",
+                    help="default: the task-level budgets (top-1 agreement, cosine 0.9999, ...); strict: tighter ones")
     ap.add_argument("--json")
+    ap.add_argument("--check", action="store_true",
+                    help="exit non-zero unless every model meets its budget on the held-out inputs with at least the "
+                         "static pipeline's share of low FLOPs (same calibration data)")
     ap.add_argument("corpus")
     a = ap.parse_args()
     only = set(a.only.split(",")) if a.only else None
@@ -125,6 +145,8 @@ def main():
             if name not in MODELS or (only and name not in only):
                 continue
             metric_name, bound, how, axes = MODELS[name]
+            if a.budgets == "strict":
+                metric_name, bound = STRICT[name]
             folder = os.path.dirname(path)
             kind = json.load(open(os.path.join(folder, "meta.json"))).get("metric")
             first = onnx.load(path, load_external_data=False).graph.output[0].name
@@ -146,6 +168,14 @@ def main():
             row["checks"] = len(checks)
             row["kept"] = sum(x["kind"] == "search-kept" for x in report["search"])
             row["share"] = report["summary"]["flops_low_share"]
+            # valid: onnx.checker (full) and onnxruntime run it on the held-out inputs
+            problem = checker_ok(out)
+            if problem is None:
+                try:
+                    run_ort(out, h)
+                except Exception as e:  # noqa: BLE001 - a failure to run is the verdict
+                    problem = f"onnxruntime: {str(e).splitlines()[0][:160]}"
+            row["valid"] = problem or "ok"
             for label, extra in (("static", []), ("static_calib", ["--calib", sp])):
                 o, rp = os.path.join(tmp, f"{name}.{label}.onnx"), os.path.join(tmp, f"{name}.{label}.json")
                 _, r2 = sh([a.mpopt, path, "-o", o, "--report", rp, *extra])
@@ -175,11 +205,11 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| model | budget | held-out | task metric (held-out) | FLOPs low: search / static / static+calib | checks | kept fp32 | search s | occ auto s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | budget | held-out | task metric (held-out) | FLOPs low: search / static / static+calib | checks | kept fp32 | valid | search s | occ auto s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['budget']} | error: {r['error'][-120:]} |||||||")
+            print(f"| {r['model']} | {r['budget']} | error: {r['error'][-120:]} ||||||||")
             continue
         pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
         task = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["task"].items())
@@ -187,9 +217,16 @@ def main():
         occ = f"{occ:.1f}" if isinstance(occ, float) else str(occ)
         print(f"| {r['model']} | {r['budget']} | {r['heldout']:.6g} {'ok' if r['heldout_ok'] else 'MISSED'} | {task} | "
               f"{pct(r['share'])} / {pct(r['share_static'])} / {pct(r['share_static_calib'])} | {r['checks']} | "
-              f"{r['kept']} | {r['search_s']:.1f} | {occ} |")
+              f"{r['kept']} | {r['valid']} | {r['search_s']:.1f} | {occ} |")
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
+    if a.check:
+        bad = [r["model"] for r in rows
+               if "error" in r or r["valid"] != "ok" or not r["heldout_ok"]
+               or r["share"] < (r["share_static_calib"] or 0) - 1e-9]
+        if bad or not rows:
+            sys.exit(f"search check failed: {', '.join(bad) or 'no models'}")
+        print(f"search check: {len(rows)} models meet their budgets on held-out inputs")
 
 
 if __name__ == "__main__":
