@@ -19,9 +19,9 @@
 //!    NaN/Inf). Nodes that make NaN/Inf are kept fp32 from the start.
 //! 4. *Choose and verify*: the whole model is converted (`assign-precision` with the kept set, `insert-casts`,
 //!    `fuse-casts`) and run on every input set; the outputs are judged against each tolerance as a *badness*
-//!    (1 at the budget). If it fails, errors are taken to add up in proportion to sensitivity: the most
-//!    sensitive nodes are kept fp32 until the predicted badness is half the budget, and the model is checked
-//!    again; the scale is re-measured after each check (greedy repair). Data-movement nodes are never kept:
+//!    (1 at the budget). If it fails, rounding errors are taken as independent (they add in quadrature):
+//!    nodes are kept fp32 in the order of squared sensitivity per FLOP until the predicted badness is 0.7 of
+//!    the budget, and the model is checked again; the scale is re-measured after each check (greedy repair). Data-movement nodes are never kept:
 //!    keeping one fp32 removes no rounding. If the result has fewer low FLOPs than the static decisions and
 //!    those meet the budget too, they win.
 //!
@@ -281,22 +281,34 @@ fn judge(tols: &[Tolerance], ms: &[OutputMetrics]) -> Result<Verdict, String> {
     Ok(v)
 }
 
-/// The decisions with these overrides, then the casts, as the pipeline would build them.
+/// The main graph's decisions, node by node.
+type Signature = Vec<Option<DType>>;
+
+fn signature(m: &Model) -> Signature {
+    m.graph
+        .nodes()
+        .map(|(_, n)| n.precision.as_ref().map(|p| p.dtype))
+        .collect()
+}
+
+/// The decisions with these overrides, then the casts, as the pipeline would build them; with the
+/// decisions' signature.
 fn convert(
     base: &Model,
     opts: &SearchOptions,
     overrides: SearchOverrides,
-) -> Result<Model, PassError> {
+) -> Result<(Model, Signature), PassError> {
     let mut m = base.clone();
     let mut p = opts.precision.clone();
     p.search = Some(Arc::new(overrides));
     AssignPrecision::new(p).run(&mut m)?;
+    let sig = signature(&m);
     InsertCasts::new(opts.precision.target, opts.io.clone()).run(&mut m)?;
     FuseCasts {
         unsafe_narrow_widen: opts.unsafe_fuse,
     }
     .run(&mut m)?;
-    Ok(m)
+    Ok((m, sig))
 }
 
 fn fail(message: String) -> PassError {
@@ -444,8 +456,8 @@ fn try_decisions(
     overrides: &SearchOverrides,
     checks: &mut usize,
     records: &mut Vec<Record>,
-) -> Result<(Verdict, u64), PassError> {
-    let trial = convert(model, opts, overrides.clone())?;
+) -> Result<(Verdict, u64, Signature), PassError> {
+    let (trial, sig) = convert(model, opts, overrides.clone())?;
     let ms = check(&trial, &opts.sets, refs)?;
     *checks += 1;
     let v = judge(&opts.tolerances, &ms).map_err(fail)?;
@@ -473,7 +485,7 @@ fn try_decisions(
             ("metrics", v.lines.join("; ")),
         ],
     });
-    Ok((v, fl))
+    Ok((v, fl, sig))
 }
 
 fn flops_low(m: &Model) -> (u64, u64) {
@@ -611,17 +623,23 @@ impl Pass for SearchPrecision {
             }
         }
         // the nodes worth keeping: they compute (data movement only copies rounded values)
-        let keepable: Vec<(NodeId, f64)> = sens
+        // in the order of error removed (squared sensitivity) per FLOP kept high: the cheap nodes that cost
+        // the most accuracy go first, the big matrix products last
+        let mut keepable: Vec<(NodeId, f64, u64)> = sens
             .iter()
             .filter(|(id, s, f)| s.is_finite() && *f > 0 && !keep.contains_key(id))
-            .map(|&(id, s, _)| (id, s))
+            .copied()
             .collect();
+        let worth = |&(_, s, f): &(NodeId, f64, u64)| s * s / (f as f64 + 1.0);
+        keepable.sort_by(|a, b| worth(b).total_cmp(&worth(a)).then(a.0.cmp(&b.0)));
+        let keepable: Vec<(NodeId, f64)> = keepable.into_iter().map(|(id, s, _)| (id, s)).collect();
         let t_checks = std::time::Instant::now();
-        let statically = {
+        let (statically, static_sig) = {
             let mut m = model.clone();
             AssignPrecision::new(opts.precision.clone()).run(&mut m)?;
-            flops_low(&m).0
+            (flops_low(&m).0, signature(&m))
         };
+        // the static decisions are checked at most once, and not when a failed check tried the same
         let mut static_checked = false;
         let mut next = 0usize;
         let mut checks = 0usize;
@@ -630,12 +648,15 @@ impl Pass for SearchPrecision {
             keep: keep.clone(),
         };
         let (chosen, verdict) = loop {
-            let (v, fl) = try_decisions(model, opts, &refs, &current, &mut checks, &mut records)?;
+            let (v, fl, sig) =
+                try_decisions(model, opts, &refs, &current, &mut checks, &mut records)?;
+            static_checked |= !v.pass && sig == static_sig;
             if v.pass {
                 // the static decisions win when they lower more and also meet the budget
                 if !static_checked && statically > fl {
                     let s = SearchOverrides::default();
-                    let (sv, _) = try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
+                    let (sv, ..) =
+                        try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
                     if sv.pass {
                         break (s, sv);
                     }
@@ -650,7 +671,7 @@ impl Pass for SearchPrecision {
                     v.lines.join("; ")
                 )));
             }
-            // independent rounding errors add in quadrature: keep the most sensitive nodes until the
+            // independent rounding errors add in quadrature: keep nodes (most error per FLOP first) until the
             // predicted badness is a safe fraction of the budget
             let remaining: f64 = keepable[next..].iter().map(|x| x.1 * x.1).sum();
             let scale = if remaining > 0.0 && v.badness.is_finite() {
@@ -681,11 +702,12 @@ impl Pass for SearchPrecision {
                 keep: keep.clone(),
             };
             // a proposal that lowers less than the static rules: check those first
-            if !static_checked && flops_low(&convert(model, opts, current.clone())?).0 < statically
+            if !static_checked
+                && flops_low(&convert(model, opts, current.clone())?.0).0 < statically
             {
                 static_checked = true;
                 let s = SearchOverrides::default();
-                let (sv, _) = try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
+                let (sv, ..) = try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
                 if sv.pass {
                     break (s, sv);
                 }
