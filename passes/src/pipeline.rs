@@ -7,7 +7,9 @@ use crate::calibrate::{Calibrate, InputSet};
 use crate::fuse_casts::FuseCasts;
 use crate::infer_types::InferTypes;
 use crate::insert_casts::{InsertCasts, IoTypes};
-use crate::search_precision::{DEFAULT_MAX_CHECKS, SearchOptions, SearchPrecision, Tolerance};
+use crate::search_precision::{
+    DEFAULT_MAX_CHECKS, Progress, SearchOptions, SearchPrecision, Tolerance,
+};
 use crate::{Pass, PassError};
 
 /// Makes a fresh pass.
@@ -109,6 +111,8 @@ pub struct ConvertOptions {
     pub unsafe_fuse: bool,
     /// Error budgets: `search-precision` runs (on the calibration sets) when there are any.
     pub tolerances: Vec<Tolerance>,
+    /// Progress reports of the search.
+    pub search_progress: Option<Progress>,
 }
 
 /// The default conversion pipeline, in order.
@@ -133,6 +137,7 @@ pub fn default_pipeline(opts: &ConvertOptions) -> Vec<Box<dyn Pass>> {
             unsafe_fuse: opts.unsafe_fuse,
             max_checks: DEFAULT_MAX_CHECKS,
             observe: true,
+            progress: opts.search_progress.clone(),
         })));
     } else {
         if !opts.calib.is_empty() {

@@ -144,6 +144,21 @@ impl Tolerance {
     }
 }
 
+/// Called as the search goes: (stage, done, total). Stages: `reference` (input sets), `per-node` (nodes),
+/// `check` (whole-model checks, out of the most allowed), and `done` once at the end. Called from several
+/// threads during `per-node`.
+#[derive(Clone)]
+pub struct Progress(pub Arc<ProgressFn>);
+
+/// The callback behind [`Progress`].
+pub type ProgressFn = dyn Fn(&str, usize, usize) + Send + Sync;
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
 /// What the search needs.
 #[derive(Clone, Debug)]
 pub struct SearchOptions {
@@ -162,6 +177,8 @@ pub struct SearchOptions {
     /// Record the reference runs' statistics on the model's values, as `calibrate` does (the pipeline then
     /// needs no calibration run of its own).
     pub observe: bool,
+    /// Progress reports (a progress bar in the CLI).
+    pub progress: Option<Progress>,
 }
 
 /// How many of the most sensitive nodes the report lists.
@@ -183,6 +200,7 @@ impl Default for SearchOptions {
             unsafe_fuse: false,
             max_checks: DEFAULT_MAX_CHECKS,
             observe: false,
+            progress: None,
         }
     }
 }
@@ -457,6 +475,9 @@ fn try_decisions(
     checks: &mut usize,
     records: &mut Vec<Record>,
 ) -> Result<(Verdict, u64, Signature), PassError> {
+    if let Some(p) = &opts.progress {
+        (p.0)("check", *checks, opts.max_checks);
+    }
     let (trial, sig) = convert(model, opts, overrides.clone())?;
     let ms = check(&trial, &opts.sets, refs)?;
     *checks += 1;
@@ -514,6 +535,11 @@ impl Pass for SearchPrecision {
         let mut notes = Vec::new();
 
         // 1. Reference: fp32 outputs of every set, and every main-graph value of the first.
+        let report = |stage: &str, done: usize, total: usize| {
+            if let Some(p) = &opts.progress {
+                (p.0)(stage, done, total)
+            }
+        };
         let t_ref = std::time::Instant::now();
         let mut obs = Observations::new(opts.precision.target);
         let (refs, trace_vals) = {
@@ -522,6 +548,7 @@ impl Pass for SearchPrecision {
             let mut refs = Vec::new();
             let mut trace = Vec::new();
             for (k, set) in opts.sets.iter().enumerate() {
+                report("reference", k, opts.sets.len());
                 let run = RunOptions {
                     keep_all: k == 0,
                     profile: false,
@@ -579,9 +606,15 @@ impl Pass for SearchPrecision {
         // nodes are measured independently: in parallel, collected in schedule order
         let measured: Vec<Option<f64>> = {
             use rayon::prelude::*;
+            let done = std::sync::atomic::AtomicUsize::new(0);
             candidates
                 .par_iter()
-                .map(|&id| node_sensitivity(&decided, id, &trace, opts))
+                .map(|&id| {
+                    let s = node_sensitivity(&decided, id, &trace, opts);
+                    let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    report("per-node", d, candidates.len());
+                    s
+                })
                 .collect()
         };
         for (&id, m) in candidates.iter().zip(measured) {
@@ -714,6 +747,7 @@ impl Pass for SearchPrecision {
             }
         };
         let checks_ms = t_checks.elapsed().as_secs_f64() * 1e3;
+        report("done", 1, 1);
         if !chosen.relax {
             notes.push(
                 "the static decisions meet the budget and lower more FLOPs than the search's: kept"

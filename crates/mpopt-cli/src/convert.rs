@@ -220,6 +220,7 @@ fn options(a: &ConvertArgs) -> Result<ConvertOptions> {
             .iter()
             .map(|t| Tolerance::parse(t).map_err(|e| Usage(format!("--tolerance: {e}")).into()))
             .collect::<Result<_>>()?,
+        search_progress: None,
     })
 }
 
@@ -342,6 +343,28 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     if !opts.tolerances.is_empty() && opts.calib.is_empty() {
         bail!(Usage(
             "--tolerance needs inputs to measure on: give --calib FILE.npz (or a folder)".into()
+        ));
+    }
+    if !opts.tolerances.is_empty() && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // The search runs the model many times: show where it is.
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} search: {msg} [{pos}/{len}] ({elapsed})",
+            )
+            .expect("a valid template"),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        opts.search_progress = Some(mpopt_passes::search_precision::Progress(
+            std::sync::Arc::new(move |stage: &str, done: usize, total: usize| {
+                if stage == "done" {
+                    bar.finish_and_clear();
+                    return;
+                }
+                bar.set_message(stage.to_string());
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            }),
         ));
     }
     let before = pipeline::census(&m.graph);
