@@ -183,6 +183,9 @@ pub struct SearchOverrides {
     pub relax: bool,
     /// Main-graph nodes kept fp32, with the evidence (they do not spread).
     pub keep: std::collections::HashMap<NodeId, String>,
+    /// Main-graph nodes exempt from the flush and underflow gates, with the measurement that showed them
+    /// harmless (`measure-gates`).
+    pub lift: std::collections::HashMap<NodeId, String>,
 }
 
 /// The default [`PrecisionOptions::range_margin`]: three binades above the largest observed value.
@@ -670,6 +673,10 @@ fn decide_graph(
             spreads[id.index()] = true;
             continue;
         }
+        let lifted = search.and_then(|s| s.lift.get(&id));
+        if let Some(ev) = lifted {
+            evidence = format!("{evidence}; {ev}");
+        }
         if let Some(ev) = search.and_then(|s| s.keep.get(&id)) {
             fp32(&mut why, "search: kept fp32".into(), ev.clone());
             color[id.index()] = Color::Fp32;
@@ -755,7 +762,11 @@ fn decide_graph(
             // the sum by less than the smallest subnormal: harmless (open_nsfw's 52 batch-norm bias Adds).
             let short = r.count <= 16;
             let addend = dom.is_empty() && matches!(node.op_type.as_str(), "Add" | "Sub" | "Sum");
-            if r.flush > 0 && !relax && (short || !addend && r.flush * 100 > r.count) {
+            if r.flush > 0
+                && !relax
+                && lifted.is_none()
+                && (short || !addend && r.flush * 100 > r.count)
+            {
                 data_gate = Some(format!(
                     "initializer '{name}': {} of {} non-zero values would flush to zero in {target}",
                     r.flush, r.count

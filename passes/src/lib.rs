@@ -14,6 +14,7 @@ pub mod calibrate;
 pub mod fuse_casts;
 pub mod infer_types;
 pub mod insert_casts;
+pub mod measure_gates;
 pub mod pipeline;
 pub mod policy;
 mod range_rules;

@@ -7,6 +7,7 @@ use crate::calibrate::{Calibrate, InputSet};
 use crate::fuse_casts::FuseCasts;
 use crate::infer_types::InferTypes;
 use crate::insert_casts::{InsertCasts, IoTypes};
+use crate::measure_gates::MeasureGates;
 use crate::search_precision::{
     DEFAULT_MAX_CHECKS, Progress, SearchOptions, SearchPrecision, Tolerance,
 };
@@ -21,6 +22,7 @@ const REGISTRY: &[(&str, Constructor)] = &[
     ("analyze-ranges", || Box::new(AnalyzeRanges::default())),
     ("calibrate", || Box::new(Calibrate::default())),
     ("assign-precision", || Box::new(AssignPrecision::default())),
+    ("measure-gates", || Box::new(MeasureGates::default())),
     ("search-precision", || Box::new(SearchPrecision::default())),
     ("insert-casts", || Box::new(InsertCasts::default())),
     ("fuse-casts", || Box::new(FuseCasts::default())),
@@ -150,6 +152,16 @@ pub fn default_pipeline(opts: &ConvertOptions) -> Vec<Box<dyn Pass>> {
         // Decide fp16/bf16/fp32 per node: policy classes, schema and initializer gates, user selectors,
         // TF-style colouring. Annotates only.
         passes.push(Box::new(AssignPrecision::new(opts.precision.clone())));
+        if !opts.calib.is_empty() {
+            // Measure the nodes kept fp32 only by the flush and underflow gates, and lower the harmless ones
+            // when the whole model is no worse for it.
+            passes.push(Box::new(MeasureGates::new(
+                opts.calib.clone(),
+                opts.precision.clone(),
+                opts.io.clone(),
+                opts.unsafe_fuse,
+            )));
+        }
     }
     passes.extend([
         // Make the graph agree with the decisions: retype outputs, convert constants once, one Cast per

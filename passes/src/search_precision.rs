@@ -311,7 +311,7 @@ fn signature(m: &Model) -> Signature {
 
 /// The decisions with these overrides, then the casts, as the pipeline would build them; with the
 /// decisions' signature.
-fn convert(
+pub(crate) fn convert(
     base: &Model,
     opts: &SearchOptions,
     overrides: SearchOverrides,
@@ -337,7 +337,7 @@ fn fail(message: String) -> PassError {
 }
 
 /// Runs a model on every set and compares its outputs with the reference's.
-fn check(
+pub(crate) fn check(
     m: &Model,
     sets: &[InputSet],
     refs: &[Vec<(String, Value)>],
@@ -406,11 +406,11 @@ fn rel_rms(r: &Value, c: &Value) -> Option<f64> {
 }
 
 /// One node alone in a model of its own, reading the reference values: its outputs' largest relative RMS error.
-fn node_sensitivity(
+pub(crate) fn node_sensitivity(
     base: &Model,
     id: NodeId,
     trace: &HashMap<&str, &Value>,
-    opts: &SearchOptions,
+    target: DType,
 ) -> Option<f64> {
     let g = &base.graph;
     let node = g.node(id);
@@ -453,9 +453,7 @@ fn node_sensitivity(
     let mut m = Model::new(mg, base.opset("").unwrap_or(21));
     m.ir_version = base.ir_version;
     m.opset_imports = base.opset_imports.clone();
-    InsertCasts::new(opts.precision.target, IoTypes::Keep)
-        .run(&mut m)
-        .ok()?;
+    InsertCasts::new(target, IoTypes::Keep).run(&mut m).ok()?;
     let exec = Executor::new(&m).ok()?;
     let out = exec.run(feeds, &RunOptions::default()).ok()?;
     let mut worst = 0f64;
@@ -583,7 +581,7 @@ impl Pass for SearchPrecision {
         // 2. The most-low decisions and their candidates.
         let relaxed = SearchOverrides {
             relax: true,
-            keep: HashMap::new(),
+            ..SearchOverrides::default()
         };
         let mut decided = model.clone();
         {
@@ -610,7 +608,7 @@ impl Pass for SearchPrecision {
             candidates
                 .par_iter()
                 .map(|&id| {
-                    let s = node_sensitivity(&decided, id, &trace, opts);
+                    let s = node_sensitivity(&decided, id, &trace, opts.precision.target);
                     let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     report("per-node", d, candidates.len());
                     s
@@ -679,6 +677,7 @@ impl Pass for SearchPrecision {
         let mut current = SearchOverrides {
             relax: true,
             keep: keep.clone(),
+            ..SearchOverrides::default()
         };
         let (chosen, verdict) = loop {
             let (v, fl, sig) =
@@ -733,6 +732,7 @@ impl Pass for SearchPrecision {
             current = SearchOverrides {
                 relax: true,
                 keep: keep.clone(),
+                ..SearchOverrides::default()
             };
             // a proposal that lowers less than the static rules: check those first
             if !static_checked

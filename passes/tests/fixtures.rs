@@ -12,6 +12,7 @@ use std::path::Path;
 use mpopt_passes::analyze_ranges::{AnalyzeRanges, RangeOptions};
 use mpopt_passes::assign_precision::{AssignPrecision, PrecisionOptions};
 use mpopt_passes::calibrate::{Calibrate, InputSet};
+use mpopt_passes::measure_gates::MeasureGates;
 use mpopt_passes::search_precision::{SearchOptions, SearchPrecision, Tolerance};
 use mpopt_passes::{Pass, PassManager, pipeline};
 
@@ -79,6 +80,12 @@ fn run_fixture(path: &Path) -> String {
                 ..PrecisionOptions::default()
             })),
             "calibrate" => Box::new(Calibrate::new(vec![calib.clone()], mpopt_ir::DType::F16)),
+            "measure-gates" => Box::new(MeasureGates::new(
+                vec![calib.clone()],
+                PrecisionOptions::default(),
+                Default::default(),
+                false,
+            )),
             "search-precision" => Box::new(SearchPrecision::new(SearchOptions {
                 tolerances: tolerances.clone(),
                 sets: vec![calib.clone()],

@@ -120,7 +120,7 @@ fn option_errors_name_the_valid_choices() {
     assert_eq!(code, 2);
     assert_eq!(
         err,
-        "error: unknown pass 'bogus'; the passes are: infer-types, analyze-ranges, calibrate, assign-precision, search-precision, insert-casts, fuse-casts\n"
+        "error: unknown pass 'bogus'; the passes are: infer-types, analyze-ranges, calibrate, assign-precision, measure-gates, search-precision, insert-casts, fuse-casts\n"
     );
     let (code, _, err) = mpopt(&[MLP, "-o", s(&out), "--to", "int8"]);
     assert_eq!(code, 2);

@@ -27,6 +27,8 @@ pub struct OutputMetrics {
     /// Largest |cand - ref| / max(|ref|, 1e-3 * peak), the peak being the tensor's largest |ref|: a relative
     /// error that elements near zero cannot blow up (what `--tolerance max-rel` budgets).
     pub max_rel_peak: f64,
+    /// Largest finite |ref| over every input set.
+    pub peak: f64,
     /// Smallest cosine similarity of an input set's flattened tensors.
     pub cosine: f64,
     /// NaNs in the reference.
@@ -94,6 +96,7 @@ impl OutputMetrics {
             .iter()
             .filter(|x| x.is_finite())
             .fold(0f64, |m, x| m.max(x.abs()));
+        self.peak = self.peak.max(peak);
         let floor = (peak * 1e-3).max(1e-30);
         let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
         for (&x, &y) in a.iter().zip(&b) {
