@@ -608,6 +608,32 @@ fn range_lift(
     Some(ev.join("; "))
 }
 
+/// Every node with float32 data of a graph (and of its subgraphs) fp32: the body of a control-flow node that
+/// the search keeps fp32.
+fn keep_all_fp32(g: &mut Graph, evidence: &str, stats: &mut Stats) {
+    g.for_each_subgraph_mut(|_, _, sg| keep_all_fp32(sg, evidence, stats));
+    let ids: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
+    for id in ids {
+        let node = g.node(id);
+        let touches_f32 = node
+            .inputs()
+            .iter()
+            .flatten()
+            .chain(node.outputs().iter().flatten())
+            .any(|&v| is_f32(g, v));
+        if !touches_f32 {
+            continue;
+        }
+        stats.decided += 1;
+        stats.fp32 += 1;
+        g.node_mut(id).precision = Some(Box::new(PrecisionDecision {
+            dtype: DType::F32,
+            rule: "search: kept fp32 (body of a kept node)".into(),
+            evidence: evidence.to_string(),
+        }));
+    }
+}
+
 fn decide_graph(
     g: &mut Graph,
     opts: &PrecisionOptions,
@@ -615,9 +641,15 @@ fn decide_graph(
     stats: &mut Stats,
     main: bool,
 ) {
-    // Subgraphs first, each on its own.
-    g.for_each_subgraph_mut(|_, _, sg| decide_graph(sg, opts, opsets, stats, false));
+    // Subgraphs first, each on its own; the bodies of a node the search keeps fp32 are all fp32.
     let search = opts.search.as_deref().filter(|_| main);
+    g.for_each_subgraph_mut(|id, _, sg| {
+        if let Some(ev) = search.and_then(|s| s.keep.get(&id)) {
+            keep_all_fp32(sg, ev, stats);
+        } else {
+            decide_graph(sg, opts, opsets, stats, false)
+        }
+    });
     let relax = search.is_some_and(|s| s.relax);
 
     let bound = g.node_bound();

@@ -21,14 +21,16 @@
 //!    `fuse-casts`) and run on every input set; the outputs are judged against each tolerance as a *badness*
 //!    (1 at the budget). If it fails, rounding errors are taken as independent (they add in quadrature):
 //!    nodes are kept fp32 in the order of squared sensitivity per FLOP until the predicted badness is 0.7 of
-//!    the budget, and the model is checked again; the scale is re-measured after each check (greedy repair). Data-movement nodes are never kept:
-//!    keeping one fp32 removes no rounding. If the result has fewer low FLOPs than the static decisions and
-//!    those meet the budget too, they win.
+//!    the budget, and the model is checked again; the scale is re-measured after each check (greedy
+//!    repair). Data-movement nodes are never kept: keeping one fp32 removes no rounding. Last come what
+//!    could not be measured alone: control-flow nodes whose bodies run low (kept whole) and nodes that
+//!    cannot run by themselves. If the result has fewer low FLOPs than the static decisions and those meet
+//!    the budget too, they win.
 //!
-//! **Invariants.** Main graph only: subgraph nodes keep the static rules, and control-flow nodes their
-//! decision. Deterministic (same inputs, same decisions). Annotates only, like `assign-precision`: the pipeline's
-//! `insert-casts` and `fuse-casts` then build exactly the model that was verified. Fails, naming the metric,
-//! when even keeping every candidate fp32 misses the budget.
+//! **Invariants.** Main graph only: subgraph nodes keep the static rules unless their control-flow node is
+//! kept whole. Only tensor outputs are judged. Deterministic (same inputs, same decisions). Annotates only,
+//! like `assign-precision`: the pipeline's `insert-casts` and `fuse-casts` then build exactly the model that
+//! was verified. Fails, naming the metric, when even keeping every candidate fp32 misses the budget.
 //!
 //! ```text
 //! %e = Exp(%x)  : f32[N,8]   ; prec f32 (search: kept fp32; sensitivity 3.1e-2, rank 1 of 3)
@@ -247,6 +249,12 @@ fn judge(tols: &[Tolerance], ms: &[OutputMetrics]) -> Result<Verdict, String> {
             .filter(|m| t.output.as_deref().is_none_or(|o| o == m.name))
             .filter(|m| t.metric != Metric::Top1 || m.top1.is_some())
             .collect();
+        if applies.is_empty() && t.output.is_none() && t.metric != Metric::Top1 && ms.is_empty() {
+            // no tensor output at all (sequences, optionals): nothing to hold the budget against
+            v.lines
+                .push(format!("{}: no tensor output to judge", t.text()));
+            continue;
+        }
         if applies.is_empty() {
             let names: Vec<&str> = ms.iter().map(|m| m.name.as_str()).collect();
             return Err(format!(
@@ -348,16 +356,21 @@ pub(crate) fn check(
         let out = exec
             .run(adapt_inputs(m, set), &RunOptions::default())
             .map_err(|e| fail(format!("input set {k}: a trial model failed: {e}")))?;
-        for (i, (name, rv)) in r.iter().enumerate() {
+        // tensor outputs are judged; sequences and optionals are containers, not numbers
+        for (name, rv) in r.iter().filter(|(_, v)| matches!(v, Value::Tensor(_))) {
             let cv = out
                 .outputs
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v)
                 .ok_or_else(|| fail(format!("a trial model lost output '{name}'")))?;
-            if ms.len() <= i {
-                ms.push(OutputMetrics::new(name.clone()));
-            }
+            let i = match ms.iter().position(|m| m.name == *name) {
+                Some(i) => i,
+                None => {
+                    ms.push(OutputMetrics::new(name.clone()));
+                    ms.len() - 1
+                }
+            };
             ms[i].add(rv, cv, 0.0, 0.0);
         }
     }
@@ -507,6 +520,14 @@ fn try_decisions(
     Ok((v, fl, sig))
 }
 
+/// Does a graph (or a graph nested in it) have a node decided low?
+fn any_low(g: &Graph) -> bool {
+    g.nodes().any(|(_, n)| {
+        n.precision.as_ref().is_some_and(|p| p.dtype != DType::F32)
+            || n.subgraphs().any(|(_, sg)| any_low(sg))
+    })
+}
+
 fn flops_low(m: &Model) -> (u64, u64) {
     let c = crate::pipeline::census(&m.graph);
     (c.flops_low, c.flops)
@@ -596,6 +617,13 @@ impl Pass for SearchPrecision {
             .filter(|(_, n)| low(n) && !n.has_subgraphs() && n.op_type != "Cast")
             .map(|(id, _)| id)
             .collect();
+        // control-flow nodes whose bodies run low: not measured alone (their bodies read the enclosing
+        // scope), kept whole as a last resort
+        let bodies: Vec<NodeId> = g
+            .nodes()
+            .filter(|(_, n)| n.has_subgraphs() && n.subgraphs().any(|(_, sg)| any_low(sg)))
+            .map(|(id, _)| id)
+            .collect();
 
         // 3. Per-node pass.
         let t0 = std::time::Instant::now();
@@ -615,12 +643,17 @@ impl Pass for SearchPrecision {
                 })
                 .collect()
         };
+        let mut last_resort = Vec::new();
         for (&id, m) in candidates.iter().zip(measured) {
             match m {
                 Some(s) => sens.push((id, s, node_flops(g, g.node(id)))),
-                None => unmeasured += 1,
+                None => {
+                    unmeasured += 1;
+                    last_resort.push(id);
+                }
             }
         }
+        last_resort.extend(bodies.iter().copied());
         let per_node_ms = t0.elapsed().as_secs_f64() * 1e3;
         // most sensitive first; ties: fewer FLOPs first (cheaper to keep), then schedule order
         sens.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
@@ -638,12 +671,15 @@ impl Pass for SearchPrecision {
         }
         let rank: HashMap<NodeId, usize> = sens.iter().enumerate().map(|(i, s)| (s.0, i)).collect();
         let evidence = |id: NodeId, s: f64| {
-            format!(
+            match rank.get(&id) {
+            Some(r) => format!(
                 "sensitivity {s:.3e} (relative RMS error of its outputs alone in {}; rank {} of {})",
                 opts.precision.target,
-                rank[&id] + 1,
+                r + 1,
                 sens.len()
-            )
+            ),
+            None => "not measurable alone (a control-flow body, or a node that cannot run by itself): kept as a last resort".into(),
+        }
         };
 
         // 4. Choose and verify.
@@ -663,7 +699,10 @@ impl Pass for SearchPrecision {
             .collect();
         let worth = |&(_, s, f): &(NodeId, f64, u64)| s * s / (f as f64 + 1.0);
         keepable.sort_by(|a, b| worth(b).total_cmp(&worth(a)).then(a.0.cmp(&b.0)));
-        let keepable: Vec<(NodeId, f64)> = keepable.into_iter().map(|(id, s, _)| (id, s)).collect();
+        let mut keepable: Vec<(NodeId, f64)> =
+            keepable.into_iter().map(|(id, s, _)| (id, s)).collect();
+        // then what could not be measured: unmeasured nodes and control-flow bodies, in schedule order
+        keepable.extend(last_resort.iter().map(|&id| (id, 0.0)));
         let t_checks = std::time::Instant::now();
         let (statically, static_sig) = {
             let mut m = model.clone();
