@@ -608,20 +608,23 @@ fn range_lift(
     Some(ev.join("; "))
 }
 
+/// Does a node read or write float32 data?
+fn touches_f32(g: &Graph, id: NodeId) -> bool {
+    let node = g.node(id);
+    node.inputs()
+        .iter()
+        .flatten()
+        .chain(node.outputs().iter().flatten())
+        .any(|&v| is_f32(g, v))
+}
+
 /// Every node with float32 data of a graph (and of its subgraphs) fp32: the body of a control-flow node that
 /// the search keeps fp32.
 fn keep_all_fp32(g: &mut Graph, evidence: &str, stats: &mut Stats) {
     g.for_each_subgraph_mut(|_, _, sg| keep_all_fp32(sg, evidence, stats));
     let ids: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
     for id in ids {
-        let node = g.node(id);
-        let touches_f32 = node
-            .inputs()
-            .iter()
-            .flatten()
-            .chain(node.outputs().iter().flatten())
-            .any(|&v| is_f32(g, v));
-        if !touches_f32 {
+        if !touches_f32(g, id) {
             continue;
         }
         stats.decided += 1;
@@ -664,16 +667,10 @@ fn decide_graph(
     let mut bf16_ok = vec![false; bound];
 
     for &id in &order {
-        let node = g.node(id);
-        let touches_f32 = node
-            .inputs()
-            .iter()
-            .flatten()
-            .chain(node.outputs().iter().flatten())
-            .any(|&v| is_f32(g, v));
-        if !touches_f32 {
+        if !touches_f32(g, id) {
             continue;
         }
+        let node = g.node(id);
         color[id.index()] = Color::Open;
         let dom = if node.domain == "ai.onnx" {
             ""
