@@ -28,15 +28,16 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use mpopt_exec::{Executor, RunOptions, Value};
+use mpopt_exec::Value;
 use mpopt_ir::{DType, Model, NodeId};
 
-use crate::assign_precision::{AssignPrecision, PrecisionOptions, SearchOverrides, unit_roundoff};
+use crate::assign_precision::{PrecisionOptions, SearchOverrides, unit_roundoff};
 use crate::calibrate::InputSet;
 use crate::insert_casts::IoTypes;
-use crate::search_precision::{SearchOptions, check, convert, node_sensitivity};
+use crate::search_precision::{
+    SearchOptions, check, convert, decide, decided, node_sensitivity, reference,
+};
 use crate::{Pass, PassError, PassOutcome, Record};
 
 /// A gated node is lifted when its sensitivity is at most this many unit roundoffs of the target (1.5:
@@ -102,11 +103,11 @@ impl Pass for MeasureGates {
             pass: "measure-gates".into(),
             message,
         };
-        let Some(set) = self.sets.first() else {
+        if self.sets.is_empty() {
             return Err(fail(
                 "no calibration data (mpopt: --calib FILE.npz or a folder)".into(),
             ));
-        };
+        }
         let gates: Vec<NodeId> = model
             .graph
             .nodes()
@@ -118,34 +119,15 @@ impl Pass for MeasureGates {
         }
         let target = self.precision.target;
         // the nodes as they would run without the gates
-        let mut relaxed = model.clone();
-        let mut p = self.precision.clone();
-        p.search = Some(Arc::new(SearchOverrides {
-            relax: true,
-            ..SearchOverrides::default()
-        }));
-        AssignPrecision::new(p).run(&mut relaxed)?;
-        let (trace, refs) = {
-            let exec =
-                Executor::new(model).map_err(|e| fail(format!("cannot run the model: {e}")))?;
-            let mut trace = Vec::new();
-            let mut refs = Vec::new();
-            for (k, s) in self.sets.iter().enumerate() {
-                let run = RunOptions {
-                    keep_all: k == 0,
-                    profile: false,
-                };
-                let out = exec
-                    .run(s.clone(), &run)
-                    .map_err(|e| fail(format!("calibration set {k}: {e}")))?;
-                if k == 0 {
-                    trace = out.trace;
-                    trace.extend(set.iter().map(|(n, v)| (n.clone(), Arc::new(v.clone()))));
-                }
-                refs.push(out.outputs);
-            }
-            (trace, refs)
-        };
+        let relaxed = decided(
+            model,
+            &self.precision,
+            SearchOverrides {
+                relax: true,
+                ..SearchOverrides::default()
+            },
+        )?;
+        let (refs, trace) = reference(model, &self.sets, "measure-gates", |_| {}, &mut |_, _| {})?;
         let values: HashMap<&str, &Value> = trace
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_ref()))
@@ -212,9 +194,7 @@ impl Pass for MeasureGates {
             let a = check(&gated_model, &self.sets, &refs)?;
             let b = check(&lifted_model, &self.sets, &refs)?;
             if no_worse(&a, &b, unit_roundoff(target)) {
-                let mut p = self.precision.clone();
-                p.search = Some(Arc::new(with));
-                AssignPrecision::new(p).run(model)?;
+                decide(model, &self.precision, with)?;
             } else {
                 notes.push(format!(
                     "{lifted} nodes measured harmless alone, but lifting them all made the outputs worse (top-1 agreement {} -> {}, max abs error {:.3e} -> {:.3e}, cosine {:.6} -> {:.6}): none lifted",

@@ -317,6 +317,67 @@ fn signature(m: &Model) -> Signature {
         .collect()
 }
 
+/// Decides `model` in place with these overrides (`assign-precision` from scratch).
+pub(crate) fn decide(
+    model: &mut Model,
+    precision: &PrecisionOptions,
+    overrides: SearchOverrides,
+) -> Result<(), PassError> {
+    let mut p = precision.clone();
+    p.search = Some(Arc::new(overrides));
+    AssignPrecision::new(p).run(model).map(|_| ())
+}
+
+/// A copy of `base` decided with these overrides.
+pub(crate) fn decided(
+    base: &Model,
+    precision: &PrecisionOptions,
+    overrides: SearchOverrides,
+) -> Result<Model, PassError> {
+    let mut m = base.clone();
+    decide(&mut m, precision, overrides)?;
+    Ok(m)
+}
+
+/// A run's graph outputs, by name.
+pub(crate) type Outputs = Vec<(String, Value)>;
+/// Every main-graph value of a run, by name.
+pub(crate) type Trace = Vec<(String, Arc<Value>)>;
+
+/// The fp32 reference: every set's outputs, and every main-graph value of the first set (graph inputs
+/// included), for the per-node measurements. `see` is shown every value of every run (calibration).
+pub(crate) fn reference(
+    model: &Model,
+    sets: &[InputSet],
+    pass: &str,
+    mut progress: impl FnMut(usize),
+    see: &mut dyn FnMut(&str, &Value),
+) -> Result<(Vec<Outputs>, Trace), PassError> {
+    let fail = |message: String| PassError::Failed {
+        pass: pass.into(),
+        message,
+    };
+    let exec = Executor::new(model).map_err(|e| fail(format!("cannot run the model: {e}")))?;
+    let mut refs = Vec::new();
+    let mut trace = Vec::new();
+    for (k, set) in sets.iter().enumerate() {
+        progress(k);
+        let run = RunOptions {
+            keep_all: k == 0,
+            profile: false,
+        };
+        let out = exec
+            .run_observed(set.clone(), &run, &mut *see)
+            .map_err(|e| fail(format!("input set {k}: {e}")))?;
+        if k == 0 {
+            trace = out.trace;
+            trace.extend(set.iter().map(|(n, v)| (n.clone(), Arc::new(v.clone()))));
+        }
+        refs.push(out.outputs);
+    }
+    Ok((refs, trace))
+}
+
 /// The decisions with these overrides, then the casts, as the pipeline would build them; with the
 /// decisions' signature.
 pub(crate) fn convert(
@@ -324,10 +385,7 @@ pub(crate) fn convert(
     opts: &SearchOptions,
     overrides: SearchOverrides,
 ) -> Result<(Model, Signature), PassError> {
-    let mut m = base.clone();
-    let mut p = opts.precision.clone();
-    p.search = Some(Arc::new(overrides));
-    AssignPrecision::new(p).run(&mut m)?;
+    let mut m = decided(base, &opts.precision, overrides)?;
     let sig = signature(&m);
     InsertCasts::new(opts.precision.target, opts.io.clone()).run(&mut m)?;
     FuseCasts {
@@ -348,7 +406,7 @@ fn fail(message: String) -> PassError {
 pub(crate) fn check(
     m: &Model,
     sets: &[InputSet],
-    refs: &[Vec<(String, Value)>],
+    refs: &[Outputs],
 ) -> Result<Vec<OutputMetrics>, PassError> {
     let exec = Executor::new(m).map_err(|e| fail(format!("cannot run a trial model: {e}")))?;
     let mut ms: Vec<OutputMetrics> = Vec::new();
@@ -481,7 +539,7 @@ pub(crate) fn node_sensitivity(
 fn try_decisions(
     model: &Model,
     opts: &SearchOptions,
-    refs: &[Vec<(String, Value)>],
+    refs: &[Outputs],
     overrides: &SearchOverrides,
     checks: &mut usize,
     records: &mut Vec<Record>,
@@ -561,35 +619,17 @@ impl Pass for SearchPrecision {
         };
         let t_ref = std::time::Instant::now();
         let mut obs = Observations::new(opts.precision.target);
-        let (refs, trace_vals) = {
-            let exec =
-                Executor::new(model).map_err(|e| fail(format!("cannot run the model: {e}")))?;
-            let mut refs = Vec::new();
-            let mut trace = Vec::new();
-            for (k, set) in opts.sets.iter().enumerate() {
-                report("reference", k, opts.sets.len());
-                let run = RunOptions {
-                    keep_all: k == 0,
-                    profile: false,
-                };
-                let mut see = |n: &str, v: &Value| {
-                    if opts.observe {
-                        obs.see(n, v)
-                    }
-                };
-                let out = exec
-                    .run_observed(set.clone(), &run, &mut see)
-                    .map_err(|e| fail(format!("input set {k}: {e}")))?;
-                if k == 0 {
-                    trace = out.trace;
-                    for (n, v) in set {
-                        trace.push((n.clone(), Arc::new(v.clone())));
-                    }
+        let (refs, trace_vals) = reference(
+            model,
+            &opts.sets,
+            "search-precision",
+            |k| report("reference", k, opts.sets.len()),
+            &mut |n, v| {
+                if opts.observe {
+                    obs.see(n, v)
                 }
-                refs.push(out.outputs);
-            }
-            (refs, trace)
-        };
+            },
+        )?;
         if opts.observe {
             obs.store(model);
         }
@@ -604,13 +644,8 @@ impl Pass for SearchPrecision {
             relax: true,
             ..SearchOverrides::default()
         };
-        let mut decided = model.clone();
-        {
-            let mut p = opts.precision.clone();
-            p.search = Some(Arc::new(relaxed.clone()));
-            AssignPrecision::new(p).run(&mut decided)?;
-        }
-        let g = &decided.graph;
+        let most_low = decided(model, &opts.precision, relaxed)?;
+        let g = &most_low.graph;
         let low = |n: &mpopt_ir::Node| n.precision.as_ref().is_some_and(|p| p.dtype != DType::F32);
         let candidates: Vec<NodeId> = g
             .nodes()
@@ -636,7 +671,7 @@ impl Pass for SearchPrecision {
             candidates
                 .par_iter()
                 .map(|&id| {
-                    let s = node_sensitivity(&decided, id, &trace, opts.precision.target);
+                    let s = node_sensitivity(&most_low, id, &trace, opts.precision.target);
                     let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     report("per-node", d, candidates.len());
                     s
@@ -705,8 +740,7 @@ impl Pass for SearchPrecision {
         keepable.extend(last_resort.iter().map(|&id| (id, 0.0)));
         let t_checks = std::time::Instant::now();
         let (statically, static_sig) = {
-            let mut m = model.clone();
-            AssignPrecision::new(opts.precision.clone()).run(&mut m)?;
+            let m = decided(model, &opts.precision, SearchOverrides::default())?;
             (flops_low(&m).0, signature(&m))
         };
         // the static decisions are checked at most once, and not when a failed check tried the same
@@ -796,9 +830,7 @@ impl Pass for SearchPrecision {
         let final_keep = chosen.keep.clone();
 
         // Decide the model itself as verified.
-        let mut p = opts.precision.clone();
-        p.search = Some(Arc::new(chosen));
-        AssignPrecision::new(p).run(model)?;
+        decide(model, &opts.precision, chosen)?;
         let g = &model.graph;
         let mut kept: Vec<(&NodeId, &String)> = final_keep.iter().collect();
         kept.sort_by_key(|(id, _)| rank.get(id).copied().unwrap_or(usize::MAX));
