@@ -120,9 +120,25 @@ fn same(got: &Value, want: &Value) -> Result<(), String> {
     }
 }
 
-/// Runs one test folder; `Err` is the reason it fails.
-fn run_test(model: &Model, dir: &Path) -> Result<(), String> {
+/// Runs a model on named inputs and returns its outputs in graph order.
+type Runner<'a> = dyn Fn(&Model, Vec<(String, Value)>) -> Result<Vec<(String, Value)>, String> + 'a;
+
+/// The CPU executor as a [`Runner`].
+fn on_cpu(model: &Model, inputs: Vec<(String, Value)>) -> Result<Vec<(String, Value)>, String> {
     let exec = Executor::new(model).map_err(|e| e.to_string())?;
+    Ok(exec
+        .run(inputs, &RunOptions::default())
+        .map_err(|e| e.to_string())?
+        .outputs)
+}
+
+/// Runs one test folder on the CPU executor; `Err` is the reason it fails.
+fn run_test(model: &Model, dir: &Path) -> Result<(), String> {
+    run_test_with(model, dir, &on_cpu)
+}
+
+/// Runs one test folder with `run`; `Err` is the reason it fails.
+fn run_test_with(model: &Model, dir: &Path, run: &Runner<'_>) -> Result<(), String> {
     let g = &model.graph;
     let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| e.to_string())?
@@ -151,17 +167,15 @@ fn run_test(model: &Model, dir: &Path) -> Result<(), String> {
             let v = read(&p, kind(g.value(i).ty.as_ref()))?;
             inputs.push((g.value(i).name().to_string(), v));
         }
-        let out = exec
-            .run(inputs, &RunOptions::default())
-            .map_err(|e| e.to_string())?;
+        let outputs = run(model, inputs)?;
         for (k, &o) in g.outputs().iter().enumerate() {
             let p = set.join(format!("output_{k}.pb"));
             if !p.exists() {
                 continue;
             }
             let want = read(&p, kind(g.value(o).ty.as_ref()))?;
-            same(&out.outputs[k].1, &want)
-                .map_err(|e| format!("output {k} '{}': {e}", out.outputs[k].0))?;
+            same(&outputs[k].1, &want)
+                .map_err(|e| format!("output {k} '{}': {e}", outputs[k].0))?;
         }
     }
     Ok(())
@@ -285,4 +299,117 @@ fn node_suite_conformance() {
         bad.join("\n")
     );
     assert!(rate >= FLOOR, "pass rate {rate:.3} under the floor {FLOOR}");
+}
+
+/// Node-suite models for the suite-wide tests (the corpus excluded).
+fn node_suite() -> Vec<PathBuf> {
+    common::suite_models()
+        .into_iter()
+        .filter(|p| {
+            p.parent()
+                .is_some_and(|d| d.join("test_data_set_0").is_dir())
+        })
+        .filter(|p| !p.components().any(|c| c.as_os_str() == "corpus"))
+        .collect()
+}
+
+/// The GPU executor's device path against the node suite, on the kernel emulator (always) and on a real GPU
+/// (when one is present): every test whose op has a device implementation and that the CPU executor passes
+/// must pass on the device too, with the same tolerance. This checks every shape, stride, offset and GEMM
+/// layout the device path computes, on a machine with no GPU.
+#[test]
+fn node_suite_on_gpu_devices() {
+    let models = node_suite();
+    if models.is_empty() {
+        eprintln!("SKIP: no node-suite folders in MPOPT_SUITE_DIRS");
+        return;
+    }
+    let gpu_ops = mpopt_cuda::gpu_ops();
+    let cuda_ok = match mpopt_cuda::Cuda::open(0) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("SKIP (CUDA part): {e}");
+            false
+        }
+    };
+    // device nodes and fallback nodes over the whole run, per device
+    let counts = std::cell::RefCell::new(BTreeMap::<&str, (usize, usize)>::new());
+    fn on<B: mpopt_cuda::Backend>(
+        m: &Model,
+        dev: B,
+        inputs: Vec<(String, Value)>,
+        tally: &mut (usize, usize),
+    ) -> Result<Vec<(String, Value)>, String> {
+        let mut ex = mpopt_cuda::GpuExecutor::new(m, dev).map_err(|e| e.to_string())?;
+        ex.set_host_limit(0);
+        let r = ex.run(inputs).map_err(|e| e.to_string())?;
+        tally.0 += r.stats.gpu_nodes;
+        tally.1 += r.stats.fallback_nodes();
+        Ok(r.outputs)
+    }
+    let mut devices: Vec<(&str, Box<Runner<'_>>)> = vec![(
+        "emulator",
+        Box::new(|m: &Model, inputs| {
+            let mut c = counts.borrow_mut();
+            on(
+                m,
+                mpopt_cuda::Emu::new(),
+                inputs,
+                c.entry("emulator").or_default(),
+            )
+        }),
+    )];
+    if cuda_ok {
+        devices.push((
+            "cuda",
+            Box::new(|m: &Model, inputs| {
+                let gpu = mpopt_cuda::Cuda::open(0).map_err(|e| e.to_string())?;
+                let mut c = counts.borrow_mut();
+                on(m, gpu, inputs, c.entry("cuda").or_default())
+            }),
+        ));
+    }
+    for (name, run) in &devices {
+        let (mut tried, mut passed) = (0, 0);
+        let mut bad = Vec::new();
+        for path in &models {
+            let dir = path.parent().unwrap();
+            let test = dir.file_name().unwrap().to_string_lossy().to_string();
+            let Ok(model) = mpopt_onnx::load(path) else {
+                continue;
+            };
+            let op = op_of(&model, &test);
+            if !gpu_ops.contains(&op.as_str()) || run_test(&model, dir).is_err() {
+                continue;
+            }
+            tried += 1;
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_test_with(&model, dir, run.as_ref())
+            }))
+            .unwrap_or_else(|_| Err("PANIC".into()));
+            match res {
+                Ok(()) => passed += 1,
+                Err(m) => bad.push(format!(
+                    "{op} / {test}: {}",
+                    m.chars().take(200).collect::<String>()
+                )),
+            }
+        }
+        let (on_dev, fell_back) = counts.borrow().get(name).copied().unwrap_or_default();
+        eprintln!(
+            "{name}: {passed}/{tried} node tests of device ops pass; {on_dev} nodes ran on the device, \
+             {fell_back} fell back to the CPU"
+        );
+        assert!(tried > 100, "{name}: only {tried} tests ran");
+        assert!(
+            bad.is_empty(),
+            "{name}: {} tests the CPU executor passes fail on the device:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
+        assert!(
+            on_dev * 2 > tried,
+            "{name}: the device path barely ran ({on_dev} nodes in {tried} tests)"
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! `mpopt run` and `mpopt compare`: the CPU reference executor on input files.
+//! `mpopt run` and `mpopt compare`: the CPU reference executor (or the CUDA executor) on input files.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -7,8 +7,93 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
 use mpopt_exec::metrics::{OutputMetrics, adapt_inputs};
-use mpopt_exec::{Executor, RunOptions, Tensor, Value};
+use mpopt_exec::{Executor, RunOptions, RunOutput, Tensor, Value};
 use mpopt_ir::{DType, Model, Type};
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Device {
+    /// The CPU reference executor.
+    Cpu,
+    /// The CUDA executor on GPU 0 (an error when the machine has no NVIDIA driver).
+    Cuda,
+    /// The CUDA executor's device path on a CPU emulation of its kernels (slow; for checking the GPU path
+    /// on a machine without a GPU).
+    Emu,
+}
+
+/// A model prepared for a device.
+enum Engine<'m> {
+    Cpu(Executor<'m>),
+    Cuda(mpopt_cuda::GpuExecutor<'m, mpopt_cuda::Cuda>),
+    Emu(mpopt_cuda::GpuExecutor<'m, mpopt_cuda::Emu>),
+}
+
+impl<'m> Engine<'m> {
+    fn new(model: &'m Model, device: Device, path: &Path) -> Result<Engine<'m>> {
+        let ctx = || format!("{}", path.display());
+        Ok(match device {
+            Device::Cpu => Engine::Cpu(Executor::new(model).with_context(ctx)?),
+            Device::Cuda => {
+                let gpu = mpopt_cuda::Cuda::open(0).context("--device cuda")?;
+                Engine::Cuda(mpopt_cuda::GpuExecutor::new(model, gpu).with_context(ctx)?)
+            }
+            Device::Emu => Engine::Emu(
+                mpopt_cuda::GpuExecutor::new(model, mpopt_cuda::Emu::new()).with_context(ctx)?,
+            ),
+        })
+    }
+
+    /// Runs; the GPU engines also return their placement statistics.
+    fn run(
+        &self,
+        inputs: Vec<(String, Value)>,
+        opts: &RunOptions,
+    ) -> Result<(RunOutput, Option<mpopt_cuda::RunStats>)> {
+        let gpu = |r: mpopt_cuda::GpuRun| {
+            (
+                RunOutput {
+                    outputs: r.outputs,
+                    trace: Vec::new(),
+                    profile: Vec::new(),
+                },
+                Some(r.stats),
+            )
+        };
+        Ok(match self {
+            Engine::Cpu(e) => (e.run(inputs, opts)?, None),
+            Engine::Cuda(e) => gpu(e.run(inputs)?),
+            Engine::Emu(e) => gpu(e.run(inputs)?),
+        })
+    }
+}
+
+/// One line on where a GPU run spent its nodes and copies.
+fn describe_stats(s: &mpopt_cuda::RunStats) -> String {
+    let fallback = if s.fallback.is_empty() {
+        "no CPU fallback".to_string()
+    } else {
+        let ops: Vec<String> = s
+            .fallback
+            .iter()
+            .map(|(op, n)| format!("{op} x{n}"))
+            .collect();
+        format!("CPU fallback: {}", ops.join(", "))
+    };
+    format!(
+        "{}: {} nodes on the device, {} small host nodes, {fallback}; {} uploads ({:.1} MB), {} downloads ({:.1} MB); buffers: {} allocated, {} reused, peak {:.1} MB",
+        s.device,
+        s.gpu_nodes,
+        s.host_nodes,
+        s.uploads,
+        s.upload_bytes as f64 / 1e6,
+        s.downloads,
+        s.download_bytes as f64 / 1e6,
+        s.allocs,
+        s.reused,
+        s.peak_bytes as f64 / 1e6
+    )
+}
 
 /// Arguments of `mpopt run`.
 #[derive(Args)]
@@ -37,6 +122,34 @@ pub(crate) struct RunArgs {
     /// Run this many times after one warm-up run and report the median time (for benchmarks).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Repeat every input this many times along its first axis (for benchmarks at a larger batch; the
+    /// model's first input dimension must be free).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+}
+
+/// Every tensor repeated `n` times along axis 0.
+fn tile_batch(values: Vec<(String, Value)>, n: usize) -> Result<Vec<(String, Value)>> {
+    if n <= 1 {
+        return Ok(values);
+    }
+    values
+        .into_iter()
+        .map(|(name, v)| match v {
+            Value::Tensor(t) if t.rank() >= 1 => {
+                let raw = mpopt_exec::data_to_raw(&t.data);
+                let data = mpopt_exec::raw_to_data(t.dtype(), &raw.repeat(n))
+                    .map_err(|e| anyhow::anyhow!("input '{name}': {e}"))?;
+                let mut shape = t.shape.clone();
+                shape[0] *= n;
+                Ok((name, Value::Tensor(Tensor::new(shape, data))))
+            }
+            other => Ok((name, other)),
+        })
+        .collect()
 }
 
 /// Arguments of `mpopt compare`.
@@ -67,6 +180,9 @@ pub(crate) struct CompareArgs {
     /// Worker threads for the kernels (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the candidate runs (the reference always runs on the CPU reference executor).
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
 }
 
 fn set_threads(n: Option<usize>) -> Result<()> {
@@ -222,7 +338,11 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         .into_iter()
         .find(|s| s.index == a.set)
         .with_context(|| format!("{}: no input set {}", a.inputs.display(), a.set))?;
-    let exec = Executor::new(&model).with_context(|| format!("{}", a.model.display()))?;
+    let values = tile_batch(set.values, a.batch)?;
+    if a.device != Device::Cpu && (a.all_values || a.profile) {
+        bail!("--all-values and --profile need --device cpu");
+    }
+    let exec = Engine::new(&model, a.device, &a.model)?;
     let opts = RunOptions {
         keep_all: a.all_values,
         profile: a.profile,
@@ -234,14 +354,17 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     for i in 0..runs {
         let t0 = Instant::now();
         let o = exec
-            .run(set.values.clone(), &opts)
+            .run(values.clone(), &opts)
             .with_context(|| format!("{}", a.model.display()))?;
         if runs == 1 || i > 0 {
             times.push(t0.elapsed());
         }
         last = Some(o);
     }
-    let out = last.expect("ran at least once");
+    let (out, stats) = last.expect("ran at least once");
+    if let Some(s) = &stats {
+        eprintln!("{}", describe_stats(s));
+    }
     times.sort();
     let dt = times[times.len() / 2];
     for (name, v) in &out.outputs {
@@ -298,8 +421,11 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     set_threads(a.threads)?;
     let rm = crate::load(&a.reference)?;
     let cm = crate::load(&a.candidate)?;
+    if a.device != Device::Cpu && a.per_node {
+        bail!("--per-node needs --device cpu");
+    }
     let re = Executor::new(&rm).with_context(|| format!("{}", a.reference.display()))?;
-    let ce = Executor::new(&cm).with_context(|| format!("{}", a.candidate.display()))?;
+    let ce = Engine::new(&cm, a.device, &a.candidate)?;
     let sets = load_inputs(&a.inputs, &rm)?;
     let opts = RunOptions {
         keep_all: a.per_node,
@@ -311,9 +437,14 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
         let ro = re
             .run(adapt_inputs(&rm, &set.values), &opts)
             .with_context(|| format!("{} (input set {})", a.reference.display(), set.index))?;
-        let co = ce
+        let (co, stats) = ce
             .run(adapt_inputs(&cm, &set.values), &opts)
             .with_context(|| format!("{} (input set {})", a.candidate.display(), set.index))?;
+        if let Some(s) = &stats
+            && set.index == sets[0].index
+        {
+            println!("candidate on {}", describe_stats(s));
+        }
         for (k, (name, rv)) in ro.outputs.iter().enumerate() {
             let Some((_, cv)) = co
                 .outputs

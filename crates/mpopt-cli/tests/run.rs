@@ -270,3 +270,83 @@ fn tolerance_errors_name_the_problem() {
         assert!(!out.exists(), "no partial output");
     }
 }
+
+#[test]
+fn the_device_path_matches_the_cpu_on_fp32_and_mixed_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = inputs(dir.path(), "x", 512);
+    let low = dir.path().join("low.onnx");
+    let (code, _, err) = mpopt(&["testdata/models/tiny_mlp.onnx", "-o", low.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    for (model, tol) in [
+        ("testdata/models/tiny_mlp.onnx", "1e-5"),
+        (low.to_str().unwrap(), "1e-3"),
+    ] {
+        let (code, out, err) = mpopt(&[
+            "compare", model, model, "--inputs", &input, "--device", "emu", "--rtol", tol,
+            "--atol", "1e-6",
+        ]);
+        assert_eq!(code, 0, "{model}: {out}{err}");
+        // 512 rows x 16 inputs is over the host limit: the nodes run on the (emulated) device
+        assert!(out.contains("candidate on emulator"), "{out}");
+        assert!(
+            out.contains("no CPU fallback") && out.contains("ok   y: "),
+            "{out}"
+        );
+        let dev: usize = out
+            .split(" nodes on the device")
+            .next()
+            .and_then(|s| s.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert!(dev >= 4, "{out}");
+    }
+    // --batch tiles the inputs: 3 x 512 rows
+    let (code, _, err) = mpopt(&[
+        "run",
+        "testdata/models/tiny_mlp.onnx",
+        "--inputs",
+        &input,
+        "--device",
+        "emu",
+        "--batch",
+        "3",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("y: f32[1536, 4]"), "{err}");
+}
+
+#[test]
+fn cuda_without_a_driver_is_a_clear_error() {
+    if mpopt_cuda_present() {
+        eprintln!("SKIP: this machine has a CUDA driver");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = inputs(dir.path(), "x", 2);
+    let (code, _, err) = mpopt(&[
+        "run",
+        "testdata/models/tiny_mlp.onnx",
+        "--inputs",
+        &input,
+        "--device",
+        "cuda",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--device cuda") && err.contains("libcuda.so") && !err.contains("panicked"),
+        "{err}"
+    );
+}
+
+/// Whether libcuda can be loaded here (the same probe the executor uses).
+fn mpopt_cuda_present() -> bool {
+    ["libcuda.so", "libcuda.so.1"].iter().any(|l| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("ldconfig -p 2>/dev/null | grep -q '{l}'"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    })
+}

@@ -153,6 +153,100 @@ impl<'m> Executor<'m> {
         self.model
     }
 
+    /// Checks named inputs against the main graph and resolves them to value ids: every name must be a graph
+    /// input, dtypes and known dimensions must match the declared types, and every input without an
+    /// initializer (its default) must be given.
+    pub fn bind_inputs(
+        &self,
+        inputs: Vec<(String, Value)>,
+    ) -> Result<Vec<(ValueId, Value)>, ExecError> {
+        let g = &self.model.graph;
+        let expected = describe_inputs(g);
+        let mut given: HashMap<String, Value> = HashMap::new();
+        for (name, v) in inputs {
+            let Some(id) = g.value_by_name(&name).filter(|id| g.inputs().contains(id)) else {
+                return Err(ExecError::UnknownInput {
+                    name,
+                    expected: expected.clone(),
+                });
+            };
+            check_input(g, id, &name, &v)?;
+            given.insert(name, v);
+        }
+        let mut bound = Vec::new();
+        let mut missing = Vec::new();
+        for &i in g.inputs() {
+            let name = g.value(i).name();
+            match given.remove(name) {
+                Some(v) => bound.push((i, v)),
+                None if g.value(i).initializer.is_some() => {}
+                None => missing.push(format!("'{name}'")),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ExecError::MissingInput {
+                missing: missing.join(", "),
+                expected,
+            });
+        }
+        Ok(bound)
+    }
+
+    /// The main graph's schedule after constant folding: the nodes [`Executor::run`] runs, in order.
+    /// Another executor (the CUDA one) walks the same schedule and hands nodes it cannot run to
+    /// [`Executor::run_node`].
+    pub fn schedule(&self) -> &[NodeId] {
+        &self.main.order
+    }
+
+    /// The main graph's constants: initializers, converted once, and the outputs of the nodes folded at
+    /// plan time (the nodes missing from [`Executor::schedule`]).
+    pub fn constants(&self) -> impl Iterator<Item = &(ValueId, Arc<Value>)> {
+        self.main.consts.iter()
+    }
+
+    /// How many times each main-graph value is read (input slots, implicit inputs of control-flow nodes,
+    /// graph outputs), indexed by [`ValueId::index`]: when a run may free a value.
+    pub fn uses(&self) -> &[u32] {
+        &self.main.uses
+    }
+
+    /// Runs one main-graph node on the CPU: `inputs` by slot (None for an absent optional input), and the
+    /// values its subgraphs read from the outer scope (`implicit`, by name; see
+    /// [`mpopt_ir::Node::implicit_inputs`]). The error names the node.
+    pub fn run_node(
+        &self,
+        n: NodeId,
+        inputs: Vec<Option<Arc<Value>>>,
+        implicit: &[(String, Arc<Value>)],
+    ) -> Result<Vec<Arc<Value>>, ExecError> {
+        let g = &self.model.graph;
+        let node = g.node(n);
+        let label = if node.name.is_empty() {
+            format!("#{}", n.0)
+        } else {
+            format!("'{}'", node.name)
+        };
+        let sub = SubRunner {
+            exec: self,
+            plans: self.main.subs.get(&n),
+            node,
+            implicit,
+            path: label.clone(),
+        };
+        let mut ctx = ops::Ctx {
+            node,
+            inputs,
+            opset: self.opset,
+            sub: &sub,
+        };
+        ops::run(&mut ctx).map_err(|msg| ExecError::Node {
+            node: label,
+            op: node.qualified_op(),
+            msg,
+        })
+    }
+
     /// Runs the main graph on named inputs. Inputs with an initializer may be left out (the initializer is the
     /// default).
     pub fn run(
@@ -182,34 +276,12 @@ impl<'m> Executor<'m> {
         see: Option<&mut Seer<'_>>,
     ) -> Result<RunOutput, ExecError> {
         let g = &self.model.graph;
-        let expected = describe_inputs(g);
-        let mut given: HashMap<String, Value> = HashMap::new();
-        for (name, v) in inputs {
-            let Some(id) = g.value_by_name(&name).filter(|id| g.inputs().contains(id)) else {
-                return Err(ExecError::UnknownInput {
-                    name,
-                    expected: expected.clone(),
-                });
-            };
-            check_input(g, id, &name, &v)?;
-            given.insert(name, v);
-        }
-        let mut positional = Vec::new();
-        let mut missing = Vec::new();
-        for &i in g.inputs() {
-            let name = g.value(i).name();
-            match given.remove(name) {
-                Some(v) => positional.push(Some(Arc::new(v))),
-                None if g.value(i).initializer.is_some() => positional.push(None),
-                None => missing.push(format!("'{name}'")),
-            }
-        }
-        if !missing.is_empty() {
-            return Err(ExecError::MissingInput {
-                missing: missing.join(", "),
-                expected,
-            });
-        }
+        let mut bound: HashMap<ValueId, Value> = self.bind_inputs(inputs)?.into_iter().collect();
+        let positional: Vec<Option<Arc<Value>>> = g
+            .inputs()
+            .iter()
+            .map(|i| bound.remove(i).map(Arc::new))
+            .collect();
         let mut obs = Observe {
             trace: opts.keep_all.then(Vec::new),
             prof: opts.profile.then(HashMap::new),
