@@ -329,7 +329,7 @@ pub struct GemmCall<'a, B> {
 pub trait Backend {
     /// A device buffer handle; cloning shares the buffer, and the memory is reused once the last clone drops.
     type Buf: Clone;
-    /// A short name for reports ("cuda: NVIDIA H200 (sm_90)", "emulator").
+    /// A short name for reports ("cuda: NVIDIA H200 (compute_90)", "emulator").
     fn describe(&self) -> String;
     /// An uninitialised buffer of `bytes` bytes (from the pool when one of that size is free).
     fn alloc(&self, bytes: usize) -> BResult<Self::Buf>;

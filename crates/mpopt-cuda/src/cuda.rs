@@ -87,24 +87,26 @@ pub fn cache_key(module: &str, source: &str, arch: &str, options: &[String]) -> 
     format!("{module}-{arch}-{h:016x}.ptx")
 }
 
-/// The NVRTC `--gpu-architecture` value for a compute capability (`sm_XY`).
+/// The NVRTC `--gpu-architecture` value for a compute capability: the virtual architecture `compute_XY`, for
+/// which NVRTC emits PTX (a real `sm_XY` would make it emit a cubin instead, and no PTX); the driver compiles
+/// the PTX for the exact device when the module loads.
 pub fn arch_name(major: i32, minor: i32) -> &'static str {
     match (major, minor) {
-        (5, _) => "sm_52",
-        (6, 0) => "sm_60",
-        (6, _) => "sm_61",
-        (7, 0) => "sm_70",
-        (7, 2) => "sm_72",
-        (7, _) => "sm_75",
-        (8, 0) => "sm_80",
-        (8, 6) => "sm_86",
-        (8, 7) => "sm_87",
-        (8, _) => "sm_89",
-        (9, _) => "sm_90",
-        (10, 0) => "sm_100",
-        (10, _) => "sm_101",
-        (12, _) => "sm_120",
-        _ => "sm_80",
+        (5, _) => "compute_52",
+        (6, 0) => "compute_60",
+        (6, _) => "compute_61",
+        (7, 0) => "compute_70",
+        (7, 2) => "compute_72",
+        (7, _) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, _) => "compute_89",
+        (9, _) => "compute_90",
+        (10, 0) => "compute_100",
+        (10, _) => "compute_101",
+        (12, _) => "compute_120",
+        _ => "compute_80",
     }
 }
 
@@ -141,6 +143,9 @@ impl Cuda {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::Driver(drv(e)))?;
+        // One stream, in order: cudarc's per-buffer events are not needed.
+        // SAFETY: no buffer exists yet, and this executor never creates a second stream.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| CudaError::Driver(drv(e)))?;
@@ -396,9 +401,9 @@ mod tests {
 
     #[test]
     fn architectures() {
-        assert_eq!(arch_name(9, 0), "sm_90");
-        assert_eq!(arch_name(8, 0), "sm_80");
-        assert_eq!(arch_name(8, 9), "sm_89");
+        assert_eq!(arch_name(9, 0), "compute_90");
+        assert_eq!(arch_name(8, 0), "compute_80");
+        assert_eq!(arch_name(8, 9), "compute_89");
     }
 
     #[test]
