@@ -47,3 +47,28 @@ extern "C" __global__ void fill(void* dst, i64 n, u64 bits, int es) {
         }
     }
 }
+
+// Pad in mode edge (mode 0) or reflect (mode 1): every output element reads one input element. `v` carries
+// the output shape in `shape`, the input's element strides in s0, the input's dimensions in s1 and the
+// leading pads in s2 (built without merging dimensions).
+extern "C" __global__ void pad_index(const void* src, void* dst, i64 n, Strides3 v, int mode, int es) {
+    GRID_STRIDE(i, n) {
+        i64 rem = i, off = 0;
+        for (int d = v.rank - 1; d >= 0; --d) {
+            i64 o = rem % v.shape[d];
+            rem /= v.shape[d];
+            i64 len = v.s1[d];
+            i64 c = o - v.s2[d];
+            if (mode == 0 || len == 1) {
+                c = c < 0 ? 0 : (c >= len ? len - 1 : c);
+            } else {
+                i64 period = 2 * (len - 1);
+                c = c % period;
+                if (c < 0) c += period;
+                if (c >= len) c = period - c;
+            }
+            off += c * v.s0[d];
+        }
+        move_elem(src, off, dst, i, es);
+    }
+}

@@ -114,6 +114,8 @@ kernels! {
     GATHER = Movement::"gather";
     /// `fill(dst, n, bits, es)`.
     FILL = Movement::"fill";
+    /// `pad_index(src, dst, n, strides, mode, es)`: Pad in edge (0) or reflect (1) mode.
+    PAD_INDEX = Movement::"pad_index";
     /// `reduce(x, y, outer, r, inner, tx, ty, op)`: a [`Reduce`] over the middle axis.
     REDUCE = Reduce::"reduce";
     /// `softmax(x, y, outer, r, inner, t, op)`: Softmax (op 0) or LogSoftmax (op 1) over the middle axis.

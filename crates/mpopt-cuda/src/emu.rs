@@ -452,6 +452,32 @@ impl Emu {
                     y.raw(i, es, si.raw((o * axis_len + k) * inner + inn, es)?)?;
                 }
             }
+            "pad_index" => {
+                let (s, d) = (need(a.ptr(0))?, need(a.ptr(1))?);
+                let (n, v, mode, es) = (a.i64(2), a.strides(3), a.i32(4), a.i32(5));
+                let si = self.read(name, s)?;
+                let mut y = self.write(name, d, &[Some(s)])?;
+                for i in 0..n {
+                    let (mut rem, mut off) = (i, 0i64);
+                    for dd in (0..v.rank as usize).rev() {
+                        let o = rem % v.shape[dd];
+                        rem /= v.shape[dd];
+                        let len = v.s1[dd];
+                        let mut c = o - v.s2[dd];
+                        if mode == 0 || len == 1 {
+                            c = c.clamp(0, len - 1);
+                        } else {
+                            let period = 2 * (len - 1);
+                            c = c.rem_euclid(period);
+                            if c >= len {
+                                c = period - c;
+                            }
+                        }
+                        off += c * v.s0[dd];
+                    }
+                    y.raw(i, es, si.raw(off, es)?)?;
+                }
+            }
             "fill" => {
                 let d = need(a.ptr(0))?;
                 let (n, bits, es) = (a.i64(1), a.u64(2), a.i32(3));

@@ -1647,9 +1647,12 @@ fn pad<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     let Some(es) = elem_size(d) else {
         return Ok(None);
     };
-    if cx.astr("mode").is_some_and(|m| m != "constant") {
-        return Ok(None);
-    }
+    let mode = match cx.astr("mode").as_deref().unwrap_or("constant") {
+        "constant" => None,
+        "edge" => Some(0),
+        "reflect" => Some(1),
+        _ => return Ok(None),
+    };
     let s = cx.shape(0)?;
     let r = s.len();
     let (pads, value) = if cx.ex.opset < 11 {
@@ -1673,6 +1676,36 @@ fn pad<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     let out: Vec<usize> = (0..r)
         .map(|i| s[i] + pads[i] as usize + pads[i + r] as usize)
         .collect();
+    if let Some(mode) = mode {
+        // every output element reads one input element (edge: the nearest; reflect: mirrored)
+        if s.contains(&0)
+            || (mode == 1 && (0..r).any(|i| pads[i].max(pads[i + r]) as usize >= s[i]))
+        {
+            return Ok(None);
+        }
+        let dims: Vec<i64> = s.iter().map(|&d| d as i64).collect();
+        let Some(v) = Strides3::exact(&out, &[&contig(&s), &dims, &pads[..r]], [0; 3]) else {
+            return Ok(None);
+        };
+        let x = cx.dev(0)?;
+        let y = cx.alloc(out, d)?;
+        let n = y.numel();
+        if n > 0 {
+            cx.launch(
+                k::PAD_INDEX,
+                Grid::elems(n),
+                &[
+                    ptr(&x),
+                    ptr(&y),
+                    Arg::I64(n as i64),
+                    Arg::Strides(v),
+                    Arg::I32(mode),
+                    Arg::I32(es as i32),
+                ],
+            )?;
+        }
+        return Ok(Some(vec![dev_out(y)]));
+    }
     // the constant in the tensor's own type, as raw bits
     let c = cast_tensor(&Tensor::new(vec![1], Data::F64(vec![value])), d)?;
     let raw = data_to_raw(&c.data);
