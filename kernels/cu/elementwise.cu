@@ -76,12 +76,13 @@ extern "C" __global__ void compare(const void* a, const void* b, u8* y, i64 n, S
     }
 }
 
-// Comparison of int64 tensors (exact; no float widening).
-extern "C" __global__ void compare_i64(const i64* a, const i64* b, u8* y, i64 n, Strides3 v, int op) {
+// Comparison of signed integer tensors of `es` bytes (4: int32, 8: int64), exact (no float widening).
+extern "C" __global__ void compare_int(const void* a, const void* b, u8* y, i64 n, Strides3 v, int op, int es) {
     GRID_STRIDE(i, n) {
         i64 oa, ob, oy;
         offsets3(v, i, &oa, &ob, &oy);
-        i64 x = a[oa], z = b[ob];
+        i64 x = es == 4 ? (i64)((const int*)a)[oa] : ((const i64*)a)[oa];
+        i64 z = es == 4 ? (i64)((const int*)b)[ob] : ((const i64*)b)[ob];
         u8 r = 0;
         switch (op) {
             case 0: r = x == z; break;
@@ -117,6 +118,18 @@ extern "C" __global__ void where_sel(const u8* c, const void* a, const void* b, 
 // Cast between the float types (codes as in the prelude): widen exactly, round once.
 extern "C" __global__ void cast_float(const void* x, void* y, i64 n, int tx, int ty) {
     GRID_STRIDE(i, n) { stf(y, i, ty, ldf(x, i, tx)); }
+}
+
+// Cast from an integer or bool tensor (es bytes: 1 bool/uint8, 4 int32, 8 int64) to a float type: one
+// rounding from the exact integer.
+extern "C" __global__ void cast_int_float(const void* x, void* y, i64 n, int es, int ty) {
+    GRID_STRIDE(i, n) {
+        float v;
+        if (es == 1) v = (float)((const u8*)x)[i];
+        else if (es == 4) v = (float)((const int*)x)[i];
+        else v = (float)((const i64*)x)[i];
+        stf(y, i, ty, v);
+    }
 }
 
 // Boolean Not.

@@ -100,12 +100,14 @@ kernels! {
     BINARY = Elementwise::"binary";
     /// `compare(a, b, y, n, strides, t, op)`: a broadcasting [`Compare`] of floats into bool.
     COMPARE = Elementwise::"compare";
-    /// `compare_i64(a, b, y, n, strides, op)`: a broadcasting [`Compare`] of int64 into bool.
-    COMPARE_I64 = Elementwise::"compare_i64";
+    /// `compare_int(a, b, y, n, strides, op, es)`: a broadcasting [`Compare`] of int32/int64 into bool.
+    COMPARE_INT = Elementwise::"compare_int";
     /// `where_sel(c, a, b, y, n, v, w, es)`: Where, by element size.
     WHERE = Elementwise::"where_sel";
     /// `cast_float(x, y, n, tx, ty)`: Cast between f32, f16 and bf16.
     CAST_FLOAT = Elementwise::"cast_float";
+    /// `cast_int_float(x, y, n, es, ty)`: Cast from bool/uint8, int32 or int64 to a float type.
+    CAST_INT_FLOAT = Elementwise::"cast_int_float";
     /// `not_bool(x, y, n)`: Not.
     NOT = Elementwise::"not_bool";
     /// `strided_copy(src, dst, n, strides, es)`: Transpose, Slice, Concat, Expand, Pad.
@@ -187,7 +189,7 @@ pub enum Binary {
     AddScaled = 7,
 }
 
-/// Op codes of [`COMPARE`] and [`COMPARE_I64`].
+/// Op codes of [`COMPARE`] and [`COMPARE_INT`].
 #[repr(i32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[allow(missing_docs)]

@@ -365,7 +365,7 @@ impl Emu {
                     y.setf(oy, t, binary_op(ia.f(oa, t)?, ib.f(ob, t)?, op, s))?;
                 }
             }
-            "compare" | "compare_i64" => {
+            "compare" | "compare_int" => {
                 let (pa, pb, py) = (need(a.ptr(0))?, need(a.ptr(1))?, need(a.ptr(2))?);
                 let (n, v) = (a.i64(3), a.strides(4));
                 let (ia, ib) = (self.read(name, pa)?, self.read(name, pb)?);
@@ -375,6 +375,9 @@ impl Emu {
                     let r = if name == "compare" {
                         let (t, op) = (a.i32(5), a.i32(6));
                         compare(ia.f(oa, t)?, ib.f(ob, t)?, op)
+                    } else if a.i32(6) == 4 {
+                        let (x, z) = (ia.raw(oa, 4)? as u32 as i32, ib.raw(ob, 4)? as u32 as i32);
+                        compare(x, z, a.i32(5))
                     } else {
                         compare(ia.i64(oa)?, ib.i64(ob)?, a.i32(5))
                     };
@@ -413,6 +416,21 @@ impl Emu {
                 let mut y = self.write(name, yp, &[Some(x)])?;
                 for i in 0..n {
                     y.setf(i, ty, xi.f(i, tx)?)?;
+                }
+            }
+            "cast_int_float" => {
+                let (x, yp) = (need(a.ptr(0))?, need(a.ptr(1))?);
+                let (n, es, ty) = (a.i64(2), a.i32(3), a.i32(4));
+                let xi = self.read(name, x)?;
+                let mut y = self.write(name, yp, &[Some(x)])?;
+                for i in 0..n {
+                    let r = xi.raw(i, es)?;
+                    let v = match es {
+                        1 => r as u8 as f32,
+                        4 => r as u32 as i32 as f32,
+                        _ => r as i64 as f32,
+                    };
+                    y.setf(i, ty, v)?;
                 }
             }
             "not_bool" => {

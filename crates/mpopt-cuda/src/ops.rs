@@ -478,7 +478,7 @@ fn binary<B: Backend>(cx: &mut Cx<'_, '_, B>, op: Binary) -> R<Outs<B>> {
 
 fn compare<B: Backend>(cx: &mut Cx<'_, '_, B>, op: Compare) -> R<Outs<B>> {
     let (da, db) = (cx.dtype(0)?, cx.dtype(1)?);
-    if da != db || (fcode(da).is_none() && da != DType::I64) {
+    if da != db || (fcode(da).is_none() && da != DType::I64 && da != DType::I32) {
         return Ok(None);
     }
     let (sa, sb) = (cx.shape(0)?, cx.shape(1)?);
@@ -506,9 +506,12 @@ fn compare<B: Backend>(cx: &mut Cx<'_, '_, B>, op: Compare) -> R<Outs<B>> {
                 args.push(Arg::I32(t));
                 k::COMPARE
             }
-            None => k::COMPARE_I64,
+            None => k::COMPARE_INT,
         };
         args.push(Arg::I32(op as i32));
+        if kern == k::COMPARE_INT {
+            args.push(Arg::I32(if da == DType::I32 { 4 } else { 8 }));
+        }
         cx.launch(kern, Grid::elems(n), &args)?;
     }
     Ok(Some(vec![dev_out(y)]))
@@ -580,6 +583,31 @@ fn cast<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     };
     if from == to && elem_size(from).is_some() {
         return Ok(Some(vec![dev_out(cx.dev(0)?)]));
+    }
+    let int_es = match from {
+        DType::Bool | DType::U8 => Some(1),
+        DType::I32 => Some(4),
+        DType::I64 => Some(8),
+        _ => None,
+    };
+    if let (Some(es), Some(ty)) = (int_es, fcode(to)) {
+        let x = cx.dev(0)?;
+        let y = cx.alloc(x.shape.clone(), to)?;
+        let n = x.numel();
+        if n > 0 {
+            cx.launch(
+                k::CAST_INT_FLOAT,
+                Grid::elems(n),
+                &[
+                    ptr(&x),
+                    ptr(&y),
+                    Arg::I64(n as i64),
+                    Arg::I32(es),
+                    Arg::I32(ty),
+                ],
+            )?;
+        }
+        return Ok(Some(vec![dev_out(y)]));
     }
     let (Some(tx), Some(ty)) = (fcode(from), fcode(to)) else {
         return Ok(None);
