@@ -3,7 +3,7 @@
 //! than `MAXR` non-mergeable dimensions), and the node then runs on the CPU executor instead.
 
 use mpopt_exec::{Data, Tensor, Value, cast_tensor, data_to_raw};
-use mpopt_ir::{AttrValue, DType, Node, ValueId};
+use mpopt_ir::{DType, Node, ValueId};
 use mpopt_kernels as k;
 use mpopt_kernels::{Binary, Compare, Kernel, Reduce, Unary};
 
@@ -227,39 +227,30 @@ impl<B: Backend> Cx<'_, '_, B> {
     fn host_i64s(&mut self, i: usize) -> R<Option<Vec<i64>>> {
         self.host(i)?.map(|t| t.to_i64s()).transpose()
     }
-    fn attr(&self, name: &str) -> Option<&AttrValue> {
-        self.node.attr(name).map(|a| &a.value)
-    }
     fn ai(&self, name: &str, d: i64) -> i64 {
-        match self.attr(name) {
-            Some(AttrValue::Int(i)) => *i,
-            _ => d,
-        }
+        self.node.attr_int(name).unwrap_or(d)
     }
     fn af(&self, name: &str, d: f32) -> f32 {
-        match self.attr(name) {
-            Some(AttrValue::Float(f)) => *f,
-            _ => d,
-        }
+        self.node.attr_float(name).unwrap_or(d)
     }
     fn ais(&self, name: &str) -> Option<Vec<i64>> {
-        match self.attr(name) {
-            Some(AttrValue::Ints(v)) => Some(v.clone()),
-            Some(AttrValue::Int(i)) => Some(vec![*i]),
-            _ => None,
-        }
+        self.node.attr_ints(name)
     }
     fn astr(&self, name: &str) -> Option<String> {
-        match self.attr(name) {
-            Some(AttrValue::String(s)) => Some(String::from_utf8_lossy(s).into_owned()),
-            _ => None,
-        }
+        self.node.attr_string(name)
     }
     fn alloc(&self, shape: Vec<usize>, d: DType) -> R<DevTensor<B>> {
         self.ex.alloc(shape, d)
     }
     fn launch(&self, kern: Kernel, grid: Grid, args: &[Arg<'_, B::Buf>]) -> R<()> {
         self.ex.dev.launch(kern, grid, args)
+    }
+    /// Launches a grid-stride kernel over `n` elements; nothing to do when `n` is 0.
+    fn launch_elems(&self, kern: Kernel, n: usize, args: &[Arg<'_, B::Buf>]) -> R<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(kern, Grid::elems(n), args)
     }
     /// Copies `src` (iterated over `shape` with `src_strides` from element `src_base`) into `dst` at
     /// `dst_strides` from `dst_base`. `Ok(false)` when the layout needs more than MAXR dimensions.
@@ -402,22 +393,20 @@ fn unary<B: Backend>(cx: &mut Cx<'_, '_, B>, op: Unary, a: f32, b: f32) -> R<Out
     let x = cx.dev(0)?;
     let y = cx.alloc(x.shape.clone(), x.dtype)?;
     let n = x.numel();
-    if n > 0 {
-        cx.launch(
-            k::UNARY,
-            Grid::elems(n),
-            &[
-                ptr(&x),
-                ptr(&y),
-                Arg::I64(n as i64),
-                Arg::I32(t),
-                Arg::I32(t),
-                Arg::I32(op as i32),
-                Arg::F32(a),
-                Arg::F32(b),
-            ],
-        )?;
-    }
+    cx.launch_elems(
+        k::UNARY,
+        n,
+        &[
+            ptr(&x),
+            ptr(&y),
+            Arg::I64(n as i64),
+            Arg::I32(t),
+            Arg::I32(t),
+            Arg::I32(op as i32),
+            Arg::F32(a),
+            Arg::F32(b),
+        ],
+    )?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -457,22 +446,20 @@ fn binary<B: Backend>(cx: &mut Cx<'_, '_, B>, op: Binary) -> R<Outs<B>> {
     let (a, b) = (cx.dev(0)?, cx.dev(1)?);
     let y = cx.alloc(out, da)?;
     let n = y.numel();
-    if n > 0 {
-        cx.launch(
-            k::BINARY,
-            Grid::elems(n),
-            &[
-                ptr(&a),
-                ptr(&b),
-                ptr(&y),
-                Arg::I64(n as i64),
-                Arg::Strides(v),
-                Arg::I32(t),
-                Arg::I32(op as i32),
-                Arg::F32(1.0),
-            ],
-        )?;
-    }
+    cx.launch_elems(
+        k::BINARY,
+        n,
+        &[
+            ptr(&a),
+            ptr(&b),
+            ptr(&y),
+            Arg::I64(n as i64),
+            Arg::Strides(v),
+            Arg::I32(t),
+            Arg::I32(op as i32),
+            Arg::F32(1.0),
+        ],
+    )?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -493,26 +480,27 @@ fn compare<B: Backend>(cx: &mut Cx<'_, '_, B>, op: Compare) -> R<Outs<B>> {
     let (a, b) = (cx.dev(0)?, cx.dev(1)?);
     let y = cx.alloc(out, DType::Bool)?;
     let n = y.numel();
-    if n > 0 {
-        let mut args = vec![
-            ptr(&a),
-            ptr(&b),
-            ptr(&y),
-            Arg::I64(n as i64),
-            Arg::Strides(v),
-        ];
-        let kern = match fcode(da) {
-            Some(t) => {
-                args.push(Arg::I32(t));
-                k::COMPARE
-            }
-            None => k::COMPARE_INT,
-        };
-        args.push(Arg::I32(op as i32));
-        if kern == k::COMPARE_INT {
-            args.push(Arg::I32(if da == DType::I32 { 4 } else { 8 }));
+    let head = [
+        ptr(&a),
+        ptr(&b),
+        ptr(&y),
+        Arg::I64(n as i64),
+        Arg::Strides(v),
+    ];
+    match fcode(da) {
+        Some(t) => cx.launch_elems(
+            k::COMPARE,
+            n,
+            &[&head[..], &[Arg::I32(t), Arg::I32(op as i32)]].concat(),
+        )?,
+        None => {
+            let es = if da == DType::I32 { 4 } else { 8 };
+            cx.launch_elems(
+                k::COMPARE_INT,
+                n,
+                &[&head[..], &[Arg::I32(op as i32), Arg::I32(es)]].concat(),
+            )?
         }
-        cx.launch(kern, Grid::elems(n), &args)?;
     }
     Ok(Some(vec![dev_out(y)]))
 }
@@ -540,22 +528,20 @@ fn where_<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     let (c, a, b) = (cx.dev(0)?, cx.dev(1)?, cx.dev(2)?);
     let y = cx.alloc(out, da)?;
     let n = y.numel();
-    if n > 0 {
-        cx.launch(
-            k::WHERE,
-            Grid::elems(n),
-            &[
-                ptr(&c),
-                ptr(&a),
-                ptr(&b),
-                ptr(&y),
-                Arg::I64(n as i64),
-                Arg::Strides(v),
-                Arg::Strides(w),
-                Arg::I32(es as i32),
-            ],
-        )?;
-    }
+    cx.launch_elems(
+        k::WHERE,
+        n,
+        &[
+            ptr(&c),
+            ptr(&a),
+            ptr(&b),
+            ptr(&y),
+            Arg::I64(n as i64),
+            Arg::Strides(v),
+            Arg::Strides(w),
+            Arg::I32(es as i32),
+        ],
+    )?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -566,13 +552,7 @@ fn not<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     let x = cx.dev(0)?;
     let y = cx.alloc(x.shape.clone(), DType::Bool)?;
     let n = x.numel();
-    if n > 0 {
-        cx.launch(
-            k::NOT,
-            Grid::elems(n),
-            &[ptr(&x), ptr(&y), Arg::I64(n as i64)],
-        )?;
-    }
+    cx.launch_elems(k::NOT, n, &[ptr(&x), ptr(&y), Arg::I64(n as i64)])?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -594,19 +574,17 @@ fn cast<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
         let x = cx.dev(0)?;
         let y = cx.alloc(x.shape.clone(), to)?;
         let n = x.numel();
-        if n > 0 {
-            cx.launch(
-                k::CAST_INT_FLOAT,
-                Grid::elems(n),
-                &[
-                    ptr(&x),
-                    ptr(&y),
-                    Arg::I64(n as i64),
-                    Arg::I32(es),
-                    Arg::I32(ty),
-                ],
-            )?;
-        }
+        cx.launch_elems(
+            k::CAST_INT_FLOAT,
+            n,
+            &[
+                ptr(&x),
+                ptr(&y),
+                Arg::I64(n as i64),
+                Arg::I32(es),
+                Arg::I32(ty),
+            ],
+        )?;
         return Ok(Some(vec![dev_out(y)]));
     }
     let (Some(tx), Some(ty)) = (fcode(from), fcode(to)) else {
@@ -615,19 +593,17 @@ fn cast<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     let x = cx.dev(0)?;
     let y = cx.alloc(x.shape.clone(), to)?;
     let n = x.numel();
-    if n > 0 {
-        cx.launch(
-            k::CAST_FLOAT,
-            Grid::elems(n),
-            &[
-                ptr(&x),
-                ptr(&y),
-                Arg::I64(n as i64),
-                Arg::I32(tx),
-                Arg::I32(ty),
-            ],
-        )?;
-    }
+    cx.launch_elems(
+        k::CAST_FLOAT,
+        n,
+        &[
+            ptr(&x),
+            ptr(&y),
+            Arg::I64(n as i64),
+            Arg::I32(tx),
+            Arg::I32(ty),
+        ],
+    )?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -914,22 +890,20 @@ fn gather<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     let inner: usize = s[a + 1..].iter().product();
     let nidx: usize = is.iter().product();
     let n = outer * nidx * inner;
-    if n > 0 {
-        cx.launch(
-            k::GATHER,
-            Grid::elems(n),
-            &[
-                ptr(&x),
-                ptr(&idx),
-                ptr(&y),
-                Arg::I64(outer as i64),
-                Arg::I64(axis_len),
-                Arg::I64(nidx as i64),
-                Arg::I64(inner as i64),
-                Arg::I32(es as i32),
-            ],
-        )?;
-    }
+    cx.launch_elems(
+        k::GATHER,
+        n,
+        &[
+            ptr(&x),
+            ptr(&idx),
+            ptr(&y),
+            Arg::I64(outer as i64),
+            Arg::I64(axis_len),
+            Arg::I64(nidx as i64),
+            Arg::I64(inner as i64),
+            Arg::I32(es as i32),
+        ],
+    )?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -1277,26 +1251,24 @@ fn batch_norm<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     let p: Vec<DevTensor<B>> = (1..5).map(|i| cx.dev(i)).collect::<R<_>>()?;
     let y = cx.alloc(s, d)?;
     let n = y.numel();
-    if n > 0 {
-        cx.launch(
-            k::BATCH_NORM,
-            Grid::elems(n),
-            &[
-                ptr(&x),
-                ptr(&p[0]),
-                ptr(&p[1]),
-                ptr(&p[2]),
-                ptr(&p[3]),
-                ptr(&y),
-                Arg::I64(nb as i64),
-                Arg::I64(c as i64),
-                Arg::I64(hw as i64),
-                Arg::F32(cx.af("epsilon", 1e-5)),
-                Arg::I32(t),
-                Arg::I32(tp),
-            ],
-        )?;
-    }
+    cx.launch_elems(
+        k::BATCH_NORM,
+        n,
+        &[
+            ptr(&x),
+            ptr(&p[0]),
+            ptr(&p[1]),
+            ptr(&p[2]),
+            ptr(&p[3]),
+            ptr(&y),
+            Arg::I64(nb as i64),
+            Arg::I64(c as i64),
+            Arg::I64(hw as i64),
+            Arg::F32(cx.af("epsilon", 1e-5)),
+            Arg::I32(t),
+            Arg::I32(tp),
+        ],
+    )?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -1540,34 +1512,32 @@ fn pool<B: Backend>(cx: &mut Cx<'_, '_, B>, mode: i32) -> R<Outs<B>> {
     let y = cx.alloc(out, d)?;
     let nc = s[0] * s[1];
     let n = y.numel();
-    if n > 0 {
-        cx.launch(
-            k::POOL2D,
-            Grid::elems(n),
-            &[
-                ptr(&x),
-                ptr(&y),
-                Arg::I64(nc as i64),
-                Arg::I64(h),
-                Arg::I64(w),
-                Arg::I64(oh),
-                Arg::I64(ow),
-                Arg::I64(kh),
-                Arg::I64(kw),
-                Arg::I64(sh),
-                Arg::I64(sw),
-                Arg::I64(ph),
-                Arg::I64(pw),
-                Arg::I64(dh),
-                Arg::I64(dw),
-                Arg::I64(h + eh),
-                Arg::I64(w + ew),
-                Arg::I32(mode),
-                Arg::I32((cx.ai("count_include_pad", 0) != 0) as i32),
-                Arg::I32(t),
-            ],
-        )?;
-    }
+    cx.launch_elems(
+        k::POOL2D,
+        n,
+        &[
+            ptr(&x),
+            ptr(&y),
+            Arg::I64(nc as i64),
+            Arg::I64(h),
+            Arg::I64(w),
+            Arg::I64(oh),
+            Arg::I64(ow),
+            Arg::I64(kh),
+            Arg::I64(kw),
+            Arg::I64(sh),
+            Arg::I64(sw),
+            Arg::I64(ph),
+            Arg::I64(pw),
+            Arg::I64(dh),
+            Arg::I64(dw),
+            Arg::I64(h + eh),
+            Arg::I64(w + ew),
+            Arg::I32(mode),
+            Arg::I32((cx.ai("count_include_pad", 0) != 0) as i32),
+            Arg::I32(t),
+        ],
+    )?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -1646,27 +1616,25 @@ fn resize<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     let x = cx.dev(0)?;
     let y = cx.alloc(out.clone(), d)?;
     let n = y.numel();
-    if n > 0 {
-        cx.launch(
-            k::RESIZE2D,
-            Grid::elems(n),
-            &[
-                ptr(&x),
-                ptr(&y),
-                Arg::I64((s[0] * s[1]) as i64),
-                Arg::I64(s[2] as i64),
-                Arg::I64(s[3] as i64),
-                Arg::I64(out[2] as i64),
-                Arg::I64(out[3] as i64),
-                Arg::F32(scales[2] as f32),
-                Arg::F32(scales[3] as f32),
-                Arg::I32(mode),
-                Arg::I32(ctm),
-                Arg::I32(nearest),
-                Arg::I32(t),
-            ],
-        )?;
-    }
+    cx.launch_elems(
+        k::RESIZE2D,
+        n,
+        &[
+            ptr(&x),
+            ptr(&y),
+            Arg::I64((s[0] * s[1]) as i64),
+            Arg::I64(s[2] as i64),
+            Arg::I64(s[3] as i64),
+            Arg::I64(out[2] as i64),
+            Arg::I64(out[3] as i64),
+            Arg::F32(scales[2] as f32),
+            Arg::F32(scales[3] as f32),
+            Arg::I32(mode),
+            Arg::I32(ctm),
+            Arg::I32(nearest),
+            Arg::I32(t),
+        ],
+    )?;
     Ok(Some(vec![dev_out(y)]))
 }
 
@@ -1718,20 +1686,18 @@ fn pad<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
         let x = cx.dev(0)?;
         let y = cx.alloc(out, d)?;
         let n = y.numel();
-        if n > 0 {
-            cx.launch(
-                k::PAD_INDEX,
-                Grid::elems(n),
-                &[
-                    ptr(&x),
-                    ptr(&y),
-                    Arg::I64(n as i64),
-                    Arg::Strides(v),
-                    Arg::I32(mode),
-                    Arg::I32(es as i32),
-                ],
-            )?;
-        }
+        cx.launch_elems(
+            k::PAD_INDEX,
+            n,
+            &[
+                ptr(&x),
+                ptr(&y),
+                Arg::I64(n as i64),
+                Arg::Strides(v),
+                Arg::I32(mode),
+                Arg::I32(es as i32),
+            ],
+        )?;
         return Ok(Some(vec![dev_out(y)]));
     }
     // the constant in the tensor's own type, as raw bits

@@ -1,22 +1,7 @@
 //! Convolution and pooling window geometry, shared by the CPU executor and the CUDA executor so both
 //! compute the same output sizes and paddings from a node's attributes.
 
-use mpopt_ir::{AttrValue, Node};
-
-fn ints(node: &Node, name: &str) -> Option<Vec<i64>> {
-    match node.attr(name).map(|a| &a.value) {
-        Some(AttrValue::Ints(v)) => Some(v.clone()),
-        Some(AttrValue::Int(i)) => Some(vec![*i]),
-        _ => None,
-    }
-}
-
-fn string(node: &Node, name: &str) -> Option<String> {
-    match node.attr(name).map(|a| &a.value) {
-        Some(AttrValue::String(s)) => Some(String::from_utf8_lossy(s).into_owned()),
-        _ => None,
-    }
-}
+use mpopt_ir::Node;
 
 /// Spatial geometry of a convolution or pooling window.
 #[derive(Clone, Debug)]
@@ -50,13 +35,15 @@ pub fn window(
         ));
     }
     let get = |name: &str, d: usize| -> Vec<usize> {
-        ints(node, name)
+        node.attr_ints(name)
             .map(|v| v.iter().map(|&x| x.max(0) as usize).collect())
             .unwrap_or_else(|| vec![d; r])
     };
     let strides = get("strides", 1);
     let dilations = get("dilations", 1);
-    let auto = string(node, "auto_pad").unwrap_or_else(|| "NOTSET".into());
+    let auto = node
+        .attr_string("auto_pad")
+        .unwrap_or_else(|| "NOTSET".into());
     let mut pad_begin = vec![0; r];
     let mut pad_end = vec![0; r];
     let mut out = vec![0; r];
@@ -84,7 +71,7 @@ pub fn window(
                 };
             }
             _ => {
-                let pads = ints(node, "pads").unwrap_or_else(|| vec![0; 2 * r]);
+                let pads = node.attr_ints("pads").unwrap_or_else(|| vec![0; 2 * r]);
                 if pads.len() != 2 * r {
                     return Err(format!("pads {pads:?} do not match {r} spatial dims"));
                 }

@@ -187,6 +187,35 @@ impl Node {
     pub fn attr(&self, name: &str) -> Option<&Attribute> {
         self.attributes.iter().find(|a| a.name == name)
     }
+    /// An `INT` attribute's value (`None` when absent or of another kind).
+    pub fn attr_int(&self, name: &str) -> Option<i64> {
+        match self.attr(name).map(|a| &a.value) {
+            Some(crate::AttrValue::Int(i)) => Some(*i),
+            _ => None,
+        }
+    }
+    /// A `FLOAT` attribute's value.
+    pub fn attr_float(&self, name: &str) -> Option<f32> {
+        match self.attr(name).map(|a| &a.value) {
+            Some(crate::AttrValue::Float(f)) => Some(*f),
+            _ => None,
+        }
+    }
+    /// An `INTS` attribute's values; a single `INT` reads as one value.
+    pub fn attr_ints(&self, name: &str) -> Option<Vec<i64>> {
+        match self.attr(name).map(|a| &a.value) {
+            Some(crate::AttrValue::Ints(v)) => Some(v.clone()),
+            Some(crate::AttrValue::Int(i)) => Some(vec![*i]),
+            _ => None,
+        }
+    }
+    /// A `STRING` attribute's value, decoded as UTF-8 (lossily).
+    pub fn attr_string(&self, name: &str) -> Option<String> {
+        match self.attr(name).map(|a| &a.value) {
+            Some(crate::AttrValue::String(s)) => Some(String::from_utf8_lossy(s).into_owned()),
+            _ => None,
+        }
+    }
     /// The subgraphs held by this node's attributes, with the attribute names.
     pub fn subgraphs(&self) -> impl Iterator<Item = (&str, &Graph)> {
         self.attributes
