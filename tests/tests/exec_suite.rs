@@ -214,10 +214,8 @@ fn corpus_ops() -> BTreeSet<String> {
 }
 
 /// Failures accepted for corpus ops: test-name fragments, with the reason.
-const CORPUS_OP_EXCEPTIONS: &[(&str, &str)] = &[(
-    "antialias",
-    "Resize antialiasing is not implemented (no corpus model uses it)",
-)];
+/// (None at present: every node test of every op a corpus model uses passes.)
+const CORPUS_OP_EXCEPTIONS: &[(&str, &str)] = &[];
 
 #[test]
 fn node_suite_conformance() {

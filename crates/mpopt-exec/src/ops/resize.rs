@@ -1,5 +1,5 @@
 //! Resize and Upsample: separable interpolation, one axis at a time (nearest, linear, cubic), with every
-//! coordinate transformation mode of opset 19.
+//! coordinate transformation mode of opset 19, and antialiased downsampling (opset 18's `antialias`).
 
 use super::{Ctx, R, axis, one};
 use crate::{Data, Tensor, Value, numel};
@@ -11,6 +11,7 @@ struct Spec {
     cubic_a: f64,
     exclude_outside: bool,
     extrapolation: f64,
+    antialias: bool,
 }
 
 /// The taps of one output index: (input index, weight); empty means the extrapolation value.
@@ -57,6 +58,9 @@ fn taps(spec: &Spec, out_len: usize, in_len: usize, scale: f64, roi: (f64, f64))
                 return Vec::new();
             }
             let clampi = |i: i64| i.clamp(0, in_len as i64 - 1) as usize;
+            if spec.antialias && spec.mode != "nearest" {
+                return antialias_taps(spec, orig, scale, in_len);
+            }
             match spec.mode.as_str() {
                 "nearest" => {
                     let i = match spec.nearest.as_str() {
@@ -86,21 +90,10 @@ fn taps(spec: &Spec, out_len: usize, in_len: usize, scale: f64, roi: (f64, f64))
                     vec![(clampi(x0 as i64), 1.0 - w), (clampi(x0 as i64 + 1), w)]
                 }
                 _ => {
-                    let a = spec.cubic_a;
                     let x0 = orig.floor();
                     let t = orig - x0;
-                    let cubic = |d: f64| {
-                        let d = d.abs();
-                        if d <= 1.0 {
-                            ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
-                        } else if d < 2.0 {
-                            ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
-                        } else {
-                            0.0
-                        }
-                    };
                     let mut v: Vec<(i64, f64)> = (-1..=2)
-                        .map(|k| (x0 as i64 + k, cubic(t - k as f64)))
+                        .map(|k| (x0 as i64 + k, cubic_kernel(spec.cubic_a, t - k as f64)))
                         .collect();
                     if spec.exclude_outside {
                         v.retain(|&(i, _)| i >= 0 && i < in_len as i64);
@@ -111,6 +104,56 @@ fn taps(spec: &Spec, out_len: usize, in_len: usize, scale: f64, roi: (f64, f64))
                 }
             }
         })
+        .collect()
+}
+
+/// The cubic convolution kernel with coefficient `a` (Keys), at distance `d`.
+fn cubic_kernel(a: f64, d: f64) -> f64 {
+    let d = d.abs();
+    if d <= 1.0 {
+        ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+    } else if d < 2.0 {
+        ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
+    } else {
+        0.0
+    }
+}
+
+/// Antialiased taps (opset 18): when downsampling, the linear (triangle) or cubic kernel is stretched by
+/// `1 / scale`, so each output averages over every input sample its footprint covers; the weights are
+/// normalised to sum to 1. Upsampling (`scale >= 1`) gives the plain kernel. As in the ONNX reference, the
+/// taps are the `n` input positions nearest to `orig` (the lower one first on ties), out-of-range positions
+/// read the edge sample, or are dropped with `exclude_outside`.
+fn antialias_taps(spec: &Spec, orig: f64, scale: f64, in_len: usize) -> Taps {
+    let s = scale.min(1.0);
+    let support = if spec.mode == "linear" { 1.0 } else { 2.0 };
+    // First tap offset relative to the left neighbour; the footprint is symmetric: `n = 2 - 2 * start`.
+    let start = (-support / s).floor() as i64 + 1;
+    let n = 2 - 2 * start;
+    // `ratio` lies in (0, 1]: an integer position counts as the right end of the interval to its left.
+    let left = if orig.fract() == 0.0 {
+        orig - 1.0
+    } else {
+        orig.floor()
+    };
+    let ratio = orig - left;
+    let mut v: Vec<(i64, f64)> = (start..start + n)
+        .map(|i| {
+            let d = s * (i as f64 - ratio);
+            let w = if spec.mode == "linear" {
+                (1.0 - d.abs()).max(0.0)
+            } else {
+                cubic_kernel(spec.cubic_a, d)
+            };
+            (left as i64 + i, w)
+        })
+        .collect();
+    if spec.exclude_outside {
+        v.retain(|&(i, _)| i >= 0 && i < in_len as i64);
+    }
+    let sum: f64 = v.iter().map(|p| p.1).sum();
+    v.into_iter()
+        .map(|(i, w)| (i.clamp(0, in_len as i64 - 1) as usize, w / sum))
         .collect()
 }
 
@@ -193,6 +236,7 @@ fn spec(ctx: &Ctx) -> Spec {
         cubic_a: ctx.af("cubic_coeff_a", -0.75) as f64,
         exclude_outside: ctx.ai("exclude_outside", 0) != 0,
         extrapolation: ctx.af("extrapolation_value", 0.0) as f64,
+        antialias: ctx.ai("antialias", 0) != 0,
     }
 }
 
@@ -200,9 +244,6 @@ pub(crate) fn resize(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let r = x.rank();
     let sp = spec(ctx);
-    if ctx.ai("antialias", 0) != 0 {
-        return Err("Resize with antialias=1 is not supported".into());
-    }
     let (roi_t, scales_t, sizes_t) = if ctx.opset < 11 {
         (None, ctx.opt(1), None)
     } else {
