@@ -8,6 +8,47 @@ use rayon::prelude::*;
 
 /// Elementwise loops split across threads in chunks of at least this many elements.
 pub(crate) const PAR_MIN: usize = 1 << 15;
+
+/// Builds a vector of `n` elements chunk by chunk: `fill(start, chunk)` must write every element of the
+/// `chunk` that begins at index `start`. Chunks of `chunk_len` run in parallel; a single chunk runs on the
+/// calling thread (no hand-off to the pool for small tensors). The output is never zero-filled first, and
+/// the loops write plain slices, so they vectorize.
+///
+/// # Safety
+/// `fill` must initialize every element of the slice it is given.
+pub(crate) unsafe fn par_fill<O: Send>(
+    n: usize,
+    chunk_len: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<O>]) + Sync + Send,
+) -> Vec<O> {
+    let mut out: Vec<O> = Vec::with_capacity(n);
+    let spare = &mut out.spare_capacity_mut()[..n];
+    let chunk_len = chunk_len.max(1);
+    if n <= chunk_len {
+        fill(0, spare);
+    } else {
+        spare
+            .par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| fill(i * chunk_len, c));
+    }
+    // SAFETY: the chunks cover `0..n`, and the caller guarantees that `fill` initialized each of them.
+    unsafe { out.set_len(n) };
+    out
+}
+
+/// `f` over a slice, in parallel chunks (see [`par_fill`]).
+pub(crate) fn par_map<A: Sync, O: Send>(a: &[A], f: impl Fn(&A) -> O + Sync + Send) -> Vec<O> {
+    // SAFETY: each chunk zips with the equally long slice of `a` at the same start: every element is written.
+    unsafe {
+        par_fill(a.len(), PAR_MIN, |s, o| {
+            let a = &a[s..s + o.len()];
+            for (d, x) in o.iter_mut().zip(a) {
+                d.write(f(x));
+            }
+        })
+    }
+}
 use mpopt_ir::DType;
 
 use super::{Ctx, R, one};
@@ -36,11 +77,11 @@ macro_rules! float_map {
         let data = match &t.data {
             Data::F32(v) => {
                 $(let $n = ($v) as f32;)*
-                Data::F32(v.par_iter().with_min_len(PAR_MIN).map(|&$x| $e).collect())
+                Data::F32($crate::ops::elementwise::par_map(v, |&$x| $e))
             }
             Data::F64(v) => {
                 $(let $n = ($v) as f64;)*
-                Data::F64(v.par_iter().with_min_len(PAR_MIN).map(|&$x| $e).collect())
+                Data::F64($crate::ops::elementwise::par_map(v, |&$x| $e))
             }
             d => return Err(format!("expected a float tensor, got {}", d.dtype())),
         };
@@ -417,37 +458,28 @@ pub(crate) fn zip_bcast<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send>(
     let out = broadcast_shape(ash, bsh)?;
     let n = numel(&out);
     if ash == bsh {
-        let v = a
-            .par_iter()
-            .with_min_len(PAR_MIN)
-            .zip(b)
-            .map(|(&x, &y)| f(x, y))
-            .collect();
+        assert_eq!(a.len(), b.len());
+        // SAFETY: each chunk zips with equally long slices of `a` and `b`: every element is written.
+        let v = unsafe {
+            par_fill(n, PAR_MIN, |s, o| {
+                let (a, b) = (&a[s..s + o.len()], &b[s..s + o.len()]);
+                for ((d, &x), &y) in o.iter_mut().zip(a).zip(b) {
+                    d.write(f(x, y));
+                }
+            })
+        };
         return Ok((v, out));
     }
     if b.len() == 1 && n == a.len() {
         let y = b[0];
-        return Ok((
-            a.par_iter()
-                .with_min_len(PAR_MIN)
-                .map(|&x| f(x, y))
-                .collect(),
-            out,
-        ));
+        return Ok((par_map(a, |&x| f(x, y)), out));
     }
     if a.len() == 1 && n == b.len() {
         let x = a[0];
-        return Ok((
-            b.par_iter()
-                .with_min_len(PAR_MIN)
-                .map(|&y| f(x, y))
-                .collect(),
-            out,
-        ));
+        return Ok((par_map(b, |&y| f(x, y)), out));
     }
-    let mut res = Vec::with_capacity(n);
     if n == 0 {
-        return Ok((res, out));
+        return Ok((Vec::new(), out));
     }
     // Collapse dims: (size, stride_a, stride_b).
     let sa = bcast_strides(ash, &out);
@@ -471,39 +503,65 @@ pub(crate) fn zip_bcast<A: Copy + Send + Sync, B: Copy + Send + Sync, O: Send>(
     }
     let (inner, ia, ib) = *dims.last().expect("non-empty");
     let outer = &dims[..dims.len() - 1];
-    let mut idx = vec![0usize; outer.len()];
-    let (mut oa, mut ob) = (0usize, 0usize);
-    let outer_n: usize = outer.iter().map(|d| d.0).product();
-    for _ in 0..outer_n {
-        match (ia, ib) {
-            (1, 1) => res.extend(
-                a[oa..oa + inner]
-                    .iter()
-                    .zip(&b[ob..ob + inner])
-                    .map(|(&x, &y)| f(x, y)),
-            ),
-            (1, 0) => {
-                let y = b[ob];
-                res.extend(a[oa..oa + inner].iter().map(|&x| f(x, y)))
+    // Whole rows of `inner` outputs per task, at least PAR_MIN elements.
+    let per = PAR_MIN.div_ceil(inner) * inner;
+    // SAFETY: `n` is `inner` times the outer count and `per` a multiple of `inner`, so every chunk splits into
+    // rows of exactly `inner` elements, and each match arm writes all `inner` elements of its row.
+    let res = unsafe {
+        par_fill(n, per, |start, o| {
+            // The input offsets of the chunk's first row.
+            let mut idx = vec![0usize; outer.len()];
+            let mut row = start / inner;
+            let (mut oa, mut ob) = (0usize, 0usize);
+            for d in (0..outer.len()).rev() {
+                idx[d] = row % outer[d].0;
+                row /= outer[d].0;
+                oa += idx[d] * outer[d].1;
+                ob += idx[d] * outer[d].2;
             }
-            (0, 1) => {
-                let x = a[oa];
-                res.extend(b[ob..ob + inner].iter().map(|&y| f(x, y)))
+            for dst in o.chunks_mut(inner) {
+                match (ia, ib) {
+                    (1, 1) => {
+                        for ((d, &x), &y) in dst
+                            .iter_mut()
+                            .zip(&a[oa..oa + inner])
+                            .zip(&b[ob..ob + inner])
+                        {
+                            d.write(f(x, y));
+                        }
+                    }
+                    (1, 0) => {
+                        let y = b[ob];
+                        for (d, &x) in dst.iter_mut().zip(&a[oa..oa + inner]) {
+                            d.write(f(x, y));
+                        }
+                    }
+                    (0, 1) => {
+                        let x = a[oa];
+                        for (d, &y) in dst.iter_mut().zip(&b[ob..ob + inner]) {
+                            d.write(f(x, y));
+                        }
+                    }
+                    _ => {
+                        for (k, d) in dst.iter_mut().enumerate() {
+                            d.write(f(a[oa + k * ia], b[ob + k * ib]));
+                        }
+                    }
+                }
+                for d in (0..outer.len()).rev() {
+                    idx[d] += 1;
+                    oa += outer[d].1;
+                    ob += outer[d].2;
+                    if idx[d] < outer[d].0 {
+                        break;
+                    }
+                    oa -= outer[d].1 * idx[d];
+                    ob -= outer[d].2 * idx[d];
+                    idx[d] = 0;
+                }
             }
-            _ => res.extend((0..inner).map(|k| f(a[oa + k * ia], b[ob + k * ib]))),
-        }
-        for d in (0..outer.len()).rev() {
-            idx[d] += 1;
-            oa += outer[d].1;
-            ob += outer[d].2;
-            if idx[d] < outer[d].0 {
-                break;
-            }
-            oa -= outer[d].1 * idx[d];
-            ob -= outer[d].2 * idx[d];
-            idx[d] = 0;
-        }
-    }
+        })
+    };
     Ok((res, out))
 }
 

@@ -60,7 +60,8 @@ pub(crate) fn mm<T: 'static + Copy + Default>(
     }
 }
 
-fn f32s(t: &Tensor) -> R<std::borrow::Cow<'_, [f32]>> {
+/// The tensor's values as f32: borrowed when it already is f32, widened otherwise.
+pub(crate) fn f32s(t: &Tensor) -> R<std::borrow::Cow<'_, [f32]>> {
     match &t.data {
         Data::F32(v) => Ok(std::borrow::Cow::Borrowed(v)),
         _ => Ok(std::borrow::Cow::Owned(t.to_f32s()?)),
@@ -236,18 +237,7 @@ fn im2col2d(x: &[f32], c: usize, (h, w): (usize, usize), win: &Window, col: &mut
                     let row = &mut rows[(i * kw + j) * plane..(i * kw + j + 1) * plane];
                     // Output columns whose input column is inside the image: xo in [lo, hi).
                     let off = (j * dw) as isize - pw;
-                    let lo = if off >= 0 {
-                        0
-                    } else {
-                        ((-off) as usize).div_ceil(sw)
-                    }
-                    .min(ow);
-                    let hi = if (w as isize) <= off {
-                        0
-                    } else {
-                        ((w as isize - off) as usize).div_ceil(sw).min(ow)
-                    }
-                    .max(lo);
+                    let (lo, hi) = inside(off, sw, ow, w);
                     for y in 0..oh {
                         let iy = (y * sh + i * dh) as isize - ph;
                         let dst = &mut row[y * ow..(y + 1) * ow];
@@ -443,27 +433,55 @@ fn depthwise2d(
             let xc = &x[bc * h * wd..(bc + 1) * h * wd];
             let wc = &w[ci * kh * kw..(ci + 1) * kh * kw];
             o.fill(0.0);
-            // Tap-major: each tap adds into whole output rows (vectorizes), in kernel order.
+            // Tap-major: each tap adds into whole output rows, in kernel order; the columns whose input lies
+            // inside the image are found once per tap, so the inner loop is a plain (vectorizable) axpy.
             for i in 0..kh {
                 for j in 0..kw {
                     let wv = wc[i * kw + j];
+                    let off = (j * dw) as isize - pw;
+                    let (lo, hi) = inside(off, sw, ow, wd);
+                    if lo == hi {
+                        continue;
+                    }
+                    let start = (lo as isize * sw as isize + off) as usize;
                     for y in 0..oh {
                         let iy = (y * sh + i * dh) as isize - ph;
                         if iy < 0 || iy >= h as isize {
                             continue;
                         }
-                        let src = &xc[iy as usize * wd..(iy as usize + 1) * wd];
-                        let dst = &mut o[y * ow..(y + 1) * ow];
-                        for (xo, d) in dst.iter_mut().enumerate() {
-                            let ix = (xo * sw + j * dw) as isize - pw;
-                            if ix >= 0 && ix < wd as isize {
-                                *d += wv * src[ix as usize];
+                        let src = &xc[iy as usize * wd + start..(iy as usize + 1) * wd];
+                        let dst = &mut o[y * ow + lo..y * ow + hi];
+                        if sw == 1 {
+                            for (d, &s) in dst.iter_mut().zip(src) {
+                                *d += wv * s;
+                            }
+                        } else {
+                            for (d, &s) in dst.iter_mut().zip(src.iter().step_by(sw)) {
+                                *d += wv * s;
                             }
                         }
                     }
                 }
             }
         });
+}
+
+/// Output indices `[lo, hi)` along one axis whose tap at offset `off` (tap position minus the begin padding)
+/// reads inside `[0, len)`, for `out` outputs at stride `stride`.
+fn inside(off: isize, stride: usize, out: usize, len: usize) -> (usize, usize) {
+    let lo = if off >= 0 {
+        0
+    } else {
+        ((-off) as usize).div_ceil(stride)
+    }
+    .min(out);
+    let hi = if (len as isize) <= off {
+        0
+    } else {
+        ((len as isize - off) as usize).div_ceil(stride).min(out)
+    }
+    .max(lo);
+    (lo, hi)
 }
 
 /// Direct N-d convolution (3-D and higher; node tests).
@@ -606,9 +624,39 @@ pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
                 false,
                 1.0,
             );
+            let og = &mut out[(b * m + gi * mg) * out_plane..(b * m + (gi + 1) * mg) * out_plane];
+            if r == 2 {
+                // col2im for 2-D, one output channel per task: each tap scatters whole input rows over the
+                // range whose outputs are inside the image; per output, the taps add in kernel order.
+                let (kh, kw) = (kernel[0], kernel[1]);
+                og.par_chunks_mut(out_plane.max(1))
+                    .enumerate()
+                    .for_each(|(mi, o)| {
+                        for ki in 0..kh {
+                            let offy = (ki * dil[0]) as isize - pb[0] as isize;
+                            let (ylo, yhi) = inside(offy, strides[0], sp[0], out_sp[0]);
+                            for kj in 0..kw {
+                                let offx = (kj * dil[1]) as isize - pb[1] as isize;
+                                let (xlo, xhi) = inside(offx, strides[1], sp[1], out_sp[1]);
+                                let kp = ki * kw + kj;
+                                let rowk =
+                                    &col[(mi * kk + kp) * in_plane..(mi * kk + kp + 1) * in_plane];
+                                for iy in ylo..yhi {
+                                    let oy = ((iy * strides[0]) as isize + offy) as usize;
+                                    let dst = &mut o[oy * out_sp[1]..(oy + 1) * out_sp[1]];
+                                    let src = &rowk[iy * sp[1]..(iy + 1) * sp[1]];
+                                    for ix in xlo..xhi {
+                                        dst[((ix * strides[1]) as isize + offx) as usize] +=
+                                            src[ix];
+                                    }
+                                }
+                            }
+                        }
+                    });
+                continue;
+            }
             for mi in 0..mg {
-                let o = &mut out
-                    [(b * m + gi * mg + mi) * out_plane..(b * m + gi * mg + mi + 1) * out_plane];
+                let o = &mut og[mi * out_plane..(mi + 1) * out_plane];
                 for kp in 0..kk {
                     unravel(kp, &kernel, &mut kc);
                     let row = &col[(mi * kk + kp) * in_plane..(mi * kk + kp + 1) * in_plane];

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::linalg::{unravel, window};
+use super::linalg::{f32s, unravel, window};
 use super::{Ctx, R, axis, one};
 use crate::{Data, Tensor, Value, numel};
 
@@ -392,64 +392,43 @@ fn pool(ctx: &Ctx, kind: PoolKind) -> R<Vec<Value>> {
         .collect();
     let sp = x.shape[2..].to_vec();
     let win = window(ctx, &sp, kernel, ctx.ai("ceil_mode", 0) != 0)?;
-    let v = x.to_f32s()?;
+    let v = f32s(x)?;
     let r = sp.len();
     let in_plane = numel(&sp);
     let out_plane = numel(&win.out);
     let nc = x.shape[0] * x.shape[1];
     let kk = numel(&win.kernel);
     let mut out = vec![0f32; nc * out_plane];
-    let mut arg = vec![
-        0i64;
-        if kind == PoolKind::Max {
-            nc * out_plane
-        } else {
-            0
-        }
-    ];
     let want_idx = ctx.node.outputs().len() > 1 && ctx.node.outputs()[1].is_some();
     let row_major = ctx.ai("storage_order", 0) == 0;
     if r == 2 && !want_idx && matches!(kind, PoolKind::Max | PoolKind::Avg { .. }) {
-        // 2-D without indices: direct loops over the window (no coordinate arithmetic per tap).
-        let (h, w) = (sp[0], sp[1]);
-        let (oh, ow) = (win.out[0], win.out[1]);
-        let (kh, kw) = (win.kernel[0], win.kernel[1]);
-        let (sh, sw) = (win.strides[0], win.strides[1]);
-        let (dh, dw) = (win.dilations[0], win.dilations[1]);
-        let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
-        let (eh, ew) = ((h + win.pad_end[0]) as isize, (w + win.pad_end[1]) as isize);
+        // 2-D without indices: per output row, the in-image kernel rows are found once; per output, the
+        // taps are visited in kernel order, so sums round as in the general loop.
+        let win2 = Win2::new(&win, (sp[0], sp[1]));
+        let counts = match kind {
+            PoolKind::Avg { include_pad } => win2.counts(include_pad),
+            _ => Vec::new(),
+        };
         out.par_chunks_mut(out_plane.max(1))
             .enumerate()
             .for_each(|(p, o)| {
                 let xp = &v[p * in_plane..(p + 1) * in_plane];
-                for y in 0..oh {
-                    for x in 0..ow {
-                        let (mut best, mut sum, mut cnt, mut cnt_pad) =
-                            (f32::NEG_INFINITY, 0f32, 0usize, 0usize);
-                        for i in 0..kh {
-                            let iy = (y * sh + i * dh) as isize - ph;
-                            for j in 0..kw {
-                                let ix = (x * sw + j * dw) as isize - pw;
-                                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
-                                    cnt_pad += (iy < eh && ix < ew) as usize;
-                                    continue;
-                                }
-                                let e = xp[iy as usize * w + ix as usize];
-                                if e > best || e.is_nan() {
-                                    best = e;
-                                }
-                                sum += e;
-                                cnt += 1;
-                                cnt_pad += 1;
-                            }
+                match kind {
+                    // `if a > e { a } else { e }` is one max instruction. It does not keep a NaN once
+                    // seen, so a plane holding NaN is redone with a sticky-NaN select.
+                    PoolKind::Max => {
+                        win2.fold(xp, o, f32::NEG_INFINITY, |a, e| if a > e { a } else { e });
+                        if xp.iter().fold(false, |n, v| n | v.is_nan()) {
+                            win2.fold(xp, o, f32::NEG_INFINITY, |a, e| {
+                                if (e > a) | e.is_nan() { e } else { a }
+                            });
                         }
-                        o[y * ow + x] = match kind {
-                            PoolKind::Avg { include_pad } => {
-                                let d = if include_pad { cnt_pad } else { cnt };
-                                if d == 0 { 0.0 } else { sum / d as f32 }
-                            }
-                            _ => best,
-                        };
+                    }
+                    _ => {
+                        win2.fold(xp, o, 0.0, |a, e| a + e);
+                        for (d, &c) in o.iter_mut().zip(&counts) {
+                            *d = if c == 0 { 0.0 } else { *d / c as f32 };
+                        }
                     }
                 }
             });
@@ -457,6 +436,7 @@ fn pool(ctx: &Ctx, kind: PoolKind) -> R<Vec<Value>> {
         shape.extend(&win.out);
         return Ok(vec![Value::Tensor(out_like(x, shape, out))]);
     }
+    let mut arg = vec![0i64; if want_idx { nc * out_plane } else { 0 }];
     let body = |plane: usize, o: &mut [f32], a: &mut [i64]| {
         let xp = &v[plane * in_plane..(plane + 1) * in_plane];
         let mut oc = vec![0; r];
@@ -525,7 +505,7 @@ fn pool(ctx: &Ctx, kind: PoolKind) -> R<Vec<Value>> {
             }
         }
     };
-    if kind == PoolKind::Max {
+    if want_idx {
         out.par_chunks_mut(out_plane.max(1))
             .zip(arg.par_chunks_mut(out_plane.max(1)))
             .enumerate()
@@ -542,6 +522,146 @@ fn pool(ctx: &Ctx, kind: PoolKind) -> R<Vec<Value>> {
         res.push(Value::Tensor(Tensor::i64(shape, arg)));
     }
     Ok(res)
+}
+
+/// The geometry of a 2-D pooling window over an `h x w` plane.
+struct Win2 {
+    h: usize,
+    w: usize,
+    out: (usize, usize),
+    kernel: (usize, usize),
+    strides: (usize, usize),
+    dilations: (usize, usize),
+    pad_begin: (usize, usize),
+    pad_end: (usize, usize),
+}
+
+impl Win2 {
+    fn new(win: &crate::geometry::Window, (h, w): (usize, usize)) -> Win2 {
+        Win2 {
+            h,
+            w,
+            out: (win.out[0], win.out[1]),
+            kernel: (win.kernel[0], win.kernel[1]),
+            strides: (win.strides[0], win.strides[1]),
+            dilations: (win.dilations[0], win.dilations[1]),
+            pad_begin: (win.pad_begin[0], win.pad_begin[1]),
+            pad_end: (win.pad_end[0], win.pad_end[1]),
+        }
+    }
+
+    /// Folds `f` over each output's in-image taps, in kernel order, starting from `init`: one output at a
+    /// time with the accumulator in a register (taps at the image border are skipped by a predictable test).
+    fn fold(&self, xp: &[f32], o: &mut [f32], init: f32, f: impl Fn(f32, f32) -> f32) {
+        let (oh, ow) = self.out;
+        let (sh, sw) = self.strides;
+        let (kh, kw) = self.kernel;
+        let (dh, dw) = self.dilations;
+        let (ph, pw) = (self.pad_begin.0 as isize, self.pad_begin.1 as isize);
+        let mut rows: Vec<&[f32]> = Vec::with_capacity(kh);
+        for y in 0..oh {
+            rows.clear();
+            for i in 0..kh {
+                let iy = (y * sh + i * dh) as isize - ph;
+                if iy >= 0 && iy < self.h as isize {
+                    let iy = iy as usize;
+                    rows.push(&xp[iy * self.w..(iy + 1) * self.w]);
+                }
+            }
+            let orow = &mut o[y * ow..(y + 1) * ow];
+            // Interior outputs, whose taps are all inside the row, go in blocks of LANES with independent
+            // accumulators: one accumulator per output would chain every tap's latency.
+            const LANES: usize = 8;
+            let (xa, xb) = self.interior(ow, sw, kw, dw, pw);
+            let mut x = xa;
+            while x + LANES <= xb {
+                let x0 = x * sw - pw as usize;
+                let mut acc = [init; LANES];
+                for r in &rows {
+                    for j in 0..kw {
+                        let base = x0 + j * dw;
+                        for (k, a) in acc.iter_mut().enumerate() {
+                            *a = f(*a, r[base + k * sw]);
+                        }
+                    }
+                }
+                orow[x..x + LANES].copy_from_slice(&acc);
+                x += LANES;
+            }
+            for (x, dst) in orow.iter_mut().enumerate() {
+                if (xa..xa + (xb - xa) / LANES * LANES).contains(&x) {
+                    continue;
+                }
+                let x0 = (x * sw) as isize - pw;
+                let mut acc = init;
+                for r in &rows {
+                    for j in 0..kw {
+                        let ix = x0 + (j * dw) as isize;
+                        if ix >= 0 && ix < self.w as isize {
+                            acc = f(acc, r[ix as usize]);
+                        }
+                    }
+                }
+                *dst = acc;
+            }
+        }
+    }
+
+    /// Output columns `[lo, hi)` whose every tap lies inside the row.
+    fn interior(&self, ow: usize, sw: usize, kw: usize, dw: usize, pw: isize) -> (usize, usize) {
+        let lo = (pw.max(0) as usize).div_ceil(sw).min(ow);
+        let span = (kw - 1) * dw;
+        // x * sw - pw + span < w  <=>  x * sw < w + pw - span
+        let lim = self.w as isize + pw - span as isize;
+        let hi = if lim <= 0 {
+            0
+        } else {
+            (lim as usize).div_ceil(sw).min(ow)
+        };
+        (lo, hi.max(lo))
+    }
+
+    /// The divisor of each output of an average pool: the taps inside the image, or with `include_pad`
+    /// those inside the padded image. Both are products of per-axis counts.
+    fn counts(&self, include_pad: bool) -> Vec<usize> {
+        let axis = |out: usize, k: usize, s: usize, d: usize, pb: usize, pe: usize, len: usize| {
+            (0..out)
+                .map(|o| {
+                    (0..k)
+                        .filter(|&t| {
+                            let i = (o * s + t * d) as isize - pb as isize;
+                            if include_pad {
+                                i < (len + pe) as isize
+                            } else {
+                                i >= 0 && i < len as isize
+                            }
+                        })
+                        .count()
+                })
+                .collect::<Vec<_>>()
+        };
+        let ys = axis(
+            self.out.0,
+            self.kernel.0,
+            self.strides.0,
+            self.dilations.0,
+            self.pad_begin.0,
+            self.pad_end.0,
+            self.h,
+        );
+        let xs = axis(
+            self.out.1,
+            self.kernel.1,
+            self.strides.1,
+            self.dilations.1,
+            self.pad_begin.1,
+            self.pad_end.1,
+            self.w,
+        );
+        ys.iter()
+            .flat_map(|&cy| xs.iter().map(move |&cx| cy * cx))
+            .collect()
+    }
 }
 
 pub(crate) fn max_pool(ctx: &mut Ctx) -> R<Vec<Value>> {

@@ -2,7 +2,7 @@
 //! coordinate transformation mode of opset 19, and antialiased downsampling (opset 18's `antialias`).
 
 use super::{Ctx, R, axis, one};
-use crate::{Data, Tensor, Value, numel};
+use crate::{Data, Tensor, Value, map_data, numel};
 
 struct Spec {
     mode: String,
@@ -183,6 +183,71 @@ fn along(v: &[f64], shape: &[usize], ax: usize, taps: &[Taps], extrap: f64) -> V
 }
 
 fn run(
+    x: &Tensor,
+    spec: &Spec,
+    out_shape: &[usize],
+    scales: &[f64],
+    roi: &[(f64, f64)],
+) -> R<Tensor> {
+    if spec.mode == "nearest" {
+        // Nearest: a gather of stored elements along each resized axis (any dtype, bits untouched).
+        let mut t = x.clone();
+        for ax in 0..x.rank() {
+            if out_shape[ax] == t.shape[ax]
+                && scales[ax] == 1.0
+                && spec.coord != "tf_crop_and_resize"
+            {
+                continue;
+            }
+            let tp = taps(spec, out_shape[ax], t.shape[ax], scales[ax], roi[ax]);
+            if tp.iter().any(Vec::is_empty) {
+                // tf_crop_and_resize outside the image: the extrapolation value, through the general path.
+                return interpolate(x, spec, out_shape, scales, roi);
+            }
+            let idx: Vec<usize> = tp.iter().map(|p| p[0].0).collect();
+            let data = map_data!(&t.data, v => gather_axis(v, &t.shape, ax, &idx));
+            let mut shape = t.shape.clone();
+            shape[ax] = out_shape[ax];
+            t = Tensor::new(shape, data);
+        }
+        return Ok(t);
+    }
+    interpolate(x, spec, out_shape, scales, roi)
+}
+
+/// `out[.., i, ..] = v[.., idx[i], ..]` along `ax` of `shape`, in parallel over the outer index.
+fn gather_axis<T: Clone + Send + Sync>(
+    v: &[T],
+    shape: &[usize],
+    ax: usize,
+    idx: &[usize],
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let dim = shape[ax];
+    let inner = numel(&shape[ax + 1..]);
+    let block = idx.len() * inner;
+    let total = numel(&shape[..ax]) * block;
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    if block > 0 {
+        out.spare_capacity_mut()[..total]
+            .par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(o, dst)| {
+                let src = &v[o * dim * inner..(o + 1) * dim * inner];
+                for (d, &i) in dst.chunks_mut(inner).zip(idx) {
+                    for (e, s) in d.iter_mut().zip(&src[i * inner..(i + 1) * inner]) {
+                        e.write(s.clone());
+                    }
+                }
+            });
+    }
+    // SAFETY: each of the `total / block` chunks writes `idx.len()` runs of `inner` elements: all of it.
+    unsafe { out.set_len(total) };
+    out
+}
+
+/// Linear and cubic interpolation (and nearest with extrapolated points), in f64, one axis at a time.
+fn interpolate(
     x: &Tensor,
     spec: &Spec,
     out_shape: &[usize],

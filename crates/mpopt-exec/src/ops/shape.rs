@@ -1,6 +1,7 @@
 //! Shape and data-movement kernels. They copy stored elements (any dtype, f16 bits untouched).
 
 use mpopt_ir::DType;
+use rayon::prelude::*;
 
 use super::elementwise::{bcast_strides, broadcast_shape, cast_tensor};
 use super::{Ctx, R, axis, one};
@@ -261,7 +262,8 @@ pub(crate) fn transpose_t(t: &Tensor, perm: &[usize]) -> Tensor {
     view(t, 0, shape, &pst)
 }
 
-/// Batches of a rows x cols matrix (`v.len()` / (rows x cols) of them), transposed in 32 x 32 tiles.
+/// Batches of a rows x cols matrix (`v.len()` / (rows x cols) of them), transposed in 32 x 32 tiles. Work is
+/// split by bands of 32 output rows, so one large matrix (batch 1) still uses every thread.
 fn transpose2d<T: Clone + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
     use rayon::prelude::*;
     const TILE: usize = 32;
@@ -269,19 +271,30 @@ fn transpose2d<T: Clone + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec
     if plane == 0 {
         return Vec::new();
     }
-    let mut out: Vec<T> = v.to_vec();
-    out.par_chunks_mut(plane).enumerate().for_each(|(bi, o)| {
-        let src = &v[bi * plane..(bi + 1) * plane];
-        for r0 in (0..rows).step_by(TILE) {
-            for c0 in (0..cols).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(rows) {
-                    for c in c0..(c0 + TILE).min(cols) {
-                        o[c * rows + r] = src[r * cols + c].clone();
+    let mut out: Vec<T> = Vec::with_capacity(v.len());
+    out.spare_capacity_mut()[..v.len()]
+        .par_chunks_mut(plane)
+        .zip(v.par_chunks(plane))
+        .for_each(|(o, src)| {
+            o.par_chunks_mut(TILE * rows)
+                .enumerate()
+                .for_each(|(band, o)| {
+                    let c0 = band * TILE;
+                    let c1 = (c0 + TILE).min(cols);
+                    for r0 in (0..rows).step_by(TILE) {
+                        let r1 = (r0 + TILE).min(rows);
+                        for c in c0..c1 {
+                            let dst = &mut o[(c - c0) * rows + r0..(c - c0) * rows + r1];
+                            for (r, d) in (r0..r1).zip(dst) {
+                                d.write(src[r * cols + c].clone());
+                            }
+                        }
                     }
-                }
-            }
-        }
-    });
+                });
+        });
+    // SAFETY: the bands cover every output row of every plane, and each band writes each of its rows' `rows`
+    // elements, so all `v.len()` elements are initialized.
+    unsafe { out.set_len(v.len()) };
     out
 }
 
@@ -721,9 +734,37 @@ pub(crate) fn pad(ctx: &mut Ctx) -> R<Vec<Value>> {
             }
         })
         .collect::<R<_>>()?;
+    let fill = match fill {
+        Some(f) => f,
+        None => Tensor::new(vec![1], Data::zeros(t.dtype(), 1)?),
+    };
+    if r == 0 {
+        return one(t.clone());
+    }
+    // In constant mode, trailing dims without padding merge into the last padded one (a block of `inner`
+    // elements moves as one), so an output row is fill, one contiguous copy, fill.
+    let last_padded = (0..r).rev().find(|&d| before[d] != 0 || after[d] != 0);
+    let (mut src_shape, mut out_shape) = (t.shape.clone(), shape.clone());
+    if mode == "constant"
+        && let Some(p) = last_padded
+        && p + 1 < r
+    {
+        let inner = numel(&t.shape[p + 1..]);
+        src_shape.truncate(p + 1);
+        out_shape.truncate(p + 1);
+        src_shape[p] *= inner;
+        out_shape[p] *= inner;
+        before[p] *= inner as i64;
+        after[p] *= inner as i64;
+        before.truncate(p + 1);
+        after.truncate(p + 1);
+    }
+    let rr = src_shape.len();
+    let st = strides(&src_shape);
+    let last = rr - 1;
     // The source index along one dim for an output index, or None for the fill value.
     let source = |d: usize, o: usize| -> Option<usize> {
-        let n = t.shape[d] as i64;
+        let n = src_shape[d] as i64;
         let mut i = o as i64 - before[d];
         if i < 0 || i >= n {
             if n == 0 {
@@ -748,22 +789,24 @@ pub(crate) fn pad(ctx: &mut Ctx) -> R<Vec<Value>> {
         }
         Some(i as usize)
     };
-    let fill = match fill {
-        Some(f) => f,
-        None => Tensor::new(vec![1], Data::zeros(t.dtype(), 1)?),
+    let width = out_shape[last];
+    let cols: Vec<Option<usize>> = (0..width).map(|c| source(last, c)).collect();
+    // The columns that copy one contiguous source run (all of them in constant mode).
+    let run = {
+        let lo = cols.iter().position(Option::is_some).unwrap_or(0);
+        let hi = cols.iter().rposition(Option::is_some).map_or(lo, |h| h + 1);
+        let contiguous = cols[lo..hi]
+            .iter()
+            .enumerate()
+            .all(|(k, c)| *c == Some(cols[lo].unwrap_or(0) + k));
+        let only_fill_outside = cols[..lo].iter().chain(&cols[hi..]).all(Option::is_none);
+        (contiguous && only_fill_outside).then(|| (lo, hi, cols[lo].unwrap_or(0)))
     };
-    if r == 0 {
-        return one(t.clone());
-    }
-    // Row by row: one source row per output row (or the fill), and a column map for the last dim.
-    let st = strides(&t.shape);
-    let last = r - 1;
-    let cols: Vec<Option<usize>> = (0..shape[last]).map(|c| source(last, c)).collect();
-    let rows = numel(&shape[..last]);
+    let rows = numel(&out_shape[..last]);
     let mut coord = vec![0; last];
     let row_src: Vec<Option<usize>> = (0..rows)
         .map(|row| {
-            unravel(row, &shape[..last], &mut coord);
+            unravel(row, &out_shape[..last], &mut coord);
             let mut off = 0;
             for d in 0..last {
                 off += source(d, coord[d])? * st[d];
@@ -772,15 +815,23 @@ pub(crate) fn pad(ctx: &mut Ctx) -> R<Vec<Value>> {
         })
         .collect();
     let data = zip_same!(&t.data, &fill.data, |v, f| {
-        let mut out = Vec::with_capacity(numel(&shape));
-        for rs in &row_src {
-            match rs {
-                None => out.extend(std::iter::repeat_n(f[0].clone(), cols.len())),
-                Some(base) => out.extend(cols.iter().map(|c| match c {
-                    Some(i) => v[base + i].clone(),
-                    None => f[0].clone(),
-                })),
-            }
+        let mut out = vec![f[0].clone(); numel(&shape)];
+        if width > 0 {
+            out.par_chunks_mut(width).zip(&row_src).for_each(|(o, rs)| {
+                let Some(base) = *rs else { return };
+                match run {
+                    Some((lo, hi, first)) => {
+                        o[lo..hi].clone_from_slice(&v[base + first..base + first + (hi - lo)])
+                    }
+                    None => {
+                        for (d, c) in o.iter_mut().zip(&cols) {
+                            if let Some(i) = c {
+                                *d = v[base + i].clone();
+                            }
+                        }
+                    }
+                }
+            });
         }
         out
     })?;
