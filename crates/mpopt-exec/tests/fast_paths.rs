@@ -297,6 +297,28 @@ fn pad_matches_brute_force() {
 }
 
 #[test]
+fn pad_of_an_empty_tensor_is_all_fill() {
+    for (shape, pads, out) in [
+        (vec![2, 0, 3], "1,0,0,1,0,0", vec![4, 0, 3]),
+        (vec![2, 0], "0,1,0,2", vec![2, 3]),
+    ] {
+        let x = Tensor::f32(shape.clone(), Vec::new());
+        let body = format!(
+            "  %p = const i64[{}] [{pads}]\n  %v = const f32[] [1.5]\n  %y = Pad(%x, %p, %v)",
+            2 * shape.len()
+        );
+        let got = run1(&body, &x, None);
+        let n = out.iter().product();
+        same_bits(
+            &got,
+            &out,
+            &vec![1.5; n],
+            &format!("Pad {pads} of {shape:?}"),
+        );
+    }
+}
+
+#[test]
 fn broadcast_binary_matches_brute_force() {
     let mut rng = Rng(3);
     // Large enough for several parallel chunks; every pattern of broadcast dims over rank 4.

@@ -265,7 +265,6 @@ pub(crate) fn transpose_t(t: &Tensor, perm: &[usize]) -> Tensor {
 /// Batches of a rows x cols matrix (`v.len()` / (rows x cols) of them), transposed in 32 x 32 tiles. Work is
 /// split by bands of 32 output rows, so one large matrix (batch 1) still uses every thread.
 fn transpose2d<T: Clone + Send + Sync>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
-    use rayon::prelude::*;
     const TILE: usize = 32;
     let plane = rows * cols;
     if plane == 0 {
@@ -795,12 +794,14 @@ pub(crate) fn pad(ctx: &mut Ctx) -> R<Vec<Value>> {
     let run = {
         let lo = cols.iter().position(Option::is_some).unwrap_or(0);
         let hi = cols.iter().rposition(Option::is_some).map_or(lo, |h| h + 1);
+        // The first source column (0 when every column is fill, or the row is empty).
+        let first = cols.get(lo).copied().flatten().unwrap_or(0);
         let contiguous = cols[lo..hi]
             .iter()
             .enumerate()
-            .all(|(k, c)| *c == Some(cols[lo].unwrap_or(0) + k));
+            .all(|(k, c)| *c == Some(first + k));
         let only_fill_outside = cols[..lo].iter().chain(&cols[hi..]).all(Option::is_none);
-        (contiguous && only_fill_outside).then(|| (lo, hi, cols[lo].unwrap_or(0)))
+        (contiguous && only_fill_outside).then_some((lo, hi, first))
     };
     let rows = numel(&out_shape[..last]);
     let mut coord = vec![0; last];
