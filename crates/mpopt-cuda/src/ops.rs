@@ -570,37 +570,26 @@ fn cast<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
         DType::I64 => Some(8),
         _ => None,
     };
-    if let (Some(es), Some(ty)) = (int_es, fcode(to)) {
-        let x = cx.dev(0)?;
-        let y = cx.alloc(x.shape.clone(), to)?;
-        let n = x.numel();
-        cx.launch_elems(
-            k::CAST_INT_FLOAT,
-            n,
-            &[
-                ptr(&x),
-                ptr(&y),
-                Arg::I64(n as i64),
-                Arg::I32(es),
-                Arg::I32(ty),
-            ],
-        )?;
-        return Ok(Some(vec![dev_out(y)]));
-    }
-    let (Some(tx), Some(ty)) = (fcode(from), fcode(to)) else {
+    // Integer/bool sources pass their element size, float sources their type code; one launch for both.
+    let (kernel, src) = match (int_es, fcode(from)) {
+        (Some(es), _) => (k::CAST_INT_FLOAT, es),
+        (None, Some(tx)) => (k::CAST_FLOAT, tx),
+        _ => return Ok(None),
+    };
+    let Some(ty) = fcode(to) else {
         return Ok(None);
     };
     let x = cx.dev(0)?;
     let y = cx.alloc(x.shape.clone(), to)?;
     let n = x.numel();
     cx.launch_elems(
-        k::CAST_FLOAT,
+        kernel,
         n,
         &[
             ptr(&x),
             ptr(&y),
             Arg::I64(n as i64),
-            Arg::I32(tx),
+            Arg::I32(src),
             Arg::I32(ty),
         ],
     )?;
