@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use mpopt_ir::{AttrValue, Graph, Model, Node, NodeId, ValueId};
 
+use crate::fuse::{self, Step};
 use crate::ops;
 use crate::{ExecError, Tensor, Value};
 
@@ -58,6 +59,8 @@ struct GraphPlan {
     subs: HashMap<NodeId, Vec<(String, GraphPlan)>>,
     /// Outputs of nodes evaluated once at plan time (listed in traces with the graph inputs).
     folded: Vec<(ValueId, Arc<Value>)>,
+    /// The schedule with fusions (see [`crate::fuse`]), run when nothing observes intermediate values.
+    steps: Vec<Step>,
 }
 
 /// A model prepared to run: ops checked, constants converted. Cheap to run many times.
@@ -87,6 +90,8 @@ impl<'m> Executor<'m> {
         let skip: std::collections::HashSet<NodeId> = folded.iter().map(|(n, _)| *n).collect();
         exec.main.order.retain(|n| !skip.contains(n));
         exec.main.folded = folded.into_iter().flat_map(|(_, outs)| outs).collect();
+        let m = &exec.main;
+        exec.main.steps = fuse::schedule(&model.graph, &m.order, &m.uses, &m.consts);
         Ok(exec)
     }
 
@@ -372,96 +377,128 @@ impl<'m> Executor<'m> {
             }
         }
         let mut uses = plan.uses.clone();
-        for &n in &plan.order {
-            let node = g.node(n);
-            let label = || {
-                let own = if node.name.is_empty() {
-                    format!("#{}", n.0)
-                } else {
-                    format!("'{}'", node.name)
-                };
-                if path.is_empty() {
-                    own
-                } else {
-                    format!("{path} > {own}")
-                }
-            };
-            let fail = |msg: String| {
-                Box::new(ExecError::Node {
-                    node: label(),
-                    op: node.qualified_op(),
-                    msg,
-                })
-            };
-            let mut ins = Vec::with_capacity(node.inputs().len());
-            for (slot, v) in node.inputs().iter().enumerate() {
-                match v {
-                    None => ins.push(None),
-                    Some(v) => match &env[v.index()] {
-                        Some(x) => ins.push(Some(x.clone())),
-                        None => {
-                            return Err(fail(format!(
-                                "input {slot} '{}' has no value (the graph does not define it)",
-                                g.value(*v).name()
-                            )));
+        let observed = trace.is_some() || see.is_some();
+        let plain;
+        let steps: &[Step] = if observed {
+            plain = plan
+                .order
+                .iter()
+                .map(|&n| Step::Node(n))
+                .collect::<Vec<_>>();
+            &plain
+        } else {
+            &plan.steps
+        };
+        for step in steps {
+            let f = match step {
+                Step::Node(n) => {
+                    let n = *n;
+                    let node = g.node(n);
+                    let mut ins = Vec::with_capacity(node.inputs().len());
+                    for (slot, v) in node.inputs().iter().enumerate() {
+                        match v {
+                            None => ins.push(None),
+                            Some(v) => match &env[v.index()] {
+                                Some(x) => ins.push(Some(x.clone())),
+                                None => {
+                                    return Err(self.node_error(
+                                        g,
+                                        n,
+                                        path,
+                                        format!(
+                                            "input {slot} '{}' has no value (the graph does not define it)",
+                                            g.value(*v).name()
+                                        ),
+                                    ));
+                                }
+                            },
                         }
-                    },
+                    }
+                    let implicit: Vec<(String, Arc<Value>)> = node
+                        .implicit_inputs()
+                        .iter()
+                        .filter_map(|&v| {
+                            env[v.index()]
+                                .clone()
+                                .map(|x| (g.value(v).name().to_string(), x))
+                        })
+                        .collect();
+                    let t0 = prof.is_some().then(std::time::Instant::now);
+                    let outs = self.call(plan, g, n, ins, &implicit, path)?;
+                    if let (Some(p), Some(t0)) = (prof.as_mut(), t0) {
+                        let e = p.entry(node.op_type.clone()).or_default();
+                        e.0 += t0.elapsed();
+                        e.1 += 1;
+                    }
+                    let mut outs = outs.into_iter();
+                    for (slot, o) in node.outputs().iter().enumerate() {
+                        let v = outs.next();
+                        let Some(o) = o else { continue };
+                        let Some(v) = v else {
+                            return Err(self.node_error(
+                                g,
+                                n,
+                                path,
+                                format!("the kernel produced no output {slot}"),
+                            ));
+                        };
+                        if let Some(t) = trace.as_mut() {
+                            t.push((g.value(*o).name().to_string(), v.clone()));
+                        }
+                        if let Some(f) = see.as_mut() {
+                            f(g.value(*o).name(), &v);
+                        }
+                        env[o.index()] = Some(v);
+                    }
+                    if trace.is_none() {
+                        for v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
+                            let u = &mut uses[v.index()];
+                            *u = u.saturating_sub(1);
+                            if *u == 0 {
+                                env[v.index()] = None;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Step::Fused(f) => f,
+            };
+            // A fused step: take its inputs, release the ones read for the last time (so the kernel may reuse
+            // their buffers), run the fast kernel or else the nodes one by one.
+            let mut ins = Vec::with_capacity(f.inputs.len());
+            for v in &f.inputs {
+                let x = env[v.index()].clone();
+                if x.is_none() {
+                    let n = f.nodes[0];
+                    return Err(self.node_error(
+                        g,
+                        n,
+                        path,
+                        format!("input '{}' has no value", g.value(*v).name()),
+                    ));
+                }
+                ins.push(x);
+                let u = &mut uses[v.index()];
+                *u = u.saturating_sub(1);
+                if *u == 0 {
+                    env[v.index()] = None;
                 }
             }
-            let implicit: Vec<(String, Arc<Value>)> = node
-                .implicit_inputs()
-                .iter()
-                .filter_map(|&v| {
-                    env[v.index()]
-                        .clone()
-                        .map(|x| (g.value(v).name().to_string(), x))
-                })
-                .collect();
-            let sub = SubRunner {
-                exec: self,
-                plans: plan.subs.get(&n),
-                node,
-                implicit: &implicit,
-                path: label(),
-            };
-            let mut ctx = ops::Ctx {
-                node,
-                inputs: ins,
-                opset: self.opset,
-                sub: &sub,
-            };
             let t0 = prof.is_some().then(std::time::Instant::now);
-            let outs = ops::run(&mut ctx).map_err(fail)?;
+            let fast = fuse::run(g, f, &mut ins);
+            let last = *f.nodes.last().expect("a fused step has nodes");
+            let out = match fast {
+                Some(Ok(v)) => Arc::new(v),
+                Some(Err(msg)) => return Err(self.node_error(g, last, path, msg)),
+                None => self.run_nodes(plan, g, f, ins, path)?,
+            };
             if let (Some(p), Some(t0)) = (prof.as_mut(), t0) {
-                let e = p.entry(node.op_type.clone()).or_default();
+                let label = fuse::label(g, f);
+                let e = p.entry(label).or_default();
                 e.0 += t0.elapsed();
                 e.1 += 1;
             }
-            drop(ctx);
-            let mut outs = outs.into_iter();
-            for (slot, o) in node.outputs().iter().enumerate() {
-                let v = outs.next();
-                let Some(o) = o else { continue };
-                let Some(v) = v else {
-                    return Err(fail(format!("the kernel produced no output {slot}")));
-                };
-                if let Some(t) = trace.as_mut() {
-                    t.push((g.value(*o).name().to_string(), v.clone()));
-                }
-                if let Some(f) = see.as_mut() {
-                    f(g.value(*o).name(), &v);
-                }
-                env[o.index()] = Some(v);
-            }
-            if trace.is_none() {
-                for v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
-                    let u = &mut uses[v.index()];
-                    *u = u.saturating_sub(1);
-                    if *u == 0 {
-                        env[v.index()] = None;
-                    }
-                }
-            }
+            env[f.output.index()] = Some(out);
         }
         g.outputs()
             .iter()
@@ -475,6 +512,108 @@ impl<'m> Executor<'m> {
                 })
             })
             .collect()
+    }
+}
+
+impl Executor<'_> {
+    /// An error at node `n` of `g`, named with its subgraph path.
+    fn node_error(&self, g: &Graph, n: NodeId, path: &str, msg: String) -> Box<ExecError> {
+        let node = g.node(n);
+        Box::new(ExecError::Node {
+            node: label(node, n, path),
+            op: node.qualified_op(),
+            msg,
+        })
+    }
+
+    /// Runs node `n` of `g` (planned by `plan`) on its inputs by slot.
+    fn call(
+        &self,
+        plan: &GraphPlan,
+        g: &Graph,
+        n: NodeId,
+        inputs: Vec<Option<Arc<Value>>>,
+        implicit: &[(String, Arc<Value>)],
+        path: &str,
+    ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
+        let node = g.node(n);
+        let sub = SubRunner {
+            exec: self,
+            plans: plan.subs.get(&n),
+            node,
+            implicit,
+            path: label(node, n, path),
+        };
+        let mut ctx = ops::Ctx {
+            node,
+            inputs,
+            opset: self.opset,
+            sub: &sub,
+        };
+        ops::run(&mut ctx).map_err(|msg| self.node_error(g, n, path, msg))
+    }
+
+    /// Runs the nodes of a fused step one by one: `ins` are the step's inputs in [`fuse::Fused::inputs`]
+    /// order; returns the step's output.
+    fn run_nodes(
+        &self,
+        plan: &GraphPlan,
+        g: &Graph,
+        f: &fuse::Fused,
+        ins: Vec<Option<Arc<Value>>>,
+        path: &str,
+    ) -> Result<Arc<Value>, Box<ExecError>> {
+        let mut local: Vec<(ValueId, Arc<Value>)> = f
+            .inputs
+            .iter()
+            .zip(ins)
+            .filter_map(|(v, x)| x.map(|x| (*v, x)))
+            .collect();
+        for &n in &f.nodes {
+            let node = g.node(n);
+            let args = node
+                .inputs()
+                .iter()
+                .map(|v| {
+                    v.and_then(|v| {
+                        local
+                            .iter()
+                            .rev()
+                            .find(|(id, _)| *id == v)
+                            .map(|(_, x)| x.clone())
+                    })
+                })
+                .collect();
+            let outs = self.call(plan, g, n, args, &[], path)?;
+            for (o, v) in node.outputs().iter().zip(outs) {
+                if let Some(o) = o {
+                    local.push((*o, v));
+                }
+            }
+        }
+        local
+            .into_iter()
+            .rev()
+            .find(|(id, _)| *id == f.output)
+            .map(|(_, v)| v)
+            .ok_or_else(|| {
+                let last = *f.nodes.last().expect("a fused step has nodes");
+                self.node_error(g, last, path, "the kernel produced no output".into())
+            })
+    }
+}
+
+/// How errors name node `n`: `'name'` or `#id`, after its subgraph path.
+fn label(node: &Node, n: NodeId, path: &str) -> String {
+    let own = if node.name.is_empty() {
+        format!("#{}", n.0)
+    } else {
+        format!("'{}'", node.name)
+    };
+    if path.is_empty() {
+        own
+    } else {
+        format!("{path} > {own}")
     }
 }
 
@@ -570,12 +709,14 @@ fn plan(g: &Graph) -> Result<GraphPlan, ExecError> {
     for &o in g.outputs() {
         uses[o.index()] += 1;
     }
+    let steps = fuse::schedule(g, &order, &uses, &consts);
     Ok(GraphPlan {
         consts,
         uses,
         order,
         subs,
         folded: Vec::new(),
+        steps,
     })
 }
 

@@ -20,6 +20,7 @@
 // needed there and is a plain copy for the numeric types.
 #![allow(clippy::clone_on_copy)]
 
+mod fuse;
 pub mod geometry;
 mod interp;
 pub mod io;

@@ -411,6 +411,70 @@ pub(crate) fn conv_f32(
     Ok((out, shape))
 }
 
+/// Channels-last 2-D convolution with one group: `x` is `[N, H, W, C]`, `w` the weight reordered to
+/// `[M, KH, KW, C]`, the result `[N, OH, OW, M]`. Each output pixel is one row of a product
+/// `col [P, KH*KW*C] x w^T`, accumulated in f32; im2col runs over blocks of pixels so the column buffer stays
+/// small, and a 1x1 stride-1 convolution without padding multiplies `x` itself.
+pub(crate) fn conv_nhwc(
+    x: &[f32],
+    [n, h, wd, c]: [usize; 4],
+    w: &[f32],
+    m: usize,
+    win: &Window,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let (kh, kw) = (win.kernel[0], win.kernel[1]);
+    let (oh, ow) = (win.out[0], win.out[1]);
+    let (sh, sw) = (win.strides[0], win.strides[1]);
+    let (dh, dw) = (win.dilations[0], win.dilations[1]);
+    let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
+    let pixels = n * oh * ow;
+    let k = kh * kw * c;
+    let mut out = vec![0f32; pixels * m];
+    let direct = kh == 1
+        && kw == 1
+        && sh == 1
+        && sw == 1
+        && win.pad_begin.iter().chain(&win.pad_end).all(|&p| p == 0);
+    if direct {
+        mm(pixels, m, k, &mut out, x, (k, 1), w, (1, k), false, 1.0);
+    } else if pixels > 0 && k > 0 {
+        // About 8 MB of columns per block, and at least a few rows.
+        let block = ((1 << 21) / k).max(16).min(pixels);
+        let mut col = vec![0f32; block * k];
+        for start in (0..pixels).step_by(block) {
+            let rows = block.min(pixels - start);
+            let col = &mut col[..rows * k];
+            col.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+                let p = start + r;
+                let (b, yx) = (p / (oh * ow), p % (oh * ow));
+                let (oy, ox) = (yx / ow, yx % ow);
+                for i in 0..kh {
+                    let iy = (oy * sh + i * dh) as isize - ph;
+                    for j in 0..kw {
+                        let dst = &mut row[(i * kw + j) * c..(i * kw + j + 1) * c];
+                        let ix = (ox * sw + j * dw) as isize - pw;
+                        if iy < 0 || iy >= h as isize || ix < 0 || ix >= wd as isize {
+                            dst.fill(0.0);
+                        } else {
+                            let at = ((b * h + iy as usize) * wd + ix as usize) * c;
+                            dst.copy_from_slice(&x[at..at + c]);
+                        }
+                    }
+                }
+            });
+            let o = &mut out[start * m..(start + rows) * m];
+            mm(rows, m, k, o, col, (k, 1), w, (1, k), false, 1.0);
+        }
+    }
+    if let Some(bias) = bias {
+        out.par_chunks_mut(m.max(1)).for_each(|row| {
+            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        });
+    }
+    out
+}
+
 fn depthwise2d(
     x: &[f32],
     w: &[f32],

@@ -18,7 +18,7 @@ use crate::{Data, Tensor, Value};
 mod attention;
 mod control;
 mod elementwise;
-mod linalg;
+pub(crate) mod linalg;
 mod nn;
 mod reduce;
 mod resize;

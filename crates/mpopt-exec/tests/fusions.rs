@@ -1,0 +1,217 @@
+//! The executor's plan-time fusions (channels-last convolution between two transposes, elementwise chains)
+//! against the same executor running the nodes one by one: a run that keeps every intermediate value
+//! (`keep_all`) never fuses. Chains must agree bit for bit; a convolution sums its terms in another order,
+//! so it agrees to f32 rounding. A profile shows which steps ran fused.
+
+use mpopt_exec::{Executor, RunOptions, Tensor, Value};
+use mpopt_ir::text::parse_model;
+
+mod common;
+use common::{Rng, dims};
+
+fn list(v: &[f32]) -> String {
+    v.iter()
+        .map(|x| format!("{x:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs the model fused (plain run, profiled) and unfused (keep_all); returns both outputs `%y` and the
+/// profile's step names.
+fn both(src: &str, inputs: &[(&str, Tensor)]) -> (Tensor, Tensor, Vec<String>) {
+    let m = parse_model(src).unwrap_or_else(|e| panic!("{src}\n{e}"));
+    let exec = Executor::new(&m).unwrap();
+    let ins = || {
+        inputs
+            .iter()
+            .map(|(n, t)| (n.to_string(), Value::Tensor(t.clone())))
+            .collect::<Vec<_>>()
+    };
+    let fast = exec
+        .run(
+            ins(),
+            &RunOptions {
+                profile: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let plain = exec
+        .run(
+            ins(),
+            &RunOptions {
+                keep_all: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let steps = fast.profile.iter().map(|p| p.0.clone()).collect();
+    let t = |o: &[(String, Value)]| o[0].1.tensor().unwrap().clone();
+    (t(&fast.outputs), t(&plain.outputs), steps)
+}
+
+#[test]
+fn channels_last_conv_matches_transpose_conv_transpose() {
+    let mut rng = Rng(11);
+    let mut fused_runs = 0;
+    for case in 0..24 {
+        let (n, c, m) = (1 + rng.below(2), 1 + rng.below(6), 1 + rng.below(7));
+        let (h, w) = (3 + rng.below(12), 3 + rng.below(12));
+        let (k, s, d, p) = rng.window2(3);
+        if h + p[0] + p[2] < (k[0] - 1) * d[0] + 1 || w + p[1] + p[3] < (k[1] - 1) * d[1] + 1 {
+            continue;
+        }
+        let wv = rng.vals(m * c * k[0] * k[1]);
+        let bias = case % 2 == 0;
+        let b_line = if bias {
+            format!("  %b = const f32[{m}] [{}]\n", list(&rng.vals(m)))
+        } else {
+            String::new()
+        };
+        let src = format!(
+            "ir_version 8\nopset ai.onnx 19\n\ngraph @g(%x: f32[{n},{h},{w},{c}]) -> (%y: f32[...]) {{\n\
+             \x20 %w = const f32[{m},{c},{},{}] [{}]\n{b_line}\
+             \x20 %t = Transpose(%x) {{perm = [0, 3, 1, 2]}}\n\
+             \x20 %o = Conv(%t, %w{}) {{strides = [{}], dilations = [{}], pads = [{}]}}\n\
+             \x20 %y = Transpose(%o) {{perm = [0, 2, 3, 1]}}\n}}\n",
+            k[0],
+            k[1],
+            list(&wv),
+            if bias { ", %b" } else { "" },
+            dims(&s),
+            dims(&d),
+            dims(&p),
+        );
+        let x = Tensor::f32(vec![n, h, w, c], rng.vals(n * h * w * c));
+        let (fast, plain, steps) = both(&src, &[("x", x)]);
+        assert_eq!(fast.shape, plain.shape, "case {case}");
+        assert!(
+            steps.iter().any(|s| s.starts_with("Conv (channels-last")),
+            "case {case}: not fused: {steps:?}"
+        );
+        assert!(!steps.iter().any(|s| s == "Transpose"), "case {case}");
+        fused_runs += 1;
+        let (a, b) = (fast.to_f32s().unwrap(), plain.to_f32s().unwrap());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                "case {case} element {i}: fused {x}, unfused {y}"
+            );
+        }
+    }
+    assert!(fused_runs >= 12);
+}
+
+#[test]
+fn conv_whose_transposed_input_has_other_readers_is_not_fused() {
+    let src = "ir_version 8\nopset ai.onnx 19\n\ngraph @g(%x: f32[1,4,4,2]) -> (%y: f32[...], %t: f32[...]) {\n\
+               \x20 %w = const f32[3,2,1,1] [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]\n\
+               \x20 %t = Transpose(%x) {perm = [0, 3, 1, 2]}\n\
+               \x20 %o = Conv(%t, %w)\n\
+               \x20 %y = Transpose(%o) {perm = [0, 2, 3, 1]}\n}\n";
+    let x = Tensor::f32(vec![1, 4, 4, 2], (0..32).map(|v| v as f32).collect());
+    let (fast, plain, steps) = both(src, &[("x", x)]);
+    assert!(steps.iter().any(|s| s == "Conv"), "{steps:?}");
+    assert_eq!(fast.to_f32s().unwrap(), plain.to_f32s().unwrap());
+}
+
+/// A chain over `%x: f32[shape]`: every operand pattern (scalar, trailing vector, per-channel block, same
+/// shape, the running value on either side), `BatchNormalization`, `Clip` with two and one bound, `Relu`,
+/// `Identity` and `Cast(to=FLOAT)`.
+fn chain_src(shape: &[usize], extra: &str, rng: &mut Rng) -> String {
+    let c = shape[1];
+    let last = *shape.last().unwrap();
+    format!(
+        "ir_version 8\nopset ai.onnx 19\n\ngraph @g(%x: f32[{s}], %r: f32[{s}], %e: f32[{extra}]) -> (%y: f32[...]) {{\n\
+         \x20 %c = const f32[{c},1,1] [{}]\n\
+         \x20 %v = const f32[{last}] [{}]\n\
+         \x20 %k = const f32[] [0.75]\n\
+         \x20 %sc = const f32[{c}] [{}]\n\
+         \x20 %bi = const f32[{c}] [{}]\n\
+         \x20 %me = const f32[{c}] [{}]\n\
+         \x20 %va = const f32[{c}] [{}]\n\
+         \x20 %lo = const f32[] [-0.5]\n\
+         \x20 %hi = const f32[] [3.0]\n\
+         \x20 %a0 = BatchNormalization(%x, %sc, %bi, %me, %va) {{epsilon = 0.001}}\n\
+         \x20 %a1 = Add(%a0, %c)\n\
+         \x20 %a2 = Sub(%v, %a1)\n\
+         \x20 %a3 = Mul(%a2, %k)\n\
+         \x20 %a3c = Clip(%a3, %lo, %hi)\n\
+         \x20 %a3d = Clip(%a3c, %lo)\n\
+         \x20 %a4 = Relu(%a3d)\n\
+         \x20 %a5 = Div(%k, %a4)\n\
+         \x20 %a6 = Cast(%a5) {{to = 1}}\n\
+         \x20 %a7 = Identity(%a6)\n\
+         \x20 %a8 = Add(%r, %a7)\n\
+         \x20 %a9 = Div(%a8, %c)\n\
+         \x20 %y = Mul(%a9, %e)\n}}\n",
+        list(&rng.vals(c)),
+        list(&rng.vals(last)),
+        list(&rng.vals(c)),
+        list(&rng.vals(c)),
+        list(&rng.vals(c)),
+        list(
+            &rng.vals(c)
+                .iter()
+                .map(|v| v.abs() + 0.1)
+                .collect::<Vec<_>>()
+        ),
+        s = dims(shape),
+    )
+}
+
+fn same_bits(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.shape, b.shape, "{what}");
+    for (i, (x, y)) in a
+        .to_f32s()
+        .unwrap()
+        .iter()
+        .zip(&b.to_f32s().unwrap())
+        .enumerate()
+    {
+        assert!(
+            x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+            "{what}: element {i}: fused {x}, unfused {y}"
+        );
+    }
+}
+
+#[test]
+fn elementwise_chains_are_bit_identical_to_their_nodes() {
+    let mut rng = Rng(5);
+    // Big enough for several parallel blocks, and a block edge inside a channel.
+    let shape = [2, 3, 37, 101];
+    let n: usize = shape.iter().product();
+    let src = chain_src(&shape, "1", &mut rng);
+    let x = Tensor::f32(shape.to_vec(), rng.vals(n));
+    let r = Tensor::f32(shape.to_vec(), rng.vals(n));
+    let e = Tensor::f32(vec![1], vec![-1.25]);
+    let (fast, plain, steps) = both(&src, &[("x", x), ("r", r), ("e", e)]);
+    assert!(
+        steps.iter().any(|s| s.starts_with("elementwise chain")),
+        "{steps:?}"
+    );
+    // One step: no node ran on its own.
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    same_bits(&fast, &plain, "chain");
+}
+
+#[test]
+fn chains_whose_operands_do_not_fit_run_node_by_node() {
+    let mut rng = Rng(9);
+    let shape = [2, 3, 5, 7];
+    let n: usize = shape.iter().product();
+    // %e broadcasts over dims 0 and 2 at once: not a pattern the fused kernel covers.
+    let src = chain_src(&shape, "2,1,5,1", &mut rng);
+    let x = Tensor::f32(shape.to_vec(), rng.vals(n));
+    let r = Tensor::f32(shape.to_vec(), rng.vals(n));
+    let e = Tensor::f32(vec![2, 1, 5, 1], rng.vals(10));
+    let (fast, plain, _) = both(&src, &[("x", x.clone()), ("r", r.clone()), ("e", e)]);
+    same_bits(&fast, &plain, "fallback");
+    // %e broadcasts the running value up: the result is bigger than %x.
+    let src = chain_src(&shape, "3,2,3,5,7", &mut rng);
+    let e = Tensor::f32(vec![3, 2, 3, 5, 7], rng.vals(3 * n));
+    let (fast, plain, _) = both(&src, &[("x", x), ("r", r), ("e", e)]);
+    assert_eq!(fast.shape, [3, 2, 3, 5, 7]);
+    same_bits(&fast, &plain, "broadcast up");
+}
