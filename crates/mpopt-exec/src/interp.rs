@@ -48,6 +48,7 @@ struct Observe<'o, 'f> {
 }
 
 /// The plan of one graph.
+#[derive(Default)]
 struct GraphPlan {
     /// Initializers, converted once.
     consts: Vec<(ValueId, Arc<Value>)>,
@@ -81,21 +82,40 @@ impl<'m> Executor<'m> {
             unsupported.dedup();
             return Err(ExecError::Unsupported(unsupported));
         }
-        let main = plan(&model.graph)?;
-        let mut exec = Executor { model, opset, main };
-        let folded = exec.fold_constants(&exec.main, &model.graph)?;
-        exec.main
-            .consts
-            .extend(folded.iter().flat_map(|(_, outs)| outs.iter().cloned()));
-        let skip: std::collections::HashSet<NodeId> = folded.iter().map(|(n, _)| *n).collect();
-        exec.main.order.retain(|n| !skip.contains(n));
-        exec.main.folded = folded.into_iter().flat_map(|(_, outs)| outs).collect();
-        let m = &exec.main;
-        exec.main.steps = fuse::schedule(&model.graph, &m.order, &m.uses, &m.consts);
+        let mut main = plan(&model.graph)?;
+        // Folding runs nodes without subgraphs, so the executor it runs them under needs no plan yet.
+        let stub = Executor {
+            model,
+            opset,
+            main: GraphPlan::default(),
+        };
+        stub.fold_all(&mut main, &model.graph)?;
+        let exec = Executor { model, opset, main };
         Ok(exec)
     }
 
-    /// Evaluates, once, every main-graph node whose inputs are all constants (initializers, `Constant`
+    /// Folds the constant nodes of `g` and, recursively, of its subgraphs (a subgraph's `Constant` nodes would
+    /// otherwise convert their tensors on every run of the subgraph), then builds each fused schedule.
+    fn fold_all(&self, plan: &mut GraphPlan, g: &Graph) -> Result<(), ExecError> {
+        let folded = self.fold_constants(plan, g)?;
+        plan.consts
+            .extend(folded.iter().flat_map(|(_, outs)| outs.iter().cloned()));
+        let skip: std::collections::HashSet<NodeId> = folded.iter().map(|(n, _)| *n).collect();
+        plan.order.retain(|n| !skip.contains(n));
+        plan.folded = folded.into_iter().flat_map(|(_, outs)| outs).collect();
+        for (n, subs) in plan.subs.iter_mut() {
+            let node = g.node(*n);
+            for (attr, sp) in subs.iter_mut() {
+                if let Some(AttrValue::Graph(sg)) = node.attr(attr).map(|a| &a.value) {
+                    self.fold_all(sp, sg)?;
+                }
+            }
+        }
+        plan.steps = fuse::schedule(g, &plan.order, &plan.uses, &plan.consts);
+        Ok(())
+    }
+
+    /// Evaluates, once, every node whose inputs are all constants (initializers, `Constant`
     /// nodes, and results of such nodes): weight transposes, casts and reshapes of constants then cost nothing
     /// per run. Nodes with subgraphs are left alone. Returns each folded node with its outputs.
     #[allow(clippy::type_complexity)]
@@ -126,6 +146,7 @@ impl<'m> Executor<'m> {
             let Some(ins) = ins else { continue };
             let sub = SubRunner {
                 exec: self,
+                prof: None,
                 plans: None,
                 node,
                 implicit: &[],
@@ -234,6 +255,7 @@ impl<'m> Executor<'m> {
         };
         let sub = SubRunner {
             exec: self,
+            prof: None,
             plans: self.main.subs.get(&n),
             node,
             implicit,
@@ -424,7 +446,7 @@ impl<'m> Executor<'m> {
                         })
                         .collect();
                     let t0 = prof.is_some().then(std::time::Instant::now);
-                    let outs = self.call(plan, g, n, ins, &implicit, path)?;
+                    let outs = self.call(plan, g, n, ins, &implicit, path, prof.as_mut())?;
                     if let (Some(p), Some(t0)) = (prof.as_mut(), t0) {
                         let e = p.entry(node.op_type.clone()).or_default();
                         e.0 += t0.elapsed();
@@ -526,7 +548,9 @@ impl Executor<'_> {
         })
     }
 
-    /// Runs node `n` of `g` (planned by `plan`) on its inputs by slot.
+    /// Runs node `n` of `g` (planned by `plan`) on its inputs by slot; with `prof`, adds the times of its
+    /// subgraphs' nodes.
+    #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
         plan: &GraphPlan,
@@ -535,10 +559,12 @@ impl Executor<'_> {
         inputs: Vec<Option<Arc<Value>>>,
         implicit: &[(String, Arc<Value>)],
         path: &str,
+        prof: Option<&mut Profile>,
     ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
         let node = g.node(n);
         let sub = SubRunner {
             exec: self,
+            prof: prof.is_some().then(Default::default),
             plans: plan.subs.get(&n),
             node,
             implicit,
@@ -550,7 +576,21 @@ impl Executor<'_> {
             opset: self.opset,
             sub: &sub,
         };
-        ops::run(&mut ctx).map_err(|msg| self.node_error(g, n, path, msg))
+        let outs = ops::run(&mut ctx).map_err(|msg| self.node_error(g, n, path, msg));
+        // Subgraph nodes are listed apart, as `op (inside If)`: their time is part of their node's too.
+        if let (Some(p), Some(inner)) = (prof, sub.prof) {
+            for (op, (d, k)) in inner.into_inner() {
+                let key = if op.contains(" (inside ") {
+                    op
+                } else {
+                    format!("{op} (inside {})", node.op_type)
+                };
+                let e = p.entry(key).or_default();
+                e.0 += d;
+                e.1 += k;
+            }
+        }
+        outs
     }
 
     /// Runs the nodes of a fused step one by one: `ins` are the step's inputs in [`fuse::Fused::inputs`]
@@ -584,7 +624,7 @@ impl Executor<'_> {
                     })
                 })
                 .collect();
-            let outs = self.call(plan, g, n, args, &[], path)?;
+            let outs = self.call(plan, g, n, args, &[], path, None)?;
             for (o, v) in node.outputs().iter().zip(outs) {
                 if let Some(o) = o {
                     local.push((*o, v));
@@ -620,6 +660,8 @@ fn label(node: &Node, n: NodeId, path: &str) -> String {
 /// Lets a kernel run its node's subgraphs.
 pub(crate) struct SubRunner<'a, 'm> {
     exec: &'a Executor<'m>,
+    /// When profiling: the times of the subgraphs' nodes, by op type.
+    prof: Option<std::cell::RefCell<Profile>>,
     plans: Option<&'a Vec<(String, GraphPlan)>>,
     node: &'a Node,
     implicit: &'a [(String, Arc<Value>)],
@@ -651,9 +693,23 @@ impl SubRunner<'_, '_> {
         }
         let path = format!("{} > {attr}", self.path);
         let ins = inputs.into_iter().map(Some).collect();
-        self.exec
-            .run_graph(plan, g, ins, self.implicit, &mut Observe::default(), &path)
-            .map_err(|e| e.to_string())
+        let mut obs = Observe {
+            prof: self.prof.as_ref().map(|_| HashMap::new()),
+            ..Observe::default()
+        };
+        let outs = self
+            .exec
+            .run_graph(plan, g, ins, self.implicit, &mut obs, &path)
+            .map_err(|e| e.to_string());
+        if let (Some(cell), Some(p)) = (&self.prof, obs.prof) {
+            let mut all = cell.borrow_mut();
+            for (op, (d, k)) in p {
+                let e = all.entry(op).or_default();
+                e.0 += d;
+                e.1 += k;
+            }
+        }
+        outs
     }
 
     /// The subgraph held by attribute `attr`.
@@ -709,14 +765,12 @@ fn plan(g: &Graph) -> Result<GraphPlan, ExecError> {
     for &o in g.outputs() {
         uses[o.index()] += 1;
     }
-    let steps = fuse::schedule(g, &order, &uses, &consts);
     Ok(GraphPlan {
         consts,
         uses,
         order,
         subs,
-        folded: Vec::new(),
-        steps,
+        ..GraphPlan::default()
     })
 }
 

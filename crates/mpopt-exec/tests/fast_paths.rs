@@ -195,6 +195,92 @@ fn conv_transpose_2d_matches_brute_force() {
 }
 
 #[test]
+fn batched_small_plane_conv_matches_brute_force() {
+    // Batches of small planes (1-D frames, late layers) run as one product over the whole batch.
+    let mut rng = Rng(23);
+    for case in 0..20 {
+        let (n, c, m) = (2 + rng.below(5), 1 + rng.below(9), 1 + rng.below(9));
+        let one_d = case % 2 == 0;
+        let (h, w) = if one_d {
+            (1, 2 + rng.below(20))
+        } else {
+            (1 + rng.below(7), 1 + rng.below(7))
+        };
+        let (mut k, mut s, mut d, mut p) = rng.window2(3);
+        if one_d {
+            (k[0], s[0], d[0], p[0], p[2]) = (1, 1, 1, 0, 0);
+        }
+        let ek = |a: usize| (k[a] - 1) * d[a] + 1;
+        let (hp, wp) = (h + p[0] + p[2], w + p[1] + p[3]);
+        if hp < ek(0) || wp < ek(1) {
+            continue;
+        }
+        let (oh, ow) = ((hp - ek(0)) / s[0] + 1, (wp - ek(1)) / s[1] + 1);
+        let xs = rng.vals(n * c * h * w);
+        let ws = rng.vals(m * c * k[0] * k[1]);
+        let mut want = vec![0f64; n * m * oh * ow];
+        for b in 0..n {
+            for o in 0..m {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        let mut acc = 0f64;
+                        for ci in 0..c {
+                            for i in 0..k[0] {
+                                for j in 0..k[1] {
+                                    let iy = (y * s[0] + i * d[0]) as isize - p[0] as isize;
+                                    let ix = (x * s[1] + j * d[1]) as isize - p[1] as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let xv = xs[((b * c + ci) * h + iy as usize) * w + ix as usize];
+                                    let wv = ws[((o * c + ci) * k[0] + i) * k[1] + j];
+                                    acc += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        want[((b * m + o) * oh + y) * ow + x] = acc;
+                    }
+                }
+            }
+        }
+        let (x, wt, shape) = if one_d {
+            (
+                Tensor::f32(vec![n, c, w], xs),
+                Tensor::f32(vec![m, c, k[1]], ws),
+                vec![n, m, ow],
+            )
+        } else {
+            (
+                Tensor::f32(vec![n, c, h, w], xs),
+                Tensor::f32(vec![m, c, k[0], k[1]], ws),
+                vec![n, m, oh, ow],
+            )
+        };
+        let body = if one_d {
+            format!(
+                "  %y = Conv(%x, %w) {{strides = [{}], dilations = [{}], pads = [{}, {}]}}",
+                s[1], d[1], p[1], p[3]
+            )
+        } else {
+            format!(
+                "  %y = Conv(%x, %w) {{strides = [{}], dilations = [{}], pads = [{}]}}",
+                dims(&s),
+                dims(&d),
+                dims(&p)
+            )
+        };
+        let got = run1(&body, &x, Some(&wt));
+        assert_eq!(got.shape, shape, "case {case}: {body}");
+        for (i, (a, b)) in got.to_f32s().unwrap().iter().zip(&want).enumerate() {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "case {case} element {i}: {a} != {b}: {body}"
+            );
+        }
+    }
+}
+
+#[test]
 fn pad_matches_brute_force() {
     let mut rng = Rng(5);
     for case in 0..30 {

@@ -227,8 +227,12 @@ fn im2col2d(x: &[f32], c: usize, (h, w): (usize, usize), win: &Window, col: &mut
     let (dh, dw) = (win.dilations[0], win.dilations[1]);
     let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
     let plane = oh * ow;
-    col.par_chunks_mut(plane * kh * kw)
+    // Small channels are grouped so a thread gets at least ~32K elements: tiny frames would otherwise pay a
+    // rayon hand-off per channel.
+    let per = (plane * kh * kw).max(1);
+    col.par_chunks_mut(per)
         .take(c)
+        .with_min_len((1 << 15) / per + 1)
         .enumerate()
         .for_each(|(ci, rows)| {
             let xc = &x[ci * h * w..(ci + 1) * h * w];
@@ -364,6 +368,45 @@ pub(crate) fn conv_f32(
         let depthwise = g == c && mg == 1;
         if depthwise && !pointwise {
             depthwise2d(x, w, &mut out, n, c, (h, wd), &win2);
+        } else if g == 1 && n > 1 && out_plane < 1024 {
+            // Small planes (1-D convolutions over short frames, late layers): one product over the whole
+            // batch, columns (b, oh, ow), instead of one small product per image.
+            let rows = c * kk;
+            let wide = n * out_plane;
+            let mut col = vec![0f32; rows * wide];
+            let mut one_col = vec![0f32; if pointwise { 0 } else { rows * out_plane }];
+            for b in 0..n {
+                let xb = &x[b * c * in_plane..(b + 1) * c * in_plane];
+                let src: &[f32] = if pointwise {
+                    xb
+                } else {
+                    im2col2d(xb, c, (h, wd), &win2, &mut one_col);
+                    &one_col
+                };
+                for (r, row) in src.chunks(out_plane).enumerate() {
+                    col[r * wide + b * out_plane..r * wide + (b + 1) * out_plane]
+                        .copy_from_slice(row);
+                }
+            }
+            let mut prod = vec![0f32; m * wide];
+            mm(
+                m,
+                wide,
+                rows,
+                &mut prod,
+                w,
+                (rows, 1),
+                &col,
+                (wide, 1),
+                false,
+                1.0,
+            );
+            for (o, row) in prod.chunks(wide).enumerate() {
+                for b in 0..n {
+                    out[(b * m + o) * out_plane..(b * m + o + 1) * out_plane]
+                        .copy_from_slice(&row[b * out_plane..(b + 1) * out_plane]);
+                }
+            }
         } else {
             let mut col = if pointwise {
                 Vec::new()
