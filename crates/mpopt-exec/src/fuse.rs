@@ -576,10 +576,10 @@ fn apply(op: Op, left: bool, operand: Operand, start: usize, blk: &mut [f32]) {
             return;
         }
         Operand::Clip(lo, hi) => {
+            // As the Clip kernel: two selects, so NaN passes through and the loop vectorizes.
             blk.iter_mut().for_each(|x| {
-                if !x.is_nan() {
-                    *x = x.max(lo).min(hi)
-                }
+                let c = if *x < lo { lo } else { *x };
+                *x = if c > hi { hi } else { c };
             });
             return;
         }

@@ -196,7 +196,7 @@ fn conv_transpose_2d_matches_brute_force() {
 
 #[test]
 fn batched_small_plane_conv_matches_brute_force() {
-    // Batches of small planes (1-D frames, late layers) run as one product over the whole batch.
+    // Batches of 1-D frames run as one product over the whole batch; 2-D cases check the per-image path.
     let mut rng = Rng(23);
     for case in 0..20 {
         let (n, c, m) = (2 + rng.below(5), 1 + rng.below(9), 1 + rng.below(9));

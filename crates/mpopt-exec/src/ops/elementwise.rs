@@ -335,10 +335,11 @@ pub(crate) fn clip(ctx: &mut Ctx) -> R<Vec<Value>> {
     if t.data.is_float() {
         let lo = lo.unwrap_or(f64::NEG_INFINITY);
         let hi = hi.unwrap_or(f64::INFINITY);
-        return float_map!(t, [lo = lo, hi = hi], |x| if x.is_nan() {
-            x
-        } else {
-            x.max(lo).min(hi)
+        // Two selects: a NaN fails both comparisons and passes through, as in the reference; the loop
+        // vectorizes (f32::max/min would not).
+        return float_map!(t, [lo = lo, hi = hi], |x| {
+            let c = if x < lo { lo } else { x };
+            if c > hi { hi } else { c }
         });
     }
     let lo = lo.map(|x| x as i64).unwrap_or(i64::MIN);

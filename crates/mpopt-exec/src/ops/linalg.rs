@@ -368,9 +368,10 @@ pub(crate) fn conv_f32(
         let depthwise = g == c && mg == 1;
         if depthwise && !pointwise {
             depthwise2d(x, w, &mut out, n, c, (h, wd), &win2);
-        } else if g == 1 && n > 1 && out_plane < 1024 {
-            // Small planes (1-D convolutions over short frames, late layers): one product over the whole
-            // batch, columns (b, oh, ow), instead of one small product per image.
+        } else if g == 1 && n > 1 && xs.len() == 3 && out_plane < 1024 {
+            // 1-D convolutions over a batch of short frames: one product over the whole batch, columns
+            // (b, ow), instead of one small product per image. (Kept to 1-D: a wider product may block the
+            // sum differently, and ppocrv4_rec's 2-D late layers then moved past onnxruntime's spread.)
             let rows = c * kk;
             let wide = n * out_plane;
             let mut col = vec![0f32; rows * wide];
@@ -445,6 +446,7 @@ pub(crate) fn conv_f32(
     }
     if let Some(bias) = bias {
         out.par_chunks_mut(out_plane.max(1))
+            .with_min_len(super::min_len(out_plane))
             .enumerate()
             .for_each(|(i, p)| {
                 let bv = bias[i % m];
@@ -488,32 +490,37 @@ pub(crate) fn conv_nhwc(
         for start in (0..pixels).step_by(block) {
             let rows = block.min(pixels - start);
             let col = &mut col[..rows * k];
-            col.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
-                let p = start + r;
-                let (b, yx) = (p / (oh * ow), p % (oh * ow));
-                let (oy, ox) = (yx / ow, yx % ow);
-                for i in 0..kh {
-                    let iy = (oy * sh + i * dh) as isize - ph;
-                    for j in 0..kw {
-                        let dst = &mut row[(i * kw + j) * c..(i * kw + j + 1) * c];
-                        let ix = (ox * sw + j * dw) as isize - pw;
-                        if iy < 0 || iy >= h as isize || ix < 0 || ix >= wd as isize {
-                            dst.fill(0.0);
-                        } else {
-                            let at = ((b * h + iy as usize) * wd + ix as usize) * c;
-                            dst.copy_from_slice(&x[at..at + c]);
+            col.par_chunks_mut(k)
+                .with_min_len(super::min_len(k))
+                .enumerate()
+                .for_each(|(r, row)| {
+                    let p = start + r;
+                    let (b, yx) = (p / (oh * ow), p % (oh * ow));
+                    let (oy, ox) = (yx / ow, yx % ow);
+                    for i in 0..kh {
+                        let iy = (oy * sh + i * dh) as isize - ph;
+                        for j in 0..kw {
+                            let dst = &mut row[(i * kw + j) * c..(i * kw + j + 1) * c];
+                            let ix = (ox * sw + j * dw) as isize - pw;
+                            if iy < 0 || iy >= h as isize || ix < 0 || ix >= wd as isize {
+                                dst.fill(0.0);
+                            } else {
+                                let at = ((b * h + iy as usize) * wd + ix as usize) * c;
+                                dst.copy_from_slice(&x[at..at + c]);
+                            }
                         }
                     }
-                }
-            });
+                });
             let o = &mut out[start * m..(start + rows) * m];
             mm(rows, m, k, o, col, (k, 1), w, (1, k), false, 1.0);
         }
     }
     if let Some(bias) = bias {
-        out.par_chunks_mut(m.max(1)).for_each(|row| {
-            row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-        });
+        out.par_chunks_mut(m.max(1))
+            .with_min_len(super::min_len(m))
+            .for_each(|row| {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            });
     }
     out
 }
@@ -534,6 +541,7 @@ fn depthwise2d(
     let (ph, pw) = (win.pad_begin[0] as isize, win.pad_begin[1] as isize);
     out.par_chunks_mut(oh * ow)
         .take(n * c)
+        .with_min_len(super::min_len(oh * ow * kh * kw))
         .enumerate()
         .for_each(|(bc, o)| {
             let ci = bc % c;

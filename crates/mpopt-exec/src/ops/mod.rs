@@ -125,6 +125,13 @@ impl Ctx<'_> {
     }
 }
 
+/// The fewest items a rayon task should take when each item costs about `work` element operations: small
+/// planes (late layers, short frames) are grouped so a hand-off between threads is paid per ~16K operations,
+/// not per plane.
+pub(crate) fn min_len(work: usize) -> usize {
+    (1 << 14) / work.max(1) + 1
+}
+
 /// How a kernel treats f16/bf16.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Low {

@@ -80,6 +80,7 @@ pub(crate) fn batch_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     match fl(x)? {
         Fl::F32(mut v) => {
             v.par_chunks_mut(plane.max(1))
+                .with_min_len(super::min_len(plane))
                 .enumerate()
                 .for_each(|(i, p)| {
                     let (ai, bi) = (a[i % c] as f32, b[i % c] as f32);
@@ -410,6 +411,7 @@ fn pool(ctx: &Ctx, kind: PoolKind) -> R<Vec<Value>> {
             _ => Vec::new(),
         };
         out.par_chunks_mut(out_plane.max(1))
+            .with_min_len(super::min_len(out_plane * kk))
             .enumerate()
             .for_each(|(p, o)| {
                 let xp = &v[p * in_plane..(p + 1) * in_plane];
@@ -512,6 +514,7 @@ fn pool(ctx: &Ctx, kind: PoolKind) -> R<Vec<Value>> {
             .for_each(|(p, (o, a))| body(p, o, a));
     } else {
         out.par_chunks_mut(out_plane.max(1))
+            .with_min_len(super::min_len(out_plane * kk))
             .enumerate()
             .for_each(|(p, o)| body(p, o, &mut []));
     }
@@ -686,7 +689,11 @@ fn global(ctx: &Ctx, f: impl Fn(&[f32]) -> f32 + Sync) -> R<Vec<Value>> {
     }
     let plane = numel(&x.shape[2..]);
     let v = x.to_f32s()?;
-    let out: Vec<f32> = v.par_chunks(plane.max(1)).map(&f).collect();
+    let out: Vec<f32> = v
+        .par_chunks(plane.max(1))
+        .with_min_len(super::min_len(plane))
+        .map(&f)
+        .collect();
     let mut shape = x.shape[..2].to_vec();
     shape.extend(std::iter::repeat_n(1, x.rank() - 2));
     let out = if plane == 0 {
