@@ -336,7 +336,7 @@ fn chain_at(
 }
 
 /// The name a fused step has in profiles.
-pub(crate) fn label(_g: &Graph, f: &Fused) -> String {
+pub(crate) fn label(f: &Fused) -> String {
     match f.kind {
         Kind::ConvNhwc { .. } => "Conv (channels-last, transposes fused)".into(),
         Kind::Chain(_) => "elementwise chain (fused)".into(),
@@ -501,7 +501,7 @@ fn chain_step(ops: &[ChainOp], ins: &mut [Option<Arc<Value>>]) -> Option<Result<
                 Prep::Clip(l, h)
             }
             Op::BatchNorm { eps } => {
-                // The kernel's folding: a = 1 / sqrt(var + eps) * scale, b = bias - mean * a, in f32.
+                // Folded exactly as the BatchNormalization kernel folds it.
                 if shape.len() < 2 {
                     return None;
                 }
@@ -512,10 +512,7 @@ fn chain_step(ops: &[ChainOp], ins: &mut [Option<Arc<Value>>]) -> Option<Result<
                 if p.iter().any(|v| v.len() != c) {
                     return None;
                 }
-                let a: Vec<f32> = (0..c)
-                    .map(|i| 1.0f32 / (p[3][i] + eps).sqrt() * p[0][i])
-                    .collect();
-                let b: Vec<f32> = (0..c).map(|i| p[1][i] - p[2][i] * a[i]).collect();
+                let (a, b) = crate::ops::nn::fold_batch_norm(p[0], p[1], p[2], p[3], eps);
                 Prep::Affine(a, b, shape[2..].iter().product(), c)
             }
         });

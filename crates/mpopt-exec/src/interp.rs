@@ -38,6 +38,13 @@ type Seer<'a> = dyn FnMut(&str, &Value) + 'a;
 /// Time and count per op type.
 type Profile = HashMap<String, (std::time::Duration, usize)>;
 
+/// Adds `runs` runs taking `time` in all to the profile entry `key`.
+fn tally(p: &mut Profile, key: String, time: std::time::Duration, runs: usize) {
+    let e = p.entry(key).or_default();
+    e.0 += time;
+    e.1 += runs;
+}
+
 /// What a run records besides its outputs (main graph only).
 #[derive(Default)]
 struct Observe<'o, 'f> {
@@ -448,9 +455,7 @@ impl<'m> Executor<'m> {
                     let t0 = prof.is_some().then(std::time::Instant::now);
                     let outs = self.call(plan, g, n, ins, &implicit, path, prof.as_mut())?;
                     if let (Some(p), Some(t0)) = (prof.as_mut(), t0) {
-                        let e = p.entry(node.op_type.clone()).or_default();
-                        e.0 += t0.elapsed();
-                        e.1 += 1;
+                        tally(p, node.op_type.clone(), t0.elapsed(), 1);
                     }
                     let mut outs = outs.into_iter();
                     for (slot, o) in node.outputs().iter().enumerate() {
@@ -515,10 +520,7 @@ impl<'m> Executor<'m> {
                 None => self.run_nodes(plan, g, f, ins, path)?,
             };
             if let (Some(p), Some(t0)) = (prof.as_mut(), t0) {
-                let label = fuse::label(g, f);
-                let e = p.entry(label).or_default();
-                e.0 += t0.elapsed();
-                e.1 += 1;
+                tally(p, fuse::label(f), t0.elapsed(), 1);
             }
             env[f.output.index()] = Some(out);
         }
@@ -585,9 +587,7 @@ impl Executor<'_> {
                 } else {
                     format!("{op} (inside {})", node.op_type)
                 };
-                let e = p.entry(key).or_default();
-                e.0 += d;
-                e.1 += k;
+                tally(p, key, d, k);
             }
         }
         outs
@@ -704,9 +704,7 @@ impl SubRunner<'_, '_> {
         if let (Some(cell), Some(p)) = (&self.prof, obs.prof) {
             let mut all = cell.borrow_mut();
             for (op, (d, k)) in p {
-                let e = all.entry(op).or_default();
-                e.0 += d;
-                e.1 += k;
+                tally(&mut all, op, d, k);
             }
         }
         outs

@@ -19,7 +19,7 @@ mod attention;
 mod control;
 mod elementwise;
 pub(crate) mod linalg;
-mod nn;
+pub(crate) mod nn;
 mod reduce;
 mod resize;
 mod rnn;

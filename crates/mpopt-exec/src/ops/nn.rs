@@ -38,6 +38,30 @@ fn split3(shape: &[usize], ax: usize) -> (usize, usize, usize) {
     (numel(&shape[..ax]), shape[ax], numel(&shape[ax + 1..]))
 }
 
+/// Inference BatchNormalization folded per channel in f32, `y = x * a + b` with
+/// `a = 1 / sqrt(var + eps) * scale` and `b = bias - mean * a`: the kernel's folding, shared with the fused
+/// elementwise chains so both give the same bits.
+pub(crate) fn fold_batch_norm(
+    scale: &[f32],
+    bias: &[f32],
+    mean: &[f32],
+    var: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let a: Vec<f32> = var
+        .iter()
+        .zip(scale)
+        .map(|(&v, &s)| 1.0f32 / (v + eps).sqrt() * s)
+        .collect();
+    let b = bias
+        .iter()
+        .zip(mean)
+        .zip(&a)
+        .map(|((&b, &m), &a)| b - m * a)
+        .collect();
+    (a, b)
+}
+
 pub(crate) fn batch_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let (scale, bias, mean, var) = (
@@ -58,25 +82,16 @@ pub(crate) fn batch_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     // Folded per channel, y = x * a + b with a = scale / sqrt(var + eps) and b = bias - mean * a, computed in
     // the compute type (f32 for f32 and half data) as onnxruntime and cuDNN's inference kernel do.
     let is64 = matches!(x.data, Data::F64(_));
-    let a: Vec<f64> = (0..c)
-        .map(|i| {
-            if is64 {
-                scale[i] / (var[i] + eps).sqrt()
-            } else {
-                let inv = 1.0f32 / (var[i] as f32 + eps as f32).sqrt();
-                (inv * scale[i] as f32) as f64
-            }
-        })
-        .collect();
-    let b: Vec<f64> = (0..c)
-        .map(|i| {
-            if is64 {
-                bias[i] - mean[i] * a[i]
-            } else {
-                (bias[i] as f32 - mean[i] as f32 * a[i] as f32) as f64
-            }
-        })
-        .collect();
+    let (a, b): (Vec<f64>, Vec<f64>) = if is64 {
+        let a: Vec<f64> = (0..c).map(|i| scale[i] / (var[i] + eps).sqrt()).collect();
+        let b = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
+        (a, b)
+    } else {
+        let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let (a, b) = fold_batch_norm(&f(&scale), &f(&bias), &f(&mean), &f(&var), eps as f32);
+        let w = |v: Vec<f32>| v.into_iter().map(f64::from).collect();
+        (w(a), w(b))
+    };
     match fl(x)? {
         Fl::F32(mut v) => {
             v.par_chunks_mut(plane.max(1))
