@@ -1,5 +1,5 @@
 //! `calibrate`: runs the model in fp32 on the CPU reference executor over calibration inputs and records, per
-//! value of the main graph, what it held: min, max, largest magnitude, and how many non-zero values would
+//! value, subgraphs included, what it held: min, max, largest magnitude, and how many non-zero values would
 //! become zero or subnormal in the target type.
 //!
 //! **Why.** Static intervals are sound but loose through deep stacks of layers; what a model really computes
@@ -9,8 +9,9 @@
 //!
 //! **Invariants.** Annotates only ([`mpopt_ir::Value::range`], the `observed` part; the `proven` part is
 //! kept). Runs on the model as it is: put it before `assign-precision`, on the fp32 graph. Values are
-//! streamed to the statistics as the executor produces them, so memory stays that of one run. Values inside
-//! subgraphs are not observed (their bodies run many times with changing shapes).
+//! streamed to the statistics as the executor produces them, so memory stays that of one run. A subgraph's
+//! values are observed over every run of the body (each `Loop` iteration, the `If` branch taken); a branch
+//! that never runs on the calibration data gets no observations, and its decisions rest on the static facts.
 //!
 //! ```text
 //! %s = ReduceSum(%x, %axes) : f32[1,1]   ; range [-inf, inf] obs [1.2e3, 3.07e5]
@@ -19,7 +20,7 @@
 use std::collections::HashMap;
 
 use mpopt_exec::{Data, Executor, RunOptions, Value};
-use mpopt_ir::{DType, Model, Observed, ValueRange};
+use mpopt_ir::{AttrValue, DType, Graph, Model, Observed, ValueRange};
 
 use crate::assign_precision::{min_normal, min_positive, unit_roundoff};
 use crate::{Pass, PassError, PassOutcome};
@@ -142,9 +143,10 @@ fn observe(o: &mut Observed, xs: &[f32], target: DType) {
     o.abs_max = o.abs_max.max(p.am as f64);
 }
 
-/// Statistics of the values of runs, by name, until they are stored on the model.
+/// Statistics of the values of runs, by (scope, name) (see [`mpopt_exec::subgraph_scope`]), until they are
+/// stored on the model.
 pub(crate) struct Observations {
-    stats: HashMap<String, Observed>,
+    stats: HashMap<(String, String), Observed>,
     target: DType,
 }
 
@@ -157,16 +159,14 @@ impl Observations {
         }
     }
 
-    /// Adds a value (float tensors only) to the statistics of its name.
-    pub(crate) fn see(&mut self, name: &str, v: &Value) {
+    /// Adds a value (float tensors only) of the graph with scope key `scope` to the statistics of its name.
+    pub(crate) fn see(&mut self, scope: &str, name: &str, v: &Value) {
         let Value::Tensor(t) = v else { return };
         if !t.data.is_float() {
             return;
         }
-        let o = match self.stats.get_mut(name) {
-            Some(o) => o,
-            None => self.stats.entry(name.to_string()).or_default(),
-        };
+        let key = (scope.to_string(), name.to_string());
+        let o = self.stats.entry(key).or_default();
         let target = self.target;
         match &t.data {
             Data::F32(x) => observe(o, x, target),
@@ -177,24 +177,76 @@ impl Observations {
         }
     }
 
-    /// Stores the statistics on the main graph's values (initializers excepted); returns how many.
-    pub(crate) fn store(self, model: &mut Model) -> u64 {
-        let g = &mut model.graph;
-        let mut recorded = 0u64;
-        for (name, o) in self.stats {
-            let Some(v) = g.value_by_name(&name) else {
-                continue;
-            };
-            let val = g.value_mut(v);
-            if val.initializer.is_some() {
-                continue;
-            }
-            let r = val.range.get_or_insert_with(Box::<ValueRange>::default);
-            r.observed = Some(o);
-            recorded += 1;
+    /// Stores the statistics on the values they were taken from (initializers excepted), subgraphs
+    /// included; returns how many values got them.
+    pub(crate) fn store(mut self, model: &mut Model) -> u64 {
+        let mut by_scope: HashMap<String, Vec<(String, Observed)>> = HashMap::new();
+        for ((scope, name), o) in self.stats.drain() {
+            by_scope.entry(scope).or_default().push((name, o));
         }
-        recorded
+        store_graph(&mut model.graph, "", &mut by_scope, &HashMap::new())
     }
+}
+
+/// Stores the statistics of scope `scope` on `g`'s values, then those of its subgraphs. `outer` holds the
+/// statistics of the enclosing graphs' values by name: `g`'s captures of them get them too.
+fn store_graph(
+    g: &mut Graph,
+    scope: &str,
+    by_scope: &mut HashMap<String, Vec<(String, Observed)>>,
+    outer: &HashMap<String, Observed>,
+) -> u64 {
+    let mut recorded = 0u64;
+    for c in g.captures().to_vec() {
+        if let Some(o) = outer.get(g.value(c).name()) {
+            let r = g
+                .value_mut(c)
+                .range
+                .get_or_insert_with(Box::<ValueRange>::default);
+            r.observed = Some(*o);
+        }
+    }
+    let own = by_scope.remove(scope).unwrap_or_default();
+    if by_scope.is_empty() {
+        return recorded + store_values(g, own);
+    }
+    let mut visible = outer.clone();
+    visible.extend(own.iter().cloned());
+    recorded += store_values(g, own);
+    let with_subgraphs: Vec<_> = g
+        .nodes()
+        .filter(|(_, node)| node.has_subgraphs())
+        .map(|(n, _)| n)
+        .collect();
+    for n in with_subgraphs {
+        let mut attrs = std::mem::take(&mut g.node_mut(n).attributes);
+        for a in &mut attrs {
+            if let AttrValue::Graph(sg) = &mut a.value {
+                let key = mpopt_exec::subgraph_scope(scope, n, &a.name);
+                recorded += store_graph(sg, &key, by_scope, &visible);
+            }
+        }
+        g.node_mut(n).attributes = attrs;
+    }
+    recorded
+}
+
+/// Stores statistics on `g`'s values by name (initializers excepted); returns how many got them.
+fn store_values(g: &mut Graph, stats: Vec<(String, Observed)>) -> u64 {
+    let mut recorded = 0u64;
+    for (name, o) in stats {
+        let Some(v) = g.value_by_name(&name) else {
+            continue;
+        };
+        let val = g.value_mut(v);
+        if val.initializer.is_some() {
+            continue;
+        }
+        let r = val.range.get_or_insert_with(Box::<ValueRange>::default);
+        r.observed = Some(o);
+        recorded += 1;
+    }
+    recorded
 }
 
 impl Pass for Calibrate {
@@ -218,8 +270,8 @@ impl Pass for Calibrate {
             let exec =
                 Executor::new(model).map_err(|e| fail(format!("cannot run the model: {e}")))?;
             for (k, set) in self.sets.iter().enumerate() {
-                exec.run_observed(set.clone(), &RunOptions::default(), &mut |n, v| {
-                    obs.see(n, v)
+                exec.run_observed(set.clone(), &RunOptions::default(), &mut |s, n, v| {
+                    obs.see(s, n, v)
                 })
                 .map_err(|e| fail(format!("input set {k}: {e}")))?;
             }

@@ -127,7 +127,13 @@ impl Pass for MeasureGates {
                 ..SearchOverrides::default()
             },
         )?;
-        let (refs, trace) = reference(model, &self.sets, "measure-gates", |_| {}, &mut |_, _| {})?;
+        let (refs, trace) = reference(
+            model,
+            &self.sets,
+            "measure-gates",
+            |_| {},
+            &mut |_, _, _| {},
+        )?;
         let values: HashMap<&str, &Value> = trace
             .iter()
             .map(|(n, v)| (n.as_str(), v.as_ref()))

@@ -351,7 +351,7 @@ pub(crate) fn reference(
     sets: &[InputSet],
     pass: &str,
     mut progress: impl FnMut(usize),
-    see: &mut dyn FnMut(&str, &Value),
+    see: &mut dyn FnMut(&str, &str, &Value),
 ) -> Result<(Vec<Outputs>, Trace), PassError> {
     let fail = |message: String| PassError::Failed {
         pass: pass.into(),
@@ -624,9 +624,9 @@ impl Pass for SearchPrecision {
             &opts.sets,
             "search-precision",
             |k| report("reference", k, opts.sets.len()),
-            &mut |n, v| {
+            &mut |s, n, v| {
                 if opts.observe {
-                    obs.see(n, v)
+                    obs.see(s, n, v)
                 }
             },
         )?;

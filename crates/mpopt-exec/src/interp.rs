@@ -1,6 +1,7 @@
 //! The interpreter: plans each graph once (constants converted, use counts, subgraph plans), then runs nodes in
 //! schedule order, freeing every value after its last use.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -32,8 +33,15 @@ pub struct RunOutput {
     pub profile: Vec<(String, std::time::Duration, usize)>,
 }
 
-/// A callback that sees values by name as they are produced.
-type Seer<'a> = dyn FnMut(&str, &Value) + 'a;
+/// A callback that sees values as they are produced: (scope, name, value); the scope is `""` for the main
+/// graph and [`subgraph_scope`] for a subgraph.
+type Seer<'a> = dyn FnMut(&str, &str, &Value) + 'a;
+
+/// The scope key of the subgraph held by attribute `attr` of node `node` in the graph whose scope is `parent`
+/// (`""`: the main graph), as [`Executor::run_observed`] names it: `parent/NODE.attr` with the node's id.
+pub fn subgraph_scope(parent: &str, node: NodeId, attr: &str) -> String {
+    format!("{parent}/{}.{attr}", node.0)
+}
 
 /// Time and count per op type.
 type Profile = HashMap<String, (std::time::Duration, usize)>;
@@ -45,13 +53,17 @@ fn tally(p: &mut Profile, key: String, time: std::time::Duration, runs: usize) {
     e.1 += runs;
 }
 
-/// What a run records besides its outputs (main graph only).
+/// What a run of one graph records besides its outputs.
 #[derive(Default)]
 struct Observe<'o, 'f> {
+    /// Every value (main graph only).
     trace: Option<Vec<(String, Arc<Value>)>>,
     prof: Option<Profile>,
-    /// Called with every value of the main graph as it is produced (graph inputs and folded values first).
+    /// Called with every value of the graph as it is produced (graph inputs and folded values first), and,
+    /// through the node's [`SubRunner`], with its subgraphs' values.
     see: Option<&'o mut Seer<'f>>,
+    /// The graph's scope key (see [`subgraph_scope`]).
+    scope: String,
 }
 
 /// The plan of one graph.
@@ -154,10 +166,12 @@ impl<'m> Executor<'m> {
             let sub = SubRunner {
                 exec: self,
                 prof: None,
+                see: None,
                 plans: None,
                 node,
                 implicit: &[],
                 path: String::new(),
+                scope: ("", n),
             };
             let mut ctx = ops::Ctx {
                 node,
@@ -263,10 +277,12 @@ impl<'m> Executor<'m> {
         let sub = SubRunner {
             exec: self,
             prof: None,
+            see: None,
             plans: self.main.subs.get(&n),
             node,
             implicit,
             path: label.clone(),
+            scope: ("", n),
         };
         let mut ctx = ops::Ctx {
             node,
@@ -291,14 +307,16 @@ impl<'m> Executor<'m> {
         self.run_with(inputs, opts, None)
     }
 
-    /// Runs the main graph like [`Executor::run`], calling `see(name, value)` on every main-graph value as it
-    /// is produced (graph inputs, values folded at plan time, then node outputs in schedule order), without
+    /// Runs the main graph like [`Executor::run`], calling `see(scope, name, value)` on every value as it is
+    /// produced (graph inputs, values folded at plan time, then node outputs in schedule order), without
     /// keeping them: how calibration records statistics on models whose intermediates do not fit in memory.
+    /// The scope is `""` for the main graph; a subgraph's values are seen on every run of the subgraph (each
+    /// iteration of a Loop), under [`subgraph_scope`].
     pub fn run_observed(
         &self,
         inputs: Vec<(String, Value)>,
         opts: &RunOptions,
-        see: &mut dyn FnMut(&str, &Value),
+        see: &mut dyn FnMut(&str, &str, &Value),
     ) -> Result<RunOutput, ExecError> {
         self.run_with(inputs, opts, Some(see))
     }
@@ -320,6 +338,7 @@ impl<'m> Executor<'m> {
             trace: opts.keep_all.then(Vec::new),
             prof: opts.profile.then(HashMap::new),
             see,
+            scope: String::new(),
         };
         let outs = self
             .run_graph(&self.main, g, positional, &[], &mut obs, "")
@@ -358,7 +377,13 @@ impl<'m> Executor<'m> {
         obs: &mut Observe<'_, '_>,
         path: &str,
     ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
-        let Observe { trace, prof, see } = obs;
+        let Observe {
+            trace,
+            prof,
+            see,
+            scope,
+        } = obs;
+        let scope = scope.as_str();
         let mut env: Vec<Option<Arc<Value>>> = vec![None; g.value_bound()];
         for (id, v) in &plan.consts {
             env[id.index()] = Some(v.clone());
@@ -388,11 +413,11 @@ impl<'m> Executor<'m> {
         if let Some(f) = see.as_mut() {
             for &i in g.inputs() {
                 if let Some(v) = &env[i.index()] {
-                    f(g.value(i).name(), v);
+                    f(scope, g.value(i).name(), v);
                 }
             }
             for (i, v) in &plan.folded {
-                f(g.value(*i).name(), v);
+                f(scope, g.value(*i).name(), v);
             }
         }
         if let Some(t) = trace.as_mut() {
@@ -453,7 +478,16 @@ impl<'m> Executor<'m> {
                         })
                         .collect();
                     let t0 = prof.is_some().then(std::time::Instant::now);
-                    let outs = self.call(plan, g, n, ins, &implicit, path, prof.as_mut())?;
+                    let outs = self.call(
+                        plan,
+                        g,
+                        n,
+                        ins,
+                        &implicit,
+                        (path, scope),
+                        prof.as_mut(),
+                        see.as_deref_mut(),
+                    )?;
                     if let (Some(p), Some(t0)) = (prof.as_mut(), t0) {
                         tally(p, node.op_type.clone(), t0.elapsed(), 1);
                     }
@@ -473,7 +507,7 @@ impl<'m> Executor<'m> {
                             t.push((g.value(*o).name().to_string(), v.clone()));
                         }
                         if let Some(f) = see.as_mut() {
-                            f(g.value(*o).name(), &v);
+                            f(scope, g.value(*o).name(), &v);
                         }
                         env[o.index()] = Some(v);
                     }
@@ -550,8 +584,8 @@ impl Executor<'_> {
         })
     }
 
-    /// Runs node `n` of `g` (planned by `plan`) on its inputs by slot; with `prof`, adds the times of its
-    /// subgraphs' nodes.
+    /// Runs node `n` of `g` (planned by `plan`) on its inputs by slot; `at` is the graph's (error path,
+    /// scope key). With `prof`, adds the times of its subgraphs' nodes; `see` is shown its subgraphs' values.
     #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
@@ -560,17 +594,21 @@ impl Executor<'_> {
         n: NodeId,
         inputs: Vec<Option<Arc<Value>>>,
         implicit: &[(String, Arc<Value>)],
-        path: &str,
+        at: (&str, &str),
         prof: Option<&mut Profile>,
+        see: Option<&mut Seer<'_>>,
     ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
+        let (path, scope) = at;
         let node = g.node(n);
         let sub = SubRunner {
             exec: self,
             prof: prof.is_some().then(Default::default),
+            see: see.map(|s| RefCell::new(s as &mut Seer<'_>)),
             plans: plan.subs.get(&n),
             node,
             implicit,
             path: label(node, n, path),
+            scope: (scope, n),
         };
         let mut ctx = ops::Ctx {
             node,
@@ -580,8 +618,8 @@ impl Executor<'_> {
         };
         let outs = ops::run(&mut ctx).map_err(|msg| self.node_error(g, n, path, msg));
         // Subgraph nodes are listed apart, as `op (inside If)`: their time is part of their node's too.
-        if let (Some(p), Some(inner)) = (prof, sub.prof) {
-            for (op, (d, k)) in inner.into_inner() {
+        if let (Some(p), Some(inner)) = (prof, sub.prof.as_ref().map(RefCell::take)) {
+            for (op, (d, k)) in inner {
                 let key = if op.contains(" (inside ") {
                     op
                 } else {
@@ -624,7 +662,7 @@ impl Executor<'_> {
                     })
                 })
                 .collect();
-            let outs = self.call(plan, g, n, args, &[], path, None)?;
+            let outs = self.call(plan, g, n, args, &[], (path, ""), None, None)?;
             for (o, v) in node.outputs().iter().zip(outs) {
                 if let Some(o) = o {
                     local.push((*o, v));
@@ -661,11 +699,15 @@ fn label(node: &Node, n: NodeId, path: &str) -> String {
 pub(crate) struct SubRunner<'a, 'm> {
     exec: &'a Executor<'m>,
     /// When profiling: the times of the subgraphs' nodes, by op type.
-    prof: Option<std::cell::RefCell<Profile>>,
+    prof: Option<RefCell<Profile>>,
+    /// When observing: shown every value of the subgraphs' runs.
+    see: Option<RefCell<&'a mut Seer<'a>>>,
     plans: Option<&'a Vec<(String, GraphPlan)>>,
     node: &'a Node,
     implicit: &'a [(String, Arc<Value>)],
     path: String,
+    /// The enclosing graph's scope key and the node's id.
+    scope: (&'a str, NodeId),
 }
 
 impl SubRunner<'_, '_> {
@@ -693,8 +735,11 @@ impl SubRunner<'_, '_> {
         }
         let path = format!("{} > {attr}", self.path);
         let ins = inputs.into_iter().map(Some).collect();
+        let mut seer = self.see.as_ref().map(|s| s.borrow_mut());
         let mut obs = Observe {
             prof: self.prof.as_ref().map(|_| HashMap::new()),
+            see: seer.as_mut().map(|s| &mut ***s as &mut Seer<'_>),
+            scope: subgraph_scope(self.scope.0, self.scope.1, attr),
             ..Observe::default()
         };
         let outs = self
