@@ -129,7 +129,7 @@ fn default_input(d: Option<DType>) -> Interval {
 }
 
 /// The static shape of a value when its rank is known; unknown dims are -1.
-fn static_shape(g: &Graph, v: ValueId) -> Option<Vec<i64>> {
+pub(crate) fn static_shape(g: &Graph, v: ValueId) -> Option<Vec<i64>> {
     Some(
         g.value(v)
             .ty

@@ -393,18 +393,33 @@ pub(crate) fn transfer(g: &Graph, n: &Node, ins: &[In], opset: i64) -> Vec<Inter
                 .unwrap_or(false);
             let mut r = match mode {
                 "nearest" | "linear" => x(),
-                // cubic weights overshoot: the sum of |w| is at most 1.5 per axis (a = -0.75);
-                // the output lies within the input's midpoint +- 1.5^rank times its half-width
                 _ => {
-                    let rank = ins.first().and_then(|i| i.shape.as_ref()).map(|s| s.len());
-                    match rank {
-                        Some(r) => {
+                    // Axes that keep their size interpolate at whole pixels: weights (0, 1, 0, 0).
+                    // Count the resized ones where scales or sizes are constant, else every axis.
+                    let shape = ins.first().and_then(|i| i.shape.as_ref());
+                    let konst = |i: usize| ins.get(i).and_then(|i| i.konst).and_then(values);
+                    let rank = match (konst(2).filter(|s| !s.is_empty()), konst(3)) {
+                        (Some(scales), _) => Some(scales.iter().filter(|&&s| s != 1.0).count()),
+                        (None, Some(sizes)) => shape.filter(|s| s.len() == sizes.len()).map(|s| {
+                            s.iter()
+                                .zip(&sizes)
+                                .filter(|&(&d, &z)| d < 0 || d as f64 != z)
+                                .count()
+                        }),
+                        _ => None,
+                    }
+                    .or(shape.map(|s| s.len()));
+                    let a = float_attr(n, "cubic_coeff_a").unwrap_or(-0.75);
+                    let exclude = int_attr(n, "exclude_outside").unwrap_or(0) != 0;
+                    match (rank, cubic_gain(a, exclude)) {
+                        (Some(r), Some(k)) => {
+                            // The weights of an axis sum to 1, so the output is the input's midpoint
+                            // plus a weighted sum of deviations of at most the half-width each.
                             let (c, h) = ((x().lo + x().hi) / 2.0, (x().hi - x().lo) / 2.0);
-                            let k = 1.5f64.powi(r as i32);
-                            Interval::new(c - h * k - c.abs() * k, c + h * k + c.abs() * k)
-                                .hull(x())
+                            let k = k.powi(r as i32);
+                            Interval::new(c - h * k, c + h * k).hull(x())
                         }
-                        None => Interval::TOP,
+                        _ => Interval::TOP,
                     }
                 }
             };
@@ -1086,6 +1101,17 @@ fn batch_norm(n: &Node, ins: &[In]) -> Interval {
     add(mul(mul(sub(x, iv(3)), inv), iv(1)), iv(2))
 }
 
+/// The largest sum of |weights| of one axis of cubic interpolation with coefficient `a`, for `a <= 0`
+/// (ONNX's default is -0.75, TensorFlow's -0.5): the two inner taps `(1-t)(1 + t - (a+2)t^2)` are then
+/// non-negative, each outer tap is `a * t(1-t)^2` (at most `|a| * 4/27` in magnitude), and the four sum to 1,
+/// so the sum of magnitudes is `1 + 2 * (negative part) <= 1 + 16|a|/27`. Taps outside the input read the
+/// edge pixel, which keeps the weights. Not bounded here (None): `a > 0`, where the inner taps can go
+/// negative, and `exclude_outside = 1`, which renormalizes by the kept weights (less than 1 when an inner
+/// tap falls outside).
+fn cubic_gain(a: f64, exclude_outside: bool) -> Option<f64> {
+    (a <= 0.0 && !exclude_outside).then(|| 1.0 + 16.0 * a.abs() / 27.0)
+}
+
 /// Recurrent layers with their default activations: hidden states are tanh-bounded (LSTM: `o * tanh(c)`,
 /// GRU: a convex mix of tanh and the previous state); the LSTM cell grows by at most 1 per step.
 fn recurrent(n: &Node, ins: &[In], outs: usize) -> Vec<Interval> {
@@ -1630,5 +1656,169 @@ mod tests {
         let b = transfer(&g, g.node(id), &[scalar(xi), konst(&bias)], 18)[0];
         // gelu(1 + 3) = 3.9999
         assert!(b.contains(3.9999), "{b}");
+    }
+
+    /// Runs the single node of a model written in the IR text format on the CPU reference executor; returns
+    /// its outputs' elements.
+    fn run_one(src: &str, inputs: Vec<(&str, Vec<usize>, Vec<f32>)>) -> Vec<Vec<f64>> {
+        let m = mpopt_ir::text::parse_model(src).unwrap();
+        let exec = mpopt_exec::Executor::new(&m).unwrap();
+        let feeds = inputs
+            .into_iter()
+            .map(|(n, shape, v)| {
+                let t = mpopt_exec::Tensor::f32(shape, v);
+                (n.to_string(), mpopt_exec::Value::Tensor(t))
+            })
+            .collect();
+        let out = exec.run(feeds, &mpopt_exec::RunOptions::default()).unwrap();
+        out.outputs
+            .into_iter()
+            .map(|(_, v)| v.tensor().unwrap().to_f64s().unwrap())
+            .collect()
+    }
+
+    /// The transfer of a model's single node, given the intervals of its graph inputs by name (constants
+    /// are read from the graph).
+    fn model_bound(src: &str, ivs: &[(&str, Interval)]) -> Vec<Interval> {
+        let m = mpopt_ir::text::parse_model(src).unwrap();
+        let g = &m.graph;
+        let (_, node) = g.nodes().next().unwrap();
+        let ins: Vec<In> = node
+            .inputs()
+            .iter()
+            .map(|slot| match slot {
+                Some(v) => In {
+                    iv: ivs
+                        .iter()
+                        .find(|(n, _)| *n == g.value(*v).name())
+                        .map(|(_, i)| *i)
+                        .or_else(|| constant_of(g, *v).and_then(const_interval)),
+                    konst: constant_of(g, *v),
+                    shape: crate::analyze_ranges::static_shape(g, *v),
+                },
+                None => In {
+                    iv: None,
+                    konst: None,
+                    shape: None,
+                },
+            })
+            .collect();
+        transfer(g, node, &ins, m.opset("").unwrap_or(18))
+    }
+
+    #[test]
+    fn cubic_resize_against_sampling() {
+        let mut r = Rng(57);
+        let mut overshoot = false;
+        for a in [-0.5f32, -0.75, -1.0] {
+            for (ctm, shape, scales) in [
+                ("half_pixel", vec![1usize, 1, 6], "[1.0, 1.0, 2.6]"),
+                ("align_corners", vec![1, 1, 4, 5], "[1.0, 1.0, 2.5, 1.7]"),
+                (
+                    "pytorch_half_pixel",
+                    vec![1, 1, 5, 4],
+                    "[1.0, 1.0, 0.6, 3.0]",
+                ),
+            ] {
+                let dims = shape.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+                let src = format!(
+                    "ir_version 8\nopset ai.onnx 19\n\ngraph @r(%x: f32[{}]) -> (%y: ?) {{\n  \
+                     %roi = const f32[0] []\n  %s = const f32[{}] {scales}\n  \
+                     %y = Resize(%x, %roi, %s) {{mode = \"cubic\", cubic_coeff_a = {a:?}, \
+                     coordinate_transformation_mode = \"{ctm}\"}}\n}}\n",
+                    dims.join(","),
+                    shape.len()
+                );
+                for &(lo, hi) in CASES {
+                    let xi = Interval::new(lo, hi);
+                    let b = model_bound(&src, &[("x", xi)])[0];
+                    assert!(b.is_bounded(), "cubic a={a} {ctm}: no bound");
+                    let n: usize = shape.iter().product();
+                    for _ in 0..300 {
+                        // steps between the ends make the kernel overshoot the most
+                        let x: Vec<f32> = (0..n)
+                            .map(|_| match r.next() {
+                                p if p < 0.4 => xi.lo as f32,
+                                p if p < 0.8 => xi.hi as f32,
+                                _ => r.within(xi) as f32,
+                            })
+                            .collect();
+                        for y in &run_one(&src, vec![("x", shape.clone(), x)])[0] {
+                            assert!(
+                                b.contains(*y),
+                                "cubic a={a} {ctm}: {y} outside {b} for {xi}"
+                            );
+                            overshoot |= !xi.contains(*y);
+                        }
+                    }
+                }
+            }
+        }
+        // the overshoot is real: the input's own interval would not be a sound bound
+        assert!(overshoot, "no sample left the input interval");
+        let unbounded = |attrs: &str| {
+            let src = format!(
+                "ir_version 8\nopset ai.onnx 19\n\ngraph @r(%x: f32[1,1,4]) -> (%y: ?) {{\n  \
+                 %roi = const f32[0] []\n  %s = const f32[3] [1.0, 1.0, 2.0]\n  \
+                 %y = Resize(%x, %roi, %s) {{mode = \"cubic\", {attrs}}}\n}}\n"
+            );
+            !model_bound(&src, &[("x", Interval::new(-1.0, 1.0))])[0].is_bounded()
+        };
+        assert!(unbounded("cubic_coeff_a = 0.5"), "a > 0 bounded");
+        assert!(unbounded("exclude_outside = 1"), "exclude_outside bounded");
+    }
+
+    #[test]
+    fn gru_and_rnn_against_sampling() {
+        let mut r = Rng(91);
+        // weights large enough to saturate the gates both ways; an initial state beyond [-1, 1]
+        let (seq, batch, inp, hid) = (4usize, 2usize, 3usize, 2usize);
+        let mut weights = |n: usize| {
+            (0..n)
+                .map(|_| format!("{:?}", (r.next() * 6.0 - 3.0) as f32))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (op, gates) in [("GRU", 3usize), ("RNN", 1)] {
+            let (w, rw, bw) = (
+                weights(gates * hid * inp),
+                weights(gates * hid * hid),
+                weights(2 * gates * hid),
+            );
+            let src = format!(
+                "ir_version 8\nopset ai.onnx 17\n\ngraph @g(%x: f32[{seq},{batch},{inp}], \
+                 %h0: f32[1,{batch},{hid}]) -> (%y: ?, %yh: ?) {{\n  \
+                 %w = const f32[1,{gh},{inp}] [{w}]\n  %r = const f32[1,{gh},{hid}] [{rw}]\n  \
+                 %b = const f32[1,{gb}] [{bw}]\n  %lens = const i32[{batch}] [{seq}, {short}]\n  \
+                 %y, %yh = {op}(%x, %w, %r, %b, %lens, %h0) {{hidden_size = {hid}}}\n}}\n",
+                gh = gates * hid,
+                gb = 2 * gates * hid,
+                short = seq - 1,
+            );
+            let mut r = Rng(3);
+            for &(lo, hi) in CASES {
+                let (xi, hi0) = (Interval::new(lo, hi), Interval::new(-2.5, 2.5));
+                let b = model_bound(&src, &[("x", xi), ("h0", hi0)]);
+                assert!(b[0].is_bounded() && b[1].is_bounded(), "{op}: no bound");
+                for _ in 0..200 {
+                    let x: Vec<f32> = (0..seq * batch * inp)
+                        .map(|_| r.within(xi) as f32)
+                        .collect();
+                    let h0: Vec<f32> = (0..batch * hid).map(|_| r.within(hi0) as f32).collect();
+                    let outs = run_one(
+                        &src,
+                        vec![
+                            ("x", vec![seq, batch, inp], x),
+                            ("h0", vec![1, batch, hid], h0),
+                        ],
+                    );
+                    for (k, o) in outs.iter().enumerate() {
+                        for y in o {
+                            assert!(b[k].contains(*y), "{op} output {k}: {y} outside {}", b[k]);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
