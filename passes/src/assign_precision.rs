@@ -273,16 +273,21 @@ pub fn range_check(t: &Tensor, target: DType) -> Option<RangeCheck> {
         (DType::F32, mpopt_ir::TensorData::Raw(b)) if b.len() == n * 4 => {
             // compare in f32 and only widen the rare values the report needs
             let (max32, tiny32) = (max as f32, tiny as f32);
-            let mut max_abs = 0f32;
-            for c in b.chunks_exact(4) {
-                let a = f32::from_le_bytes([c[0], c[1], c[2], c[3]]).abs();
-                if a.is_finite() {
-                    max_abs = max_abs.max(a);
-                    r.overflow += (a > max32) as usize;
-                }
-                r.flush += (a != 0.0 && a < tiny32) as usize;
-            }
-            r.max_abs = max_abs as f64;
+            let (mut max_abs, mut over, mut flush) = ([0f32; 8], [0u32; 8], [0u32; 8]);
+            crate::range_rules::f32_lanes(b, |j, x| {
+                let a = x.abs();
+                let finite = a < f32::INFINITY;
+                max_abs[j] = if finite & (a > max_abs[j]) {
+                    a
+                } else {
+                    max_abs[j]
+                };
+                over[j] += (finite & (a > max32)) as u32;
+                flush[j] += ((a != 0.0) & (a < tiny32)) as u32;
+            });
+            r.max_abs = max_abs.iter().fold(0f32, |a, &b| a.max(b)) as f64;
+            r.overflow = over.iter().map(|&x| x as usize).sum();
+            r.flush = flush.iter().map(|&x| x as usize).sum();
             return Some(r);
         }
         _ => t.values_f64(n)?.into_iter().for_each(visit),
@@ -1006,5 +1011,43 @@ fn decide_graph(
             rule,
             evidence,
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_check_in_place_matches_the_general_path() {
+        for n in [1usize, 9, 33, 1000] {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| match i % 11 {
+                    0 => 7e4,
+                    1 => -1e-9,
+                    2 => 0.0,
+                    3 => f32::INFINITY,
+                    4 => f32::NAN,
+                    _ => (i as f32).cos() * 100.0,
+                })
+                .collect();
+            let raw = Tensor::from_f32(vec![n as i64], &xs);
+            let mut listed = raw.clone();
+            listed.data = mpopt_ir::TensorData::Floats(xs.clone());
+            for target in [DType::F16, DType::BF16] {
+                let (a, b) = (
+                    range_check(&raw, target).unwrap(),
+                    range_check(&listed, target).unwrap(),
+                );
+                assert_eq!(
+                    (a.count, a.overflow, a.flush, a.max_abs),
+                    (b.count, b.overflow, b.flush, b.max_abs),
+                    "{target:?} n={n}"
+                );
+            }
+            let f16 = range_check(&raw, DType::F16).unwrap();
+            let count = |m: usize| (0..n).filter(|i| i % 11 == m).count();
+            assert_eq!((f16.overflow, f16.flush), (count(0), count(1)), "n={n}");
+        }
     }
 }
