@@ -20,7 +20,8 @@
 //!    - a user `--keep-fp32` selector matches it.
 //! 3. A guarded deny op (`RANGE_GUARDED`: exp/log/pow, softmax, summing reductions, cumsum, recurrent layers)
 //!    whose inputs and outputs are all proven (or observed, with the margin) within the target's range, and
-//!    whose exponential input is small enough to round, is treated as infer, with that evidence.
+//!    whose exponential input is small enough to round, is treated as infer, with that evidence. Softmax is
+//!    treated as infer anyway: it is then low only between low nodes, where its logits are already rounded.
 //! 4. Colouring over float edges:
 //!    - allow nodes are low;
 //!    - deny spreads forward through infer/clear nodes, from the nodes whose outputs can be dangerous in low
@@ -38,7 +39,7 @@
 //!
 //! ```text
 //! %h = MatMul(%x, %w) : f32[N,4]        ; prec f16 (allow: matrix product ...)
-//! %y = Softmax(%h) {axis = -1} : f32[N,4] ; prec f32 (deny: softmax inputs need f32 ...)
+//! %y = Softmax(%h) {axis = -1} : f32[N,4] ; prec f32 (infer: not between low nodes)
 //! ```
 
 use std::collections::VecDeque;
@@ -837,6 +838,18 @@ fn decide_graph(
             c = OpClass::Infer;
             class[id.index()] = c;
             evidence = format!("deny lifted by range: {ev} ({evidence})");
+        } else if c == OpClass::Deny && dom.is_empty() && node.op_type == "Softmax" {
+            // Softmax's danger is the rounding of its logits. As an infer node it runs low only between
+            // low nodes, where its logits arrive already rounded to the target by their producers; it
+            // subtracts the max and sums in f32 (GPU kernels and the executor), so running it low adds
+            // only the rounding of its outputs, and saves the two casts around it.
+            c = OpClass::Infer;
+            class[id.index()] = c;
+            evidence = format!(
+                "deny relaxed to infer: low only between low nodes, whose outputs already round its \
+                 logits to {}; max-subtracted, summed in f32 ({evidence})",
+                opts.target
+            );
         }
         if let Some(sel) = opts.force_low.iter().find(|s| s.matches(node)) {
             why[id.index()] = Some((format!("user: --force-low {}", sel.text()), evidence));
