@@ -13,7 +13,9 @@
 //!    - a float initializer or Constant feeding its data holds values beyond the target's finite range, or
 //!      small non-zero values that would flush to zero where that matters: any in a constant of at most 16
 //!      elements (epsilons, masks, scales); in a larger one, more than 1% of its values, except for the
-//!      operands of Add/Sub/Sum (a flushed addend moves a sum by less than the smallest subnormal);
+//!      operands of Add/Sub/Sum (a flushed addend moves a sum by less than the smallest subnormal); an
+//!      additive attention mask (all very negative, reaching only Softmax through additions: `additive_masks`)
+//!      is not gated, and its path's values are left out of the range gate;
 //!    - range facts (`analyze-ranges`, `calibrate`): a value it reads or writes is proven beyond the
 //!      target's range, or observed beyond it after the safety margin (this spreads like deny); or more than
 //!      `max_underflow` of its observed significant outputs underflow (this does not spread);
@@ -614,6 +616,158 @@ fn range_lift(
     Some(ev.join("; "))
 }
 
+/// Additive attention masks found by [`additive_masks`].
+#[derive(Default)]
+struct Masks {
+    /// (node, constant input) pairs whose out-of-range values are saturated.
+    constants: std::collections::HashSet<(NodeId, ValueId)>,
+    /// The nodes from each mask to its Softmax nodes, with the evidence for the report.
+    nodes: std::collections::HashMap<NodeId, String>,
+    /// The mask constants and the values on those paths: their magnitudes are the mask's.
+    values: std::collections::HashSet<ValueId>,
+}
+
+/// Ops a mask may flow through on its way to Softmax, by input slot: additions keep a very negative value
+/// very negative (Sub only as the minuend), data movement copies it.
+fn mask_passes(op: &str, slot: u32) -> bool {
+    match op {
+        "Add" | "Reshape" | "Unsqueeze" | "Squeeze" | "Expand" | "Identity" | "Transpose"
+        | "Cast" | "Concat" | "Tile" => true,
+        "Sub" | "Slice" | "Gather" => slot == 0,
+        "Where" => slot >= 1,
+        _ => false,
+    }
+}
+
+/// Finds additive attention masks: a default-domain Add, Sub (constant as minuend), Mul or Where (constant as
+/// a branch) whose constant input holds values beyond the target's range that are all very negative (the
+/// `-FLT_MAX` or `-1e38` idiom for minus infinity), and whose result reaches only Softmax nodes, through
+/// additions and data movement. Saturating the constant to the target's lowest finite value changes no
+/// Softmax output: exp() of a masked logit is 0 either way, as long as a row keeps one unmasked logit (what a
+/// mask is for). A Mul whose other operand is proven or observed negative somewhere is not a mask (it would
+/// turn the constant positive). Bounded work: at most 256 nodes are followed from each candidate.
+fn additive_masks(g: &Graph, target: DType) -> Masks {
+    let max = max_finite(target);
+    let mut masks = Masks::default();
+    for (id, node) in g.nodes() {
+        if !node.in_default_domain()
+            || !matches!(node.op_type.as_str(), "Add" | "Sub" | "Mul" | "Where")
+        {
+            continue;
+        }
+        for (i, v) in node.inputs().iter().enumerate() {
+            let Some(v) = *v else { continue };
+            if !is_f32(g, v)
+                || (node.op_type == "Sub" && i != 0)
+                || (node.op_type == "Where" && i == 0)
+            {
+                continue;
+            }
+            let Some(t) = constant_of(g, v) else { continue };
+            let (Some(r), Some(iv)) = (
+                range_check(t, target),
+                crate::range_rules::const_interval(t),
+            ) else {
+                continue;
+            };
+            if r.overflow == 0 || iv.hi > max || !iv.lo.is_finite() {
+                continue;
+            }
+            let sign = if node.op_type == "Mul" {
+                let other = node
+                    .inputs()
+                    .iter()
+                    .enumerate()
+                    .find(|&(k, _)| k != i)
+                    .and_then(|(_, o)| *o);
+                let facts = other.and_then(|o| g.value(o).range.as_deref());
+                // a bound is no evidence of negative values; an observed one is
+                let proven = facts.and_then(|f| f.proven).filter(|p| p.lo >= 0.0);
+                let observed = facts.and_then(|f| f.observed);
+                match (proven, observed) {
+                    (Some(p), _) => format!("its multiplier proven in {p}"),
+                    (None, Some(o)) if o.min < 0.0 => continue,
+                    (None, Some(o)) => format!(
+                        "its multiplier observed in [{}, {}]",
+                        mpopt_ir::range_short(o.min),
+                        mpopt_ir::range_short(o.max)
+                    ),
+                    (None, None) => {
+                        "its multiplier assumed non-negative (a 0/1 mask; not proven)".to_string()
+                    }
+                }
+            } else {
+                String::new()
+            };
+            // follow the result to Softmax
+            let mut path = vec![id];
+            let mut values = vec![v];
+            let mut stack: Vec<ValueId> = node.outputs().iter().flatten().copied().collect();
+            let mut softmaxes = 0usize;
+            let mut ok = !stack.is_empty();
+            while let Some(x) = stack.pop() {
+                values.push(x);
+                if g.outputs().contains(&x) || path.len() > 256 {
+                    ok = false;
+                    break;
+                }
+                for u in g.uses(x) {
+                    let mpopt_ir::Use::Input(n, slot) = *u else {
+                        ok = false;
+                        break;
+                    };
+                    let un = g.node(n);
+                    if !un.in_default_domain() {
+                        ok = false;
+                    } else if un.op_type == "Softmax" {
+                        softmaxes += 1;
+                        path.push(n);
+                    } else if mask_passes(&un.op_type, slot) {
+                        if !path.contains(&n) {
+                            path.push(n);
+                            stack.extend(un.outputs().iter().flatten().copied());
+                        }
+                    } else {
+                        ok = false;
+                    }
+                    if !ok {
+                        break;
+                    }
+                }
+                if !ok {
+                    break;
+                }
+            }
+            if !ok || softmaxes == 0 {
+                continue;
+            }
+            let name = g.value(v).name();
+            let origin = format!(
+                "attention mask: '{name}' holds {} values below the {target} range (min {:e}) and reaches only \
+                 Softmax ({softmaxes}) through additions and data movement{}{sign}: in {target} they become \
+                 -{max} (the constant converted, reported as clamping) or -inf (the value cast); exp() of a \
+                 masked logit is 0 either way",
+                r.overflow,
+                iv.lo,
+                if sign.is_empty() { "" } else { "; " },
+            );
+            masks.constants.insert((id, v));
+            masks.values.extend(values);
+            for (k, &n) in path.iter().enumerate() {
+                let ev = if k == 0 {
+                    origin.clone()
+                } else {
+                    format!(
+                        "on the path of attention mask '{name}' to Softmax: the mask's magnitudes are saturated, not computed"
+                    )
+                };
+                masks.nodes.entry(n).or_insert(ev);
+            }
+        }
+    }
+    masks
+}
+
 /// Does a node read or write float32 data?
 fn touches_f32(g: &Graph, id: NodeId) -> bool {
     let node = g.node(id);
@@ -671,6 +825,7 @@ fn decide_graph(
     // --to auto: nodes whose only problem is fp16's range (they may run bf16), and nodes whose schema allows bf16
     let mut range_only = vec![false; bound];
     let mut bf16_ok = vec![false; bound];
+    let masks = additive_masks(g, target);
 
     for &id in &order {
         if !touches_f32(g, id) {
@@ -782,6 +937,9 @@ fn decide_graph(
                 continue;
             };
             let name = g.value(v).name();
+            if r.overflow > 0 && masks.constants.contains(&(id, v)) {
+                continue;
+            }
             if r.overflow > 0 {
                 overflow = true;
                 data_gate = Some(format!(
@@ -817,7 +975,12 @@ fn decide_graph(
             continue;
         }
         // Gate: range facts (calibration and static analysis) of the values it reads and writes.
-        let data_values = data_values(g, id, schema, &params);
+        let mut data_values = data_values(g, id, schema, &params);
+        if let Some(ev) = masks.nodes.get(&id) {
+            // the mask's own magnitudes are saturated, not computed: the range gate judges the rest
+            data_values.retain(|(v, _)| !masks.values.contains(v));
+            evidence = format!("{evidence}; {ev}");
+        }
         let is_constant = node.op_type == "Constant" && dom.is_empty();
         if !is_constant && let Some((rule, ev, spread)) = range_gate(g, &data_values, opts, !relax)
         {
