@@ -32,7 +32,9 @@
 //!    - infer/clear nodes on a path between low nodes become low;
 //!    - low floods through clear nodes in both directions;
 //!    - an infer/clear node whose float producers and consumers are all low (at least one of each) becomes
-//!      low, and the flood goes on, to a fixed point.
+//!      low, and the flood goes on, to a fixed point;
+//!    - once, regions of undecided infer/clear nodes fed only by constants and low nodes and read only by
+//!      low nodes become low (`constant_fed_regions`: embedding tables), and the flood goes on.
 //! 5. `--force-low` selectors make a node low unless its schema forbids it.
 //!
 //! **Invariants.**
@@ -768,6 +770,71 @@ fn additive_masks(g: &Graph, target: DType) -> Masks {
     masks
 }
 
+/// The undecided infer/clear nodes that form regions (connected by float edges) whose float inputs are all
+/// constants (converted in place, no cast) or outputs of low nodes, and whose readers are all low nodes (at
+/// least one; no graph output): lowering such a region removes the casts at its border and adds none.
+/// BERT's embeddings are one (three table Gathers, two Adds and a LayerNorm feeding the low Q/K/V MatMuls):
+/// no producing node is low, so the between-low-nodes rules do not reach them. O(nodes + edges).
+fn constant_fed_regions(
+    g: &Graph,
+    order: &[NodeId],
+    color: &[Color],
+    class: &[OpClass],
+) -> Vec<NodeId> {
+    let open = |n: NodeId| {
+        color[n.index()] == Color::Open
+            && matches!(class[n.index()], OpClass::Infer | OpClass::Clear)
+    };
+    let mut region_of = vec![usize::MAX; color.len()];
+    let mut out = Vec::new();
+    for &start in order {
+        if !open(start) || region_of[start.index()] != usize::MAX {
+            continue;
+        }
+        let r = start.index();
+        region_of[r] = r;
+        let (mut members, mut stack) = (vec![start], vec![start]);
+        let mut ok = true;
+        let mut readers = 0usize;
+        while let Some(n) = stack.pop() {
+            let node = g.node(n);
+            for v in node.inputs().iter().flatten().filter(|&&v| is_f32(g, v)) {
+                match g.producer(*v) {
+                    Some((p, _)) if open(p) => {
+                        if region_of[p.index()] == usize::MAX {
+                            region_of[p.index()] = r;
+                            members.push(p);
+                            stack.push(p);
+                        }
+                    }
+                    Some((p, _)) => ok &= color[p.index()] == Color::Low,
+                    None => ok &= constant_of(g, *v).is_some(),
+                }
+            }
+            for v in node.outputs().iter().flatten().filter(|&&v| is_f32(g, v)) {
+                ok &= !g.outputs().contains(v);
+                for u in g.uses(*v) {
+                    let m = u.node();
+                    if open(m) {
+                        if region_of[m.index()] == usize::MAX {
+                            region_of[m.index()] = r;
+                            members.push(m);
+                            stack.push(m);
+                        }
+                    } else {
+                        ok &= color[m.index()] == Color::Low;
+                        readers += 1;
+                    }
+                }
+            }
+        }
+        if ok && readers > 0 {
+            out.extend(members);
+        }
+    }
+    out
+}
+
 /// Does a node read or write float32 data?
 fn touches_f32(g: &Graph, id: NodeId) -> bool {
     let node = g.node(id);
@@ -1123,6 +1190,7 @@ fn decide_graph(
         .copied()
         .filter(|&n| color[n.index()] == Color::Low)
         .collect();
+    let mut regions_done = false;
     loop {
         while let Some(n) = q.pop_front() {
             for m in succ(g, n).into_iter().chain(pred(g, n)) {
@@ -1146,6 +1214,20 @@ fn decide_graph(
                 color[id.index()] = Color::Low;
                 if let Some((rule, _)) = &mut why[id.index()] {
                     *rule = format!("{}: all float neighbours low", class[id.index()].name());
+                }
+                q.push_back(id);
+            }
+        }
+        if q.is_empty() && !regions_done {
+            // once: whole regions that only constants and low nodes feed
+            regions_done = true;
+            for id in constant_fed_regions(g, &order, &color, &class) {
+                color[id.index()] = Color::Low;
+                if let Some((rule, _)) = &mut why[id.index()] {
+                    *rule = format!(
+                        "{}: fed by constants and low nodes, read by low nodes",
+                        class[id.index()].name()
+                    );
                 }
                 q.push_back(id);
             }
