@@ -13,7 +13,8 @@
 //!    - a float initializer or Constant feeding its data holds values beyond the target's finite range, or
 //!      small non-zero values that would flush to zero where that matters: any in a constant of at most 16
 //!      elements (epsilons, masks, scales); in a larger one, more than 1% of its values, except for the
-//!      operands of Add/Sub/Sum (a flushed addend moves a sum by less than the smallest subnormal); an
+//!      operands of Add/Sub/Sum (a flushed addend moves a sum by less than the smallest subnormal) and for
+//!      clear ops (they only move values; the cast to their low consumers flushes them anyway); an
 //!      additive attention mask (all very negative, reaching only Softmax through additions: `additive_masks`)
 //!      is not gated, and its path's values are left out of the range gate;
 //!    - range facts (`analyze-ranges`, `calibrate`): a value it reads or writes is proven beyond the
@@ -1020,9 +1021,12 @@ fn decide_graph(
             // sensitive to fp16 rounding (ppocrv4_rec's convolutions with 46% of their weights below 6e-8 cost
             // it one of six text lines on the GPU-faithful executor). A flushed operand of Add/Sub/Sum moves
             // the sum by less than the smallest subnormal: harmless (open_nsfw's 52 batch-norm bias Adds).
+            // A clear op only moves the values: keeping it fp32 protects nothing (the cast to its low
+            // consumers flushes them just the same) and costs casts (vit's cls_token Expand).
             let short = r.count <= 16;
             let addend = dom.is_empty() && matches!(node.op_type.as_str(), "Add" | "Sub" | "Sum");
             if r.flush > 0
+                && c != OpClass::Clear
                 && !relax
                 && lifted.is_none()
                 && (short || !addend && r.flush * 100 > r.count)
