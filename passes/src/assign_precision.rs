@@ -1053,7 +1053,11 @@ fn decide_graph(
             evidence = format!("{evidence}; {ev}");
         }
         let is_constant = node.op_type == "Constant" && dom.is_empty();
-        if !is_constant && let Some((rule, ev, spread)) = range_gate(g, &data_values, opts, !relax)
+        // (the underflow gate, like the flush gate, spares clear ops: the cast to their low consumers
+        // would underflow the values just the same)
+        let underflow = !relax && c != OpClass::Clear;
+        if !is_constant
+            && let Some((rule, ev, spread)) = range_gate(g, &data_values, opts, underflow)
         {
             fp32(&mut why, rule.into(), ev);
             color[id.index()] = Color::Fp32;
