@@ -127,10 +127,27 @@ impl Pass for MeasureGates {
                 ..SearchOverrides::default()
             },
         )?;
+        // only the gated nodes' inputs and outputs are needed to measure them: the rest is freed as in a
+        // plain run
+        let keep = gates
+            .iter()
+            .flat_map(|&id| {
+                let g = &model.graph;
+                let node = g.node(id);
+                node.inputs()
+                    .iter()
+                    .chain(node.outputs())
+                    .flatten()
+                    .chain(node.implicit_inputs())
+                    .map(|&v| g.value(v).name().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let (refs, trace) = reference(
             model,
             &self.sets,
             "measure-gates",
+            Some(keep),
             |_| {},
             &mut |_, _, _| {},
         )?;

@@ -344,12 +344,14 @@ pub(crate) type Outputs = Vec<(String, Value)>;
 /// Every main-graph value of a run, by name.
 pub(crate) type Trace = Vec<(String, Arc<Value>)>;
 
-/// The fp32 reference: every set's outputs, and every main-graph value of the first set (graph inputs
-/// included), for the per-node measurements. `see` is shown every value of every run (calibration).
+/// The fp32 reference: every set's outputs, and the main-graph values of the first set (graph inputs
+/// included) for the per-node measurements: all of them, or only those named in `keep` (the others are
+/// freed as in a plain run). `see` is shown every value of every run (calibration).
 pub(crate) fn reference(
     model: &Model,
     sets: &[InputSet],
     pass: &str,
+    keep: Option<std::collections::HashSet<String>>,
     mut progress: impl FnMut(usize),
     see: &mut dyn FnMut(&str, &str, &Value),
 ) -> Result<(Vec<Outputs>, Trace), PassError> {
@@ -365,6 +367,7 @@ pub(crate) fn reference(
         let run = RunOptions {
             keep_all: k == 0,
             profile: false,
+            keep_only: keep.clone(),
         };
         let out = exec
             .run_observed(set.clone(), &run, &mut *see)
@@ -623,6 +626,7 @@ impl Pass for SearchPrecision {
             model,
             &opts.sets,
             "search-precision",
+            None,
             |k| report("reference", k, opts.sets.len()),
             &mut |s, n, v| {
                 if opts.observe {

@@ -346,6 +346,7 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     let opts = RunOptions {
         keep_all: a.all_values,
         profile: a.profile,
+        ..RunOptions::default()
     };
     // With --repeat, one warm-up run first, then the median of the timed runs.
     let runs = if a.repeat > 1 { a.repeat + 1 } else { 1 };
@@ -429,7 +430,7 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     let sets = load_inputs(&a.inputs, &rm)?;
     let opts = RunOptions {
         keep_all: a.per_node,
-        profile: false,
+        ..RunOptions::default()
     };
     let mut metrics: Vec<OutputMetrics> = Vec::new();
     let mut divergent: Vec<String> = Vec::new();

@@ -19,6 +19,10 @@ pub struct RunOptions {
     pub keep_all: bool,
     /// Time every node and sum the times per op type (main graph; a subgraph's time counts to its node).
     pub profile: bool,
+    /// With `keep_all`: keep only the values with these names (graph inputs and folded values included)
+    /// and free the others after their last use, as a plain run does. What a caller that needs a few
+    /// nodes' inputs uses on a model whose intermediates do not fit in memory.
+    pub keep_only: Option<std::collections::HashSet<String>>,
 }
 
 /// What a run produced.
@@ -58,6 +62,8 @@ fn tally(p: &mut Profile, key: String, time: std::time::Duration, runs: usize) {
 struct Observe<'o, 'f> {
     /// Every value (main graph only).
     trace: Option<Vec<(String, Arc<Value>)>>,
+    /// With `trace`: only these names go into it.
+    keep_only: Option<&'o std::collections::HashSet<String>>,
     prof: Option<Profile>,
     /// Called with every value of the graph as it is produced (graph inputs and folded values first), and,
     /// through the node's [`SubRunner`], with its subgraphs' values.
@@ -336,6 +342,7 @@ impl<'m> Executor<'m> {
             .collect();
         let mut obs = Observe {
             trace: opts.keep_all.then(Vec::new),
+            keep_only: opts.keep_only.as_ref(),
             prof: opts.profile.then(HashMap::new),
             see,
             scope: String::new(),
@@ -379,11 +386,13 @@ impl<'m> Executor<'m> {
     ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
         let Observe {
             trace,
+            keep_only,
             prof,
             see,
             scope,
         } = obs;
         let scope = scope.as_str();
+        let kept = |name: &str| keep_only.is_none_or(|k| k.contains(name));
         let mut env: Vec<Option<Arc<Value>>> = vec![None; g.value_bound()];
         for (id, v) in &plan.consts {
             env[id.index()] = Some(v.clone());
@@ -422,14 +431,20 @@ impl<'m> Executor<'m> {
         }
         if let Some(t) = trace.as_mut() {
             for &i in g.inputs() {
-                if let Some(v) = &env[i.index()] {
+                if let Some(v) = &env[i.index()]
+                    && kept(g.value(i).name())
+                {
                     t.push((g.value(i).name().to_string(), v.clone()));
                 }
             }
             for (i, v) in &plan.folded {
-                t.push((g.value(*i).name().to_string(), v.clone()));
+                if kept(g.value(*i).name()) {
+                    t.push((g.value(*i).name().to_string(), v.clone()));
+                }
             }
         }
+        // a full trace holds every value anyway; otherwise values are freed after their last use
+        let free = trace.is_none() || keep_only.is_some();
         let mut uses = plan.uses.clone();
         let observed = trace.is_some() || see.is_some();
         let plain;
@@ -503,7 +518,9 @@ impl<'m> Executor<'m> {
                                 format!("the kernel produced no output {slot}"),
                             ));
                         };
-                        if let Some(t) = trace.as_mut() {
+                        if let Some(t) = trace.as_mut()
+                            && kept(g.value(*o).name())
+                        {
                             t.push((g.value(*o).name().to_string(), v.clone()));
                         }
                         if let Some(f) = see.as_mut() {
@@ -511,7 +528,7 @@ impl<'m> Executor<'m> {
                         }
                         env[o.index()] = Some(v);
                     }
-                    if trace.is_none() {
+                    if free {
                         for v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
                             let u = &mut uses[v.index()];
                             *u = u.saturating_sub(1);
