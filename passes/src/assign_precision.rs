@@ -658,14 +658,27 @@ fn additive_masks(g: &Graph, target: DType) -> Masks {
         {
             continue;
         }
-        for (i, v) in node.inputs().iter().enumerate() {
-            let Some(v) = *v else { continue };
-            if !is_f32(g, v)
-                || (node.op_type == "Sub" && i != 0)
-                || (node.op_type == "Where" && i == 0)
-            {
-                continue;
-            }
+        // the inputs that could hold a mask: float constants in an additive position
+        let slots: Vec<(usize, ValueId)> = node
+            .inputs()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| Some((i, (*v)?)))
+            .filter(|&(i, v)| {
+                is_f32(g, v)
+                    && !(node.op_type == "Sub" && i != 0)
+                    && !(node.op_type == "Where" && i == 0)
+                    && constant_of(g, v).is_some()
+            })
+            .collect();
+        if slots.is_empty() {
+            continue;
+        }
+        // the structural test first (cheap), the scans of the constant only then
+        let Some((path, mut values, softmaxes)) = path_to_softmax(g, id) else {
+            continue;
+        };
+        for (i, v) in slots {
             let Some(t) = constant_of(g, v) else { continue };
             let (Some(r), Some(iv)) = (
                 range_check(t, target),
@@ -677,98 +690,97 @@ fn additive_masks(g: &Graph, target: DType) -> Masks {
                 continue;
             }
             let sign = if node.op_type == "Mul" {
-                let other = node
-                    .inputs()
-                    .iter()
-                    .enumerate()
-                    .find(|&(k, _)| k != i)
-                    .and_then(|(_, o)| *o);
-                let facts = other.and_then(|o| g.value(o).range.as_deref());
-                // a bound is no evidence of negative values; an observed one is
-                let proven = facts.and_then(|f| f.proven).filter(|p| p.lo >= 0.0);
-                let observed = facts.and_then(|f| f.observed);
-                match (proven, observed) {
-                    (Some(p), _) => format!("its multiplier proven in {p}"),
-                    (None, Some(o)) if o.min < 0.0 => continue,
-                    (None, Some(o)) => format!(
-                        "its multiplier observed in [{}, {}]",
-                        mpopt_ir::range_short(o.min),
-                        mpopt_ir::range_short(o.max)
-                    ),
-                    (None, None) => {
-                        "its multiplier assumed non-negative (a 0/1 mask; not proven)".to_string()
-                    }
+                match multiplier_sign(g, node, i) {
+                    Some(s) => format!("; {s}"),
+                    None => continue,
                 }
             } else {
                 String::new()
             };
-            // follow the result to Softmax
-            let mut path = vec![id];
-            let mut values = vec![v];
-            let mut stack: Vec<ValueId> = node.outputs().iter().flatten().copied().collect();
-            let mut softmaxes = 0usize;
-            let mut ok = !stack.is_empty();
-            while let Some(x) = stack.pop() {
-                values.push(x);
-                if g.outputs().contains(&x) || path.len() > 256 {
-                    ok = false;
-                    break;
-                }
-                for u in g.uses(x) {
-                    let mpopt_ir::Use::Input(n, slot) = *u else {
-                        ok = false;
-                        break;
-                    };
-                    let un = g.node(n);
-                    if !un.in_default_domain() {
-                        ok = false;
-                    } else if un.op_type == "Softmax" {
-                        softmaxes += 1;
-                        path.push(n);
-                    } else if mask_passes(&un.op_type, slot) {
-                        if !path.contains(&n) {
-                            path.push(n);
-                            stack.extend(un.outputs().iter().flatten().copied());
-                        }
-                    } else {
-                        ok = false;
-                    }
-                    if !ok {
-                        break;
-                    }
-                }
-                if !ok {
-                    break;
-                }
-            }
-            if !ok || softmaxes == 0 {
-                continue;
-            }
             let name = g.value(v).name();
             let origin = format!(
                 "attention mask: '{name}' holds {} values below the {target} range (min {:e}) and reaches only \
-                 Softmax ({softmaxes}) through additions and data movement{}{sign}: in {target} they become \
+                 Softmax ({softmaxes}) through additions and data movement{sign}: in {target} they become \
                  -{max} (the constant converted, reported as clamping) or -inf (the value cast); exp() of a \
                  masked logit is 0 either way",
-                r.overflow,
-                iv.lo,
-                if sign.is_empty() { "" } else { "; " },
+                r.overflow, iv.lo,
             );
             masks.constants.insert((id, v));
-            masks.values.extend(values);
-            for (k, &n) in path.iter().enumerate() {
-                let ev = if k == 0 {
-                    origin.clone()
-                } else {
+            values.push(v);
+            masks.values.extend(values.iter().copied());
+            masks.nodes.entry(id).or_insert(origin);
+            for &n in &path {
+                masks.nodes.entry(n).or_insert_with(|| {
                     format!(
                         "on the path of attention mask '{name}' to Softmax: the mask's magnitudes are saturated, not computed"
                     )
-                };
-                masks.nodes.entry(n).or_insert(ev);
+                });
             }
         }
     }
     masks
+}
+
+/// What a Mul's other operand is known to be (the mask's multiplier): proven non-negative, observed
+/// non-negative, or assumed so; None when it was observed negative (it would turn the mask positive). A
+/// bound is no evidence of negative values; an observed one is.
+fn multiplier_sign(g: &Graph, node: &mpopt_ir::Node, mask_slot: usize) -> Option<String> {
+    let other = node
+        .inputs()
+        .iter()
+        .enumerate()
+        .find(|&(k, _)| k != mask_slot)
+        .and_then(|(_, o)| *o);
+    let facts = other.and_then(|o| g.value(o).range.as_deref());
+    let proven = facts.and_then(|f| f.proven).filter(|p| p.lo >= 0.0);
+    let observed = facts.and_then(|f| f.observed);
+    match (proven, observed) {
+        (Some(p), _) => Some(format!("its multiplier proven in {p}")),
+        (None, Some(o)) if o.min < 0.0 => None,
+        (None, Some(o)) => Some(format!(
+            "its multiplier observed in [{}, {}]",
+            mpopt_ir::range_short(o.min),
+            mpopt_ir::range_short(o.max)
+        )),
+        (None, None) => {
+            Some("its multiplier assumed non-negative (a 0/1 mask; not proven)".to_string())
+        }
+    }
+}
+
+/// Follows the float results of node `start` to their readers: when every path goes through
+/// [`mask_passes`] ops and ends at Softmax (no graph output, no other reader, at most 256 nodes), returns the
+/// nodes after `start` (Softmax included), the values on the way, and how many Softmax reads there are.
+fn path_to_softmax(g: &Graph, start: NodeId) -> Option<(Vec<NodeId>, Vec<ValueId>, usize)> {
+    let mut path: Vec<NodeId> = Vec::new();
+    let mut values = Vec::new();
+    let mut stack: Vec<ValueId> = g.node(start).outputs().iter().flatten().copied().collect();
+    let mut softmaxes = 0usize;
+    while let Some(x) = stack.pop() {
+        values.push(x);
+        if g.outputs().contains(&x) || path.len() > 256 {
+            return None;
+        }
+        for u in g.uses(x) {
+            let mpopt_ir::Use::Input(n, slot) = *u else {
+                return None;
+            };
+            let un = g.node(n);
+            if !un.in_default_domain() {
+                return None;
+            }
+            if un.op_type == "Softmax" {
+                softmaxes += 1;
+                path.push(n);
+            } else if !mask_passes(&un.op_type, slot) {
+                return None;
+            } else if !path.contains(&n) {
+                path.push(n);
+                stack.extend(un.outputs().iter().flatten().copied());
+            }
+        }
+    }
+    (softmaxes > 0).then_some((path, values, softmaxes))
 }
 
 /// The undecided infer/clear nodes that form regions (connected by float edges) whose float inputs are all

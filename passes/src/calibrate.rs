@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 
 use mpopt_exec::{Data, Executor, RunOptions, Value};
-use mpopt_ir::{AttrValue, DType, Graph, Model, Observed, ValueRange};
+use mpopt_ir::{DType, Graph, Model, Observed, ValueRange};
 
 use crate::assign_precision::{min_normal, min_positive, unit_roundoff};
 use crate::{Pass, PassError, PassOutcome};
@@ -213,21 +213,10 @@ fn store_graph(
     let mut visible = outer.clone();
     visible.extend(own.iter().cloned());
     recorded += store_values(g, own);
-    let with_subgraphs: Vec<_> = g
-        .nodes()
-        .filter(|(_, node)| node.has_subgraphs())
-        .map(|(n, _)| n)
-        .collect();
-    for n in with_subgraphs {
-        let mut attrs = std::mem::take(&mut g.node_mut(n).attributes);
-        for a in &mut attrs {
-            if let AttrValue::Graph(sg) = &mut a.value {
-                let key = mpopt_exec::subgraph_scope(scope, n, &a.name);
-                recorded += store_graph(sg, &key, by_scope, &visible);
-            }
-        }
-        g.node_mut(n).attributes = attrs;
-    }
+    g.for_each_subgraph_mut(|n, attr, sg| {
+        let key = mpopt_exec::subgraph_scope(scope, n, attr);
+        recorded += store_graph(sg, &key, by_scope, &visible);
+    });
     recorded
 }
 
