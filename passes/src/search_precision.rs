@@ -44,7 +44,7 @@ use mpopt_exec::metrics::{OutputMetrics, adapt_inputs};
 use mpopt_exec::{Executor, RunOptions, Value};
 use mpopt_ir::{DType, Graph, Model, NodeId};
 
-use crate::assign_precision::{AssignPrecision, PrecisionOptions, SearchOverrides};
+use crate::assign_precision::{AssignPrecision, PrecisionOptions, SearchOverrides, max_finite};
 use crate::calibrate::{InputSet, Observations};
 use crate::fuse_casts::FuseCasts;
 use crate::insert_casts::{InsertCasts, IoTypes};
@@ -446,8 +446,11 @@ fn f32s(t: &mpopt_exec::Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
     }
 }
 
-/// Relative RMS error of a candidate against a reference value (infinite for new NaN/Inf).
-fn rel_rms(r: &Value, c: &Value) -> Option<f64> {
+/// Relative RMS error of a candidate against a reference value (infinite for new NaN/Inf). An infinity where
+/// the reference is beyond the target's largest finite value `max`, with the same sign, is saturation, not
+/// error: no low-precision value holds it, and what it does downstream (an attention mask's -inf is exp'd to
+/// 0; tanh(inf) is 1) is judged by the whole-model checks. Such elements are left out.
+fn rel_rms(r: &Value, c: &Value, max: f64) -> Option<f64> {
     let (Ok(r), Ok(c)) = (r.tensor(), c.tensor()) else {
         return None;
     };
@@ -464,6 +467,9 @@ fn rel_rms(r: &Value, c: &Value) -> Option<f64> {
             continue;
         }
         if !y.is_finite() {
+            if y.is_infinite() && (x as f64).abs() > max && x.signum() == y.signum() {
+                continue;
+            }
             return Some(f64::INFINITY);
         }
         let d = (x - y) as f64;
@@ -533,7 +539,7 @@ pub(crate) fn node_sensitivity(
     let mut worst = 0f64;
     for (name, c) in &out.outputs {
         let r = trace.get(name.as_str())?;
-        worst = worst.max(rel_rms(r, c)?);
+        worst = worst.max(rel_rms(r, c, max_finite(target))?);
     }
     Some(worst)
 }
@@ -935,5 +941,31 @@ mod tests {
         let inf = metrics("y", vec![1.0, 2.0], vec![1.0, f32::INFINITY], vec![2]);
         let v = judge(&[tol("max-abs=1")], &[inf]).unwrap();
         assert!(!v.pass && v.badness.is_infinite());
+    }
+
+    #[test]
+    fn saturation_is_not_a_new_infinity() {
+        let t = |x: Vec<f32>| Value::Tensor(mpopt_exec::Tensor::f32(vec![x.len()], x));
+        let max = max_finite(DType::F16);
+        // an attention mask's -3.4e38 becomes -inf in fp16: left out, the rest is exact
+        let r = t(vec![-3.4e38, 1.0]);
+        assert_eq!(
+            rel_rms(&r, &t(vec![f32::NEG_INFINITY, 1.0]), max),
+            Some(0.0)
+        );
+        // the wrong sign, or an infinity where the reference fits the range, is a new infinity
+        assert_eq!(
+            rel_rms(&r, &t(vec![f32::INFINITY, 1.0]), max),
+            Some(f64::INFINITY)
+        );
+        let fits = t(vec![60000.0, 1.0]);
+        assert_eq!(
+            rel_rms(&fits, &t(vec![f32::INFINITY, 1.0]), max),
+            Some(f64::INFINITY)
+        );
+        assert_eq!(
+            rel_rms(&r, &t(vec![f32::NAN, 1.0]), max),
+            Some(f64::INFINITY)
+        );
     }
 }
