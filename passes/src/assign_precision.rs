@@ -34,8 +34,9 @@
 //!    - low floods through clear nodes in both directions;
 //!    - an infer/clear node whose float producers and consumers are all low (at least one of each) becomes
 //!      low, and the flood goes on, to a fixed point;
-//!    - once, regions of undecided infer/clear nodes fed only by constants and low nodes and read only by
-//!      low nodes become low (`constant_fed_regions`: embedding tables), and the flood goes on.
+//!    - once, regions of undecided infer/clear nodes fed only by constants and low nodes become low when
+//!      that removes casts (read only by low nodes: embedding tables) or moves them to as many or fewer,
+//!      smaller tensors (a pooled activation): `low_fed_regions`; and the flood goes on.
 //! 5. `--force-low` selectors make a node low unless its schema forbids it.
 //!
 //! **Invariants.**
@@ -484,7 +485,7 @@ fn data_values(g: &Graph, n: NodeId, schema: &OpSchema, params: &[String]) -> Ve
 }
 
 /// A magnitude bound for a value: proven (finite) or observed times the margin, with how it was found.
-fn magnitude(g: &Graph, v: ValueId, margin: f64) -> Option<(f64, String)> {
+pub(crate) fn magnitude(g: &Graph, v: ValueId, margin: f64) -> Option<(f64, String)> {
     let r = g.value(v).range.as_deref()?;
     let name = g.value(v).name();
     if let Some(p) = r.proven.filter(|p| p.is_bounded()) {
@@ -783,20 +784,95 @@ fn path_to_softmax(g: &Graph, start: NodeId) -> Option<(Vec<NodeId>, Vec<ValueId
     (softmaxes > 0).then_some((path, values, softmaxes))
 }
 
+/// Why [`low_fed_regions`] lowers a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RegionRule {
+    /// Every reader is low: lowering removes the casts at its border and adds none.
+    ReadByLow,
+    /// Some readers stay fp32, but lowering moves the casts at its inputs to fewer or as many smaller
+    /// tensors at its outputs (a pooling or reduction inside it shrinks the data).
+    SmallerCasts,
+}
+
+/// A value's element count as (product of the known dims, the symbolic and unknown (`?`) dims sorted);
+/// None with an unknown rank.
+fn elements(g: &Graph, v: ValueId) -> Option<(u128, Vec<String>)> {
+    let dims = g.value(v).ty.as_ref()?.tensor_shape()?;
+    let (mut known, mut syms) = (1u128, Vec::new());
+    for d in dims {
+        match &d.value {
+            mpopt_ir::DimValue::Known(n) => known = known.saturating_mul((*n).max(0) as u128),
+            mpopt_ir::DimValue::Symbol(s) => syms.push(s.clone()),
+            mpopt_ir::DimValue::Unknown => syms.push("?".into()),
+        }
+    }
+    syms.sort();
+    Some((known, syms))
+}
+
+/// Do casts of `outs` move fewer elements than casts of `ins`, with no more casts? Comparable only when
+/// every value has the same symbolic dims (a batch `N`); then the known parts decide.
+fn smaller_casts(g: &Graph, ins: &[ValueId], outs: &[ValueId]) -> bool {
+    if outs.len() > ins.len() || ins.is_empty() {
+        return false;
+    }
+    let total = |vs: &[ValueId], syms: &mut Option<Vec<String>>| -> Option<u128> {
+        let mut sum = 0u128;
+        for &v in vs {
+            let (k, s) = elements(g, v)?;
+            if syms.get_or_insert_with(|| s.clone()) != &s {
+                return None;
+            }
+            sum = sum.saturating_add(k);
+        }
+        Some(sum)
+    };
+    let mut syms = None;
+    match (total(ins, &mut syms), total(outs, &mut syms)) {
+        (Some(i), Some(o)) => o < i,
+        _ => false,
+    }
+}
+
 /// The undecided infer/clear nodes that form regions (connected by float edges) whose float inputs are all
-/// constants (converted in place, no cast) or outputs of low nodes, and whose readers are all low nodes (at
-/// least one; no graph output): lowering such a region removes the casts at its border and adds none.
-/// BERT's embeddings are one (three table Gathers, two Adds and a LayerNorm feeding the low Q/K/V MatMuls):
-/// no producing node is low, so the between-low-nodes rules do not reach them. O(nodes + edges).
-fn constant_fed_regions(
+/// constants (converted in place, no cast) or outputs of low nodes, and that lowering makes cheaper:
+/// - [`RegionRule::ReadByLow`]: its readers are all low nodes (at least one; no graph output). BERT's
+///   embeddings are one (three table Gathers, two Adds and a LayerNorm feeding the low Q/K/V MatMuls): no
+///   producing node is low, so the between-low-nodes rules do not reach them;
+/// - [`RegionRule::SmallerCasts`]: some readers stay fp32 (or are graph outputs), but the outputs they read
+///   are no more values than the low-produced inputs whose casts go away, and fewer elements. Magika's
+///   second GELU and its global max pool: the cast moves from the 512x508 convolution output to the 512
+///   pooled values.
+///
+/// A region that qualifies for neither loses its sinks (members that no member reads), at most 8 times, and
+/// is judged again: the LayerNorm square after that max pool feeds an fp32 reduction, and keeping it fp32
+/// leaves one cast. Element counts compare known dims when every border value has the same symbolic and
+/// unknown dims (taken to be the same: a batch). The region's ops are infer and clear ops, safe in low
+/// precision when their inputs are low, which they are. O(nodes + edges).
+fn low_fed_regions(
     g: &Graph,
     order: &[NodeId],
     color: &[Color],
     class: &[OpClass],
-) -> Vec<NodeId> {
+) -> Vec<(NodeId, RegionRule)> {
+    const TRIMMED: usize = usize::MAX - 1;
     let open = |n: NodeId| {
         color[n.index()] == Color::Open
             && matches!(class[n.index()], OpClass::Infer | OpClass::Clear)
+    };
+    // a node's float inputs or outputs
+    let f32_of = |n: NodeId, outputs: bool| {
+        let node = g.node(n);
+        let vs = if outputs {
+            node.outputs()
+        } else {
+            node.inputs()
+        };
+        vs.iter()
+            .flatten()
+            .copied()
+            .filter(|&v| is_f32(g, v))
+            .collect::<Vec<_>>()
     };
     let mut region_of = vec![usize::MAX; color.len()];
     let mut out = Vec::new();
@@ -807,42 +883,87 @@ fn constant_fed_regions(
         let r = start.index();
         region_of[r] = r;
         let (mut members, mut stack) = (vec![start], vec![start]);
-        let mut ok = true;
-        let mut readers = 0usize;
+        let mut fed = true;
         while let Some(n) = stack.pop() {
-            let node = g.node(n);
-            for v in node.inputs().iter().flatten().filter(|&&v| is_f32(g, v)) {
-                match g.producer(*v) {
-                    Some((p, _)) if open(p) => {
-                        if region_of[p.index()] == usize::MAX {
-                            region_of[p.index()] = r;
-                            members.push(p);
-                            stack.push(p);
-                        }
-                    }
-                    Some((p, _)) => ok &= color[p.index()] == Color::Low,
-                    None => ok &= constant_of(g, *v).is_some(),
+            let mut join = |m: NodeId, members: &mut Vec<NodeId>, stack: &mut Vec<NodeId>| {
+                if region_of[m.index()] == usize::MAX {
+                    region_of[m.index()] = r;
+                    members.push(m);
+                    stack.push(m);
+                }
+            };
+            for v in f32_of(n, false) {
+                match g.producer(v) {
+                    Some((p, _)) if open(p) => join(p, &mut members, &mut stack),
+                    Some((p, _)) => fed &= color[p.index()] == Color::Low,
+                    None => fed &= constant_of(g, v).is_some(),
                 }
             }
-            for v in node.outputs().iter().flatten().filter(|&&v| is_f32(g, v)) {
-                ok &= !g.outputs().contains(v);
-                for u in g.uses(*v) {
-                    let m = u.node();
-                    if open(m) {
-                        if region_of[m.index()] == usize::MAX {
-                            region_of[m.index()] = r;
-                            members.push(m);
-                            stack.push(m);
-                        }
-                    } else {
-                        ok &= color[m.index()] == Color::Low;
-                        readers += 1;
+            for v in f32_of(n, true) {
+                for u in g.uses(v) {
+                    if open(u.node()) {
+                        join(u.node(), &mut members, &mut stack);
                     }
                 }
             }
         }
-        if ok && readers > 0 {
-            out.extend(members);
+        if !fed {
+            continue;
+        }
+        for _ in 0..8 {
+            let inside = |m: NodeId| region_of[m.index()] == r;
+            let low = |m: NodeId| color[m.index()] == Color::Low;
+            let (mut ins, mut outs) = (Vec::new(), Vec::new());
+            let (mut readers, mut plain) = (0usize, true);
+            let mut sinks = Vec::new();
+            for &n in &members {
+                for v in f32_of(n, false) {
+                    if g.producer(v).is_some_and(|(p, _)| low(p))
+                        && !ins.contains(&v)
+                        // its cast goes away only if no fp32 node outside reads it
+                        && g.uses(v).iter().all(|u| inside(u.node()) || low(u.node()))
+                    {
+                        ins.push(v);
+                    }
+                }
+                let mut sink = true;
+                for v in f32_of(n, true) {
+                    let mut cast = g.outputs().contains(&v);
+                    for u in g.uses(v) {
+                        let m = u.node();
+                        if inside(m) {
+                            sink = false;
+                        } else {
+                            readers += 1;
+                            if !low(m) {
+                                cast = true;
+                                plain &= matches!(u, mpopt_ir::Use::Input(..));
+                            }
+                        }
+                    }
+                    if cast {
+                        outs.push(v);
+                    }
+                }
+                if sink {
+                    sinks.push(n);
+                }
+            }
+            if outs.is_empty() && readers > 0 {
+                out.extend(members.iter().map(|&m| (m, RegionRule::ReadByLow)));
+                break;
+            }
+            if plain && smaller_casts(g, &ins, &outs) {
+                out.extend(members.iter().map(|&m| (m, RegionRule::SmallerCasts)));
+                break;
+            }
+            for &n in &sinks {
+                region_of[n.index()] = TRIMMED;
+            }
+            members.retain(|&m| region_of[m.index()] == r);
+            if members.is_empty() {
+                break;
+            }
         }
     }
     out
@@ -906,6 +1027,7 @@ fn decide_graph(
     let mut range_only = vec![false; bound];
     let mut bf16_ok = vec![false; bound];
     let masks = additive_masks(g, target);
+    let saturated = crate::saturation::saturated_overflow(g, target, opts.range_margin);
 
     for &id in &order {
         if !touches_f32(g, id) {
@@ -1062,6 +1184,11 @@ fn decide_graph(
         if let Some(ev) = masks.nodes.get(&id) {
             // the mask's own magnitudes are saturated, not computed: the range gate judges the rest
             data_values.retain(|(v, _)| !masks.values.contains(v));
+            evidence = format!("{evidence}; {ev}");
+        }
+        if let Some(ev) = saturated.nodes.get(&id) {
+            // what a saturating op absorbs may overflow: the range gate judges the chain's other operands
+            data_values.retain(|(v, _)| !saturated.values.contains(v));
             evidence = format!("{evidence}; {ev}");
         }
         let is_constant = node.op_type == "Constant" && dom.is_empty();
@@ -1241,13 +1368,18 @@ fn decide_graph(
         if q.is_empty() && !regions_done {
             // once: whole regions that only constants and low nodes feed
             regions_done = true;
-            for id in constant_fed_regions(g, &order, &color, &class) {
+            for (id, how) in low_fed_regions(g, &order, &color, &class) {
                 color[id.index()] = Color::Low;
                 if let Some((rule, _)) = &mut why[id.index()] {
-                    *rule = format!(
-                        "{}: fed by constants and low nodes, read by low nodes",
-                        class[id.index()].name()
-                    );
+                    let c = class[id.index()].name();
+                    *rule = match how {
+                        RegionRule::ReadByLow => {
+                            format!("{c}: fed by constants and low nodes, read by low nodes")
+                        }
+                        RegionRule::SmallerCasts => format!(
+                            "{c}: fed by constants and low nodes; its casts move to fewer elements"
+                        ),
+                    };
                 }
                 q.push_back(id);
             }

@@ -18,6 +18,7 @@ pub mod measure_gates;
 pub mod pipeline;
 pub mod policy;
 mod range_rules;
+mod saturation;
 pub mod search_precision;
 mod shape_rules;
 mod sym;
