@@ -218,9 +218,38 @@ impl OpSchema {
 }
 
 /// All schemas, by (domain, name), each list sorted by `since_version`.
+///
+/// The embedded table has 809 schemas, and a model uses a few dozen ops: the registry only indexes the
+/// table (where each op's lines are) when it is built, and parses an op's schemas the first time it is
+/// asked for. Parsing the whole table took about a third of the start-up of a small conversion.
 pub struct Registry {
-    /// domain -> op -> versions (two levels, so a lookup by `&str` allocates nothing)
-    by_op: HashMap<String, HashMap<String, Vec<OpSchema>>>,
+    /// domain -> op -> its lines (two levels, so a lookup by `&str` allocates nothing)
+    by_op: HashMap<String, HashMap<String, OpEntry>>,
+}
+
+/// One op's lines in the table, and their schemas once parsed.
+struct OpEntry {
+    /// One block per version: its `op` line and the lines after it.
+    blocks: Vec<&'static str>,
+    parsed: OnceLock<Vec<OpSchema>>,
+}
+
+impl OpEntry {
+    fn parse(&self) -> Result<Vec<OpSchema>, String> {
+        let mut v = Vec::with_capacity(self.blocks.len());
+        for b in &self.blocks {
+            v.push(parse_schema(b)?);
+        }
+        v.sort_by_key(|s| s.since_version);
+        Ok(v)
+    }
+
+    fn schemas(&self) -> &[OpSchema] {
+        self.parsed.get_or_init(|| {
+            self.parse()
+                .expect("the embedded schema table is well-formed (checked by tests)")
+        })
+    }
 }
 
 fn norm_domain(d: &str) -> &str {
@@ -230,7 +259,7 @@ fn norm_domain(d: &str) -> &str {
 impl Registry {
     /// The version of `domain::op` in force at `opset` (the newest with `since_version <= opset`).
     pub fn get(&self, domain: &str, op: &str, opset: i64) -> Option<&OpSchema> {
-        let versions = self.by_op.get(norm_domain(domain))?.get(op)?;
+        let versions = self.by_op.get(norm_domain(domain))?.get(op)?.schemas();
         versions.iter().rev().find(|s| s.since_version <= opset)
     }
 
@@ -239,7 +268,7 @@ impl Registry {
         self.by_op
             .get(norm_domain(domain))
             .and_then(|m| m.get(op))
-            .map_or(&[], Vec::as_slice)
+            .map_or(&[], OpEntry::schemas)
     }
 
     /// True when the registry knows the domain at all.
@@ -252,7 +281,7 @@ impl Registry {
         self.by_op
             .values()
             .flat_map(|m| m.values())
-            .map(Vec::len)
+            .map(|e| e.blocks.len())
             .sum()
     }
 
@@ -269,11 +298,11 @@ impl Registry {
     }
 }
 
-/// The schema registry (parsed on first call).
+/// The schema registry (indexed on first call; each op parsed on first use).
 pub fn registry() -> &'static Registry {
     static REG: OnceLock<Registry> = OnceLock::new();
     REG.get_or_init(|| {
-        parse_table(TABLE).expect("the embedded schema table is well-formed (checked by tests)")
+        index_table(TABLE).expect("the embedded schema table is well-formed (checked by tests)")
     })
 }
 
@@ -372,20 +401,45 @@ fn split_top_level(s: &str) -> impl Iterator<Item = &str> {
     parts.into_iter()
 }
 
-fn parse_table(src: &str) -> Result<Registry, String> {
-    type ByOp = HashMap<String, HashMap<String, Vec<OpSchema>>>;
-    let mut by_op: ByOp = HashMap::new();
-    let mut cur: Option<OpSchema> = None;
-    let finish = |cur: &mut Option<OpSchema>, by_op: &mut ByOp| {
-        if let Some(s) = cur.take() {
+/// Indexes the table: where each op's blocks (an `op` line and the lines after it) are.
+fn index_table(src: &'static str) -> Result<Registry, String> {
+    let mut by_op: HashMap<String, HashMap<String, OpEntry>> = HashMap::new();
+    let mut start: Option<(usize, &str, &str)> = None;
+    let mut close = |from: Option<(usize, &'static str, &'static str)>, to: usize| {
+        if let Some((at, dom, name)) = from {
             by_op
-                .entry(s.domain.clone())
+                .entry(dom.to_string())
                 .or_default()
-                .entry(s.name.clone())
-                .or_default()
-                .push(s);
+                .entry(name.to_string())
+                .or_insert_with(|| OpEntry {
+                    blocks: Vec::new(),
+                    parsed: OnceLock::new(),
+                })
+                .blocks
+                .push(&src[at..to]);
         }
     };
+    let mut at = 0;
+    for line in src.split_inclusive('\n') {
+        if let Some(rest) = line.strip_prefix("op ") {
+            let mut f = rest.split(' ');
+            let (Some(dom), Some(name)) = (f.next(), f.next()) else {
+                return Err(format!("ops.txt: '{}'", line.trim_end()));
+            };
+            close(start.take(), at);
+            start = Some((at, if dom == "-" { "" } else { dom }, name));
+        } else if start.is_none() && !line.starts_with('#') && !line.trim().is_empty() {
+            return Err(format!("ops.txt: '{}' before any op line", line.trim_end()));
+        }
+        at += line.len();
+    }
+    close(start.take(), at);
+    Ok(Registry { by_op })
+}
+
+/// Parses one block: an `op` line and its `i`, `o`, `t` and `a` lines.
+fn parse_schema(block: &str) -> Result<OpSchema, String> {
+    let mut cur: Option<OpSchema> = None;
     let unbounded = |n: usize| {
         if n >= i32::MAX as usize {
             usize::MAX
@@ -393,15 +447,17 @@ fn parse_table(src: &str) -> Result<Registry, String> {
             n
         }
     };
-    for (ln, line) in src.lines().enumerate() {
-        let bad = || format!("ops.txt line {}: '{line}'", ln + 1);
+    for line in block.lines() {
+        let bad = || format!("ops.txt: '{line}'");
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
         let f: Vec<&str> = line.splitn(5, ' ').collect();
         match f[0] {
             "op" => {
-                finish(&mut cur, &mut by_op);
+                if cur.is_some() {
+                    return Err(bad());
+                }
                 let g: Vec<&str> = line.split(' ').collect();
                 if g.len() != 8 {
                     return Err(bad());
@@ -491,11 +547,7 @@ fn parse_table(src: &str) -> Result<Registry, String> {
             _ => return Err(bad()),
         }
     }
-    finish(&mut cur, &mut by_op);
-    for v in by_op.values_mut().flat_map(|m| m.values_mut()) {
-        v.sort_by_key(|s| s.since_version);
-    }
-    Ok(Registry { by_op })
+    cur.ok_or_else(|| format!("ops.txt: a block without an op line: '{block}'"))
 }
 
 #[cfg(test)]
@@ -504,8 +556,16 @@ mod tests {
 
     #[test]
     fn the_table_parses_and_answers_queries() {
-        let r = parse_table(TABLE).unwrap();
+        let r = index_table(TABLE).unwrap();
         assert_eq!(r.len(), 809, "schemas in the generated table");
+        // every op's schemas parse (at run time they are parsed lazily, and a failure would panic)
+        let mut parsed = 0;
+        for m in r.by_op.values() {
+            for e in m.values() {
+                parsed += e.parse().unwrap().len();
+            }
+        }
+        assert_eq!(parsed, 809);
         let resize = r.get("", "Resize", 17).unwrap();
         assert_eq!(resize.since_version, 13);
         assert!(resize.input_fixed_f32(2), "Resize scales are tensor(float)");
