@@ -6,8 +6,8 @@ onnxruntime 1.32 `transformers.float16` (same call, ort). Also times mpopt on a 
     bench/convert.sh            (builds mpopt, installs the pinned peer, runs this)
     .venv/bin/python bench/convert.py --mpopt target/release/mpopt ../shared/corpus
 
-Times are the median of 3 whole-process runs (`/usr/bin/time`), python start-up and imports included for the
-peers as for mpopt's process start: what a user waits for.
+Times are the median of 5 whole-process runs after one untimed run (wall clock around `/usr/bin/time`, which gives the peak RSS),
+python start-up and imports included for the peers as for mpopt's process start: what a user waits for.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "py"))
@@ -37,16 +38,22 @@ PEER = {
 }
 
 
-def timed(cmd, tmp, reps=3):
+def timed(cmd, tmp, reps=5):
+    """Median wall time and peak RSS of `reps` runs. The wall clock is read around the process here
+    (microseconds: `/usr/bin/time`'s %e steps by 10 ms, which made the small models' ratios noise); the peak
+    RSS is `/usr/bin/time`'s (the child's own rusage would include this Python process, copied at fork)."""
     times, rss = [], []
+    # one untimed run first: the binaries and the model in the page cache, for every tool alike
+    subprocess.run(cmd, capture_output=True)
     for _ in range(reps):
         tf = os.path.join(tmp, "time.txt")
-        r = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", tf, *cmd], capture_output=True, text=True)
+        t0 = time.perf_counter()
+        r = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf, *cmd], capture_output=True, text=True)
+        dt = time.perf_counter() - t0
         if r.returncode != 0:
             return None, None, r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else "failed"
-        t, m = open(tf).read().split()
-        times.append(float(t))
-        rss.append(int(m) / 1024)
+        times.append(dt)
+        rss.append(int(open(tf).read().split()[-1]) / 1024)
     return statistics.median(times), statistics.median(rss), None
 
 
@@ -136,7 +143,9 @@ def main():
             refs = [run_ort(path, s) for s in sets]
             kind = json.load(open(os.path.join(os.path.dirname(path), "meta.json"))).get("metric")
             casts0 = count_casts(model.graph)
-            res = {}
+            res, outs = {}, {}
+            # every tool is timed before any output is evaluated: onnxruntime's evaluation runs here, in this
+            # process, and would share the two cores with the next timed process
             for tool in TOOLS:
                 out = os.path.join(tmp, f"{name}.{tool}.onnx")
                 if tool == "mpopt":
@@ -149,7 +158,8 @@ def main():
                         f"m = f.convert_float_to_float16(onnx.load({path!r}), keep_io_types=True); onnx.save(m, {out!r})"
                     )
                     cmd = [a.python, "-c", code]
-                t, rss, err = timed(cmd, tmp)
+                outs[tool] = (out, *timed(cmd, tmp))
+            for tool, (out, t, rss, err) in outs.items():
                 if err:
                     res[tool] = {"s": None, "rss": None, "casts": None, "valid": "conversion failed", "metric": None,
                                  "low": None}
