@@ -18,7 +18,8 @@
 //!      additive attention mask (all very negative, reaching only Softmax through additions: `additive_masks`)
 //!      is not gated, and its path's values are left out of the range gate;
 //!    - range facts (`analyze-ranges`, `calibrate`): a value it reads or writes is proven beyond the
-//!      target's range, or observed beyond it after the safety margin (this spreads like deny); or more than
+//!      target's range, or observed beyond it after the safety margin with no proof that it stays within
+//!      (this spreads like deny); or more than
 //!      `max_underflow` of its observed significant outputs underflow (this does not spread);
 //!    - a user `--keep-fp32` selector matches it.
 //! 3. A guarded deny op (`RANGE_GUARDED`: exp/log/pow, softmax, summing reductions, cumsum, recurrent layers)
@@ -531,8 +532,12 @@ fn range_gate(
                 true,
             ));
         }
+        // a proof within the range outranks the margin, which guards against inputs unlike the calibration set
+        let proven_in_range = r
+            .proven
+            .is_some_and(|p| p.is_bounded() && p.abs_max() <= max);
         if let Some(o) = r.observed {
-            if o.abs_max * opts.range_margin > max {
+            if o.abs_max * opts.range_margin > max && !proven_in_range {
                 return Some((
                     "range: overflow",
                     format!(
@@ -1459,5 +1464,41 @@ mod tests {
             let count = |m: usize| (0..n).filter(|i| i % 11 == m).count();
             assert_eq!((f16.overflow, f16.flush), (count(0), count(1)), "n={n}");
         }
+    }
+
+    #[test]
+    fn a_proof_within_the_range_outranks_the_observed_margin() {
+        let mut g = mpopt_ir::text::parse_graph(
+            "graph @t(%x: f32[4]) -> (%y: f32[4]) {\n  %y = Relu(%x)\n}",
+        )
+        .unwrap();
+        let y = g.value_by_name("y").unwrap();
+        let observed = mpopt_ir::Observed {
+            min: 0.0,
+            max: 10_000.0,
+            abs_max: 10_000.0,
+            count: 4,
+            nonzero: 4,
+            ..Default::default()
+        };
+        let opts = PrecisionOptions::default();
+        // 10,000 x 8 is beyond 65504: the margin gates ...
+        g.value_mut(y).range = Some(Box::new(mpopt_ir::ValueRange {
+            proven: None,
+            observed: Some(observed),
+        }));
+        assert!(range_gate(&g, &[(y, true)], &opts, true).is_some());
+        // ... unless a proof bounds the value within the range
+        g.value_mut(y).range = Some(Box::new(mpopt_ir::ValueRange {
+            proven: Some(mpopt_ir::Interval::new(0.0, 20_000.0)),
+            observed: Some(observed),
+        }));
+        assert!(range_gate(&g, &[(y, true)], &opts, true).is_none());
+        // a bound beyond the range is no proof of anything: the margin gates again
+        g.value_mut(y).range = Some(Box::new(mpopt_ir::ValueRange {
+            proven: Some(mpopt_ir::Interval::new(0.0, 1e6)),
+            observed: Some(observed),
+        }));
+        assert!(range_gate(&g, &[(y, true)], &opts, true).is_some());
     }
 }
