@@ -918,7 +918,7 @@ fn low_fed_regions(
         for _ in 0..8 {
             let inside = |m: NodeId| region_of[m.index()] == r;
             let low = |m: NodeId| color[m.index()] == Color::Low;
-            let (mut ins, mut outs) = (Vec::new(), Vec::new());
+            let (mut ins, mut outs) = (std::collections::HashSet::new(), Vec::new());
             let (mut readers, mut plain) = (0usize, true);
             let mut sinks = Vec::new();
             for &n in &members {
@@ -928,7 +928,7 @@ fn low_fed_regions(
                         // its cast goes away only if no fp32 node outside reads it
                         && g.uses(v).iter().all(|u| inside(u.node()) || low(u.node()))
                     {
-                        ins.push(v);
+                        ins.insert(v);
                     }
                 }
                 let mut sink = true;
@@ -958,7 +958,7 @@ fn low_fed_regions(
                 out.extend(members.iter().map(|&m| (m, RegionRule::ReadByLow)));
                 break;
             }
-            if plain && smaller_casts(g, &ins, &outs) {
+            if plain && smaller_casts(g, &ins.into_iter().collect::<Vec<_>>(), &outs) {
                 out.extend(members.iter().map(|&m| (m, RegionRule::SmallerCasts)));
                 break;
             }
