@@ -172,10 +172,21 @@ fn analyze(
     stats: &mut Stats,
 ) -> Vec<Interval> {
     let mut env: Vec<Option<Interval>> = vec![None; g.value_bound()];
-    for &v in g.initializers() {
-        if let Some(t) = g.value(v).initializer.as_deref() {
-            env[v.index()] = const_interval(t);
-        }
+    // every initializer is scanned once; the scans are independent, and on the big models they are a third of
+    // the pass (vit_tiny's 22 MB of weights)
+    let scanned: Vec<(usize, Option<Interval>)> = {
+        use rayon::prelude::*;
+        let gr: &Graph = g;
+        gr.initializers()
+            .par_iter()
+            .map(|&v| {
+                let iv = gr.value(v).initializer.as_deref().and_then(const_interval);
+                (v.index(), iv)
+            })
+            .collect()
+    };
+    for (i, iv) in scanned {
+        env[i] = iv;
     }
     for (&i, iv) in g.inputs().iter().zip(inputs) {
         env[i.index()] = Some(*iv);
