@@ -57,6 +57,7 @@ use regex::Regex;
 
 use crate::policy::{OpClass, class_of};
 use crate::range_rules::constant_of;
+use crate::saturation::Saturated;
 use crate::{Pass, PassError, PassOutcome};
 
 /// Selects nodes for `--keep-fp32` and `--force-low`.
@@ -630,10 +631,9 @@ fn range_lift(
 struct Masks {
     /// (node, constant input) pairs whose out-of-range values are saturated.
     constants: std::collections::HashSet<(NodeId, ValueId)>,
-    /// The nodes from each mask to its Softmax nodes, with the evidence for the report.
-    nodes: std::collections::HashMap<NodeId, String>,
-    /// The mask constants and the values on those paths: their magnitudes are the mask's.
-    values: std::collections::HashSet<ValueId>,
+    /// The nodes from each mask to its Softmax nodes, with the evidence for the report, and the mask
+    /// constants and the values on those paths (their magnitudes are the mask's).
+    paths: Saturated,
 }
 
 /// Ops a mask may flow through on its way to Softmax, by input slot: additions keep a very negative value
@@ -665,7 +665,7 @@ fn additive_masks(g: &Graph, target: DType) -> Masks {
             continue;
         }
         // the inputs that could hold a mask: float constants in an additive position
-        let slots: Vec<(usize, ValueId)> = node
+        let slots: Vec<(usize, ValueId, &Tensor)> = node
             .inputs()
             .iter()
             .enumerate()
@@ -674,8 +674,8 @@ fn additive_masks(g: &Graph, target: DType) -> Masks {
                 is_f32(g, v)
                     && !(node.op_type == "Sub" && i != 0)
                     && !(node.op_type == "Where" && i == 0)
-                    && constant_of(g, v).is_some()
             })
+            .filter_map(|(i, v)| Some((i, v, constant_of(g, v)?)))
             .collect();
         if slots.is_empty() {
             continue;
@@ -684,8 +684,7 @@ fn additive_masks(g: &Graph, target: DType) -> Masks {
         let Some((path, mut values, softmaxes)) = path_to_softmax(g, id) else {
             continue;
         };
-        for (i, v) in slots {
-            let Some(t) = constant_of(g, v) else { continue };
+        for (i, v, t) in slots {
             let (Some(r), Some(iv)) = (
                 range_check(t, target),
                 crate::range_rules::const_interval(t),
@@ -713,10 +712,10 @@ fn additive_masks(g: &Graph, target: DType) -> Masks {
             );
             masks.constants.insert((id, v));
             values.push(v);
-            masks.values.extend(values.iter().copied());
-            masks.nodes.entry(id).or_insert(origin);
+            masks.paths.values.extend(values.iter().copied());
+            masks.paths.nodes.entry(id).or_insert(origin);
             for &n in &path {
-                masks.nodes.entry(n).or_insert_with(|| {
+                masks.paths.nodes.entry(n).or_insert_with(|| {
                     format!(
                         "on the path of attention mask '{name}' to Softmax: the mask's magnitudes are saturated, not computed"
                     )
@@ -879,6 +878,7 @@ fn low_fed_regions(
             .filter(|&v| is_f32(g, v))
             .collect::<Vec<_>>()
     };
+    let graph_outputs: std::collections::HashSet<ValueId> = g.outputs().iter().copied().collect();
     let mut region_of = vec![usize::MAX; color.len()];
     let mut out = Vec::new();
     for &start in order {
@@ -918,22 +918,23 @@ fn low_fed_regions(
         for _ in 0..8 {
             let inside = |m: NodeId| region_of[m.index()] == r;
             let low = |m: NodeId| color[m.index()] == Color::Low;
-            let (mut ins, mut outs) = (std::collections::HashSet::new(), Vec::new());
+            let (mut ins, mut outs) = (Vec::new(), Vec::new());
+            let mut seen = std::collections::HashSet::new();
             let (mut readers, mut plain) = (0usize, true);
             let mut sinks = Vec::new();
             for &n in &members {
                 for v in f32_of(n, false) {
                     if g.producer(v).is_some_and(|(p, _)| low(p))
-                        && !ins.contains(&v)
+                        && seen.insert(v)
                         // its cast goes away only if no fp32 node outside reads it
                         && g.uses(v).iter().all(|u| inside(u.node()) || low(u.node()))
                     {
-                        ins.insert(v);
+                        ins.push(v);
                     }
                 }
                 let mut sink = true;
                 for v in f32_of(n, true) {
-                    let mut cast = g.outputs().contains(&v);
+                    let mut cast = graph_outputs.contains(&v);
                     for u in g.uses(v) {
                         let m = u.node();
                         if inside(m) {
@@ -958,7 +959,7 @@ fn low_fed_regions(
                 out.extend(members.iter().map(|&m| (m, RegionRule::ReadByLow)));
                 break;
             }
-            if plain && smaller_casts(g, &ins.into_iter().collect::<Vec<_>>(), &outs) {
+            if plain && smaller_casts(g, &ins, &outs) {
                 out.extend(members.iter().map(|&m| (m, RegionRule::SmallerCasts)));
                 break;
             }
@@ -1186,15 +1187,12 @@ fn decide_graph(
         }
         // Gate: range facts (calibration and static analysis) of the values it reads and writes.
         let mut data_values = data_values(g, id, schema, &params);
-        if let Some(ev) = masks.nodes.get(&id) {
-            // the mask's own magnitudes are saturated, not computed: the range gate judges the rest
-            data_values.retain(|(v, _)| !masks.values.contains(v));
-            evidence = format!("{evidence}; {ev}");
-        }
-        if let Some(ev) = saturated.nodes.get(&id) {
-            // what a saturating op absorbs may overflow: the range gate judges the chain's other operands
-            data_values.retain(|(v, _)| !saturated.values.contains(v));
-            evidence = format!("{evidence}; {ev}");
+        // a mask's magnitudes, and the overflow a saturating op absorbs, are saturated, not computed: the
+        // range gate judges the rest
+        for sat in [&masks.paths, &saturated] {
+            if let Some(ev) = sat.exempt(id, &mut data_values) {
+                evidence = format!("{evidence}; {ev}");
+            }
         }
         let is_constant = node.op_type == "Constant" && dom.is_empty();
         // (the underflow gate, like the flush gate, spares clear ops: the cast to their low consumers

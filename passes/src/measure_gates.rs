@@ -129,19 +129,18 @@ impl Pass for MeasureGates {
         )?;
         // only the gated nodes' inputs and outputs are needed to measure them: the rest is freed as in a
         // plain run
+        let g = &model.graph;
         let keep = gates
             .iter()
-            .flat_map(|&id| {
-                let g = &model.graph;
-                let node = g.node(id);
+            .map(|&id| g.node(id))
+            .flat_map(|node| {
                 node.inputs()
                     .iter()
                     .chain(node.outputs())
                     .flatten()
                     .chain(node.implicit_inputs())
-                    .map(|&v| g.value(v).name().to_string())
-                    .collect::<Vec<_>>()
             })
+            .map(|&v| g.value(v).name().to_string())
             .collect();
         let (refs, trace) = reference(
             model,

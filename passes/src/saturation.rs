@@ -32,13 +32,28 @@ use mpopt_ir::{DType, Graph, NodeId, ValueId};
 use crate::assign_precision::{magnitude, max_finite, min_positive};
 use crate::range_rules::constant_of;
 
-/// The chains found by [`saturated_overflow`].
+/// Values whose magnitudes are saturated rather than computed, and the nodes whose range gate leaves them
+/// out: the chains of [`saturated_overflow`], and the paths of `assign-precision`'s additive attention
+/// masks. The gate still judges those nodes' other values.
 #[derive(Default)]
 pub(crate) struct Saturated {
-    /// The chains' ops and their saturating ops, with the evidence for the report.
+    /// The nodes concerned, with the evidence for the report.
     pub nodes: HashMap<NodeId, String>,
-    /// The values on the chains (what may overflow): left out of the range gate.
+    /// The saturated values.
     pub values: HashSet<ValueId>,
+}
+
+impl Saturated {
+    /// The values of `node` left for the range gate, and the evidence to add, when `node` is concerned.
+    pub fn exempt<'s>(
+        &'s self,
+        node: NodeId,
+        values: &mut Vec<(ValueId, bool)>,
+    ) -> Option<&'s str> {
+        let ev = self.nodes.get(&node)?;
+        values.retain(|(v, _)| !self.values.contains(v));
+        Some(ev)
+    }
 }
 
 /// The argument magnitude beyond which a saturating op's fp16 result is exactly its limit.

@@ -351,7 +351,7 @@ pub(crate) fn reference(
     model: &Model,
     sets: &[InputSet],
     pass: &str,
-    keep: Option<std::collections::HashSet<String>>,
+    mut keep: Option<std::collections::HashSet<String>>,
     mut progress: impl FnMut(usize),
     see: &mut dyn FnMut(&str, &str, &Value),
 ) -> Result<(Vec<Outputs>, Trace), PassError> {
@@ -367,7 +367,8 @@ pub(crate) fn reference(
         let run = RunOptions {
             keep_all: k == 0,
             profile: false,
-            keep_only: keep.clone(),
+            // (only the first set is traced)
+            keep_only: if k == 0 { keep.take() } else { None },
         };
         let out = exec
             .run_observed(set.clone(), &run, &mut *see)
