@@ -48,7 +48,7 @@ impl Default for Calibrate {
 }
 
 /// Partial statistics of a block of values.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Part {
     lo: f32,
     hi: f32,
@@ -68,19 +68,38 @@ impl Part {
         small: 0,
     };
 
+    /// One block's statistics (at most `u32::MAX` elements). Written in eight lanes with selects instead
+    /// of branches, so that it vectorizes: calibration and the search's reference run pass every element
+    /// of every value through here.
     fn of(xs: &[f32], normal: f32) -> Part {
-        let mut p = Part::EMPTY;
-        for &x in xs {
+        const L: usize = 8;
+        let (mut lo, mut hi, mut am) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L], [0f32; L]);
+        let (mut non_finite, mut nonzero, mut small) = ([0u32; L], [0u32; L], [0u32; L]);
+        let lane = |j: usize, x: f32| {
             let a = x.abs();
-            if a <= f32::MAX {
-                p.lo = p.lo.min(x);
-                p.hi = p.hi.max(x);
-                p.am = p.am.max(a);
-                p.nonzero += u64::from(a != 0.0);
-                p.small += u64::from(a != 0.0 && a < normal);
+            // false for inf and NaN
+            let finite = a <= f32::MAX;
+            let (xl, xh, xa) = if finite {
+                (x, x, a)
             } else {
-                p.non_finite += 1;
-            }
+                (f32::INFINITY, f32::NEG_INFINITY, 0.0)
+            };
+            lo[j] = if xl < lo[j] { xl } else { lo[j] };
+            hi[j] = if xh > hi[j] { xh } else { hi[j] };
+            am[j] = if xa > am[j] { xa } else { am[j] };
+            non_finite[j] += u32::from(!finite);
+            nonzero[j] += u32::from(finite & (a != 0.0));
+            small[j] += u32::from((a != 0.0) & (a < normal));
+        };
+        in_lanes(xs, lane);
+        let mut p = Part::EMPTY;
+        for j in 0..L {
+            p.lo = p.lo.min(lo[j]);
+            p.hi = p.hi.max(hi[j]);
+            p.am = p.am.max(am[j]);
+            p.non_finite += u64::from(non_finite[j]);
+            p.nonzero += u64::from(nonzero[j]);
+            p.small += u64::from(small[j]);
         }
         p
     }
@@ -95,6 +114,39 @@ impl Part {
             small: a.small + b.small,
         }
     }
+}
+
+/// Calls `lane(j, x)` for the elements in order, `j` cycling through eight lanes: loops that keep one
+/// accumulator per lane and no branches vectorize.
+#[inline(always)]
+fn in_lanes(xs: &[f32], mut lane: impl FnMut(usize, f32)) {
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (j, &x) in c.iter().enumerate() {
+            lane(j, x);
+        }
+    }
+    for (j, &x) in chunks.remainder().iter().enumerate() {
+        lane(j, x);
+    }
+}
+
+/// A block's non-zero values below `normal` (at most `u32::MAX` of them): (those below `tiny`, which
+/// flush to zero; the others, which become subnormal; those of either above `significant`). In eight lanes
+/// without branches, so that it vectorizes.
+fn underflows(xs: &[f32], normal: f32, tiny: f32, significant: f32) -> (u64, u64, u64) {
+    const L: usize = 8;
+    let (mut z, mut s, mut l) = ([0u32; L], [0u32; L], [0u32; L]);
+    let lane = |j: usize, x: f32| {
+        let a = x.abs();
+        let under = (a != 0.0) & (a < normal);
+        z[j] += u32::from(under & (a < tiny));
+        s[j] += u32::from(under & (a >= tiny));
+        l[j] += u32::from(under & (a > significant));
+    };
+    in_lanes(xs, lane);
+    let sum = |v: [u32; L]| v.iter().map(|&k| u64::from(k)).sum::<u64>();
+    (sum(z), sum(s), sum(l))
 }
 
 /// Adds one tensor's elements to a value's statistics (in parallel blocks: calibration sees every value of
@@ -120,18 +172,7 @@ fn observe(o: &mut Observed, xs: &[f32], target: DType) {
     if p.small > 0 {
         let (z, s, l) = xs
             .par_chunks(BLOCK)
-            .map(|c| {
-                let (mut z, mut s, mut l) = (0u64, 0u64, 0u64);
-                for &x in c {
-                    let a = x.abs();
-                    if a != 0.0 && a < normal {
-                        z += u64::from(a < tiny);
-                        s += u64::from(a >= tiny);
-                        l += u64::from(a > significant);
-                    }
-                }
-                (z, s, l)
-            })
+            .map(|c| underflows(c, normal, tiny, significant))
             .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
         o.to_zero += z;
         o.to_subnormal += s;
@@ -275,5 +316,78 @@ impl Pass for Calibrate {
             notes: Vec::new(),
             records: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Part, underflows};
+
+    /// The statistics element by element, with branches: what the eight-lane version must equal.
+    fn reference(xs: &[f32], normal: f32) -> Part {
+        let mut p = Part::EMPTY;
+        for &x in xs {
+            if x.is_finite() {
+                p.lo = p.lo.min(x);
+                p.hi = p.hi.max(x);
+                p.am = p.am.max(x.abs());
+                if x != 0.0 {
+                    p.nonzero += 1;
+                    if x.abs() < normal {
+                        p.small += 1;
+                    }
+                }
+            } else {
+                p.non_finite += 1;
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn block_statistics_match_the_element_by_element_ones() {
+        let normal = 6.1e-5;
+        let value = |i: usize| match i % 13 {
+            0 => f32::NAN,
+            1 => f32::NEG_INFINITY,
+            2 => 0.0,
+            3 => -1e-6,
+            4 => 3e-5,
+            _ => (i as f32 * 0.37).sin() * (i as f32),
+        };
+        // lengths that leave every remainder of the eight lanes, and one block of only non-finite values
+        for n in [0usize, 1, 2, 7, 8, 9, 15, 64, 1000, 1003] {
+            let xs: Vec<f32> = (0..n).map(value).collect();
+            assert_eq!(Part::of(&xs, normal), reference(&xs, normal), "n={n}");
+        }
+        // the underflow counts, against the same loop with branches
+        let (normal, tiny, significant) = (6.1e-5, 3.0e-8, 1e-6);
+        let xs: Vec<f32> = (0..1003)
+            .map(|i| match i % 7 {
+                0 => 1e-9,
+                1 => -2e-7,
+                2 => 5e-5,
+                3 => 0.0,
+                4 => f32::NAN,
+                _ => (i as f32).sin() * 1e-4,
+            })
+            .collect();
+        let (mut z, mut s, mut l) = (0u64, 0u64, 0u64);
+        for &x in &xs {
+            let a = x.abs();
+            if a != 0.0 && a < normal {
+                z += u64::from(a < tiny);
+                s += u64::from(a >= tiny);
+                l += u64::from(a > significant);
+            }
+        }
+        assert!(
+            z > 0 && s > 0 && l > 0 && l < s,
+            "the sample covers every case"
+        );
+        assert_eq!(underflows(&xs, normal, tiny, significant), (z, s, l));
+        let bad = [f32::NAN, f32::INFINITY, f32::NAN];
+        assert_eq!(Part::of(&bad, normal), reference(&bad, normal));
+        assert_eq!(Part::of(&bad, normal).non_finite, 3);
     }
 }

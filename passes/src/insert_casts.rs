@@ -122,9 +122,11 @@ pub(crate) fn convert_tensor(
     t: &Tensor,
     to: DType,
 ) -> Option<(Tensor, Vec<(&'static str, String)>)> {
-    if let Some(fast) = convert_f32_raw(t, to) {
-        return Some(fast);
-    }
+    convert_f32_raw(t, to).or_else(|| convert_general(t, to))
+}
+
+/// Any float data to `to`, one element at a time (f64 data, and the types the fast path leaves).
+fn convert_general(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, String)>)> {
     let n = t.numel()?;
     let vals = t.values_f64(n)?;
     if vals.len() != n {
@@ -198,19 +200,34 @@ fn change_stats(xs: &[f32], ys: &[f32]) -> (usize, f32) {
     )
 }
 
-/// The common case, fast: f32 raw data to f16/bf16 with the `half` slice conversions (F16C where the CPU
-/// has it), in parallel blocks written straight into the output, with the same statistics as the general
-/// path.
+/// The common case, fast: f32 data (`raw_data`, or `float_data` as Paddle's exporter writes its Constant
+/// weights) to f16/bf16 with the `half` slice conversions (F16C where the CPU has it), in parallel blocks
+/// written straight into the output, with the same statistics as the general path.
 fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, String)>)> {
     use half::slice::HalfFloatSliceExt;
     use rayon::prelude::*;
-    let (DType::F32, TensorData::Raw(b)) = (t.dtype, &t.data) else {
-        return None;
-    };
-    if !matches!(to, DType::F16 | DType::BF16) || b.len() % 4 != 0 {
+    if t.dtype != DType::F32 || !matches!(to, DType::F16 | DType::BF16) {
         return None;
     }
-    let n = b.len() / 4;
+    // the source, either way: its element count, and a block's elements copied into `xs`
+    enum Src<'a> {
+        Bytes(&'a [u8]),
+        Floats(&'a [f32]),
+    }
+    let (src, n) = match &t.data {
+        TensorData::Raw(b) if b.len() % 4 == 0 => (Src::Bytes(b), b.len() / 4),
+        TensorData::Floats(f) => (Src::Floats(f), f.len()),
+        _ => return None,
+    };
+    let fill = |at: usize, xs: &mut [f32]| match src {
+        Src::Bytes(b) => {
+            let bytes = &b[at * 4..(at + xs.len()) * 4];
+            for (x, c) in xs.iter_mut().zip(bytes.chunks_exact(4)) {
+                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Src::Floats(f) => xs.copy_from_slice(&f[at..at + xs.len()]),
+    };
     let max = max_finite(to) as f32;
     // (clamped, flushed, max relative change) of a block
     type Stats = (usize, usize, f32);
@@ -221,15 +238,13 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
     macro_rules! run {
         ($t:ty) => {
             raw.par_chunks_mut(CHUNK * 2)
-                .zip(b.par_chunks(CHUNK * 4))
+                .enumerate()
                 .with_min_len(16)
-                .map(|(out, bytes)| {
+                .map(|(block, out)| {
                     let (mut xs, mut back) = ([0f32; CHUNK], [0f32; CHUNK]);
                     let mut hs = [<$t>::ZERO; CHUNK];
-                    let k = bytes.len() / 4;
-                    for (x, c) in xs[..k].iter_mut().zip(bytes.chunks_exact(4)) {
-                        *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    }
+                    let k = out.len() / 2;
+                    fill(block * CHUNK, &mut xs[..k]);
                     hs[..k].convert_from_f32_slice(&xs[..k]);
                     let mut st: Stats = (0, 0, 0.0);
                     // Overflow is rare: count the infinities first (a vectorized count), clamp only then.
@@ -700,13 +715,17 @@ mod tests {
             listed.data = TensorData::Floats(xs.clone());
             for to in [DType::F16, DType::BF16] {
                 let (fast, fs) = convert_f32_raw(&raw, to).expect("raw f32 takes the fast path");
-                let (slow, ss) = convert_tensor(&listed, to).expect("a float list converts");
+                let (fast_listed, fls) =
+                    convert_f32_raw(&listed, to).expect("float_data takes the fast path");
+                let (slow, ss) = convert_general(&listed, to).expect("a float list converts");
                 let bytes = |t: &Tensor| match &t.data {
                     TensorData::Raw(b) => b.clone(),
                     _ => panic!("converted data is raw"),
                 };
                 assert_eq!(bytes(&fast), bytes(&slow), "{to:?} n={n}");
                 assert_eq!(fs, ss, "{to:?} n={n}");
+                assert_eq!(bytes(&fast_listed), bytes(&slow), "{to:?} n={n}");
+                assert_eq!(fls, ss, "{to:?} n={n}");
             }
             // f16: counted independently
             let (_, st) = convert_f32_raw(&raw, DType::F16).unwrap();

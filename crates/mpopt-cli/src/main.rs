@@ -11,6 +11,21 @@ mod run;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc v3's `mi_option_purge_delay` (its position in `mi_option_e`, mimalloc.h; the Rust bindings name
+/// only the options before it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed memory stays with the process instead of going back to the OS after 10 ms (mimalloc's default).
+/// The executor frees and allocates activations of megabytes per node; returned memory came back as fresh
+/// pages the kernel zeroes on first touch. On ppocrv4_rec's accuracy search (2 GB of activations) half the
+/// time was that zeroing: 4.1 s -> 2.6 s, 2.1 s -> 0.3 s of system time, the same peak RSS. The process is
+/// short-lived; what it frees is reused, and all of it goes back at exit.
+fn keep_freed_memory() {
+    // SAFETY: sets one of mimalloc's global options (an atomic store); valid at any time, and done before
+    // any thread starts.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -100,6 +115,7 @@ impl std::fmt::Display for Usage {
 impl std::error::Error for Usage {}
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
