@@ -150,10 +150,8 @@ impl Pass for MeasureGates {
             |_| {},
             &mut |_, _, _| {},
         )?;
-        let values: HashMap<&str, &Value> = trace
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_ref()))
-            .collect();
+        let values: HashMap<&str, &std::sync::Arc<Value>> =
+            trace.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let limit = LIFT_LIMIT * unit_roundoff(target);
         let measured: Vec<(NodeId, Option<f64>)> = {
             use rayon::prelude::*;

@@ -47,6 +47,11 @@ pub fn subgraph_scope(parent: &str, node: NodeId, attr: &str) -> String {
     format!("{parent}/{}.{attr}", node.0)
 }
 
+/// Named values as the interpreter holds them (moved, not copied).
+fn shared(inputs: Vec<(String, Value)>) -> Vec<(String, Arc<Value>)> {
+    inputs.into_iter().map(|(n, v)| (n, Arc::new(v))).collect()
+}
+
 /// Time and count per op type.
 type Profile = HashMap<String, (std::time::Duration, usize)>;
 
@@ -209,13 +214,13 @@ impl<'m> Executor<'m> {
     /// Checks named inputs against the main graph and resolves them to value ids: every name must be a graph
     /// input, dtypes and known dimensions must match the declared types, and every input without an
     /// initializer (its default) must be given.
-    pub fn bind_inputs(
+    pub fn bind_inputs<V: std::borrow::Borrow<Value>>(
         &self,
-        inputs: Vec<(String, Value)>,
-    ) -> Result<Vec<(ValueId, Value)>, ExecError> {
+        inputs: Vec<(String, V)>,
+    ) -> Result<Vec<(ValueId, V)>, ExecError> {
         let g = &self.model.graph;
         let expected = describe_inputs(g);
-        let mut given: HashMap<String, Value> = HashMap::new();
+        let mut given: HashMap<String, V> = HashMap::new();
         for (name, v) in inputs {
             let Some(id) = g.value_by_name(&name).filter(|id| g.inputs().contains(id)) else {
                 return Err(ExecError::UnknownInput {
@@ -223,7 +228,7 @@ impl<'m> Executor<'m> {
                     expected: expected.clone(),
                 });
             };
-            check_input(g, id, &name, &v)?;
+            check_input(g, id, &name, v.borrow())?;
             given.insert(name, v);
         }
         let mut bound = Vec::new();
@@ -310,6 +315,16 @@ impl<'m> Executor<'m> {
         inputs: Vec<(String, Value)>,
         opts: &RunOptions,
     ) -> Result<RunOutput, ExecError> {
+        self.run_with(shared(inputs), opts, None)
+    }
+
+    /// [`Executor::run`] on inputs the caller also holds: nothing is copied (the search's per-node pass
+    /// feeds each candidate the reference run's values).
+    pub fn run_shared(
+        &self,
+        inputs: Vec<(String, Arc<Value>)>,
+        opts: &RunOptions,
+    ) -> Result<RunOutput, ExecError> {
         self.run_with(inputs, opts, None)
     }
 
@@ -324,22 +339,20 @@ impl<'m> Executor<'m> {
         opts: &RunOptions,
         see: &mut dyn FnMut(&str, &str, &Value),
     ) -> Result<RunOutput, ExecError> {
-        self.run_with(inputs, opts, Some(see))
+        self.run_with(shared(inputs), opts, Some(see))
     }
 
     fn run_with(
         &self,
-        inputs: Vec<(String, Value)>,
+        inputs: Vec<(String, Arc<Value>)>,
         opts: &RunOptions,
         see: Option<&mut Seer<'_>>,
     ) -> Result<RunOutput, ExecError> {
         let g = &self.model.graph;
-        let mut bound: HashMap<ValueId, Value> = self.bind_inputs(inputs)?.into_iter().collect();
-        let positional: Vec<Option<Arc<Value>>> = g
-            .inputs()
-            .iter()
-            .map(|i| bound.remove(i).map(Arc::new))
-            .collect();
+        let mut bound: HashMap<ValueId, Arc<Value>> =
+            self.bind_inputs(inputs)?.into_iter().collect();
+        let positional: Vec<Option<Arc<Value>>> =
+            g.inputs().iter().map(|i| bound.remove(i)).collect();
         let mut obs = Observe {
             trace: opts.keep_all.then(Vec::new),
             keep_only: opts.keep_only.as_ref(),
