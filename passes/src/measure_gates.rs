@@ -146,9 +146,10 @@ impl Pass for MeasureGates {
             model,
             &self.sets,
             "measure-gates",
-            Some(keep),
+            |_| Some(keep),
             |_| {},
             &mut |_, _, _| {},
+            None,
         )?;
         let values: HashMap<&str, &std::sync::Arc<Value>> =
             trace.iter().map(|(n, v)| (n.as_str(), v)).collect();

@@ -7,9 +7,12 @@
 //! measures each node once and runs the whole model only to check.
 //!
 //! **Algorithm.**
-//! 1. *Reference*: one fp32 run per input set; the first keeps every main-graph value. With
-//!    [`SearchOptions::observe`] (the default pipeline) these runs are also the calibration: their statistics
-//!    go on the values as `calibrate` would put them.
+//! 1. *Reference*: one fp32 run per input set. The per-node pass (3.) runs inside the first, on each node
+//!    while its values are alive (the run keeps no more than a plain one), for the candidates of the
+//!    decisions that observations can at best allow (every unobserved value taken as observed in [0, 1]);
+//!    a final candidate measured in another dtype or not at all is measured after, from kept constants or
+//!    one more run that keeps only its values. With [`SearchOptions::observe`] (the default pipeline)
+//!    these runs are also the calibration: their statistics go on the values as `calibrate` would put them.
 //! 2. *Most-low decisions*: `assign-precision` with the measured heuristics relaxed (the initializer flush
 //!    gate, the underflow gate, the rounding checks of exponentials and `Pow`; overflow, schema, shape and
 //!    user rules stay). Its low main-graph nodes are the candidates.
@@ -345,21 +348,24 @@ pub(crate) type Outputs = Vec<(String, Value)>;
 pub(crate) type Trace = Vec<(String, Arc<Value>)>;
 
 /// The fp32 reference: every set's outputs, and the main-graph values of the first set (graph inputs
-/// included) for the per-node measurements: all of them, or only those named in `keep` (the others are
-/// freed as in a plain run). `see` is shown every value of every run (calibration).
+/// included) for the per-node measurements: all of them, or only those named by `keep`, given the
+/// executor's schedule (the others are freed as in a plain run). `see` is shown every value of every run
+/// (calibration); `each`, every node of the first set's run as it runs.
 pub(crate) fn reference(
     model: &Model,
     sets: &[InputSet],
     pass: &str,
-    mut keep: Option<std::collections::HashSet<String>>,
+    keep: impl FnOnce(&[NodeId]) -> Option<std::collections::HashSet<String>>,
     mut progress: impl FnMut(usize),
     see: &mut dyn FnMut(&str, &str, &Value),
+    mut each: Option<&mut mpopt_exec::NodeHook<'_>>,
 ) -> Result<(Vec<Outputs>, Trace), PassError> {
     let fail = |message: String| PassError::Failed {
         pass: pass.into(),
         message,
     };
     let exec = Executor::new(model).map_err(|e| fail(format!("cannot run the model: {e}")))?;
+    let mut keep = keep(exec.schedule());
     let mut refs = Vec::new();
     let mut trace = Vec::new();
     for (k, set) in sets.iter().enumerate() {
@@ -370,9 +376,11 @@ pub(crate) fn reference(
             // (only the first set is traced)
             keep_only: if k == 0 { keep.take() } else { None },
         };
-        let out = exec
-            .run_observed(set.clone(), &run, &mut *see)
-            .map_err(|e| fail(format!("input set {k}: {e}")))?;
+        let out = match each.take().filter(|_| k == 0) {
+            Some(each) => exec.run_each_node(set.clone(), &run, &mut *see, each),
+            None => exec.run_observed(set.clone(), &run, &mut *see),
+        }
+        .map_err(|e| fail(format!("input set {k}: {e}")))?;
         if k == 0 {
             trace = out.trace;
             trace.extend(set.iter().map(|(n, v)| (n.clone(), Arc::new(v.clone()))));
@@ -514,6 +522,133 @@ fn rel_rms(r: &Value, c: &Value, max: f64) -> Option<f64> {
     })
 }
 
+/// The main-graph nodes the search measures, with the dtype they are decided to: low, not control flow
+/// (their bodies read the enclosing scope), not a Cast.
+fn candidates_of(g: &Graph) -> HashMap<NodeId, DType> {
+    g.nodes()
+        .filter(|(_, n)| !n.has_subgraphs() && n.op_type != "Cast")
+        .filter_map(|(id, n)| {
+            let d = n.precision.as_ref()?.dtype;
+            (d != DType::F32).then_some((id, d))
+        })
+        .collect()
+}
+
+/// The model as if every float value without observations had been observed within [0, 1]: its decisions
+/// are those the observations can at best allow (the range-guarded deny ops lifted, no observed overflow,
+/// no attention-mask multiplier seen negative), what the reference run measures before its own
+/// observations are known. Proven ranges stay.
+fn assumed_in_range(model: &Model) -> Model {
+    let mut m = model.clone();
+    let g = &mut m.graph;
+    let ids: Vec<_> = g.value_ids().collect();
+    for v in ids {
+        let val = g.value_mut(v);
+        let float = matches!(
+            val.elem(),
+            Some(DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+        );
+        if val.initializer.is_some() || !float {
+            continue;
+        }
+        let r = val
+            .range
+            .get_or_insert_with(Box::<mpopt_ir::ValueRange>::default);
+        r.observed.get_or_insert(mpopt_ir::Observed {
+            min: 0.0,
+            max: 1.0,
+            abs_max: 1.0,
+            count: 1,
+            nonzero: 1,
+            to_zero: 0,
+            to_subnormal: 0,
+            non_finite: 0,
+            lost: 0,
+        });
+    }
+    m
+}
+
+/// The names of a node's inputs and outputs: what measuring it alone reads.
+fn values_of(g: &Graph, id: NodeId) -> Vec<String> {
+    let node = g.node(id);
+    node.inputs()
+        .iter()
+        .chain(node.outputs())
+        .flatten()
+        .filter(|&&v| constant_of(g, v).is_none() || node.outputs().contains(&Some(v)))
+        .map(|&v| g.value(v).name().to_string())
+        .collect()
+}
+
+/// The outputs of the main-graph nodes that a run does not execute (folded into constants before it
+/// starts): the node hook never sees them.
+fn unscheduled_values(g: &Graph, schedule: &[NodeId]) -> std::collections::HashSet<String> {
+    let run: std::collections::HashSet<NodeId> = schedule.iter().copied().collect();
+    g.nodes()
+        .filter(|(id, _)| !run.contains(id))
+        .flat_map(|(_, n)| n.outputs().iter().flatten())
+        .map(|&v| g.value(v).name().to_string())
+        .collect()
+}
+
+/// A node's values by slot, as the executor holds them.
+type Slots = Vec<Option<Arc<Value>>>;
+
+/// Nodes seen by the reference run and not yet measured, with their inputs and outputs (shared with the
+/// run).
+#[derive(Default)]
+struct Pending {
+    nodes: Vec<(NodeId, Slots, Slots)>,
+    bytes: usize,
+}
+
+impl Pending {
+    /// Measured in parallel batches of this many nodes, or sooner when their values hold this many
+    /// bytes that the run may have freed.
+    const NODES: usize = 64;
+    const BYTES: usize = 256 << 20;
+
+    fn push(&mut self, id: NodeId, ins: &[Option<Arc<Value>>], outs: &[Option<Arc<Value>>]) {
+        self.bytes += ins
+            .iter()
+            .chain(outs)
+            .flatten()
+            .map(|v| {
+                v.tensor()
+                    .map_or(0, |t| t.len() * (t.dtype().bits() as usize).div_ceil(8))
+            })
+            .sum::<usize>();
+        self.nodes.push((id, ins.to_vec(), outs.to_vec()));
+    }
+
+    fn full(&self) -> bool {
+        self.nodes.len() >= Self::NODES || self.bytes >= Self::BYTES
+    }
+
+    /// Each node's sensitivity under `decisions`; empties the batch.
+    fn measure(&mut self, decisions: &Model, target: DType) -> Vec<(NodeId, Option<f64>)> {
+        use rayon::prelude::*;
+        let g = &decisions.graph;
+        let batch = std::mem::take(&mut self.nodes);
+        self.bytes = 0;
+        batch
+            .into_par_iter()
+            .map(|(id, ins, outs)| {
+                let node = g.node(id);
+                let named = node
+                    .inputs()
+                    .iter()
+                    .zip(&ins)
+                    .chain(node.outputs().iter().zip(&outs))
+                    .filter_map(|(v, x)| Some((g.value((*v)?).name(), x.as_ref()?)));
+                let values: HashMap<&str, &Arc<Value>> = named.collect();
+                (id, node_sensitivity(decisions, id, &values, target))
+            })
+            .collect()
+    }
+}
+
 /// One node alone in a model of its own, reading the reference values: its outputs' largest relative RMS error.
 pub(crate) fn node_sensitivity(
     base: &Model,
@@ -649,44 +784,72 @@ impl Pass for SearchPrecision {
         let mut records = Vec::new();
         let mut notes = Vec::new();
 
-        // 1. Reference: fp32 outputs of every set, and every main-graph value of the first.
+        // 1. Reference: fp32 outputs of every set. The per-node pass (3.) runs inside the first set's run:
+        //    each candidate is measured while its inputs and outputs are alive, so that the run keeps no
+        //    more values than a plain one (a trace of every value was 2 GB on ppocrv4_rec). The candidates
+        //    are not final until the run's observations are stored: the nodes measured are those of the
+        //    decisions without them, and a candidate that the observations add or change (a deny lifted
+        //    by an observed range) is measured after, in one more run that keeps only its values.
         let report = |stage: &str, done: usize, total: usize| {
             if let Some(p) = &opts.progress {
                 (p.0)(stage, done, total)
             }
         };
+        let relaxed = SearchOverrides {
+            relax: true,
+            ..SearchOverrides::default()
+        };
+        let target = opts.precision.target;
+        let early = decided(&assumed_in_range(model), &opts.precision, relaxed.clone())?;
+        let early_dtype = candidates_of(&early.graph);
         let t_ref = std::time::Instant::now();
-        let mut obs = Observations::new(opts.precision.target);
+        let mut per_node = std::time::Duration::ZERO;
+        let mut obs = Observations::new(target);
+        let mut streamed: HashMap<NodeId, Option<f64>> = HashMap::new();
+        let mut pending = Pending::default();
+        let mut measure_pending =
+            |pending: &mut Pending, streamed: &mut HashMap<NodeId, Option<f64>>| {
+                let t = std::time::Instant::now();
+                let got = pending.measure(&early, target);
+                streamed.extend(got);
+                report("per-node", streamed.len(), early_dtype.len());
+                per_node += t.elapsed();
+            };
         let (refs, trace_vals) = reference(
             model,
             &opts.sets,
             "search-precision",
-            None,
+            // what the hook does not see: the graph inputs and the folded values (constants)
+            |schedule| Some(unscheduled_values(&model.graph, schedule)),
             |k| report("reference", k, opts.sets.len()),
             &mut |s, n, v| {
                 if opts.observe {
                     obs.see(s, n, v)
                 }
             },
+            Some(&mut |id, ins, outs| {
+                if early_dtype.contains_key(&id) {
+                    pending.push(id, ins, outs);
+                    if pending.full() {
+                        measure_pending(&mut pending, &mut streamed);
+                    }
+                }
+            }),
         )?;
+        measure_pending(&mut pending, &mut streamed);
+        let mut reference_time = t_ref.elapsed().saturating_sub(per_node);
         if opts.observe {
             obs.store(model);
         }
-        let reference_ms = t_ref.elapsed().as_secs_f64() * 1e3;
-        let trace: HashMap<&str, &Arc<Value>> =
-            trace_vals.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let mut reference_runs = opts.sets.len();
 
         // 2. The most-low decisions and their candidates.
-        let relaxed = SearchOverrides {
-            relax: true,
-            ..SearchOverrides::default()
-        };
         let most_low = decided(model, &opts.precision, relaxed)?;
         let g = &most_low.graph;
-        let low = |n: &mpopt_ir::Node| n.precision.as_ref().is_some_and(|p| p.dtype != DType::F32);
+        let final_dtype = candidates_of(g);
         let candidates: Vec<NodeId> = g
             .nodes()
-            .filter(|(_, n)| low(n) && !n.has_subgraphs() && n.op_type != "Cast")
+            .filter(|(id, _)| final_dtype.contains_key(id))
             .map(|(id, _)| id)
             .collect();
         // control-flow nodes whose bodies run low: not measured alone (their bodies read the enclosing
@@ -697,26 +860,59 @@ impl Pass for SearchPrecision {
             .map(|(id, _)| id)
             .collect();
 
-        // 3. Per-node pass.
-        let t0 = std::time::Instant::now();
-        let mut sens: Vec<(NodeId, f64, u64)> = Vec::new();
-        let mut unmeasured = 0u64;
-        // nodes are measured independently: in parallel, collected in schedule order
-        let measured: Vec<Option<f64>> = {
-            use rayon::prelude::*;
-            let done = std::sync::atomic::AtomicUsize::new(0);
-            candidates
-                .par_iter()
-                .map(|&id| {
-                    let s = node_sensitivity(&most_low, id, &trace, opts.precision.target);
-                    let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    report("per-node", d, candidates.len());
-                    s
-                })
+        // 3. Per-node pass: what the run measured with the final decision; the rest (folded nodes, and
+        //    candidates the observations added or changed) from kept values, in parallel.
+        let later: Vec<NodeId> = candidates
+            .iter()
+            .copied()
+            .filter(|id| early_dtype.get(id) != final_dtype.get(id) || !streamed.contains_key(id))
+            .collect();
+        let mut later_trace = trace_vals;
+        let missing: Vec<NodeId> = {
+            let have: std::collections::HashSet<&str> =
+                later_trace.iter().map(|(n, _)| n.as_str()).collect();
+            later
+                .iter()
+                .copied()
+                .filter(|&id| values_of(g, id).iter().any(|n| !have.contains(n.as_str())))
                 .collect()
         };
+        if !missing.is_empty() {
+            let t = std::time::Instant::now();
+            let keep: std::collections::HashSet<String> =
+                missing.iter().flat_map(|&id| values_of(g, id)).collect();
+            let (_, more) = reference(
+                model,
+                &opts.sets[..1],
+                "search-precision",
+                |_| Some(keep),
+                |_| {},
+                &mut |_, _, _| {},
+                None,
+            )?;
+            later_trace.extend(more);
+            reference_runs += 1;
+            reference_time += t.elapsed();
+        }
+        let t0 = std::time::Instant::now();
+        let trace: HashMap<&str, &Arc<Value>> =
+            later_trace.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let measured_later: HashMap<NodeId, Option<f64>> = {
+            use rayon::prelude::*;
+            later
+                .par_iter()
+                .map(|&id| (id, node_sensitivity(&most_low, id, &trace, target)))
+                .collect()
+        };
+        let reference_ms = reference_time.as_secs_f64() * 1e3;
+        let mut sens: Vec<(NodeId, f64, u64)> = Vec::new();
+        let mut unmeasured = 0u64;
         let mut last_resort = Vec::new();
-        for (&id, m) in candidates.iter().zip(measured) {
+        for &id in &candidates {
+            let m = match measured_later.get(&id) {
+                Some(m) => *m,
+                None => streamed.get(&id).copied().flatten(),
+            };
             match m {
                 Some(s) => sens.push((id, s, node_flops(g, g.node(id)))),
                 None => {
@@ -726,7 +922,7 @@ impl Pass for SearchPrecision {
             }
         }
         last_resort.extend(bodies.iter().copied());
-        let per_node_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let per_node_ms = (per_node + t0.elapsed()).as_secs_f64() * 1e3;
         // most sensitive first; ties: fewer FLOPs first (cheaper to keep), then schedule order
         sens.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
         // the most sensitive nodes, for the report whatever the search decides
@@ -894,7 +1090,7 @@ impl Pass for SearchPrecision {
         records.push(Record {
             kind: "search-cost",
             fields: vec![
-                ("reference_runs", opts.sets.len().to_string()),
+                ("reference_runs", reference_runs.to_string()),
                 ("reference_ms", format!("{reference_ms:.1}")),
                 ("checks_ms", format!("{checks_ms:.1}")),
                 ("per_node_pass_ms", format!("{per_node_ms:.1}")),

@@ -75,3 +75,66 @@ fn progress_covers_every_stage_and_decisions_repeat() {
     );
     assert_eq!(first, decide(None));
 }
+
+/// The search's fields of kind `kind` in a pass outcome.
+fn record(out: &mpopt_passes::PassOutcome, kind: &str) -> Vec<(&'static str, String)> {
+    out.records
+        .iter()
+        .find(|r| r.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind} record"))
+        .fields
+        .clone()
+}
+
+/// The per-node pass runs inside the reference run, on the decisions the observations can at best allow.
+/// With `--to auto` an observed magnitude beyond fp16's range turns a node bf16 instead of the f16 it was
+/// measured in: it is measured again, after one more run that keeps its values, and nothing is left
+/// unmeasured.
+#[test]
+fn candidates_the_observations_change_are_measured_after_one_more_run() {
+    let src = "ir_version 8
+opset ai.onnx 17
+
+graph @scaled(%x: f32[2,4]) -> (%y: f32[2,4]) {
+  %s = const f32[] [100.0]
+  %h = Mul(%x, %s)
+  %y = Add(%h, %x)
+}
+";
+    let run = |auto_bf16: bool| {
+        let mut m = mpopt_ir::text::parse_model(src).unwrap();
+        pipeline::by_name("infer-types")
+            .unwrap()
+            .run(&mut m)
+            .unwrap();
+        // |x| up to 875: |h| up to 87500, past fp16's 65504 and well within bf16's range
+        let out = SearchPrecision::new(SearchOptions {
+            tolerances: vec![Tolerance::parse("max-rel=0.02").unwrap()],
+            sets: vec![inputs()],
+            observe: true,
+            precision: mpopt_passes::assign_precision::PrecisionOptions {
+                auto_bf16,
+                ..Default::default()
+            },
+            ..SearchOptions::default()
+        })
+        .run(&mut m)
+        .unwrap();
+        let mul = m
+            .graph
+            .nodes()
+            .find(|(_, n)| n.op_type == "Mul")
+            .and_then(|(_, n)| n.precision.clone())
+            .unwrap();
+        (record(&out, "search-cost"), mul.dtype)
+    };
+    let field = |fs: &[(&str, String)], k: &str| fs.iter().find(|f| f.0 == k).unwrap().1.clone();
+    let (cost, dtype) = run(true);
+    assert_eq!(dtype, mpopt_ir::DType::BF16);
+    assert_eq!(field(&cost, "reference_runs"), "2", "{cost:?}");
+    assert_eq!(field(&cost, "nodes_measured"), "2", "{cost:?}");
+    // fp16 only: the Mul stays fp32 (overflow), the Add is measured during the one reference run
+    let (cost, dtype) = run(false);
+    assert_eq!(dtype, mpopt_ir::DType::F32);
+    assert_eq!(field(&cost, "reference_runs"), "1", "{cost:?}");
+}

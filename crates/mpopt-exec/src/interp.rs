@@ -52,6 +52,9 @@ fn shared(inputs: Vec<(String, Value)>) -> Vec<(String, Arc<Value>)> {
     inputs.into_iter().map(|(n, v)| (n, Arc::new(v))).collect()
 }
 
+/// A callback that sees each main-graph node run: (node, its inputs by slot, its outputs by slot).
+pub type NodeHook<'a> = dyn FnMut(NodeId, &[Option<Arc<Value>>], &[Option<Arc<Value>>]) + 'a;
+
 /// Time and count per op type.
 type Profile = HashMap<String, (std::time::Duration, usize)>;
 
@@ -75,6 +78,8 @@ struct Observe<'o, 'f> {
     see: Option<&'o mut Seer<'f>>,
     /// The graph's scope key (see [`subgraph_scope`]).
     scope: String,
+    /// Called after each node of the graph has run (main graph only), with its inputs and outputs.
+    each_node: Option<&'o mut NodeHook<'f>>,
 }
 
 /// The plan of one graph.
@@ -315,7 +320,7 @@ impl<'m> Executor<'m> {
         inputs: Vec<(String, Value)>,
         opts: &RunOptions,
     ) -> Result<RunOutput, ExecError> {
-        self.run_with(shared(inputs), opts, None)
+        self.run_with(shared(inputs), opts, None, None)
     }
 
     /// [`Executor::run`] on inputs the caller also holds: nothing is copied (the search's per-node pass
@@ -325,7 +330,7 @@ impl<'m> Executor<'m> {
         inputs: Vec<(String, Arc<Value>)>,
         opts: &RunOptions,
     ) -> Result<RunOutput, ExecError> {
-        self.run_with(inputs, opts, None)
+        self.run_with(inputs, opts, None, None)
     }
 
     /// Runs the main graph like [`Executor::run`], calling `see(scope, name, value)` on every value as it is
@@ -339,14 +344,28 @@ impl<'m> Executor<'m> {
         opts: &RunOptions,
         see: &mut dyn FnMut(&str, &str, &Value),
     ) -> Result<RunOutput, ExecError> {
-        self.run_with(shared(inputs), opts, Some(see))
+        self.run_with(shared(inputs), opts, Some(see), None)
     }
 
-    fn run_with(
+    /// [`Executor::run_observed`], and `each` is called after every main-graph node that runs (not the
+    /// folded ones: see [`Executor::schedule`]) with its inputs and outputs, while they are alive: a caller
+    /// can measure each node against its reference values without keeping every value of the run.
+    pub fn run_each_node(
+        &self,
+        inputs: Vec<(String, Value)>,
+        opts: &RunOptions,
+        see: &mut dyn FnMut(&str, &str, &Value),
+        each: &mut NodeHook<'_>,
+    ) -> Result<RunOutput, ExecError> {
+        self.run_with(shared(inputs), opts, Some(see), Some(each))
+    }
+
+    fn run_with<'f>(
         &self,
         inputs: Vec<(String, Arc<Value>)>,
         opts: &RunOptions,
-        see: Option<&mut Seer<'_>>,
+        see: Option<&mut Seer<'f>>,
+        each_node: Option<&mut NodeHook<'f>>,
     ) -> Result<RunOutput, ExecError> {
         let g = &self.model.graph;
         let mut bound: HashMap<ValueId, Arc<Value>> =
@@ -359,6 +378,7 @@ impl<'m> Executor<'m> {
             prof: opts.profile.then(HashMap::new),
             see,
             scope: String::new(),
+            each_node,
         };
         let outs = self
             .run_graph(&self.main, g, positional, &[], &mut obs, "")
@@ -403,6 +423,7 @@ impl<'m> Executor<'m> {
             prof,
             see,
             scope,
+            each_node,
         } = obs;
         let scope = scope.as_str();
         let kept = |name: &str| keep_only.is_none_or(|k| k.contains(name));
@@ -459,7 +480,7 @@ impl<'m> Executor<'m> {
         // a full trace holds every value anyway; otherwise values are freed after their last use
         let free = trace.is_none() || keep_only.is_some();
         let mut uses = plan.uses.clone();
-        let observed = trace.is_some() || see.is_some();
+        let observed = trace.is_some() || see.is_some() || each_node.is_some();
         let plain;
         let steps: &[Step] = if observed {
             plain = plan
@@ -505,6 +526,7 @@ impl<'m> Executor<'m> {
                                 .map(|x| (g.value(v).name().to_string(), x))
                         })
                         .collect();
+                    let seen_ins = each_node.is_some().then(|| ins.clone());
                     let t0 = prof.is_some().then(std::time::Instant::now);
                     let outs = self.call(
                         plan,
@@ -540,6 +562,14 @@ impl<'m> Executor<'m> {
                             f(scope, g.value(*o).name(), &v);
                         }
                         env[o.index()] = Some(v);
+                    }
+                    if let (Some(f), Some(seen_ins)) = (each_node.as_mut(), seen_ins) {
+                        let outs: Vec<Option<Arc<Value>>> = node
+                            .outputs()
+                            .iter()
+                            .map(|o| o.and_then(|o| env[o.index()].clone()))
+                            .collect();
+                        f(n, &seen_ins, &outs);
                     }
                     if free {
                         for v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
