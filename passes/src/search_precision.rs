@@ -807,12 +807,14 @@ impl Pass for SearchPrecision {
         let mut obs = Observations::new(target);
         let mut streamed: HashMap<NodeId, Option<f64>> = HashMap::new();
         let mut pending = Pending::default();
+        // progress: the candidates the run will show the hook (folded ones are measured after)
+        let run_total = std::cell::Cell::new(early_dtype.len());
         let mut measure_pending =
             |pending: &mut Pending, streamed: &mut HashMap<NodeId, Option<f64>>| {
                 let t = std::time::Instant::now();
                 let got = pending.measure(&early, target);
                 streamed.extend(got);
-                report("per-node", streamed.len(), early_dtype.len());
+                report("per-node", streamed.len(), run_total.get());
                 per_node += t.elapsed();
             };
         let (refs, trace_vals) = reference(
@@ -820,7 +822,15 @@ impl Pass for SearchPrecision {
             &opts.sets,
             "search-precision",
             // what the hook does not see: the graph inputs and the folded values (constants)
-            |schedule| Some(unscheduled_values(&model.graph, schedule)),
+            |schedule| {
+                run_total.set(
+                    schedule
+                        .iter()
+                        .filter(|id| early_dtype.contains_key(id))
+                        .count(),
+                );
+                Some(unscheduled_values(&model.graph, schedule))
+            },
             |k| report("reference", k, opts.sets.len()),
             &mut |s, n, v| {
                 if opts.observe {
@@ -899,9 +909,15 @@ impl Pass for SearchPrecision {
             later_trace.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let measured_later: HashMap<NodeId, Option<f64>> = {
             use rayon::prelude::*;
+            let done = std::sync::atomic::AtomicUsize::new(0);
             later
                 .par_iter()
-                .map(|&id| (id, node_sensitivity(&most_low, id, &trace, target)))
+                .map(|&id| {
+                    let s = node_sensitivity(&most_low, id, &trace, target);
+                    let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    report("per-node", d, later.len());
+                    (id, s)
+                })
                 .collect()
         };
         let reference_ms = reference_time.as_secs_f64() * 1e3;

@@ -138,3 +138,49 @@ graph @scaled(%x: f32[2,4]) -> (%y: f32[2,4]) {
     assert_eq!(dtype, mpopt_ir::DType::F32);
     assert_eq!(field(&cost, "reference_runs"), "1", "{cost:?}");
 }
+
+/// Progress on a model with a Constant node (folded before the run, so measured after it): every stage of
+/// the per-node pass reaches its total.
+#[test]
+fn per_node_progress_reaches_its_total_with_folded_candidates() {
+    let src = "ir_version 8
+opset ai.onnx 17
+
+graph @folded(%x: f32[2,4]) -> (%y: f32[2,4]) {
+  %w = Constant() {value = tensor f32[4,4] [0.5, 0.0, 0.25, 0.0, 0.0, 0.5, 0.0, 0.25, 0.25, 0.0, 0.5, 0.0, 0.0, 0.25, 0.0, 0.5]}
+  %y = MatMul(%x, %w)
+}
+";
+    let mut m = mpopt_ir::text::parse_model(src).unwrap();
+    pipeline::by_name("infer-types")
+        .unwrap()
+        .run(&mut m)
+        .unwrap();
+    let seen: Arc<Mutex<Vec<(String, usize, usize)>>> = Arc::default();
+    let log = seen.clone();
+    SearchPrecision::new(SearchOptions {
+        tolerances: vec![Tolerance::parse("max-rel=0.01").unwrap()],
+        sets: vec![inputs()],
+        observe: true,
+        progress: Some(Progress(Arc::new(move |s: &str, d, t| {
+            log.lock().unwrap().push((s.to_string(), d, t))
+        }))),
+        ..SearchOptions::default()
+    })
+    .run(&mut m)
+    .unwrap();
+    let per_node: Vec<(usize, usize)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(s, ..)| s == "per-node")
+        .map(|(_, d, t)| (*d, *t))
+        .collect();
+    // the MatMul during the run, the Constant after it
+    assert_eq!(
+        per_node.iter().filter(|p| **p == (1, 1)).count(),
+        2,
+        "{per_node:?}"
+    );
+    assert!(per_node.iter().all(|(d, t)| d <= t), "{per_node:?}");
+}
