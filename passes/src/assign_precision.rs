@@ -277,13 +277,13 @@ pub fn range_check(t: &Tensor, target: DType) -> Option<RangeCheck> {
             r.flush += 1;
         }
     };
-    match (&t.dtype, &t.data) {
-        // f32 raw data, the common case, is read in place
-        (DType::F32, mpopt_ir::TensorData::Raw(b)) if b.len() == n * 4 => {
+    match crate::range_rules::F32Data::of(t) {
+        // f32 data, the common case, is read in place
+        Some(d) if d.len() == n => {
             // compare in f32 and only widen the rare values the report needs
             let (max32, tiny32) = (max as f32, tiny as f32);
             let (mut max_abs, mut over, mut flush) = ([0f32; 8], [0u32; 8], [0u32; 8]);
-            crate::range_rules::f32_lanes(b, |j, x| {
+            d.lanes(|j, x| {
                 let a = x.abs();
                 let finite = a < f32::INFINITY;
                 max_abs[j] = if finite & (a > max_abs[j]) {
@@ -1447,16 +1447,19 @@ mod tests {
             let raw = Tensor::from_f32(vec![n as i64], &xs);
             let mut listed = raw.clone();
             listed.data = mpopt_ir::TensorData::Floats(xs.clone());
+            // the same values as f64 take the general path
+            let mut wide = raw.clone();
+            wide.dtype = DType::F64;
+            wide.data = mpopt_ir::TensorData::Doubles(xs.iter().map(|&x| x as f64).collect());
             for target in [DType::F16, DType::BF16] {
-                let (a, b) = (
+                let (a, b, c) = (
                     range_check(&raw, target).unwrap(),
                     range_check(&listed, target).unwrap(),
+                    range_check(&wide, target).unwrap(),
                 );
-                assert_eq!(
-                    (a.count, a.overflow, a.flush, a.max_abs),
-                    (b.count, b.overflow, b.flush, b.max_abs),
-                    "{target:?} n={n}"
-                );
+                let key = |r: &RangeCheck| (r.count, r.overflow, r.flush, r.max_abs);
+                assert_eq!(key(&a), key(&b), "{target:?} n={n}");
+                assert_eq!(key(&a), key(&c), "{target:?} n={n}");
             }
             let f16 = range_check(&raw, DType::F16).unwrap();
             let count = |m: usize| (0..n).filter(|i| i % 11 == m).count();

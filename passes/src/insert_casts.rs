@@ -206,28 +206,12 @@ fn change_stats(xs: &[f32], ys: &[f32]) -> (usize, f32) {
 fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, String)>)> {
     use half::slice::HalfFloatSliceExt;
     use rayon::prelude::*;
-    if t.dtype != DType::F32 || !matches!(to, DType::F16 | DType::BF16) {
+    if !matches!(to, DType::F16 | DType::BF16) {
         return None;
     }
-    // the source, either way: its element count, and a block's elements copied into `xs`
-    enum Src<'a> {
-        Bytes(&'a [u8]),
-        Floats(&'a [f32]),
-    }
-    let (src, n) = match &t.data {
-        TensorData::Raw(b) if b.len() % 4 == 0 => (Src::Bytes(b), b.len() / 4),
-        TensorData::Floats(f) => (Src::Floats(f), f.len()),
-        _ => return None,
-    };
-    let fill = |at: usize, xs: &mut [f32]| match src {
-        Src::Bytes(b) => {
-            let bytes = &b[at * 4..(at + xs.len()) * 4];
-            for (x, c) in xs.iter_mut().zip(bytes.chunks_exact(4)) {
-                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        Src::Floats(f) => xs.copy_from_slice(&f[at..at + xs.len()]),
-    };
+    let src = crate::range_rules::F32Data::of(t)?;
+    let n = src.len();
+    let fill = |at: usize, xs: &mut [f32]| src.fill(at, xs);
     let max = max_finite(to) as f32;
     // (clamped, flushed, max relative change) of a block
     type Stats = (usize, usize, f32);

@@ -211,10 +211,73 @@ pub(crate) fn values(t: &Tensor) -> Option<Vec<f64>> {
     (v.len() == n).then_some(v)
 }
 
+/// A constant's f32 elements where they lie: `raw_data` bytes, or `float_data` (how Paddle's exporter writes
+/// its Constant weights). The weight scans read them in place either way.
+#[derive(Clone, Copy)]
+pub(crate) enum F32Data<'a> {
+    Bytes(&'a [u8]),
+    Floats(&'a [f32]),
+}
+
+impl<'a> F32Data<'a> {
+    /// The tensor's elements, when it is f32 data held whole (None for other dtypes and external data).
+    pub(crate) fn of(t: &'a Tensor) -> Option<F32Data<'a>> {
+        match (t.dtype, &t.data) {
+            (DType::F32, mpopt_ir::TensorData::Raw(b)) if b.len() % 4 == 0 => {
+                Some(F32Data::Bytes(b))
+            }
+            (DType::F32, mpopt_ir::TensorData::Floats(v)) => Some(F32Data::Floats(v)),
+            _ => None,
+        }
+    }
+
+    /// Number of elements.
+    pub(crate) fn len(self) -> usize {
+        match self {
+            F32Data::Bytes(b) => b.len() / 4,
+            F32Data::Floats(v) => v.len(),
+        }
+    }
+
+    /// Copies the elements `at..at + xs.len()` into `xs`.
+    pub(crate) fn fill(self, at: usize, xs: &mut [f32]) {
+        match self {
+            F32Data::Bytes(b) => {
+                let bytes = &b[at * 4..(at + xs.len()) * 4];
+                for (x, c) in xs.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            F32Data::Floats(v) => xs.copy_from_slice(&v[at..at + xs.len()]),
+        }
+    }
+
+    /// Calls `lane(j, x)` for every element `x`, with `j` its index modulo 8: a reduction kept in eight
+    /// lanes with selects instead of branches vectorizes.
+    #[inline]
+    pub(crate) fn lanes(self, mut lane: impl FnMut(usize, f32)) {
+        match self {
+            F32Data::Bytes(b) => f32_lanes(b, lane),
+            F32Data::Floats(v) => {
+                let blocks = v.chunks_exact(8);
+                let rest = blocks.remainder();
+                for blk in blocks {
+                    for (j, &x) in blk.iter().enumerate() {
+                        lane(j, x);
+                    }
+                }
+                for (j, &x) in rest.iter().enumerate() {
+                    lane(j, x);
+                }
+            }
+        }
+    }
+}
+
 /// Calls `lane(j, x)` for every f32 `x` of little-endian bytes `b`, with `j` the element index modulo 8: a
 /// reduction kept in eight lanes with selects instead of branches vectorizes.
 #[inline]
-pub(crate) fn f32_lanes(b: &[u8], mut lane: impl FnMut(usize, f32)) {
+fn f32_lanes(b: &[u8], mut lane: impl FnMut(usize, f32)) {
     let blocks = b.chunks_exact(32);
     let rest = blocks.remainder();
     for blk in blocks {
@@ -233,11 +296,11 @@ pub(crate) fn f32_lanes(b: &[u8], mut lane: impl FnMut(usize, f32)) {
 
 /// The exact interval of a constant tensor (TOP when it holds NaN; None when unreadable or empty).
 pub(crate) fn const_interval(t: &Tensor) -> Option<Interval> {
-    if let (DType::F32, mpopt_ir::TensorData::Raw(b)) = (t.dtype, &t.data) {
+    if let Some(d) = F32Data::of(t) {
         // the common case, read in place, in eight lanes of selects so that the loop vectorizes (a NaN
         // compares false and is only counted)
         let (mut los, mut his, mut nans) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [false; 8]);
-        f32_lanes(b, |j, x| {
+        d.lanes(|j, x| {
             nans[j] |= x.is_nan();
             los[j] = if x < los[j] { x } else { los[j] };
             his[j] = if x > his[j] { x } else { his[j] };
@@ -245,7 +308,7 @@ pub(crate) fn const_interval(t: &Tensor) -> Option<Interval> {
         let lo = los.iter().fold(f32::INFINITY, |a, &b| a.min(b));
         let hi = his.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let nan = nans.iter().any(|&n| n);
-        return match (b.len() >= 4, nan) {
+        return match (d.len() > 0, nan) {
             (false, _) => None,
             (true, true) => Some(Interval::TOP),
             (true, false) => Some(Interval::new(lo as f64, hi as f64)),
@@ -1940,8 +2003,13 @@ mod tests {
             let raw = Tensor::from_f32(vec![n as i64], &xs);
             let mut listed = raw.clone();
             listed.data = mpopt_ir::TensorData::Floats(xs.clone());
+            // the same values as f64 take the general path
+            let mut wide = raw.clone();
+            wide.dtype = DType::F64;
+            wide.data = mpopt_ir::TensorData::Doubles(xs.iter().map(|&x| x as f64).collect());
             let (a, b) = (const_interval(&raw), const_interval(&listed));
             assert_eq!(a, b, "n={n} nan={nan}");
+            assert_eq!(a, const_interval(&wide), "n={n} nan={nan}");
             if nan {
                 assert_eq!(a, Some(Interval::TOP));
             } else {
