@@ -6,7 +6,7 @@ result is judged on the second (rows of the batch; single-image models are judge
 model it prints the budget, the held-out value of the budgeted metric and of the task metric (our
 GPU-faithful executor, reference: the fp32 model on the same executor), the share of FLOPs in low precision
 against the static pipeline's (with and without the same calibration data), the search's whole-model checks,
-and its wall time against onnxconverter-common's `auto_convert_mixed_precision` with the same budget as its
+and its wall time and peak RSS against onnxconverter-common's `auto_convert_mixed_precision` with the same budget as its
 `validate_fn` (`--occ-timeout` seconds at most; 0 skips it).
 
     .venv/bin/python bench/search.py --mpopt target/release/mpopt ../shared/corpus [--json OUT.json]
@@ -85,6 +85,17 @@ def sh(cmd, timeout=None):
     return time.perf_counter() - t, r
 
 
+def sh_rss(cmd, tmp, timeout=None):
+    """`sh`, and the process's peak RSS in MB (`/usr/bin/time`'s, as bench/convert.py reads it)."""
+    tf = os.path.join(tmp, "rss.txt")
+    secs, r = sh(["/usr/bin/time", "-f", "%M", "-o", tf, *cmd], timeout)
+    try:
+        rss = int(open(tf).read().split()[-1]) / 1024
+    except (OSError, ValueError, IndexError):
+        rss = None
+    return secs, r, rss
+
+
 def share(report):
     return json.load(open(report))["summary"]["flops_low_share"]
 
@@ -156,8 +167,9 @@ def main():
             np.savez(hp, **h)
             tol = f"{metric_name}@{first}={bound}"
             out, rep = os.path.join(tmp, f"{name}.search.onnx"), os.path.join(tmp, f"{name}.search.json")
-            secs, r = sh([a.mpopt, path, "-o", out, "--calib", sp, "--tolerance", tol, "--report", rep])
-            row = {"model": name, "tolerance": tol, "budget": f"{metric_name}={bound}", "search_s": secs}
+            secs, r, rss = sh_rss([a.mpopt, path, "-o", out, "--calib", sp, "--tolerance", tol, "--report", rep], tmp)
+            row = {"model": name, "tolerance": tol, "budget": f"{metric_name}={bound}", "search_s": secs,
+                   "search_rss_mb": rss}
             if r.returncode != 0:
                 row["error"] = r.stderr.strip()[-300:]
                 rows.append(row)
@@ -196,8 +208,10 @@ def main():
                 script, oj = os.path.join(tmp, "occ.py"), os.path.join(tmp, f"{name}.occ.json")
                 open(script, "w").write(OCC)
                 try:
-                    _, r3 = sh([sys.executable, script, path, sp, metric_name, str(bound), oj], timeout=a.occ_timeout)
+                    _, r3, occ_rss = sh_rss([sys.executable, script, path, sp, metric_name, str(bound), oj], tmp,
+                                            timeout=a.occ_timeout)
                     row["occ_s"] = json.load(open(oj))["seconds"] if r3.returncode == 0 else None
+                    row["occ_rss_mb"] = occ_rss if r3.returncode == 0 else None
                     if r3.returncode != 0:
                         row["occ_error"] = r3.stderr.strip()[-200:]
                 except subprocess.TimeoutExpired:
@@ -205,19 +219,21 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| model | budget | held-out | task metric (held-out) | FLOPs low: search / static / static+calib | checks | kept fp32 | valid | search s | occ auto s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | budget | held-out | task metric (held-out) | FLOPs low: search / static / static+calib | checks | kept fp32 | valid | search s | search MB | occ auto s | occ auto MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['budget']} | error: {r['error'][-120:]} ||||||||")
+            print(f"| {r['model']} | {r['budget']} | error: {r['error'][-120:]} ||||||||||")
             continue
         pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
         task = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["task"].items())
         occ = r.get("occ_s", "-")
         occ = f"{occ:.1f}" if isinstance(occ, float) else str(occ)
+        mb = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
         print(f"| {r['model']} | {r['budget']} | {r['heldout']:.6g} {'ok' if r['heldout_ok'] else 'MISSED'} | {task} | "
               f"{pct(r['share'])} / {pct(r['share_static'])} / {pct(r['share_static_calib'])} | {r['checks']} | "
-              f"{r['kept']} | {r['valid']} | {r['search_s']:.1f} | {occ} |")
+              f"{r['kept']} | {r['valid']} | {r['search_s']:.1f} | {mb(r['search_rss_mb'])} | {occ} | "
+              f"{mb(r.get('occ_rss_mb'))} |")
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
     if a.check:
