@@ -91,7 +91,7 @@ impl Part {
             nonzero[j] += u32::from(finite & (a != 0.0));
             small[j] += u32::from((a != 0.0) & (a < normal));
         };
-        in_lanes(xs, lane);
+        crate::range_rules::lanes(xs, lane);
         let mut p = Part::EMPTY;
         for j in 0..L {
             p.lo = p.lo.min(lo[j]);
@@ -116,21 +116,6 @@ impl Part {
     }
 }
 
-/// Calls `lane(j, x)` for the elements in order, `j` cycling through eight lanes: loops that keep one
-/// accumulator per lane and no branches vectorize.
-#[inline(always)]
-fn in_lanes(xs: &[f32], mut lane: impl FnMut(usize, f32)) {
-    let mut chunks = xs.chunks_exact(8);
-    for c in &mut chunks {
-        for (j, &x) in c.iter().enumerate() {
-            lane(j, x);
-        }
-    }
-    for (j, &x) in chunks.remainder().iter().enumerate() {
-        lane(j, x);
-    }
-}
-
 /// A block's non-zero values below `normal` (at most `u32::MAX` of them): (those below `tiny`, which
 /// flush to zero; the others, which become subnormal; those of either above `significant`). In eight lanes
 /// without branches, so that it vectorizes.
@@ -144,7 +129,7 @@ fn underflows(xs: &[f32], normal: f32, tiny: f32, significant: f32) -> (u64, u64
         s[j] += u32::from(under & (a >= tiny));
         l[j] += u32::from(under & (a > significant));
     };
-    in_lanes(xs, lane);
+    crate::range_rules::lanes(xs, lane);
     let sum = |v: [u32; L]| v.iter().map(|&k| u64::from(k)).sum::<u64>();
     (sum(z), sum(s), sum(l))
 }

@@ -177,23 +177,13 @@ fn convert_general(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
 /// Written in eight lanes with selects instead of branches, so that it vectorizes.
 fn change_stats(xs: &[f32], ys: &[f32]) -> (usize, f32) {
     let (mut flushed, mut rel) = ([0u32; 8], [0f32; 8]);
-    let mut lane = |j: usize, x: f32, y: f32| {
+    crate::range_rules::lanes2(xs, ys, |j, x, y| {
         flushed[j] += ((x != 0.0) & (y == 0.0)) as u32;
         // zero and non-finite inputs have no relative change (NaN or inf here): dropped
         let r = ((y - x) / x).abs();
         let r = if r < f32::INFINITY { r } else { 0.0 };
         rel[j] = if r > rel[j] { r } else { rel[j] };
-    };
-    let (xa, ya) = (xs.chunks_exact(8), ys.chunks_exact(8));
-    let (xr, yr) = (xa.remainder(), ya.remainder());
-    for (xc, yc) in xa.zip(ya) {
-        for j in 0..8 {
-            lane(j, xc[j], yc[j]);
-        }
-    }
-    for (j, (&x, &y)) in xr.iter().zip(yr).enumerate() {
-        lane(j, x, y);
-    }
+    });
     (
         flushed.iter().map(|&f| f as usize).sum(),
         rel.iter().fold(0f32, |a, &b| a.max(b)),
@@ -211,7 +201,6 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
     }
     let src = crate::range_rules::F32Data::of(t)?;
     let n = src.len();
-    let fill = |at: usize, xs: &mut [f32]| src.fill(at, xs);
     let max = max_finite(to) as f32;
     // (clamped, flushed, max relative change) of a block
     type Stats = (usize, usize, f32);
@@ -228,7 +217,7 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
                     let (mut xs, mut back) = ([0f32; CHUNK], [0f32; CHUNK]);
                     let mut hs = [<$t>::ZERO; CHUNK];
                     let k = out.len() / 2;
-                    fill(block * CHUNK, &mut xs[..k]);
+                    src.fill(block * CHUNK, &mut xs[..k]);
                     hs[..k].convert_from_f32_slice(&xs[..k]);
                     let mut st: Stats = (0, 0, 0.0);
                     // Overflow is rare: count the infinities first (a vectorized count), clamp only then.

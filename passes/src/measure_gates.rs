@@ -29,14 +29,13 @@
 
 use std::collections::HashMap;
 
-use mpopt_exec::Value;
 use mpopt_ir::{DType, Model, NodeId};
 
 use crate::assign_precision::{PrecisionOptions, SearchOverrides, unit_roundoff};
 use crate::calibrate::InputSet;
 use crate::insert_casts::IoTypes;
 use crate::search_precision::{
-    SearchOptions, check, convert, decide, decided, node_sensitivity, reference,
+    SearchOptions, by_name, check, convert, decide, decided, node_sensitivity, reference,
 };
 use crate::{Pass, PassError, PassOutcome, Record};
 
@@ -151,8 +150,7 @@ impl Pass for MeasureGates {
             &mut |_, _, _| {},
             None,
         )?;
-        let values: HashMap<&str, &std::sync::Arc<Value>> =
-            trace.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let values = by_name(&trace);
         let limit = LIFT_LIMIT * unit_roundoff(target);
         let measured: Vec<(NodeId, Option<f64>)> = {
             use rayon::prelude::*;

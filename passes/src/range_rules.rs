@@ -252,25 +252,58 @@ impl<'a> F32Data<'a> {
         }
     }
 
-    /// Calls `lane(j, x)` for every element `x`, with `j` its index modulo 8: a reduction kept in eight
-    /// lanes with selects instead of branches vectorizes.
-    #[inline]
-    pub(crate) fn lanes(self, mut lane: impl FnMut(usize, f32)) {
+    /// Calls `f(j, x)` for the elements `start + j`, `j < len`, in order.
+    fn each(self, start: usize, len: usize, mut f: impl FnMut(usize, f32)) {
         match self {
-            F32Data::Bytes(b) => f32_lanes(b, lane),
-            F32Data::Floats(v) => {
-                let blocks = v.chunks_exact(8);
-                let rest = blocks.remainder();
-                for blk in blocks {
-                    for (j, &x) in blk.iter().enumerate() {
-                        lane(j, x);
-                    }
+            F32Data::Bytes(b) => {
+                for (j, c) in b[start * 4..(start + len) * 4].chunks_exact(4).enumerate() {
+                    f(j, f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
                 }
-                for (j, &x) in rest.iter().enumerate() {
-                    lane(j, x);
+            }
+            F32Data::Floats(v) => {
+                for (j, &x) in v[start..start + len].iter().enumerate() {
+                    f(j, x);
                 }
             }
         }
+    }
+
+    /// Calls `lane(j, x)` for every element `x`, with `j` its index modulo 8 (see [`lanes`]).
+    #[inline]
+    pub(crate) fn lanes(self, lane: impl FnMut(usize, f32)) {
+        match self {
+            F32Data::Bytes(b) => f32_lanes(b, lane),
+            F32Data::Floats(v) => lanes(v, lane),
+        }
+    }
+}
+
+/// Calls `lane(j, x)` for the elements of `xs` in order, with `j` the index modulo 8: a reduction kept in
+/// eight lanes (one accumulator each) with selects instead of branches vectorizes.
+#[inline(always)]
+pub(crate) fn lanes(xs: &[f32], mut lane: impl FnMut(usize, f32)) {
+    let mut blocks = xs.chunks_exact(8);
+    for blk in &mut blocks {
+        for (j, &x) in blk.iter().enumerate() {
+            lane(j, x);
+        }
+    }
+    for (j, &x) in blocks.remainder().iter().enumerate() {
+        lane(j, x);
+    }
+}
+
+/// [`lanes`] over two slices of the same length, element by element: `lane(j, a[i], b[i])`.
+#[inline(always)]
+pub(crate) fn lanes2(a: &[f32], b: &[f32], mut lane: impl FnMut(usize, f32, f32)) {
+    let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    for (xa, yb) in (&mut ca).zip(&mut cb) {
+        for j in 0..8 {
+            lane(j, xa[j], yb[j]);
+        }
+    }
+    for (j, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        lane(j, x, y);
     }
 }
 
@@ -929,25 +962,22 @@ fn affine_bound(zb: f64, scale: Option<&In>, bias: Option<&In>) -> Interval {
 /// A constant's float elements, read in place when they are f32 (raw bytes or a float list; the weights of
 /// a big model are never copied), else widened once.
 enum Elems<'a> {
-    Raw(&'a [u8]),
-    Floats(&'a [f32]),
+    F32(F32Data<'a>),
     Wide(Vec<f64>),
 }
 
 impl<'a> Elems<'a> {
     fn of(t: &'a Tensor) -> Option<Elems<'a>> {
         let n = t.numel()?;
-        match (t.dtype, &t.data) {
-            (DType::F32, mpopt_ir::TensorData::Raw(b)) if b.len() == n * 4 => Some(Elems::Raw(b)),
-            (DType::F32, mpopt_ir::TensorData::Floats(v)) if v.len() == n => Some(Elems::Floats(v)),
+        match F32Data::of(t) {
+            Some(d) if d.len() == n => Some(Elems::F32(d)),
             _ => values(t).map(Elems::Wide),
         }
     }
 
     fn len(&self) -> usize {
         match self {
-            Elems::Raw(b) => b.len() / 4,
-            Elems::Floats(v) => v.len(),
+            Elems::F32(d) => d.len(),
             Elems::Wide(v) => v.len(),
         }
     }
@@ -955,16 +985,7 @@ impl<'a> Elems<'a> {
     /// Calls `f(j, x)` for the elements `start + j`, `j < len`, in order.
     fn each(&self, start: usize, len: usize, mut f: impl FnMut(usize, f64)) {
         match self {
-            Elems::Raw(b) => {
-                for (j, c) in b[start * 4..(start + len) * 4].chunks_exact(4).enumerate() {
-                    f(j, f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64);
-                }
-            }
-            Elems::Floats(v) => {
-                for (j, &x) in v[start..start + len].iter().enumerate() {
-                    f(j, x as f64);
-                }
-            }
+            Elems::F32(d) => d.each(start, len, |j, x| f(j, x as f64)),
             Elems::Wide(v) => {
                 for (j, &x) in v[start..start + len].iter().enumerate() {
                     f(j, x);

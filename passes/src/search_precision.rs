@@ -390,6 +390,11 @@ pub(crate) fn reference(
     Ok((refs, trace))
 }
 
+/// A trace's values by name (what [`node_sensitivity`] reads).
+pub(crate) fn by_name(trace: &Trace) -> HashMap<&str, &Arc<Value>> {
+    trace.iter().map(|(n, v)| (n.as_str(), v)).collect()
+}
+
 /// The decisions with these overrides, then the casts, as the pipeline would build them; with the
 /// decisions' signature.
 pub(crate) fn convert(
@@ -462,7 +467,7 @@ fn f32s(t: &mpopt_exec::Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
 fn sq_sums(a: &[f32], b: &[f32]) -> (f64, f64, u64) {
     const L: usize = 8;
     let (mut num, mut den, mut bad) = ([0f64; L], [0f64; L], [0u64; L]);
-    let mut lane = |j: usize, x: f32, y: f32| {
+    crate::range_rules::lanes2(a, b, |j, x, y| {
         let (fx, fy) = (x.is_finite(), y.is_finite());
         let both = fx & fy;
         let (x, y) = if both {
@@ -473,16 +478,7 @@ fn sq_sums(a: &[f32], b: &[f32]) -> (f64, f64, u64) {
         num[j] += (x - y) * (x - y);
         den[j] += x * x;
         bad[j] += u64::from(fx & !fy);
-    };
-    let (mut ca, mut cb) = (a.chunks_exact(L), b.chunks_exact(L));
-    for (xa, yb) in (&mut ca).zip(&mut cb) {
-        for j in 0..L {
-            lane(j, xa[j], yb[j]);
-        }
-    }
-    for (j, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        lane(j, x, y);
-    }
+    });
     (num.iter().sum(), den.iter().sum(), bad.iter().sum())
 }
 
@@ -878,24 +874,23 @@ impl Pass for SearchPrecision {
             .filter(|id| early_dtype.get(id) != final_dtype.get(id) || !streamed.contains_key(id))
             .collect();
         let mut later_trace = trace_vals;
-        let missing: Vec<NodeId> = {
+        // what the run did not keep of those nodes' values
+        let missing: std::collections::HashSet<String> = {
             let have: std::collections::HashSet<&str> =
                 later_trace.iter().map(|(n, _)| n.as_str()).collect();
             later
                 .iter()
-                .copied()
-                .filter(|&id| values_of(g, id).iter().any(|n| !have.contains(n.as_str())))
+                .flat_map(|&id| values_of(g, id))
+                .filter(|n| !have.contains(n.as_str()))
                 .collect()
         };
         if !missing.is_empty() {
             let t = std::time::Instant::now();
-            let keep: std::collections::HashSet<String> =
-                missing.iter().flat_map(|&id| values_of(g, id)).collect();
             let (_, more) = reference(
                 model,
                 &opts.sets[..1],
                 "search-precision",
-                |_| Some(keep),
+                |_| Some(missing),
                 |_| {},
                 &mut |_, _, _| {},
                 None,
@@ -905,8 +900,7 @@ impl Pass for SearchPrecision {
             reference_time += t.elapsed();
         }
         let t0 = std::time::Instant::now();
-        let trace: HashMap<&str, &Arc<Value>> =
-            later_trace.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let trace = by_name(&later_trace);
         let measured_later: HashMap<NodeId, Option<f64>> = {
             use rayon::prelude::*;
             let done = std::sync::atomic::AtomicUsize::new(0);
