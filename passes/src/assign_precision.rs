@@ -49,7 +49,7 @@
 //! %y = Softmax(%h) {axis = -1} : f32[N,4] ; prec f32 (infer: not between low nodes)
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use mpopt_ir::schema::{OpSchema, registry};
 use mpopt_ir::{DType, Graph, Model, NodeId, Opsets, PrecisionDecision, Tensor, ValueId};
@@ -183,18 +183,26 @@ pub struct PrecisionOptions {
     pub search: Option<std::sync::Arc<SearchOverrides>>,
 }
 
-/// How `search-precision` changes the decisions of the main graph (subgraphs keep the default rules).
+/// A node anywhere in a model: the scope of its graph as the executor names it
+/// ([`mpopt_exec::subgraph_scope`]; `""` for the main graph) and its id in that graph.
+pub type ScopedNode = (String, NodeId);
+
+/// How `search-precision` (and `measure-gates`) change the decisions, in every graph of the model.
 #[derive(Clone, Debug, Default)]
 pub struct SearchOverrides {
     /// Drop the precision heuristics that a measurement replaces: the flush gate for initializers (overflow
     /// still gates), the underflow gate (overflow still gates), and, for guarded deny ops, the input-rounding
     /// checks of exponentials and `Pow` (their values must still be shown in range).
     pub relax: bool,
-    /// Main-graph nodes kept fp32, with the evidence (they do not spread).
-    pub keep: std::collections::HashMap<NodeId, String>,
-    /// Main-graph nodes exempt from the flush and underflow gates, with the measurement that showed them
-    /// harmless (`measure-gates`).
-    pub lift: std::collections::HashMap<NodeId, String>,
+    /// With `relax`: the graphs it applies in, by scope (those the reference run reached, where the
+    /// whole-model checks run too); the others keep every heuristic. `None`: every graph.
+    pub reached: Option<std::collections::HashSet<String>>,
+    /// Nodes kept fp32, with the evidence (they do not spread). A control-flow node kept fp32 keeps its
+    /// bodies fp32, whole.
+    pub keep: std::collections::HashMap<ScopedNode, String>,
+    /// Nodes exempt from the flush and underflow gates, with the measurement that showed them harmless
+    /// (`measure-gates`).
+    pub lift: std::collections::HashMap<ScopedNode, String>,
 }
 
 /// The default [`PrecisionOptions::range_margin`]: three binades above the largest observed value.
@@ -389,7 +397,14 @@ impl Pass for AssignPrecision {
         }
         let opsets = model.opsets();
         let mut stats = Stats::default();
-        decide_graph(&mut model.graph, &self.opts, &opsets, &mut stats, true);
+        decide_graph(
+            &mut model.graph,
+            &self.opts,
+            &opsets,
+            &mut stats,
+            "",
+            &HashMap::new(),
+        );
         Ok(PassOutcome {
             changed: stats.decided > 0,
             counters: vec![
@@ -1004,23 +1019,59 @@ fn keep_all_fp32(g: &mut Graph, evidence: &str, stats: &mut Stats) {
     }
 }
 
+/// The constants that the subgraphs of `g` read from their enclosing scopes, by name, checked against
+/// `target`'s range: those of `g` itself, and those `g` reads from above (`outer`, by the same rule). The
+/// initializer gate sees a body's captured weights as it sees its own.
+fn captured_constants(
+    g: &Graph,
+    target: DType,
+    outer: &HashMap<String, RangeCheck>,
+) -> HashMap<String, RangeCheck> {
+    let mut out = HashMap::new();
+    for (_, n) in g.nodes() {
+        for (_, sg) in n.subgraphs() {
+            for &c in sg.captures() {
+                let name = sg.value(c).name();
+                if out.contains_key(name) {
+                    continue;
+                }
+                let r = match g.value_by_name(name) {
+                    Some(v) if !g.captures().contains(&v) => {
+                        constant_of(g, v).and_then(|t| range_check(t, target))
+                    }
+                    _ => outer.get(name).cloned(),
+                };
+                if let Some(r) = r {
+                    out.insert(name.to_string(), r);
+                }
+            }
+        }
+    }
+    out
+}
+
 fn decide_graph(
     g: &mut Graph,
     opts: &PrecisionOptions,
     opsets: &Opsets,
     stats: &mut Stats,
-    main: bool,
+    scope: &str,
+    outer: &HashMap<String, RangeCheck>,
 ) {
     // Subgraphs first, each on its own; the bodies of a node the search keeps fp32 are all fp32.
-    let search = opts.search.as_deref().filter(|_| main);
-    g.for_each_subgraph_mut(|id, _, sg| {
-        if let Some(ev) = search.and_then(|s| s.keep.get(&id)) {
+    let search = opts.search.as_deref();
+    let key = |id: NodeId| (scope.to_string(), id);
+    let visible = captured_constants(g, opts.target, outer);
+    g.for_each_subgraph_mut(|id, attr, sg| {
+        if let Some(ev) = search.and_then(|s| s.keep.get(&key(id))) {
             keep_all_fp32(sg, ev, stats);
         } else {
-            decide_graph(sg, opts, opsets, stats, false)
+            let inner = mpopt_exec::subgraph_scope(scope, id, attr);
+            decide_graph(sg, opts, opsets, stats, &inner, &visible)
         }
     });
-    let relax = search.is_some_and(|s| s.relax);
+    let relax =
+        search.is_some_and(|s| s.relax && s.reached.as_ref().is_none_or(|r| r.contains(scope)));
 
     let bound = g.node_bound();
     let mut spreads = vec![false; bound];
@@ -1071,11 +1122,11 @@ fn decide_graph(
             spreads[id.index()] = true;
             continue;
         }
-        let lifted = search.and_then(|s| s.lift.get(&id));
+        let lifted = search.and_then(|s| s.lift.get(&key(id)));
         if let Some(ev) = lifted {
             evidence = format!("{evidence}; {ev}");
         }
-        if let Some(ev) = search.and_then(|s| s.keep.get(&id)) {
+        if let Some(ev) = search.and_then(|s| s.keep.get(&key(id))) {
             fp32(&mut why, "search: kept fp32".into(), ev.clone());
             color[id.index()] = Color::Fp32;
             continue;
@@ -1138,10 +1189,12 @@ fn decide_graph(
             {
                 continue;
             }
-            let Some(t) = constant_of(g, v) else {
-                continue;
+            // a constant of this graph, or one of an enclosing graph read through a capture
+            let r = match constant_of(g, v) {
+                Some(t) => range_check(t, target),
+                None => outer.get(g.value(v).name()).cloned(),
             };
-            let Some(r) = range_check(t, target) else {
+            let Some(r) = r else {
                 continue;
             };
             let name = g.value(v).name();

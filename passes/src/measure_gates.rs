@@ -165,7 +165,7 @@ impl Pass for MeasureGates {
                         .is_some_and(|p| p.dtype != DType::F32);
                     // a node that stays fp32 without the gate has nothing to measure
                     let s = low
-                        .then(|| node_sensitivity(&relaxed, id, &values, target))
+                        .then(|| node_sensitivity(&relaxed, &relaxed.graph, id, &values, target))
                         .flatten();
                     (id, s)
                 })
@@ -187,7 +187,7 @@ impl Pass for MeasureGates {
             });
             if ok {
                 lift.insert(
-                    id,
+                    (String::new(), id),
                     format!(
                         "gate lifted by measurement: alone in {target} its outputs' relative RMS error is {s:.2e} <= {LIFT_LIMIT} x unit roundoff"
                     ),

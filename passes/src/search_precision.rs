@@ -10,12 +10,14 @@
 //! 1. *Reference*: one fp32 run per input set. The per-node pass (3.) runs inside the first, on each node
 //!    while its values are alive (the run keeps no more than a plain one), for the candidates of the
 //!    decisions that observations can at best allow (every unobserved value taken as observed in [0, 1]);
-//!    a final candidate measured in another dtype or not at all is measured after, from kept constants or
-//!    one more run that keeps only its values. With [`SearchOptions::observe`] (the default pipeline)
+//!    the nodes of If, Loop and Scan bodies included, a body node on every trip (its worst trip counts).
+//!    A final main-graph candidate measured in another dtype or not at all is measured after, from kept
+//!    constants or one more run that keeps only its values. With [`SearchOptions::observe`] (the default pipeline)
 //!    these runs are also the calibration: their statistics go on the values as `calibrate` would put them.
 //! 2. *Most-low decisions*: `assign-precision` with the measured heuristics relaxed (the initializer flush
 //!    gate, the underflow gate, the rounding checks of exponentials and `Pow`; overflow, schema, shape and
-//!    user rules stay). Its low main-graph nodes are the candidates.
+//!    user rules stay), in every graph. Its low nodes are the candidates, in the main graph and in bodies
+//!    (a control-flow node itself is not one: its body's nodes are).
 //! 3. *Per-node pass*: each candidate alone, in a one-node model built from its decision (`insert-casts`
 //!    makes its casts), reads the fp32 reference values of its inputs and computes in low precision; its
 //!    sensitivity is the relative RMS error of its outputs against the reference (infinite when it makes
@@ -26,12 +28,13 @@
 //!    nodes are kept fp32 in the order of squared sensitivity per FLOP until the predicted badness is 0.7 of
 //!    the budget, and the model is checked again; the scale is re-measured after each check (greedy
 //!    repair). Data-movement nodes are never kept: keeping one fp32 removes no rounding. Last come what
-//!    could not be measured alone: control-flow nodes whose bodies run low (kept whole) and nodes that
-//!    cannot run by themselves. If the result has fewer low FLOPs than the static decisions and those meet
-//!    the budget too, they win.
+//!    was not measured: nodes that cannot run by themselves, body nodes the reference run did not reach in
+//!    their final dtype (a branch the inputs did not take), then control-flow nodes whose bodies run low
+//!    (kept whole). If the result has fewer low FLOPs than the static decisions and those meet the budget
+//!    too, they win.
 //!
-//! **Invariants.** Main graph only: subgraph nodes keep the static rules unless their control-flow node is
-//! kept whole. Only tensor outputs are judged. Deterministic (same inputs, same decisions). Annotates only,
+//! **Invariants.** Nodes are named by their graph's scope and id ([`ScopedNode`]), so a kept body node is
+//! kept in exactly that body. Only tensor outputs are judged. Deterministic (same inputs, same decisions). Annotates only,
 //! like `assign-precision`: the pipeline's `insert-casts` and `fuse-casts` then build exactly the model that
 //! was verified. Fails, naming the metric, when even keeping every candidate fp32 misses the budget.
 //!
@@ -47,7 +50,9 @@ use mpopt_exec::metrics::{OutputMetrics, adapt_inputs};
 use mpopt_exec::{Executor, RunOptions, Value};
 use mpopt_ir::{DType, Graph, Model, NodeId};
 
-use crate::assign_precision::{AssignPrecision, PrecisionOptions, SearchOverrides, max_finite};
+use crate::assign_precision::{
+    AssignPrecision, PrecisionOptions, ScopedNode, SearchOverrides, max_finite,
+};
 use crate::calibrate::{InputSet, Observations};
 use crate::fuse_casts::FuseCasts;
 use crate::insert_casts::{InsertCasts, IoTypes};
@@ -310,14 +315,60 @@ fn judge(tols: &[Tolerance], ms: &[OutputMetrics]) -> Result<Verdict, String> {
     Ok(v)
 }
 
-/// The main graph's decisions, node by node.
+/// The decisions, node by node, subgraphs included.
 type Signature = Vec<Option<DType>>;
 
 fn signature(m: &Model) -> Signature {
-    m.graph
-        .nodes()
-        .map(|(_, n)| n.precision.as_ref().map(|p| p.dtype))
-        .collect()
+    fn walk(g: &Graph, out: &mut Signature) {
+        for (_, n) in g.nodes() {
+            out.push(n.precision.as_ref().map(|p| p.dtype));
+            for (_, sg) in n.subgraphs() {
+                walk(sg, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&m.graph, &mut out);
+    out
+}
+
+/// The graph of `scope` ([`mpopt_exec::subgraph_scope`]'s naming; `""`: `main` itself).
+fn graph_at<'g>(main: &'g Graph, scope: &str) -> Option<&'g Graph> {
+    let mut g = main;
+    for part in scope.split('/').skip(1) {
+        let (id, attr) = part.split_once('.')?;
+        let id = NodeId(id.parse().ok()?);
+        if !g.is_live(id) {
+            return None;
+        }
+        g = g.node(id).subgraphs().find(|(a, _)| *a == attr)?.1;
+    }
+    Some(g)
+}
+
+/// How the report names a node: its label, after the path of control-flow nodes and attributes above it.
+fn scoped_label(main: &Graph, (scope, id): &ScopedNode) -> String {
+    let mut g = main;
+    let mut path = String::new();
+    for part in scope.split('/').skip(1) {
+        let next = part.split_once('.').and_then(|(owner, attr)| {
+            let owner = NodeId(owner.parse().ok()?);
+            let sg = g.node(owner).subgraphs().find(|(a, _)| *a == attr)?.1;
+            Some((mpopt_ir::node_label(g, owner), attr, sg))
+        });
+        let Some((owner, attr, sg)) = next else {
+            return format!("{scope} > #{}", id.0);
+        };
+        path.push_str(&format!("{owner} > {attr} > "));
+        g = sg;
+    }
+    format!("{path}{}", mpopt_ir::node_label(g, *id))
+}
+
+/// The node at `key`, with its graph.
+fn node_at<'g>(main: &'g Graph, key: &ScopedNode) -> Option<(&'g Graph, &'g mpopt_ir::Node)> {
+    let g = graph_at(main, &key.0)?;
+    g.is_live(key.1).then(|| (g, g.node(key.1)))
 }
 
 /// Decides `model` in place with these overrides (`assign-precision` from scratch).
@@ -518,16 +569,27 @@ fn rel_rms(r: &Value, c: &Value, max: f64) -> Option<f64> {
     })
 }
 
-/// The main-graph nodes the search measures, with the dtype they are decided to: low, not control flow
-/// (their bodies read the enclosing scope), not a Cast.
-fn candidates_of(g: &Graph) -> HashMap<NodeId, DType> {
-    g.nodes()
-        .filter(|(_, n)| !n.has_subgraphs() && n.op_type != "Cast")
-        .filter_map(|(id, n)| {
-            let d = n.precision.as_ref()?.dtype;
-            (d != DType::F32).then_some((id, d))
-        })
-        .collect()
+/// The nodes the search measures, in every graph, with the dtype they are decided to: low, not control
+/// flow (the nodes of their bodies are measured instead), not a Cast.
+fn candidates_of(g: &Graph) -> HashMap<ScopedNode, DType> {
+    fn walk(g: &Graph, scope: &str, out: &mut HashMap<ScopedNode, DType>) {
+        for (id, n) in g.nodes() {
+            for (attr, sg) in n.subgraphs() {
+                walk(sg, &mpopt_exec::subgraph_scope(scope, id, attr), out);
+            }
+            if n.has_subgraphs() || n.op_type == "Cast" {
+                continue;
+            }
+            if let Some(d) = n.precision.as_ref().map(|p| p.dtype)
+                && d != DType::F32
+            {
+                out.insert((scope.to_string(), id), d);
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    walk(g, "", &mut out);
+    out
 }
 
 /// The model as if every float value without observations had been observed within [0, 1]: its decisions
@@ -536,7 +598,12 @@ fn candidates_of(g: &Graph) -> HashMap<NodeId, DType> {
 /// observations are known. Proven ranges stay.
 fn assumed_in_range(model: &Model) -> Model {
     let mut m = model.clone();
-    let g = &mut m.graph;
+    assume_in_range(&mut m.graph);
+    m
+}
+
+fn assume_in_range(g: &mut Graph) {
+    g.for_each_subgraph_mut(|_, _, sg| assume_in_range(sg));
     let ids: Vec<_> = g.value_ids().collect();
     for v in ids {
         let val = g.value_mut(v);
@@ -562,7 +629,6 @@ fn assumed_in_range(model: &Model) -> Model {
             lost: 0,
         });
     }
-    m
 }
 
 /// The names of a node's inputs and outputs: what measuring it alone reads.
@@ -595,7 +661,7 @@ type Slots = Vec<Option<Arc<Value>>>;
 /// run).
 #[derive(Default)]
 struct Pending {
-    nodes: Vec<(NodeId, Slots, Slots)>,
+    nodes: Vec<(ScopedNode, Slots, Slots)>,
     bytes: usize,
 }
 
@@ -605,7 +671,7 @@ impl Pending {
     const NODES: usize = 64;
     const BYTES: usize = 256 << 20;
 
-    fn push(&mut self, id: NodeId, ins: &[Option<Arc<Value>>], outs: &[Option<Arc<Value>>]) {
+    fn push(&mut self, id: ScopedNode, ins: &[Option<Arc<Value>>], outs: &[Option<Arc<Value>>]) {
         self.bytes += ins
             .iter()
             .chain(outs)
@@ -623,15 +689,16 @@ impl Pending {
     }
 
     /// Each node's sensitivity under `decisions`; empties the batch.
-    fn measure(&mut self, decisions: &Model, target: DType) -> Vec<(NodeId, Option<f64>)> {
+    fn measure(&mut self, decisions: &Model, target: DType) -> Vec<(ScopedNode, Option<f64>)> {
         use rayon::prelude::*;
-        let g = &decisions.graph;
         let batch = std::mem::take(&mut self.nodes);
         self.bytes = 0;
         batch
             .into_par_iter()
-            .map(|(id, ins, outs)| {
-                let node = g.node(id);
+            .map(|(key, ins, outs)| {
+                let Some((g, node)) = node_at(&decisions.graph, &key) else {
+                    return (key, None);
+                };
                 let named = node
                     .inputs()
                     .iter()
@@ -639,20 +706,22 @@ impl Pending {
                     .chain(node.outputs().iter().zip(&outs))
                     .filter_map(|(v, x)| Some((g.value((*v)?).name(), x.as_ref()?)));
                 let values: HashMap<&str, &Arc<Value>> = named.collect();
-                (id, node_sensitivity(decisions, id, &values, target))
+                let s = node_sensitivity(decisions, g, key.1, &values, target);
+                (key, s)
             })
             .collect()
     }
 }
 
-/// One node alone in a model of its own, reading the reference values: its outputs' largest relative RMS error.
+/// Node `id` of graph `g` (the main graph of `base` or one of its subgraphs) alone in a model of its own,
+/// reading the reference values (outer-scope ones included): its outputs' largest relative RMS error.
 pub(crate) fn node_sensitivity(
     base: &Model,
+    g: &Graph,
     id: NodeId,
     trace: &HashMap<&str, &Arc<Value>>,
     target: DType,
 ) -> Option<f64> {
-    let g = &base.graph;
     let node = g.node(id);
     let mut mg = Graph::new("node");
     let mut feeds = Vec::new();
@@ -747,6 +816,21 @@ fn try_decisions(
     Ok((v, fl, sig))
 }
 
+/// The control-flow nodes of `g` (`scope`) and of its subgraphs whose bodies have a node decided low,
+/// outermost first.
+fn control_flow_with_low_bodies(g: &Graph, scope: &str, out: &mut Vec<ScopedNode>) {
+    for (id, n) in g.nodes() {
+        if n.has_subgraphs() && n.subgraphs().any(|(_, sg)| any_low(sg)) {
+            out.push((scope.to_string(), id));
+        }
+    }
+    for (id, n) in g.nodes() {
+        for (attr, sg) in n.subgraphs() {
+            control_flow_with_low_bodies(sg, &mpopt_exec::subgraph_scope(scope, id, attr), out);
+        }
+    }
+}
+
 /// Does a graph (or a graph nested in it) have a node decided low?
 fn any_low(g: &Graph) -> bool {
     g.nodes().any(|(_, n)| {
@@ -801,15 +885,24 @@ impl Pass for SearchPrecision {
         let t_ref = std::time::Instant::now();
         let mut per_node = std::time::Duration::ZERO;
         let mut obs = Observations::new(target);
-        let mut streamed: HashMap<NodeId, Option<f64>> = HashMap::new();
+        // a node of a Loop or Scan body is measured on every trip: its worst
+        let mut streamed: HashMap<ScopedNode, Option<f64>> = HashMap::new();
+        // the graphs the runs reach (a branch not taken is not): the relaxed rules apply only there,
+        // where the whole-model checks verify them
+        let mut reached: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut pending = Pending::default();
         // progress: the candidates the run will show the hook (folded ones are measured after)
         let run_total = std::cell::Cell::new(early_dtype.len());
         let mut measure_pending =
-            |pending: &mut Pending, streamed: &mut HashMap<NodeId, Option<f64>>| {
+            |pending: &mut Pending, streamed: &mut HashMap<ScopedNode, Option<f64>>| {
                 let t = std::time::Instant::now();
-                let got = pending.measure(&early, target);
-                streamed.extend(got);
+                for (key, s) in pending.measure(&early, target) {
+                    let e = streamed.entry(key).or_insert(s);
+                    *e = match (*e, s) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
                 report("per-node", streamed.len(), run_total.get());
                 per_node += t.elapsed();
             };
@@ -819,23 +912,29 @@ impl Pass for SearchPrecision {
             "search-precision",
             // what the hook does not see: the graph inputs and the folded values (constants)
             |schedule| {
+                // (every subgraph candidate counted, though a branch not taken shows none)
                 run_total.set(
                     schedule
                         .iter()
-                        .filter(|id| early_dtype.contains_key(id))
-                        .count(),
+                        .filter(|&&id| early_dtype.contains_key(&(String::new(), id)))
+                        .count()
+                        + early_dtype.keys().filter(|k| !k.0.is_empty()).count(),
                 );
                 Some(unscheduled_values(&model.graph, schedule))
             },
             |k| report("reference", k, opts.sets.len()),
             &mut |s, n, v| {
+                if !reached.contains(s) {
+                    reached.insert(s.to_string());
+                }
                 if opts.observe {
                     obs.see(s, n, v)
                 }
             },
-            Some(&mut |id, ins, outs| {
-                if early_dtype.contains_key(&id) {
-                    pending.push(id, ins, outs);
+            Some(&mut |scope, id, ins, outs| {
+                let key = (scope.to_string(), id);
+                if early_dtype.contains_key(&key) {
+                    pending.push(key, ins, outs);
                     if pending.full() {
                         measure_pending(&mut pending, &mut streamed);
                     }
@@ -843,6 +942,10 @@ impl Pass for SearchPrecision {
             }),
         )?;
         measure_pending(&mut pending, &mut streamed);
+        // the run's stage is over, short of its total when a branch not taken showed none of its nodes
+        if streamed.len() != run_total.get() {
+            report("per-node", streamed.len(), streamed.len());
+        }
         let mut reference_time = t_ref.elapsed().saturating_sub(per_node);
         if opts.observe {
             obs.store(model);
@@ -850,28 +953,29 @@ impl Pass for SearchPrecision {
         let mut reference_runs = opts.sets.len();
 
         // 2. The most-low decisions and their candidates.
-        let most_low = decided(model, &opts.precision, relaxed)?;
+        let relaxed = SearchOverrides {
+            reached: Some(reached),
+            ..relaxed
+        };
+        let most_low = decided(model, &opts.precision, relaxed.clone())?;
         let g = &most_low.graph;
         let final_dtype = candidates_of(g);
-        let candidates: Vec<NodeId> = g
-            .nodes()
-            .filter(|(id, _)| final_dtype.contains_key(id))
-            .map(|(id, _)| id)
-            .collect();
-        // control-flow nodes whose bodies run low: not measured alone (their bodies read the enclosing
-        // scope), kept whole as a last resort
-        let bodies: Vec<NodeId> = g
-            .nodes()
-            .filter(|(_, n)| n.has_subgraphs() && n.subgraphs().any(|(_, sg)| any_low(sg)))
-            .map(|(id, _)| id)
-            .collect();
+        let mut candidates: Vec<ScopedNode> = final_dtype.keys().cloned().collect();
+        candidates.sort();
+        // control-flow nodes whose bodies run low: not measured alone (the nodes of their bodies are), kept
+        // whole as a last resort
+        let mut bodies: Vec<ScopedNode> = Vec::new();
+        control_flow_with_low_bodies(g, "", &mut bodies);
 
-        // 3. Per-node pass: what the run measured with the final decision; the rest (folded nodes, and
-        //    candidates the observations added or changed) from kept values, in parallel.
+        // 3. Per-node pass: what the run measured with the final decision; the rest of the main graph
+        //    (folded nodes, and candidates the observations added or changed) from kept values, in
+        //    parallel. A subgraph node that the run did not measure in its final dtype (a branch not taken,
+        //    a folded node) is left unmeasured.
         let later: Vec<NodeId> = candidates
             .iter()
-            .copied()
-            .filter(|id| early_dtype.get(id) != final_dtype.get(id) || !streamed.contains_key(id))
+            .filter(|k| k.0.is_empty())
+            .filter(|k| early_dtype.get(*k) != final_dtype.get(*k) || !streamed.contains_key(*k))
+            .map(|k| k.1)
             .collect();
         let mut later_trace = trace_vals;
         // what the run did not keep of those nodes' values
@@ -901,86 +1005,97 @@ impl Pass for SearchPrecision {
         }
         let t0 = std::time::Instant::now();
         let trace = by_name(&later_trace);
-        let measured_later: HashMap<NodeId, Option<f64>> = {
+        let measured_later: HashMap<ScopedNode, Option<f64>> = {
             use rayon::prelude::*;
             let done = std::sync::atomic::AtomicUsize::new(0);
             later
                 .par_iter()
                 .map(|&id| {
-                    let s = node_sensitivity(&most_low, id, &trace, target);
+                    let s = node_sensitivity(&most_low, g, id, &trace, target);
                     let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     report("per-node", d, later.len());
-                    (id, s)
+                    ((String::new(), id), s)
                 })
                 .collect()
         };
         let reference_ms = reference_time.as_secs_f64() * 1e3;
-        let mut sens: Vec<(NodeId, f64, u64)> = Vec::new();
+        let mut sens: Vec<(ScopedNode, f64, u64)> = Vec::new();
         let mut unmeasured = 0u64;
         let mut last_resort = Vec::new();
-        for &id in &candidates {
-            let m = match measured_later.get(&id) {
+        for key in &candidates {
+            let m = match measured_later.get(key) {
                 Some(m) => *m,
-                None => streamed.get(&id).copied().flatten(),
+                // a subgraph node measured in another dtype than its final one is not measured
+                None if early_dtype.get(key) == final_dtype.get(key) => {
+                    streamed.get(key).copied().flatten()
+                }
+                None => None,
             };
-            match m {
-                Some(s) => sens.push((id, s, node_flops(g, g.node(id)))),
-                None => {
+            match (m, node_at(g, key)) {
+                (Some(s), Some((sg, node))) => sens.push((key.clone(), s, node_flops(sg, node))),
+                _ => {
                     unmeasured += 1;
-                    last_resort.push(id);
+                    last_resort.push(key.clone());
                 }
             }
         }
-        last_resort.extend(bodies.iter().copied());
+        last_resort.extend(bodies);
         let per_node_ms = (per_node + t0.elapsed()).as_secs_f64() * 1e3;
         // most sensitive first; ties: fewer FLOPs first (cheaper to keep), then schedule order
         sens.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)).then(a.0.cmp(&b.0)));
         // the most sensitive nodes, for the report whatever the search decides
-        for (id, s, f) in sens.iter().take(SHOWN) {
+        let op_at =
+            |key: &ScopedNode| node_at(g, key).map_or(String::new(), |(_, n)| n.qualified_op());
+        for (key, s, f) in sens.iter().take(SHOWN) {
             records.push(Record {
                 kind: "search-sensitivity",
                 fields: vec![
-                    ("node", mpopt_ir::node_label(g, *id)),
-                    ("op", g.node(*id).qualified_op()),
+                    ("node", scoped_label(g, key)),
+                    ("op", op_at(key)),
                     ("sensitivity", format!("{s:.4e}")),
                     ("flops", f.to_string()),
                 ],
             });
         }
-        let rank: HashMap<NodeId, usize> = sens.iter().enumerate().map(|(i, s)| (s.0, i)).collect();
-        let evidence = |id: NodeId, s: f64| {
-            match rank.get(&id) {
+        let rank: HashMap<&ScopedNode, usize> =
+            sens.iter().enumerate().map(|(i, s)| (&s.0, i)).collect();
+        let evidence = |key: &ScopedNode, s: f64| {
+            match rank.get(key) {
             Some(r) => format!(
                 "sensitivity {s:.3e} (relative RMS error of its outputs alone in {}; rank {} of {})",
                 opts.precision.target,
                 r + 1,
                 sens.len()
             ),
-            None => "not measurable alone (a control-flow body, or a node that cannot run by itself): kept as a last resort".into(),
+            None => "not measured (a node that cannot run by itself, a branch the inputs did not take, or a control-flow node kept whole): kept as a last resort".into(),
         }
         };
 
         // 4. Choose and verify.
-        let mut keep: HashMap<NodeId, String> = HashMap::new();
-        for &(id, s, _) in &sens {
+        let mut keep: HashMap<ScopedNode, String> = HashMap::new();
+        for (key, s, _) in &sens {
             if !s.is_finite() {
-                keep.insert(id, format!("makes NaN/Inf alone: {}", evidence(id, s)));
+                keep.insert(
+                    key.clone(),
+                    format!("makes NaN/Inf alone: {}", evidence(key, *s)),
+                );
             }
         }
         // the nodes worth keeping: they compute (data movement only copies rounded values)
         // in the order of error removed (squared sensitivity) per FLOP kept high: the cheap nodes that cost
         // the most accuracy go first, the big matrix products last
-        let mut keepable: Vec<(NodeId, f64, u64)> = sens
+        let mut keepable: Vec<&(ScopedNode, f64, u64)> = sens
             .iter()
-            .filter(|(id, s, f)| s.is_finite() && *f > 0 && !keep.contains_key(id))
-            .copied()
+            .filter(|(key, s, f)| s.is_finite() && *f > 0 && !keep.contains_key(key))
             .collect();
-        let worth = |&(_, s, f): &(NodeId, f64, u64)| s * s / (f as f64 + 1.0);
+        let worth = |&(_, s, f): &(ScopedNode, f64, u64)| s * s / (f as f64 + 1.0);
         keepable.sort_by(|a, b| worth(b).total_cmp(&worth(a)).then(a.0.cmp(&b.0)));
-        let mut keepable: Vec<(NodeId, f64)> =
-            keepable.into_iter().map(|(id, s, _)| (id, s)).collect();
-        // then what could not be measured: unmeasured nodes and control-flow bodies, in schedule order
-        keepable.extend(last_resort.iter().map(|&id| (id, 0.0)));
+        let mut keepable: Vec<(ScopedNode, f64)> = keepable
+            .into_iter()
+            .map(|(key, s, _)| (key.clone(), *s))
+            .collect();
+        // then what could not be measured: unmeasured nodes, then control-flow nodes kept whole
+        keepable.extend(last_resort.into_iter().map(|key| (key, 0.0)));
         let t_checks = std::time::Instant::now();
         let (statically, static_sig) = {
             let m = decided(model, &opts.precision, SearchOverrides::default())?;
@@ -991,9 +1106,8 @@ impl Pass for SearchPrecision {
         let mut next = 0usize;
         let mut checks = 0usize;
         let mut current = SearchOverrides {
-            relax: true,
             keep: keep.clone(),
-            ..SearchOverrides::default()
+            ..relaxed.clone()
         };
         let (chosen, verdict) = loop {
             let (v, fl, sig) =
@@ -1039,16 +1153,15 @@ impl Pass for SearchPrecision {
                 && taken < quota
                 && (taken == 0 || scale * left.max(0.0).sqrt() > TARGET)
             {
-                let (id, s) = keepable[next];
-                keep.insert(id, evidence(id, s));
+                let (key, s) = &keepable[next];
+                keep.insert(key.clone(), evidence(key, *s));
                 left -= s * s;
                 next += 1;
                 taken += 1;
             }
             current = SearchOverrides {
-                relax: true,
                 keep: keep.clone(),
-                ..SearchOverrides::default()
+                ..relaxed.clone()
             };
             // a proposal that lowers less than the static rules: check those first
             if !static_checked
@@ -1075,21 +1188,21 @@ impl Pass for SearchPrecision {
         // Decide the model itself as verified.
         decide(model, &opts.precision, chosen)?;
         let g = &model.graph;
-        let mut kept: Vec<(&NodeId, &String)> = final_keep.iter().collect();
-        kept.sort_by_key(|(id, _)| rank.get(id).copied().unwrap_or(usize::MAX));
-        for (id, ev) in kept {
+        let mut kept: Vec<(&ScopedNode, &String)> = final_keep.iter().collect();
+        kept.sort_by_key(|(key, _)| (rank.get(key).copied().unwrap_or(usize::MAX), *key));
+        for (key, ev) in kept {
             records.push(Record {
                 kind: "search-kept",
                 fields: vec![
-                    ("node", mpopt_ir::node_label(g, *id)),
-                    ("op", g.node(*id).qualified_op()),
+                    ("node", scoped_label(g, key)),
+                    ("op", op_at(key)),
                     ("evidence", ev.clone()),
                 ],
             });
         }
         let (fl, ft) = flops_low(model);
         notes.push(format!(
-            "{} candidate nodes measured ({unmeasured} could not be run alone); {} kept fp32; {} whole-model check(s) on {} input set(s); {:.1}% of FLOPs low; {}",
+            "{} candidate nodes measured ({unmeasured} not: cannot run alone, or in a branch not taken); {} kept fp32; {} whole-model check(s) on {} input set(s); {:.1}% of FLOPs low; {}",
             sens.len(),
             final_keep.len(),
             checks,

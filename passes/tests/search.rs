@@ -184,3 +184,44 @@ graph @folded(%x: f32[2,4]) -> (%y: f32[2,4]) {
     );
     assert!(per_node.iter().all(|(d, t)| d <= t), "{per_node:?}");
 }
+
+/// A node kept in an If branch is named in the report by its path, and only that branch is searched.
+#[test]
+fn a_kept_body_node_is_reported_by_its_path() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../testdata/passes/search-precision/if_branch.mpir");
+    let mut m = mpopt_ir::text::parse_model(&std::fs::read_to_string(path).unwrap()).unwrap();
+    pipeline::by_name("infer-types")
+        .unwrap()
+        .run(&mut m)
+        .unwrap();
+    let out = SearchPrecision::new(SearchOptions {
+        tolerances: vec![Tolerance::parse("max-rel=0.01").unwrap()],
+        sets: vec![inputs()],
+        observe: true,
+        ..SearchOptions::default()
+    })
+    .run(&mut m)
+    .unwrap();
+    let kept: Vec<String> = out
+        .records
+        .iter()
+        .filter(|r| r.kind == "search-kept")
+        .map(|r| r.fields.iter().find(|f| f.0 == "node").unwrap().1.clone())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(
+        kept[0].starts_with("#")
+            && kept[0].contains(" (If) > then_branch > ")
+            && kept[0].ends_with("(MatMul)"),
+        "{kept:?}"
+    );
+    // the then branch's three low nodes are measured; the else branch keeps the static rules (its captured
+    // weights flush), so it has no candidate to leave unmeasured
+    let cost = record(&out, "search-cost");
+    assert_eq!(
+        cost.iter().find(|f| f.0 == "nodes_measured").unwrap().1,
+        "3"
+    );
+    assert!(out.notes[0].contains("(0 not:"), "{:?}", out.notes);
+}

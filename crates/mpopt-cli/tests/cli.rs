@@ -204,6 +204,31 @@ fn output_equal_to_input_is_a_usage_error_and_leaves_the_input_alone() {
 }
 
 #[test]
+fn an_existing_output_is_replaced_whole_and_no_temporary_file_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = root().join("testdata/models/tiny_mlp.onnx");
+    let fresh = dir.path().join("fresh.onnx");
+    let (code, _, stderr) = mpopt(&["copy", src.to_str().unwrap(), "-o", fresh.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    // an older, longer file at the output path, read-only as a file (the folder is writable)
+    let out = dir.path().join("out.onnx");
+    std::fs::write(&out, vec![7u8; 1 << 20]).unwrap();
+    let mut perms = std::fs::metadata(&out).unwrap().permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(&out, perms).unwrap();
+    let (code, _, stderr) = mpopt(&["copy", src.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&fresh).unwrap());
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["fresh.onnx", "out.onnx"]);
+}
+
+#[test]
 fn never_overwrites_the_external_data_it_reads() {
     let dir = tempfile::tempdir().unwrap();
     for f in ["model.onnx", "weights.bin"] {

@@ -52,8 +52,10 @@ fn shared(inputs: Vec<(String, Value)>) -> Vec<(String, Arc<Value>)> {
     inputs.into_iter().map(|(n, v)| (n, Arc::new(v))).collect()
 }
 
-/// A callback that sees each main-graph node run: (node, its inputs by slot, its outputs by slot).
-pub type NodeHook<'a> = dyn FnMut(NodeId, &[Option<Arc<Value>>], &[Option<Arc<Value>>]) + 'a;
+/// A callback that sees each node run: (the scope of its graph, as [`subgraph_scope`] names it, `""` for the
+/// main graph; the node; its inputs by slot; its outputs by slot). A node in a Loop or Scan body is seen once
+/// per iteration.
+pub type NodeHook<'a> = dyn FnMut(&str, NodeId, &[Option<Arc<Value>>], &[Option<Arc<Value>>]) + 'a;
 
 /// Time and count per op type.
 type Profile = HashMap<String, (std::time::Duration, usize)>;
@@ -78,7 +80,8 @@ struct Observe<'o, 'f> {
     see: Option<&'o mut Seer<'f>>,
     /// The graph's scope key (see [`subgraph_scope`]).
     scope: String,
-    /// Called after each node of the graph has run (main graph only), with its inputs and outputs.
+    /// Called after each node of the graph has run, with its inputs and outputs, and, through the node's
+    /// [`SubRunner`], after each node of its subgraphs.
     each_node: Option<&'o mut NodeHook<'f>>,
 }
 
@@ -183,6 +186,7 @@ impl<'m> Executor<'m> {
                 exec: self,
                 prof: None,
                 see: None,
+                each: None,
                 plans: None,
                 node,
                 implicit: &[],
@@ -294,6 +298,7 @@ impl<'m> Executor<'m> {
             exec: self,
             prof: None,
             see: None,
+            each: None,
             plans: self.main.subs.get(&n),
             node,
             implicit,
@@ -347,9 +352,10 @@ impl<'m> Executor<'m> {
         self.run_with(shared(inputs), opts, Some(see), None)
     }
 
-    /// [`Executor::run_observed`], and `each` is called after every main-graph node that runs (not the
-    /// folded ones: see [`Executor::schedule`]) with its inputs and outputs, while they are alive: a caller
-    /// can measure each node against its reference values without keeping every value of the run.
+    /// [`Executor::run_observed`], and `each` is called after every node that runs (not the folded ones:
+    /// see [`Executor::schedule`]), subgraph nodes included, with its scope, inputs and outputs, while they
+    /// are alive: a caller can measure each node against its reference values without keeping every value
+    /// of the run.
     pub fn run_each_node(
         &self,
         inputs: Vec<(String, Value)>,
@@ -537,6 +543,7 @@ impl<'m> Executor<'m> {
                         (path, scope),
                         prof.as_mut(),
                         see.as_deref_mut(),
+                        each_node.as_deref_mut(),
                     )?;
                     if let (Some(p), Some(t0)) = (prof.as_mut(), t0) {
                         tally(p, node.op_type.clone(), t0.elapsed(), 1);
@@ -569,7 +576,7 @@ impl<'m> Executor<'m> {
                             .iter()
                             .map(|o| o.and_then(|o| env[o.index()].clone()))
                             .collect();
-                        f(n, &seen_ins, &outs);
+                        f(scope, n, &seen_ins, &outs);
                     }
                     if free {
                         for v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
@@ -645,7 +652,8 @@ impl Executor<'_> {
     }
 
     /// Runs node `n` of `g` (planned by `plan`) on its inputs by slot; `at` is the graph's (error path,
-    /// scope key). With `prof`, adds the times of its subgraphs' nodes; `see` is shown its subgraphs' values.
+    /// scope key). With `prof`, adds the times of its subgraphs' nodes; `see` is shown its subgraphs' values
+    /// and `each` their nodes.
     #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
@@ -657,6 +665,7 @@ impl Executor<'_> {
         at: (&str, &str),
         prof: Option<&mut Profile>,
         see: Option<&mut Seer<'_>>,
+        each: Option<&mut NodeHook<'_>>,
     ) -> Result<Vec<Arc<Value>>, Box<ExecError>> {
         let (path, scope) = at;
         let node = g.node(n);
@@ -664,6 +673,7 @@ impl Executor<'_> {
             exec: self,
             prof: prof.is_some().then(Default::default),
             see: see.map(|s| RefCell::new(s as &mut Seer<'_>)),
+            each: each.map(|e| RefCell::new(e as &mut NodeHook<'_>)),
             plans: plan.subs.get(&n),
             node,
             implicit,
@@ -722,7 +732,7 @@ impl Executor<'_> {
                     })
                 })
                 .collect();
-            let outs = self.call(plan, g, n, args, &[], (path, ""), None, None)?;
+            let outs = self.call(plan, g, n, args, &[], (path, ""), None, None, None)?;
             for (o, v) in node.outputs().iter().zip(outs) {
                 if let Some(o) = o {
                     local.push((*o, v));
@@ -762,6 +772,8 @@ pub(crate) struct SubRunner<'a, 'm> {
     prof: Option<RefCell<Profile>>,
     /// When observing: shown every value of the subgraphs' runs.
     see: Option<RefCell<&'a mut Seer<'a>>>,
+    /// When observing: called after every node of the subgraphs' runs.
+    each: Option<RefCell<&'a mut NodeHook<'a>>>,
     plans: Option<&'a Vec<(String, GraphPlan)>>,
     node: &'a Node,
     implicit: &'a [(String, Arc<Value>)],
@@ -796,9 +808,11 @@ impl SubRunner<'_, '_> {
         let path = format!("{} > {attr}", self.path);
         let ins = inputs.into_iter().map(Some).collect();
         let mut seer = self.see.as_ref().map(|s| s.borrow_mut());
+        let mut each = self.each.as_ref().map(|e| e.borrow_mut());
         let mut obs = Observe {
             prof: self.prof.as_ref().map(|_| HashMap::new()),
             see: seer.as_mut().map(|s| &mut ***s as &mut Seer<'_>),
+            each_node: each.as_mut().map(|e| &mut ***e as &mut NodeHook<'_>),
             scope: subgraph_scope(self.scope.0, self.scope.1, attr),
             ..Observe::default()
         };
