@@ -16,8 +16,9 @@
 //!    these runs are also the calibration: their statistics go on the values as `calibrate` would put them.
 //! 2. *Most-low decisions*: `assign-precision` with the measured heuristics relaxed (the initializer flush
 //!    gate, the underflow gate, the rounding checks of exponentials and `Pow`; overflow, schema, shape and
-//!    user rules stay), in every graph. Its low nodes are the candidates, in the main graph and in bodies
-//!    (a control-flow node itself is not one: its body's nodes are).
+//!    user rules stay), in every graph. Its low computing nodes are the candidates, in the main graph and
+//!    in bodies (a control-flow node itself is not one: its body's nodes are; data movement is not
+//!    measured, as keeping it fp32 removes no rounding).
 //! 3. *Per-node pass*: each candidate alone, in a one-node model built from its decision (`insert-casts`
 //!    makes its casts), reads the fp32 reference values of its inputs and computes in low precision; its
 //!    sensitivity is the relative RMS error of its outputs against the reference (infinite when it makes
@@ -570,14 +571,16 @@ fn rel_rms(r: &Value, c: &Value, max: f64) -> Option<f64> {
 }
 
 /// The nodes the search measures, in every graph, with the dtype they are decided to: low, not control
-/// flow (the nodes of their bodies are measured instead), not a Cast.
+/// flow (the nodes of their bodies are measured instead), and computing (not a Cast or other data
+/// movement: keeping one fp32 removes no rounding, so the search never keeps it, and a copy of in-range
+/// values makes no NaN/Inf).
 fn candidates_of(g: &Graph) -> HashMap<ScopedNode, DType> {
     fn walk(g: &Graph, scope: &str, out: &mut HashMap<ScopedNode, DType>) {
         for (id, n) in g.nodes() {
             for (attr, sg) in n.subgraphs() {
                 walk(sg, &mpopt_exec::subgraph_scope(scope, id, attr), out);
             }
-            if n.has_subgraphs() || n.op_type == "Cast" {
+            if n.has_subgraphs() || node_flops(g, n) == 0 {
                 continue;
             }
             if let Some(d) = n.precision.as_ref().map(|p| p.dtype)
