@@ -427,7 +427,18 @@ fn process(
             }
         }
         low_params.insert(id, (params, low));
-        retarget_attributes(g.node_mut(id), low, out, scope);
+        // only a node that made float32 now makes the low type: a Cast to f16 (or f64) in a model that
+        // is already mixed keeps its `to`, which its consumers were built for
+        let made_f32 = g
+            .node(id)
+            .outputs()
+            .first()
+            .copied()
+            .flatten()
+            .is_some_and(|v| orig[v.index()] == Some(DType::F32));
+        if made_f32 {
+            retarget_attributes(g.node_mut(id), low, out, scope);
+        }
     }
     for &id in &order {
         let node = g.node(id);
