@@ -28,7 +28,7 @@
 //!                                                        %y = Softmax(%h__f32)
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 use mpopt_ir::schema::{TypeSpec, registry};
@@ -78,6 +78,9 @@ struct Out {
     copied: u64,
     outputs_cast_back: u64,
     records: Vec<Record>,
+    /// Every value name in the model, new ones included: a new name is used nowhere (a subgraph may not
+    /// redefine an outer name).
+    taken: HashSet<String>,
 }
 
 fn elem(g: &Graph, v: ValueId) -> Option<DType> {
@@ -263,17 +266,26 @@ impl Pass for InsertCasts {
             IoTypes::Low => true,
             IoTypes::Names(ns) => ns.iter().any(|n| n == name),
         };
+        // Each becomes the target type and feeds one Cast back to float32, which its consumers read instead:
+        // the graph is then made to agree with its decisions as if the input were still float32 (a low
+        // consumer's Cast back to the target type is cancelled by fuse-casts: f16 -> f32 -> f16 is exact).
+        out.taken = all_names(&model.graph);
         let inputs: Vec<ValueId> = model.graph.inputs().to_vec();
-        let mut orig = original_dtypes(&model.graph);
         for v in inputs {
             if elem(&model.graph, v) == Some(DType::F32)
                 && model.graph.value(v).initializer.is_none()
                 && io_low(model.graph.value(v).name())
             {
-                set_elem(&mut model.graph, v, self.target);
-                orig[v.index()] = Some(self.target);
+                low_input(&mut model.graph, v, self.target, &mut out.taken).map_err(|m| {
+                    PassError::Failed {
+                        pass: "insert-casts".into(),
+                        message: m,
+                    }
+                })?;
+                out.casts += 1;
             }
         }
+        let orig = original_dtypes(&model.graph);
         let keep_output = |name: &str| !io_low(name);
         process(
             &mut model.graph,
@@ -288,6 +300,15 @@ impl Pass for InsertCasts {
             pass: "insert-casts".into(),
             message: m,
         })?;
+        // A model of other domains only (ai.onnx.ml) that now has Casts imports the default domain.
+        if model.opset("").is_none() && uses_default_domain(&model.graph) {
+            let (ir, version) = default_opset_for(model.ir_version, self.target);
+            model.ir_version = ir;
+            model.opset_imports.push(mpopt_ir::OpsetImport {
+                domain: String::new(),
+                version,
+            });
+        }
         Ok(PassOutcome {
             records: out.records,
             ..PassOutcome::rewrites(vec![
@@ -298,6 +319,118 @@ impl Pass for InsertCasts {
             ])
         })
     }
+}
+
+/// Every value name of a graph and of the graphs nested in it.
+fn all_names(g: &Graph) -> HashSet<String> {
+    let mut out = HashSet::new();
+    fn walk(g: &Graph, out: &mut HashSet<String>) {
+        for v in g.value_ids() {
+            out.insert(g.value(v).name().to_string());
+        }
+        for (_, n) in g.nodes() {
+            for (_, sg) in n.subgraphs() {
+                walk(sg, out);
+            }
+        }
+    }
+    walk(g, &mut out);
+    out
+}
+
+/// A new value name for `g` made from `base`, used nowhere in the model (`taken`), then taken.
+fn fresh(g: &Graph, taken: &mut HashSet<String>, base: &str) -> String {
+    let mut name = g.fresh_name(base);
+    let mut k = 1;
+    while taken.contains(&name) {
+        name = g.fresh_name(&format!("{base}_{k}"));
+        k += 1;
+    }
+    taken.insert(name.clone());
+    name
+}
+
+/// Does a graph (or one nested in it) have a node of the default domain?
+fn uses_default_domain(g: &Graph) -> bool {
+    g.nodes()
+        .any(|(_, n)| n.in_default_domain() || n.subgraphs().any(|(_, sg)| uses_default_domain(sg)))
+}
+
+/// The (IR version, default-domain opset) to import for Casts in a model of IR version `ir`: the newest opset
+/// that IR version allows (onnx's VERSION_TABLE), and at least opset 13 (IR 7) for a Cast to bf16.
+fn default_opset_for(ir: i64, target: DType) -> (i64, i64) {
+    const NEWEST: [(i64, i64); 12] = [
+        (3, 8),
+        (4, 9),
+        (5, 10),
+        (6, 11),
+        (7, 14),
+        (8, 18),
+        (9, 20),
+        (10, 22),
+        (11, 23),
+        (12, 24),
+        (13, 27),
+        (14, 28),
+    ];
+    let ir = if target == DType::BF16 {
+        ir.max(7)
+    } else {
+        ir.max(3)
+    };
+    let opset = NEWEST
+        .iter()
+        .rev()
+        .find(|(i, _)| *i <= ir)
+        .map_or(8, |&(_, o)| o);
+    (ir, opset)
+}
+
+/// Retypes graph input `v` to `low` and gives its node consumers a float32 copy, made by a Cast at the start
+/// of the schedule. Subgraphs keep capturing `v` by name: their captures follow its dtype like any other.
+fn low_input(
+    g: &mut Graph,
+    v: ValueId,
+    low: DType,
+    taken: &mut HashSet<String>,
+) -> Result<(), String> {
+    let readers: Vec<(NodeId, u32)> = g
+        .uses(v)
+        .iter()
+        .filter_map(|u| match *u {
+            Use::Input(n, s) => Some((n, s)),
+            _ => None,
+        })
+        .collect();
+    set_elem(g, v, low);
+    if readers.is_empty() {
+        return Ok(());
+    }
+    let name = g.value(v).name().to_string();
+    let mut ty = g.value(v).ty.clone();
+    if let Some(TypeInfo {
+        ty: Type::Tensor { elem, .. },
+        ..
+    }) = &mut ty
+    {
+        *elem = Some(DType::F32);
+    }
+    let wide = g
+        .add_value(fresh(g, taken, &format!("{name}__f32")), ty)
+        .map_err(|e| e.to_string())?;
+    let mut cast = Node::new("Cast");
+    cast.name = g.value(wide).name().to_string();
+    cast.attributes.push(Attribute::new(
+        "to",
+        AttrValue::Int(DType::F32.code() as i64),
+    ));
+    let first = g.nodes().next().map(|(id, _)| id).expect("a reader");
+    g.insert_node_before(first, cast, &[Some(v)], &[Some(wide)])
+        .map_err(|e| e.to_string())?;
+    for (n, s) in readers {
+        g.set_input(n, s, Some(wide));
+    }
+    Ok(())
 }
 
 fn original_dtypes(g: &Graph) -> Vec<Option<DType>> {
@@ -520,7 +653,7 @@ fn process(
                 out.converted += 1;
                 v
             } else {
-                let new_name = g.fresh_name(&format!("{name}__{d}"));
+                let new_name = fresh(g, &mut out.taken, &format!("{name}__{d}"));
                 let mut conv = conv;
                 conv.name = new_name.clone();
                 let nv = g
@@ -561,7 +694,7 @@ fn process(
             .min_by_key(|n| pos.get(n).copied().unwrap_or(usize::MAX))
             .expect("a use");
         let name = g.value(v).name().to_string();
-        let cast_name = g.fresh_name(&format!("{name}__{d}"));
+        let cast_name = fresh(g, &mut out.taken, &format!("{name}__{d}"));
         let mut ty = g.value(v).ty.clone();
         if let Some(TypeInfo {
             ty: Type::Tensor { elem, .. },
@@ -588,17 +721,22 @@ fn process(
         }
     }
 
-    // Graph outputs keep their dtype and name.
+    // Graph outputs keep their dtype and name; those `--io-types` names (float32 ones) take the target type.
     for i in 0..g.outputs().len() {
         let v = g.outputs()[i];
         let (Some(have), Some(was)) = (elem(g, v), orig[v.index()]) else {
             continue;
         };
         let name = g.value(v).name().to_string();
-        if have == was || !keep_output(&name) {
+        let was = if keep_output(&name) || was != DType::F32 {
+            was
+        } else {
+            target
+        };
+        if have == was {
             continue;
         }
-        let inner = g.fresh_name(&format!("{name}__{have}"));
+        let inner = fresh(g, &mut out.taken, &format!("{name}__{have}"));
         g.rename_value(v, inner).map_err(|e| e.to_string())?;
         let mut ty = g.value(v).ty.clone();
         if let Some(TypeInfo {

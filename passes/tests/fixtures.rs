@@ -2,7 +2,7 @@
 //! (`; RUN: infer-types`), is parsed, run through those passes with the verifier after each, and snapshotted as
 //! the full-context diff between the IR before and after, followed by the passes' notes. `; INPUT-RANGE:
 //! NAME=LO:HI` lines declare input ranges for `analyze-ranges`; `; TO: auto` runs `assign-precision` with bf16
-//! where fp16's range is the only problem. `; CALIB: NAME=LO:HI` lines make one calibration input set (the
+//! where fp16's range is the only problem; `; IO: low` runs `insert-casts` with `--io-types low`. `; CALIB: NAME=LO:HI` lines make one calibration input set (the
 //! input's elements spread over [LO, HI] by the golden ratio) for `calibrate` and `search-precision`, and
 //! `; TOLERANCE: METRIC=VALUE` lines give the search its budget. A fixture whose name
 //! starts with `no_` is negative: it must come out unchanged, and the passes must say they changed nothing.
@@ -12,6 +12,7 @@ use std::path::Path;
 use mpopt_passes::analyze_ranges::{AnalyzeRanges, RangeOptions};
 use mpopt_passes::assign_precision::{AssignPrecision, PrecisionOptions};
 use mpopt_passes::calibrate::{Calibrate, InputSet};
+use mpopt_passes::insert_casts::InsertCasts;
 use mpopt_passes::measure_gates::MeasureGates;
 use mpopt_passes::search_precision::{SearchOptions, SearchPrecision, Tolerance};
 use mpopt_passes::{Pass, PassManager, pipeline};
@@ -35,6 +36,8 @@ fn run_fixture(path: &Path) -> String {
     };
     // `; TO: auto` converts to fp16 with bf16 where fp16's range is the only problem.
     let auto = src.lines().any(|l| l.trim() == "; TO: auto");
+    // `; IO: low` converts float32 graph inputs and outputs too (`--io-types low`).
+    let io_low = src.lines().any(|l| l.trim() == "; IO: low");
     let mut model =
         mpopt_ir::text::parse_model(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let calib: InputSet = src
@@ -80,6 +83,10 @@ fn run_fixture(path: &Path) -> String {
                 ..PrecisionOptions::default()
             })),
             "calibrate" => Box::new(Calibrate::new(vec![calib.clone()], mpopt_ir::DType::F16)),
+            "insert-casts" if io_low => Box::new(InsertCasts::new(
+                mpopt_ir::DType::F16,
+                mpopt_passes::insert_casts::IoTypes::Low,
+            )),
             "measure-gates" => Box::new(MeasureGates::new(
                 vec![calib.clone()],
                 PrecisionOptions::default(),
