@@ -18,11 +18,15 @@ use crate::{Data, Tensor, Value};
 mod attention;
 mod control;
 mod elementwise;
+mod grid;
 pub(crate) mod linalg;
 pub(crate) mod nn;
+mod quant;
 mod reduce;
 mod resize;
 mod rnn;
+mod roi;
+mod rotary;
 mod shape;
 
 pub use elementwise::{cast_tensor, cast_tensor_sat};
@@ -270,6 +274,14 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("ConvTranspose", la::conv_transpose, C),
         ("Einsum", la::einsum, C),
         ("Attention", attention::attention, C),
+        ("RotaryEmbedding", rotary::rotary_embedding, C),
+        ("RoiAlign", roi::roi_align, C),
+        ("QuantizeLinear", quant::quantize_linear, N),
+        ("DequantizeLinear", quant::dequantize_linear, N),
+        ("DynamicQuantizeLinear", quant::dynamic_quantize_linear, N),
+        ("NonMaxSuppression", roi::non_max_suppression, C),
+        ("AffineGrid", grid::affine_grid, C),
+        ("GridSample", grid::grid_sample, C),
         // normalization, pooling, activations with axes
         ("BatchNormalization", nn::batch_norm, C),
         ("InstanceNormalization", nn::instance_norm, C),
