@@ -1268,7 +1268,15 @@ fn decide_graph(
             && RANGE_GUARDED.contains(&node.op_type.as_str())
             && let Some(ev) = range_lift(g, id, &data_values, opts, relax)
         {
-            c = OpClass::Infer;
+            // For the search (relaxed), a recurrent layer shown in range is a matrix product over time
+            // steps: it is a candidate like one (allow), measured and checked, instead of running low only
+            // between low nodes.
+            let recurrent = matches!(node.op_type.as_str(), "LSTM" | "GRU" | "RNN");
+            c = if relax && recurrent {
+                OpClass::Allow
+            } else {
+                OpClass::Infer
+            };
             class[id.index()] = c;
             evidence = format!("deny lifted by range: {ev} ({evidence})");
         } else if c == OpClass::Deny && dom.is_empty() && node.op_type == "Softmax" {
