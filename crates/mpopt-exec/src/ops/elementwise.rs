@@ -1015,3 +1015,22 @@ fn fmt_float(x: f64) -> String {
         format!("{x}")
     }
 }
+
+/// SwiGLU (opset 26): `a * sigmoid(alpha * a) * b`, on inputs of one shape.
+pub(crate) fn swiglu(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (a, b) = (ctx.t(0)?, ctx.t(1)?);
+    if a.shape != b.shape {
+        return Err(format!(
+            "A {:?} and B {:?} must have the same shape",
+            a.shape, b.shape
+        ));
+    }
+    let alpha = ctx.af("alpha", 1.0);
+    let (av, bv) = (a.to_f32s()?, b.to_f32s()?);
+    let y = av
+        .iter()
+        .zip(&bv)
+        .map(|(&x, &g)| x / (1.0 + (-alpha * x).exp()) * g)
+        .collect();
+    Ok(vec![Value::Tensor(Tensor::f32(a.shape.clone(), y))])
+}

@@ -1298,3 +1298,69 @@ pub(crate) fn det(ctx: &mut Ctx) -> R<Vec<Value>> {
         t.dtype(),
     )?)
 }
+
+/// TensorScatter (opset 24): a copy of `past_cache` with `update` written along `axis` (default -2) from each
+/// batch's write index (0 when `write_indices` is absent), wrapping around the cache with `mode = circular`.
+pub(crate) fn tensor_scatter(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (cache, up) = (ctx.t(0)?, ctx.t(1)?);
+    let ax = axis(ctx.ai("axis", -2), cache.rank())?;
+    let circular = match ctx.as_str("mode").as_deref() {
+        None | Some("linear") => false,
+        Some("circular") => true,
+        Some(m) => return Err(format!("unknown mode '{m}'")),
+    };
+    if ax == 0 || up.rank() != cache.rank() {
+        return Err(format!(
+            "update {:?} must match past_cache {:?} but along axis {ax} (not the batch axis)",
+            up.shape, cache.shape
+        ));
+    }
+    for (d, (&c, &u)) in cache.shape.iter().zip(&up.shape).enumerate() {
+        if (d != ax && c != u) || (d == ax && u > c) {
+            return Err(format!(
+                "update {:?} does not fit past_cache {:?} along axis {ax}",
+                up.shape, cache.shape
+            ));
+        }
+    }
+    let batch = cache.shape[0];
+    let starts = match ctx.opt(2) {
+        Some(w) => w.to_i64s()?,
+        None => vec![0; batch],
+    };
+    if starts.len() < batch {
+        return Err(format!(
+            "{} write indices for a batch of {batch}",
+            starts.len()
+        ));
+    }
+    let (max_len, len) = (cache.shape[ax], up.shape[ax]);
+    let inner = numel(&cache.shape[ax + 1..]);
+    let outer = numel(&cache.shape[..ax]);
+    let per_batch = outer / batch.max(1);
+    let mut blocks = Vec::with_capacity(outer * len);
+    for p in 0..outer {
+        let b = p / per_batch.max(1);
+        for s in 0..len {
+            let mut at = starts[b] + s as i64;
+            if circular {
+                at = at.rem_euclid(max_len as i64);
+            }
+            let at = usize::try_from(at)
+                .ok()
+                .filter(|&a| a < max_len)
+                .ok_or_else(|| format!("write position {at} is outside the cache's {max_len}"))?;
+            blocks.push(((p * max_len + at) * inner, (p * len + s) * inner));
+        }
+    }
+    let mut out = cache.clone();
+    let d = std::mem::replace(&mut out.data, Data::Bool(vec![]));
+    out.data = zip_same!(d, &up.data, |a, b| {
+        let mut a = a;
+        for &(dst, src) in &blocks {
+            a[dst..dst + inner].clone_from_slice(&b[src..src + inner]);
+        }
+        a
+    })?;
+    one(out)
+}
