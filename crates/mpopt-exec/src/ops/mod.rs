@@ -28,6 +28,7 @@ mod rnn;
 mod roi;
 mod rotary;
 mod shape;
+mod spectral;
 
 pub use elementwise::{cast_tensor, cast_tensor_sat};
 
@@ -278,6 +279,8 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("Attention", attention::attention, C),
         ("RotaryEmbedding", rotary::rotary_embedding, C),
         ("RoiAlign", roi::roi_align, C),
+        ("DFT", spectral::dft, C),
+        ("STFT", spectral::stft, C),
         ("QuantizeLinear", quant::quantize_linear, N),
         ("DequantizeLinear", quant::dequantize_linear, N),
         ("DynamicQuantizeLinear", quant::dynamic_quantize_linear, N),
