@@ -1034,3 +1034,27 @@ pub(crate) fn swiglu(ctx: &mut Ctx) -> R<Vec<Value>> {
         .collect();
     Ok(vec![Value::Tensor(Tensor::f32(a.shape.clone(), y))])
 }
+
+/// BitCast (opset 26): the same bytes read as another type of the same width.
+pub(crate) fn bitcast(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let x = ctx.t(0)?;
+    let to = DType::from_code(ctx.ai("to", 0) as i32).ok_or("BitCast needs a valid `to`")?;
+    let from = x.dtype();
+    if matches!(from, DType::Str) || matches!(to, DType::Str) || from.bits() != to.bits() {
+        return Err(format!(
+            "BitCast needs two types of one width, not strings: {from} ({} bits) to {to} ({} bits)",
+            from.bits(),
+            to.bits()
+        ));
+    }
+    if crate::small::is_small(from) || crate::small::is_small(to) {
+        return Err(format!(
+            "BitCast of sub-byte and float8 types ({from} to {to}) is not supported"
+        ));
+    }
+    let raw = crate::tensor::data_to_raw(&x.data);
+    Ok(vec![Value::Tensor(Tensor::new(
+        x.shape.clone(),
+        crate::tensor::raw_to_data(to, &raw)?,
+    ))])
+}

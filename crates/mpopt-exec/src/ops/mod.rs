@@ -188,6 +188,7 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("HardSigmoid", ew::hard_sigmoid, C),
         ("Swish", ew::swish, C),
         ("SwiGLU", ew::swiglu, C),
+        ("BitCast", ew::bitcast, N),
         ("HardSwish", ew::hard_swish, C),
         ("LeakyRelu", ew::leaky_relu, C),
         ("Elu", ew::elu, C),
