@@ -918,3 +918,89 @@ pub(crate) fn einsum(ctx: &mut Ctx) -> R<Vec<Value>> {
         ins[0].dtype(),
     )?)
 }
+
+/// Col2Im (opset 18): sums sliding blocks back into an image, the adjoint of im2col. Input
+/// `[N, C * prod(block_shape), L]` with one column per block position; output `[N, C, image_shape...]`.
+pub(crate) fn col2im(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let x = ctx.t(0)?;
+    let image: Vec<usize> = ctx
+        .t(1)?
+        .to_i64s()?
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("negative image size {d}")))
+        .collect::<R<_>>()?;
+    let block: Vec<usize> = ctx
+        .t(2)?
+        .to_i64s()?
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("negative block size {d}")))
+        .collect::<R<_>>()?;
+    let r = image.len();
+    if block.len() != r || r == 0 {
+        return Err(format!(
+            "image_shape {image:?} and block_shape {block:?} must have one length"
+        ));
+    }
+    let ones = vec![1i64; r];
+    let dil = ctx.ais("dilations").unwrap_or_else(|| ones.clone());
+    let strides = ctx.ais("strides").unwrap_or(ones);
+    let pads = ctx.ais("pads").unwrap_or_else(|| vec![0; 2 * r]);
+    if dil.len() != r || strides.len() != r || pads.len() != 2 * r {
+        return Err("dilations, strides and pads must match the image's rank".into());
+    }
+    let [n, ck, l] = x.shape[..] else {
+        return Err(format!(
+            "the input must be [N, C x block, L], got {:?}",
+            x.shape
+        ));
+    };
+    let kprod: usize = block.iter().product();
+    if kprod == 0 || ck % kprod != 0 {
+        return Err(format!("{ck} rows do not split into blocks of {kprod}"));
+    }
+    let c = ck / kprod;
+    // blocks along each dimension
+    let nb: Vec<usize> = (0..r)
+        .map(|d| {
+            let span = image[d] as i64 + pads[d] + pads[d + r] - dil[d] * (block[d] as i64 - 1) - 1;
+            (span / strides[d] + 1).max(0) as usize
+        })
+        .collect();
+    if nb.iter().product::<usize>() != l {
+        return Err(format!(
+            "{l} columns for {nb:?} block positions of image {image:?}"
+        ));
+    }
+    let xv = x.to_f32s()?;
+    let plane: usize = image.iter().product();
+    let mut out = vec![0f32; n * c * plane];
+    let (mut kk, mut bb) = (vec![0usize; r], vec![0usize; r]);
+    for ko in 0..kprod {
+        unravel(ko, &block, &mut kk);
+        for b in 0..l {
+            unravel(b, &nb, &mut bb);
+            // the image position this (kernel offset, block) pair lands on, if inside
+            let mut at = 0usize;
+            let mut inside = true;
+            for d in 0..r {
+                let p = bb[d] as i64 * strides[d] - pads[d] + kk[d] as i64 * dil[d];
+                if p < 0 || p >= image[d] as i64 {
+                    inside = false;
+                    break;
+                }
+                at = at * image[d] + p as usize;
+            }
+            if !inside {
+                continue;
+            }
+            for ni in 0..n {
+                for ci in 0..c {
+                    out[(ni * c + ci) * plane + at] += xv[(ni * ck + ci * kprod + ko) * l + b];
+                }
+            }
+        }
+    }
+    let mut shape = vec![n, c];
+    shape.extend(&image);
+    Ok(vec![Value::Tensor(Tensor::f32(shape, out))])
+}

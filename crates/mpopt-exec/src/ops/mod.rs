@@ -276,6 +276,7 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("Gemm", la::gemm, C),
         ("Conv", la::conv, C),
         ("ConvTranspose", la::conv_transpose, C),
+        ("Col2Im", la::col2im, C),
         ("Einsum", la::einsum, C),
         ("Attention", attention::attention, C),
         ("RotaryEmbedding", rotary::rotary_embedding, C),
