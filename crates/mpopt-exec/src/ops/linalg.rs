@@ -923,18 +923,14 @@ pub(crate) fn einsum(ctx: &mut Ctx) -> R<Vec<Value>> {
 /// `[N, C * prod(block_shape), L]` with one column per block position; output `[N, C, image_shape...]`.
 pub(crate) fn col2im(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
-    let image: Vec<usize> = ctx
-        .t(1)?
-        .to_i64s()?
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("negative image size {d}")))
-        .collect::<R<_>>()?;
-    let block: Vec<usize> = ctx
-        .t(2)?
-        .to_i64s()?
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("negative block size {d}")))
-        .collect::<R<_>>()?;
+    let sizes = |i: usize, what: &str| -> R<Vec<usize>> {
+        ctx.t(i)?
+            .to_i64s()?
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| format!("negative {what} size {d}")))
+            .collect()
+    };
+    let (image, block) = (sizes(1, "image")?, sizes(2, "block")?);
     let r = image.len();
     if block.len() != r || r == 0 {
         return Err(format!(
