@@ -22,6 +22,7 @@ mod grid;
 pub(crate) mod linalg;
 pub(crate) mod nn;
 mod quant;
+mod recurrent_blocks;
 mod reduce;
 mod resize;
 mod rnn;
@@ -279,6 +280,12 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("Col2Im", la::col2im, C),
         ("Einsum", la::einsum, C),
         ("Attention", attention::attention, C),
+        ("LinearAttention", recurrent_blocks::linear_attention, N),
+        (
+            "CausalConvWithState",
+            recurrent_blocks::causal_conv_with_state,
+            N,
+        ),
         ("RotaryEmbedding", rotary::rotary_embedding, C),
         ("RoiAlign", roi::roi_align, C),
         ("DFT", spectral::dft, C),
