@@ -16,7 +16,8 @@
 //!      operands of Add/Sub/Sum (a flushed addend moves a sum by less than the smallest subnormal) and for
 //!      clear ops (they only move values; the cast to their low consumers flushes them anyway); an
 //!      additive attention mask (all very negative, reaching only Softmax through additions: `additive_masks`)
-//!      is not gated, and its path's values are left out of the range gate;
+//!      is not gated, and its path's values are left out of the range gate; a body reads the enclosing
+//!      graphs' constants through its captures, and they gate it the same way;
 //!    - range facts (`analyze-ranges`, `calibrate`): a value it reads or writes is proven beyond the
 //!      target's range, or observed beyond it after the safety margin with no proof that it stays within
 //!      (this spreads like deny); or more than
@@ -192,7 +193,8 @@ pub type ScopedNode = (String, NodeId);
 pub struct SearchOverrides {
     /// Drop the precision heuristics that a measurement replaces: the flush gate for initializers (overflow
     /// still gates), the underflow gate (overflow still gates), and, for guarded deny ops, the input-rounding
-    /// checks of exponentials and `Pow` (their values must still be shown in range).
+    /// checks of exponentials and `Pow` (their values must still be shown in range); and a recurrent layer
+    /// whose deny is lifted by range becomes allow instead of infer (fixture `search-precision/lstm_lifted`).
     pub relax: bool,
     /// With `relax`: the graphs it applies in, by scope (those the reference run reached, where the
     /// whole-model checks run too); the others keep every heuristic. `None`: every graph.

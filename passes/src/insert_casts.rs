@@ -2,7 +2,8 @@
 //!
 //! **What.**
 //! - A node decided low has its float32 data outputs retyped to the target. Its dtype-carrying attributes
-//!   follow: Cast `to`, ConstantOfShape `value`, Random* and EyeLike `dtype`, and a Constant's `value`.
+//!   follow: Cast `to`, ConstantOfShape `value`, Random* and EyeLike `dtype`, and a Constant's `value`; only
+//!   for a node that made float32 (a model's own Cast to f16 or f64 keeps its `to`).
 //! - Every input then gets the dtype its node needs:
 //!   - the target for the data type parameters of a low node;
 //!   - the original dtype otherwise (shape-like and fixed-float32 inputs, fp32 nodes).
@@ -13,12 +14,16 @@
 //!     first of them.
 //! - Graph outputs keep their original dtype and name (a Cast back, under the original name). Subgraph outputs
 //!   always do, since If/Loop/Scan interfaces are unchanged; with `--io-types low`, the top graph's inputs
-//!   and outputs become the target type instead.
+//!   and outputs become the target type instead: each lowered input feeds one Cast back to float32 that its
+//!   readers take (`fuse-casts` cancels it before low readers), each float32 output gets a Cast to the target.
+//! - A model with no default-domain import (ai.onnx.ml only) that now has Casts imports it.
 //!
 //! **Invariants.**
 //! - Runs after `assign-precision` and does nothing where no decision is low.
 //! - Never changes a value silently: every conversion is a Cast node or a reported data conversion.
 //! - Captured values keep their outer dtype; a subgraph that needs another one casts inside.
+//! - Every new value name is unused anywhere in the model, subgraphs included (ONNX forbids a subgraph to
+//!   redefine an outer name).
 //!
 //! ```text
 //! before: %h = MatMul(%x, %w) ; prec f16          after: %w = const f16[16,4]  (converted in place)
@@ -95,6 +100,29 @@ fn set_elem(g: &mut Graph, v: ValueId, d: DType) {
     {
         *elem = Some(d);
     }
+}
+
+/// A new value `name` of `v`'s type, with element type `d`.
+fn retyped_value(g: &mut Graph, v: ValueId, d: DType, name: String) -> Result<ValueId, String> {
+    let mut ty = g.value(v).ty.clone();
+    if let Some(TypeInfo {
+        ty: Type::Tensor { elem, .. },
+        ..
+    }) = &mut ty
+    {
+        *elem = Some(d);
+    }
+    g.add_value(name, ty).map_err(|e| e.to_string())
+}
+
+/// A Cast to `d` named `name`, undecided (it is not a node of the model's).
+fn cast_node(name: String, d: DType) -> Node {
+    let mut cast = Node::new("Cast");
+    cast.name = name;
+    cast.attributes
+        .push(Attribute::new("to", AttrValue::Int(d.code() as i64)));
+    cast.precision = None;
+    cast
 }
 
 /// The converted tensor and the statistics the report gives for it.
@@ -406,24 +434,9 @@ fn low_input(
     if readers.is_empty() {
         return Ok(());
     }
-    let name = g.value(v).name().to_string();
-    let mut ty = g.value(v).ty.clone();
-    if let Some(TypeInfo {
-        ty: Type::Tensor { elem, .. },
-        ..
-    }) = &mut ty
-    {
-        *elem = Some(DType::F32);
-    }
-    let wide = g
-        .add_value(fresh(g, taken, &format!("{name}__f32")), ty)
-        .map_err(|e| e.to_string())?;
-    let mut cast = Node::new("Cast");
-    cast.name = g.value(wide).name().to_string();
-    cast.attributes.push(Attribute::new(
-        "to",
-        AttrValue::Int(DType::F32.code() as i64),
-    ));
+    let name = fresh(g, taken, &format!("{}__f32", g.value(v).name()));
+    let wide = retyped_value(g, v, DType::F32, name.clone())?;
+    let cast = cast_node(name, DType::F32);
     let first = g.nodes().next().map(|(id, _)| id).expect("a reader");
     g.insert_node_before(first, cast, &[Some(v)], &[Some(wide)])
         .map_err(|e| e.to_string())?;
@@ -695,22 +708,8 @@ fn process(
             .expect("a use");
         let name = g.value(v).name().to_string();
         let cast_name = fresh(g, &mut out.taken, &format!("{name}__{d}"));
-        let mut ty = g.value(v).ty.clone();
-        if let Some(TypeInfo {
-            ty: Type::Tensor { elem, .. },
-            ..
-        }) = &mut ty
-        {
-            *elem = Some(d);
-        }
-        let cv = g
-            .add_value(cast_name.clone(), ty)
-            .map_err(|e| e.to_string())?;
-        let mut cast = Node::new("Cast");
-        cast.name = cast_name;
-        cast.attributes
-            .push(Attribute::new("to", AttrValue::Int(d.code() as i64)));
-        cast.precision = None;
+        let cv = retyped_value(g, v, d, cast_name.clone())?;
+        let cast = cast_node(cast_name, d);
         g.insert_node_before(first, cast, &[Some(v)], &[Some(cv)])
             .map_err(|e| e.to_string())?;
         out.casts += 1;
@@ -738,19 +737,8 @@ fn process(
         }
         let inner = fresh(g, &mut out.taken, &format!("{name}__{have}"));
         g.rename_value(v, inner).map_err(|e| e.to_string())?;
-        let mut ty = g.value(v).ty.clone();
-        if let Some(TypeInfo {
-            ty: Type::Tensor { elem, .. },
-            ..
-        }) = &mut ty
-        {
-            *elem = Some(was);
-        }
-        let ov = g.add_value(name.clone(), ty).map_err(|e| e.to_string())?;
-        let mut cast = Node::new("Cast");
-        cast.name = format!("{name}__cast_back");
-        cast.attributes
-            .push(Attribute::new("to", AttrValue::Int(was.code() as i64)));
+        let ov = retyped_value(g, v, was, name.clone())?;
+        let cast = cast_node(format!("{name}__cast_back"), was);
         match g.producer(v) {
             Some((p, _)) => g.insert_node_after(p, cast, &[Some(v)], &[Some(ov)]),
             None => g.add_node(cast, &[Some(v)], &[Some(ov)]),

@@ -35,7 +35,7 @@ use crate::assign_precision::{PrecisionOptions, SearchOverrides, unit_roundoff};
 use crate::calibrate::InputSet;
 use crate::insert_casts::IoTypes;
 use crate::search_precision::{
-    SearchOptions, by_name, check, convert, decide, decided, node_sensitivity, reference,
+    SearchOptions, by_name, check, convert, decide, decided, node_sensitivity, traced,
 };
 use crate::{Pass, PassError, PassOutcome, Record};
 
@@ -141,15 +141,7 @@ impl Pass for MeasureGates {
             })
             .map(|&v| g.value(v).name().to_string())
             .collect();
-        let (refs, trace) = reference(
-            model,
-            &self.sets,
-            "measure-gates",
-            |_| Some(keep),
-            |_| {},
-            &mut |_, _, _| {},
-            None,
-        )?;
+        let (refs, trace) = traced(model, &self.sets, "measure-gates", keep)?;
         let values = by_name(&trace);
         let limit = LIFT_LIMIT * unit_roundoff(target);
         let measured: Vec<(NodeId, Option<f64>)> = {

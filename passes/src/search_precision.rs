@@ -333,37 +333,37 @@ fn signature(m: &Model) -> Signature {
     out
 }
 
-/// The graph of `scope` ([`mpopt_exec::subgraph_scope`]'s naming; `""`: `main` itself).
-fn graph_at<'g>(main: &'g Graph, scope: &str) -> Option<&'g Graph> {
+/// The graph of `scope` ([`mpopt_exec::subgraph_scope`]'s naming; `""`: `main` itself), calling `visit` with
+/// each control-flow node on the way (its graph, its id, the attribute followed).
+fn descend<'g>(
+    main: &'g Graph,
+    scope: &str,
+    mut visit: impl FnMut(&Graph, NodeId, &str),
+) -> Option<&'g Graph> {
     let mut g = main;
-    for part in scope.split('/').skip(1) {
-        let (id, attr) = part.split_once('.')?;
-        let id = NodeId(id.parse().ok()?);
-        if !g.is_live(id) {
+    for (owner, attr) in mpopt_exec::scope_steps(scope)? {
+        if !g.is_live(owner) {
             return None;
         }
-        g = g.node(id).subgraphs().find(|(a, _)| *a == attr)?.1;
+        visit(g, owner, attr);
+        g = g.node(owner).subgraphs().find(|(a, _)| *a == attr)?.1;
     }
     Some(g)
 }
 
+fn graph_at<'g>(main: &'g Graph, scope: &str) -> Option<&'g Graph> {
+    descend(main, scope, |_, _, _| {})
+}
+
 /// How the report names a node: its label, after the path of control-flow nodes and attributes above it.
 fn scoped_label(main: &Graph, (scope, id): &ScopedNode) -> String {
-    let mut g = main;
     let mut path = String::new();
-    for part in scope.split('/').skip(1) {
-        let next = part.split_once('.').and_then(|(owner, attr)| {
-            let owner = NodeId(owner.parse().ok()?);
-            let sg = g.node(owner).subgraphs().find(|(a, _)| *a == attr)?.1;
-            Some((mpopt_ir::node_label(g, owner), attr, sg))
-        });
-        let Some((owner, attr, sg)) = next else {
-            return format!("{scope} > #{}", id.0);
-        };
-        path.push_str(&format!("{owner} > {attr} > "));
-        g = sg;
+    match descend(main, scope, |g, owner, attr| {
+        path.push_str(&format!("{} > {attr} > ", mpopt_ir::node_label(g, owner)))
+    }) {
+        Some(g) => format!("{path}{}", mpopt_ir::node_label(g, *id)),
+        None => format!("{scope} > #{}", id.0),
     }
-    format!("{path}{}", mpopt_ir::node_label(g, *id))
 }
 
 /// The node at `key`, with its graph.
@@ -440,6 +440,24 @@ pub(crate) fn reference(
         refs.push(out.outputs);
     }
     Ok((refs, trace))
+}
+
+/// [`reference`] keeping only the values named `keep`, with no observer and no node hook.
+pub(crate) fn traced(
+    model: &Model,
+    sets: &[InputSet],
+    pass: &str,
+    keep: std::collections::HashSet<String>,
+) -> Result<(Vec<Outputs>, Trace), PassError> {
+    reference(
+        model,
+        sets,
+        pass,
+        |_| Some(keep),
+        |_| {},
+        &mut |_, _, _| {},
+        None,
+    )
 }
 
 /// A trace's values by name (what [`node_sensitivity`] reads).
@@ -993,15 +1011,7 @@ impl Pass for SearchPrecision {
         };
         if !missing.is_empty() {
             let t = std::time::Instant::now();
-            let (_, more) = reference(
-                model,
-                &opts.sets[..1],
-                "search-precision",
-                |_| Some(missing),
-                |_| {},
-                &mut |_, _, _| {},
-                None,
-            )?;
+            let (_, more) = traced(model, &opts.sets[..1], "search-precision", missing)?;
             later_trace.extend(more);
             reference_runs += 1;
             reference_time += t.elapsed();

@@ -7,10 +7,38 @@ use mpopt_passes::calibrate::InputSet;
 use mpopt_passes::search_precision::{Progress, SearchOptions, SearchPrecision, Tolerance};
 use mpopt_passes::{Pass, pipeline};
 
-fn fixture() -> mpopt_ir::Model {
+/// A model in the IR text format, with its types inferred.
+fn typed(src: &str) -> mpopt_ir::Model {
+    let mut m = mpopt_ir::text::parse_model(src).unwrap();
+    pipeline::by_name("infer-types")
+        .unwrap()
+        .run(&mut m)
+        .unwrap();
+    m
+}
+
+/// A search-precision fixture, typed.
+fn fixture(name: &str) -> mpopt_ir::Model {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../testdata/passes/search-precision/flushed_weights.mpir");
-    mpopt_ir::text::parse_model(&std::fs::read_to_string(path).unwrap()).unwrap()
+        .join("../testdata/passes/search-precision")
+        .join(name);
+    typed(&std::fs::read_to_string(path).unwrap())
+}
+
+/// Runs the search on `m` with budget `tolerance` on [`inputs`], observing them; `opts` sets the rest.
+fn search(
+    m: &mut mpopt_ir::Model,
+    tolerance: &str,
+    opts: SearchOptions,
+) -> mpopt_passes::PassOutcome {
+    SearchPrecision::new(SearchOptions {
+        tolerances: vec![Tolerance::parse(tolerance).unwrap()],
+        sets: vec![inputs()],
+        observe: true,
+        ..opts
+    })
+    .run(m)
+    .unwrap()
 }
 
 fn inputs() -> InputSet {
@@ -22,20 +50,15 @@ fn inputs() -> InputSet {
 }
 
 fn decide(progress: Option<Progress>) -> Vec<String> {
-    let mut m = fixture();
-    pipeline::by_name("infer-types")
-        .unwrap()
-        .run(&mut m)
-        .unwrap();
-    SearchPrecision::new(SearchOptions {
-        tolerances: vec![Tolerance::parse("max-rel=0.01").unwrap()],
-        sets: vec![inputs()],
-        observe: true,
-        progress,
-        ..SearchOptions::default()
-    })
-    .run(&mut m)
-    .unwrap();
+    let mut m = fixture("flushed_weights.mpir");
+    search(
+        &mut m,
+        "max-rel=0.01",
+        SearchOptions {
+            progress,
+            ..SearchOptions::default()
+        },
+    );
     m.graph
         .nodes()
         .filter_map(|(_, n)| {
@@ -102,24 +125,19 @@ graph @scaled(%x: f32[2,4]) -> (%y: f32[2,4]) {
 }
 ";
     let run = |auto_bf16: bool| {
-        let mut m = mpopt_ir::text::parse_model(src).unwrap();
-        pipeline::by_name("infer-types")
-            .unwrap()
-            .run(&mut m)
-            .unwrap();
+        let mut m = typed(src);
         // |x| up to 875: |h| up to 87500, past fp16's 65504 and well within bf16's range
-        let out = SearchPrecision::new(SearchOptions {
-            tolerances: vec![Tolerance::parse("max-rel=0.02").unwrap()],
-            sets: vec![inputs()],
-            observe: true,
-            precision: mpopt_passes::assign_precision::PrecisionOptions {
-                auto_bf16,
-                ..Default::default()
+        let out = search(
+            &mut m,
+            "max-rel=0.02",
+            SearchOptions {
+                precision: mpopt_passes::assign_precision::PrecisionOptions {
+                    auto_bf16,
+                    ..Default::default()
+                },
+                ..SearchOptions::default()
             },
-            ..SearchOptions::default()
-        })
-        .run(&mut m)
-        .unwrap();
+        );
         let mul = m
             .graph
             .nodes()
@@ -153,24 +171,19 @@ graph @folded(%x: f32[2,4]) -> (%y: f32[2,4]) {
   %y = MatMul(%x, %w)
 }
 ";
-    let mut m = mpopt_ir::text::parse_model(src).unwrap();
-    pipeline::by_name("infer-types")
-        .unwrap()
-        .run(&mut m)
-        .unwrap();
+    let mut m = typed(src);
     let seen: Arc<Mutex<Vec<(String, usize, usize)>>> = Arc::default();
     let log = seen.clone();
-    SearchPrecision::new(SearchOptions {
-        tolerances: vec![Tolerance::parse("max-rel=0.01").unwrap()],
-        sets: vec![inputs()],
-        observe: true,
-        progress: Some(Progress(Arc::new(move |s: &str, d, t| {
-            log.lock().unwrap().push((s.to_string(), d, t))
-        }))),
-        ..SearchOptions::default()
-    })
-    .run(&mut m)
-    .unwrap();
+    search(
+        &mut m,
+        "max-rel=0.01",
+        SearchOptions {
+            progress: Some(Progress(Arc::new(move |s: &str, d, t| {
+                log.lock().unwrap().push((s.to_string(), d, t))
+            }))),
+            ..SearchOptions::default()
+        },
+    );
     let per_node: Vec<(usize, usize)> = seen
         .lock()
         .unwrap()
@@ -190,21 +203,8 @@ graph @folded(%x: f32[2,4]) -> (%y: f32[2,4]) {
 /// A node kept in an If branch is named in the report by its path, and only that branch is searched.
 #[test]
 fn a_kept_body_node_is_reported_by_its_path() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../testdata/passes/search-precision/if_branch.mpir");
-    let mut m = mpopt_ir::text::parse_model(&std::fs::read_to_string(path).unwrap()).unwrap();
-    pipeline::by_name("infer-types")
-        .unwrap()
-        .run(&mut m)
-        .unwrap();
-    let out = SearchPrecision::new(SearchOptions {
-        tolerances: vec![Tolerance::parse("max-rel=0.01").unwrap()],
-        sets: vec![inputs()],
-        observe: true,
-        ..SearchOptions::default()
-    })
-    .run(&mut m)
-    .unwrap();
+    let mut m = fixture("if_branch.mpir");
+    let out = search(&mut m, "max-rel=0.01", SearchOptions::default());
     let kept: Vec<String> = out
         .records
         .iter()

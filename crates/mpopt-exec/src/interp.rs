@@ -47,6 +47,19 @@ pub fn subgraph_scope(parent: &str, node: NodeId, attr: &str) -> String {
     format!("{parent}/{}.{attr}", node.0)
 }
 
+/// The steps of a scope key that [`subgraph_scope`] made, outermost first: (node id, attribute name);
+/// `None` for a key it did not make. `""` (the main graph) has none.
+pub fn scope_steps(scope: &str) -> Option<Vec<(NodeId, &str)>> {
+    scope
+        .split('/')
+        .skip(1)
+        .map(|part| {
+            let (id, attr) = part.split_once('.')?;
+            Some((NodeId(id.parse().ok()?), attr))
+        })
+        .collect()
+}
+
 /// Named values as the interpreter holds them (moved, not copied).
 fn shared(inputs: Vec<(String, Value)>) -> Vec<(String, Arc<Value>)> {
     inputs.into_iter().map(|(n, v)| (n, Arc::new(v))).collect()

@@ -30,7 +30,7 @@ pub mod small;
 #[doc(hidden)]
 pub mod tensor;
 
-pub use interp::{Executor, NodeHook, RunOptions, RunOutput, subgraph_scope};
+pub use interp::{Executor, NodeHook, RunOptions, RunOutput, scope_steps, subgraph_scope};
 pub use ops::{cast_tensor, cast_tensor_sat, is_supported, supported_ops};
 pub use tensor::{
     Data, Tensor, Value, data_to_raw, numel, raw_to_data, round_bf16, round_f16, strides,

@@ -7,7 +7,7 @@
 //! and `zeros`, `border` or `reflection` padding, as the ONNX reference implementation defines them.
 
 use super::{Ctx, R};
-use crate::{Tensor, Value, numel};
+use crate::{Tensor, Value, numel, strides};
 
 /// The normalized coordinate of index `i` of `n` points.
 fn normalized(i: usize, n: usize, align_corners: bool) -> f32 {
@@ -171,6 +171,7 @@ pub(crate) fn grid_sample(ctx: &mut Ctx) -> R<Vec<Value>> {
     let out_sp = grid.shape[1..=r].to_vec();
     let points = numel(&out_sp);
     let plane = numel(&dims);
+    let stride = strides(&dims);
     let (xv, gv) = (x.to_f32s()?, grid.to_f32s()?);
     let mut out = vec![0f32; n * c * points];
     // per point: the taps (flat offset in a plane, or None for a zero) and their weights
@@ -225,7 +226,7 @@ pub(crate) fn grid_sample(ctx: &mut Ctx) -> R<Vec<Value>> {
                     weight *= wd[d][tap];
                     let idx = fetch(first[d] + tap as i64, dims[d], lo[d], hi[d], pad);
                     flat = match (flat, idx) {
-                        (Some(f), Some(i)) => Some(f + i * numel(&dims[d + 1..])),
+                        (Some(f), Some(i)) => Some(f + i * stride[d]),
                         _ => None,
                     };
                 }

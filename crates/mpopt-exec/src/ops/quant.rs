@@ -60,100 +60,86 @@ fn wide(t: &Tensor) -> R<Vec<f32>> {
     }
 }
 
-/// What both directions read: x, the scale, the zero point (none when absent or empty), and the axis and
-/// block size that map the scale onto x (the axis matters only for per-axis and blocked scales).
+/// What both directions read: x, and its scale and zero point given per element of x (expanded from
+/// per-tensor, per-axis or blocked values); `zp_dtype` is the zero point's type (none when absent or empty).
+/// The axis matters only for per-axis and blocked scales.
 struct Operands<'a> {
     x: &'a Tensor,
-    scale: &'a Tensor,
-    zp: Option<&'a Tensor>,
-    ax: usize,
-    block: usize,
+    scale_dtype: DType,
+    scales: Vec<f32>,
+    zp_dtype: Option<DType>,
+    zeros: Option<Vec<f32>>,
+}
+
+impl Operands<'_> {
+    fn zero(&self, f: usize) -> f32 {
+        self.zeros.as_ref().map_or(0.0, |z| z[f])
+    }
 }
 
 fn operands<'a>(ctx: &'a Ctx) -> R<Operands<'a>> {
     let (x, scale) = (ctx.t(0)?, ctx.t(1)?);
+    let zp = ctx.opt(2).filter(|t| !t.is_empty());
     let ax = if scale.len() == 1 {
         0
     } else {
         axis(ctx.ai("axis", 1), x.rank().max(1))?
     };
+    let block = ctx.ai("block_size", 0).max(0) as usize;
+    let per_element = |v: Vec<f32>| -> R<Vec<f32>> {
+        let at = param_index(&x.shape, v.len(), ax, block)?;
+        Ok((0..x.len()).map(|f| v[at(f)]).collect())
+    };
     Ok(Operands {
         x,
-        scale,
-        zp: ctx.opt(2).filter(|t| !t.is_empty()),
-        ax,
-        block: ctx.ai("block_size", 0).max(0) as usize,
+        scale_dtype: scale.dtype(),
+        scales: per_element(scale.to_f32s()?)?,
+        zp_dtype: zp.map(|z| z.dtype()),
+        zeros: zp.map(|z| per_element(wide(z)?)).transpose()?,
     })
 }
 
 pub(crate) fn dequantize_linear(ctx: &mut Ctx) -> R<Vec<Value>> {
-    let Operands {
-        x,
-        scale,
-        zp,
-        ax,
-        block,
-    } = operands(ctx)?;
+    let mut op = operands(ctx)?;
     let out_dtype = match ctx.ai("output_dtype", 0) {
-        0 => scale.dtype(),
+        0 => op.scale_dtype,
         c => DType::from_code(c as i32).ok_or_else(|| format!("unknown output_dtype {c}"))?,
     };
-    let (xv, sv) = (wide(x)?, scale.to_f32s()?);
-    let si = param_index(&x.shape, sv.len(), ax, block)?;
-    let zv = match zp {
-        // float8 zero points must be zero (checked by the reference); they shift nothing
-        Some(z) if !small::is_small(z.dtype()) || small::is_small_int(z.dtype()) => Some(wide(z)?),
-        _ => None,
-    };
-    let zi = match &zv {
-        Some(z) => Some(param_index(&x.shape, z.len(), ax, block)?),
-        None => None,
-    };
-    let y: Vec<f32> = xv
+    // float8 zero points must be zero (checked by the reference); they shift nothing
+    if op
+        .zp_dtype
+        .is_some_and(|d| small::is_small(d) && !small::is_small_int(d))
+    {
+        op.zeros = None;
+    }
+    let y: Vec<f32> = wide(op.x)?
         .iter()
         .enumerate()
-        .map(|(f, &q)| {
-            let z = match (&zv, &zi) {
-                (Some(z), Some(zi)) => z[zi(f)],
-                _ => 0.0,
-            };
-            (q - z) * sv[si(f)]
-        })
+        .map(|(f, &q)| (q - op.zero(f)) * op.scales[f])
         .collect();
     Ok(vec![Value::Tensor(cast_tensor(
-        &Tensor::f32(x.shape.clone(), y),
+        &Tensor::f32(op.x.shape.clone(), y),
         out_dtype,
     )?)])
 }
 
 pub(crate) fn quantize_linear(ctx: &mut Ctx) -> R<Vec<Value>> {
-    let Operands {
-        x,
-        scale,
-        zp,
-        ax,
-        block,
-    } = operands(ctx)?;
+    let op = operands(ctx)?;
     let saturate = ctx.ai("saturate", 1) != 0;
-    let to = match (zp, ctx.ai("output_dtype", 0)) {
-        (Some(z), _) => z.dtype(),
+    let to = match (op.zp_dtype, ctx.ai("output_dtype", 0)) {
+        (Some(z), _) => z,
         (None, 0) => DType::U8,
         (None, c) => {
             DType::from_code(c as i32).ok_or_else(|| format!("unknown output_dtype {c}"))?
         }
     };
-    let (xv, sv) = (x.to_f32s()?, scale.to_f32s()?);
-    let si = param_index(&x.shape, sv.len(), ax, block)?;
-    let zv = zp.map(wide).transpose()?;
-    let zi = match &zv {
-        Some(z) => Some(param_index(&x.shape, z.len(), ax, block)?),
-        None => None,
-    };
-    let zero = |f: usize| match (&zv, &zi) {
-        (Some(z), Some(zi)) => z[zi(f)],
-        _ => 0.0,
-    };
-    let scaled: Vec<f32> = xv.iter().enumerate().map(|(f, &v)| v / sv[si(f)]).collect();
+    let shape = op.x.shape.clone();
+    let scaled: Vec<f32> =
+        op.x.to_f32s()?
+            .iter()
+            .zip(&op.scales)
+            .map(|(&v, &s)| v / s)
+            .collect();
     let range = match to {
         DType::U8 => Some((0, 255)),
         DType::I8 => Some((-128, 127)),
@@ -175,22 +161,22 @@ pub(crate) fn quantize_linear(ctx: &mut Ctx) -> R<Vec<Value>> {
                 } else {
                     v.round_ties_even() as i64
                 };
-                (r + zero(f) as i64).clamp(lo, hi)
+                (r + op.zero(f) as i64).clamp(lo, hi)
             })
             .collect();
-        cast_tensor_sat(&Tensor::i64(x.shape.clone(), q), to, true)?
+        cast_tensor_sat(&Tensor::i64(shape, q), to, true)?
     } else if matches!(
         to,
         DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ
     ) {
-        cast_tensor_sat(&Tensor::f32(x.shape.clone(), scaled), to, saturate)?
+        cast_tensor_sat(&Tensor::f32(shape, scaled), to, saturate)?
     } else if matches!(to, DType::F4E2M1 | DType::F6E2M3 | DType::F6E3M2) {
         let v = scaled
             .iter()
             .enumerate()
-            .map(|(f, &v)| v + zero(f))
+            .map(|(f, &v)| v + op.zero(f))
             .collect();
-        cast_tensor_sat(&Tensor::f32(x.shape.clone(), v), to, true)?
+        cast_tensor_sat(&Tensor::f32(shape, v), to, true)?
     } else {
         return Err(format!("{to} is not a quantized type"));
     };
