@@ -101,12 +101,62 @@ pub(crate) fn loop_(ctx: &mut Ctx) -> R<Vec<Value>> {
     Ok(res)
 }
 
+/// The final states of a Scan, and each scan output's items.
+type ScanResult = (Vec<Arc<Value>>, Vec<Vec<Tensor>>);
+
+/// The iterations of a Scan body: `state` carried from one to the next, `scan_ins` (scan axis first) read
+/// forward, or backward where `dirs` says 1, for `steps` iterations. The final states, and each scan
+/// output's items in iteration order.
+fn scan_steps(
+    ctx: &Ctx,
+    mut state: Vec<Arc<Value>>,
+    scan_ins: &[Tensor],
+    dirs: &[i64],
+    steps: usize,
+    n_out_scan: usize,
+) -> R<ScanResult> {
+    let n_state = state.len();
+    let mut outs: Vec<Vec<Tensor>> = vec![Vec::new(); n_out_scan];
+    for s in 0..steps {
+        let mut ins = state.clone();
+        for (k, t) in scan_ins.iter().enumerate() {
+            let idx = if dirs.get(k) == Some(&1) {
+                steps - 1 - s
+            } else {
+                s
+            };
+            let sl = narrow(t, 0, idx, 1);
+            let shape = sl.shape[1..].to_vec();
+            ins.push(Arc::new(Value::Tensor(sl.reshaped(shape))));
+        }
+        let res = ctx.sub.run("body", ins)?;
+        state = res[..n_state].to_vec();
+        for (k, v) in res[n_state..].iter().enumerate() {
+            outs[k].push(v.tensor()?.clone());
+        }
+    }
+    Ok((state, outs))
+}
+
+/// The dtype of the body's output `i`.
+fn body_dtype(ctx: &Ctx, i: usize, fallback: Option<&Tensor>) -> R<DType> {
+    let body = ctx.sub.graph("body").ok_or("Scan has no body")?;
+    Ok(body
+        .outputs()
+        .get(i)
+        .and_then(|&o| body.value(o).elem())
+        .or_else(|| fallback.map(|t| t.dtype()))
+        .unwrap_or(DType::F32))
+}
+
 pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
+    if ctx.opset < 9 {
+        return scan8(ctx);
+    }
     let m = ctx.ai("num_scan_inputs", 0) as usize;
     let body = ctx.sub.graph("body").ok_or("Scan has no body")?;
     let n_in = ctx.n_in();
-    let first = if ctx.opset < 9 { 1 } else { 0 };
-    let n_state = n_in - first - m;
+    let n_state = n_in - m;
     let n_out_scan = body.outputs().len() - n_state;
     let in_axes = ctx.ais("scan_input_axes").unwrap_or_else(|| vec![0; m]);
     let in_dirs = ctx
@@ -118,14 +168,14 @@ pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
     let out_dirs = ctx
         .ais("scan_output_directions")
         .unwrap_or_else(|| vec![0; n_out_scan]);
-    let mut state: Vec<Arc<Value>> = (first..first + n_state)
+    let state: Vec<Arc<Value>> = (0..n_state)
         .map(|i| {
             ctx.inputs[i]
                 .clone()
                 .ok_or("missing state input".to_string())
         })
         .collect::<R<_>>()?;
-    let scan_ins: Vec<Tensor> = (first + n_state..n_in)
+    let scan_ins: Vec<Tensor> = (n_state..n_in)
         .enumerate()
         .map(|(k, i)| {
             let t = ctx.t(i)?;
@@ -138,31 +188,13 @@ pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
         })
         .collect::<R<_>>()?;
     let steps = scan_ins.first().map_or(0, |t| t.shape[0]);
-    let mut outs: Vec<Vec<Tensor>> = vec![Vec::new(); n_out_scan];
-    for s in 0..steps {
-        let mut ins = state.clone();
-        for (k, t) in scan_ins.iter().enumerate() {
-            let idx = if in_dirs[k] == 1 { steps - 1 - s } else { s };
-            let sl = narrow(t, 0, idx, 1);
-            let shape = sl.shape[1..].to_vec();
-            ins.push(Arc::new(Value::Tensor(sl.reshaped(shape))));
-        }
-        let res = ctx.sub.run("body", ins)?;
-        state = res[..n_state].to_vec();
-        for (k, v) in res[n_state..].iter().enumerate() {
-            outs[k].push(v.tensor()?.clone());
-        }
-    }
+    let (state, outs) = scan_steps(ctx, state, &scan_ins, &in_dirs, steps, n_out_scan)?;
     let mut result = unwrap_all(state);
     for (k, mut items) in outs.into_iter().enumerate() {
         if out_dirs[k] == 1 {
             items.reverse();
         }
-        let dtype = body
-            .value(body.outputs()[n_state + k])
-            .elem()
-            .unwrap_or(DType::F32);
-        let st = stack(&items, 0, dtype)?;
+        let st = stack(&items, 0, body_dtype(ctx, n_state + k, None)?)?;
         let r = st.rank();
         let ax = axis(out_axes[k], r)?;
         let t = if ax == 0 {
@@ -173,6 +205,106 @@ pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
             transpose_t(&st, &perm)
         };
         result.push(Value::Tensor(t));
+    }
+    Ok(result)
+}
+
+/// Scan before opset 9: inputs `sequence_lens` (optional), the states and the scan inputs, all with a batch
+/// axis 0; the scan inputs' axis 1 is the sequence. Each batch entry runs on its own for its length (the
+/// maximum without `sequence_lens`); its scan outputs are padded with zeros to the maximum length.
+fn scan8(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let m = ctx.ai("num_scan_inputs", 0) as usize;
+    let body = ctx.sub.graph("body").ok_or("Scan has no body")?;
+    let n_in = ctx.n_in();
+    let n_state = n_in - 1 - m;
+    let n_out_scan = body.outputs().len() - n_state;
+    let dirs = ctx.ais("directions").unwrap_or_else(|| vec![0; m]);
+    let states: Vec<Tensor> = (1..1 + n_state)
+        .map(|i| ctx.t(i).cloned())
+        .collect::<R<_>>()?;
+    let scans: Vec<Tensor> = (1 + n_state..n_in)
+        .map(|i| ctx.t(i).cloned())
+        .collect::<R<_>>()?;
+    let Some(lead) = scans.first().or(states.first()) else {
+        return Ok(Vec::new());
+    };
+    let batch = *lead
+        .shape
+        .first()
+        .ok_or("Scan-8 inputs need a batch axis")?;
+    let max_len = match scans.first() {
+        Some(t) => *t
+            .shape
+            .get(1)
+            .ok_or("Scan-8 scan inputs need a sequence axis (axis 1)")?,
+        None => 0,
+    };
+    let lens = match ctx.opt(0).filter(|t| !t.is_empty()) {
+        Some(t) => t.to_i64s()?,
+        None => vec![max_len as i64; batch],
+    };
+    if lens.len() != batch {
+        return Err(format!(
+            "sequence_lens holds {} lengths for a batch of {batch}",
+            lens.len()
+        ));
+    }
+    let row = |t: &Tensor, b: usize| {
+        let sl = narrow(t, 0, b, 1);
+        let shape = sl.shape[1..].to_vec();
+        sl.reshaped(shape)
+    };
+    let mut final_states: Vec<Vec<Tensor>> = vec![Vec::new(); n_state];
+    let mut outputs: Vec<Vec<Tensor>> = vec![Vec::new(); n_out_scan];
+    for (b, &len) in lens.iter().enumerate() {
+        if len < 0 || len as usize > max_len {
+            return Err(format!(
+                "sequence_lens[{b}] = {len} is outside 0..={max_len}"
+            ));
+        }
+        let state = states
+            .iter()
+            .map(|t| Arc::new(Value::Tensor(row(t, b))))
+            .collect();
+        let ins: Vec<Tensor> = scans.iter().map(|t| row(t, b)).collect();
+        let (state, outs) = scan_steps(ctx, state, &ins, &dirs, len as usize, n_out_scan)?;
+        for (k, v) in state.iter().enumerate() {
+            final_states[k].push(v.tensor()?.clone());
+        }
+        for (k, mut items) in outs.into_iter().enumerate() {
+            if items.len() < max_len {
+                let Some(first) = items.first() else {
+                    return Err(format!(
+                        "sequence_lens[{b}] is 0: the shape of scan output {k} is unknown"
+                    ));
+                };
+                let pad = Tensor::new(
+                    first.shape.clone(),
+                    crate::Data::zeros(first.dtype(), first.len())?,
+                );
+                items.resize(max_len, pad);
+            }
+            outputs[k].push(stack(
+                &items,
+                0,
+                body_dtype(ctx, n_state + k, items.first())?,
+            )?);
+        }
+    }
+    let mut result = Vec::new();
+    for (k, items) in final_states.iter().enumerate() {
+        result.push(Value::Tensor(stack(
+            items,
+            0,
+            body_dtype(ctx, k, items.first())?,
+        )?));
+    }
+    for (k, items) in outputs.iter().enumerate() {
+        result.push(Value::Tensor(stack(
+            items,
+            0,
+            body_dtype(ctx, n_state + k, items.first())?,
+        )?));
     }
     Ok(result)
 }

@@ -768,13 +768,15 @@ pub(crate) fn bit_shift(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (a, b) = (ctx.t(0)?, ctx.t(1)?);
     let bits = a.dtype().bits();
     one(binary_num!(a, b, |x, y| x + y - y, |p, q| {
-        let s = q as u32;
-        if s >= bits {
-            0
+        // a negative shift or one of the width or more shifts every bit out: a right shift of a negative
+        // signed value leaves its sign bits (-1), anything else 0 (opset 28 defines both)
+        let s = q as i128;
+        if !(0..bits as i128).contains(&s) {
+            if left { 0 } else { ((p as i128) >> 127) as _ }
         } else if left {
-            p << s
+            p << s as u32
         } else {
-            p >> s
+            p >> s as u32
         }
     }))
 }

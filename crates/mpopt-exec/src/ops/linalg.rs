@@ -327,6 +327,48 @@ fn conv_f64(ctx: &Ctx) -> R<Tensor> {
     ))
 }
 
+/// A convolution's window and group, from the node's attributes (the kernel from the weights' shape unless
+/// `kernel_shape` is given), checked against the input and weight shapes (N x C x spatial).
+fn conv_window(ctx: &Ctx, xs: &[usize], ws: &[usize]) -> R<(Window, usize)> {
+    if xs.len() < 3 || ws.len() != xs.len() {
+        return Err(format!(
+            "Conv shapes {xs:?} and {ws:?} are not N x C x spatial"
+        ));
+    }
+    let g = ctx.ai("group", 1).max(1) as usize;
+    let kernel: Vec<usize> = match ctx.ais("kernel_shape") {
+        Some(k) => k.iter().map(|&v| v as usize).collect(),
+        None => ws[2..].to_vec(),
+    };
+    let win = window(ctx, &xs[2..], kernel, false)?;
+    if xs[1] != ws[1] * g || !ws[0].is_multiple_of(g) {
+        return Err(format!(
+            "Conv input {xs:?} and weights {ws:?} do not match group {g}"
+        ));
+    }
+    Ok((win, g))
+}
+
+/// A direct convolution in any number type, with the node's attributes: the integer convolutions
+/// (ConvInteger, QLinearConv) sum in i64, exactly.
+pub(crate) fn conv_direct<T>(
+    ctx: &Ctx,
+    x: &[T],
+    xs: &[usize],
+    w: &[T],
+    ws: &[usize],
+) -> R<(Vec<T>, Vec<usize>)>
+where
+    T: Copy + Default + std::ops::Mul<Output = T> + std::ops::AddAssign,
+{
+    let (win, g) = conv_window(ctx, xs, ws)?;
+    let mut shape = vec![xs[0], ws[0]];
+    shape.extend(&win.out);
+    let mut out = vec![T::default(); numel(&shape)];
+    conv_naive(x, xs, w, ws, g, &win, &mut out);
+    Ok((out, shape))
+}
+
 pub(crate) fn conv_f32(
     ctx: &Ctx,
     x: &[f32],
@@ -335,24 +377,9 @@ pub(crate) fn conv_f32(
     ws: &[usize],
     bias: Option<&[f32]>,
 ) -> R<(Vec<f32>, Vec<usize>)> {
-    if xs.len() < 3 || ws.len() != xs.len() {
-        return Err(format!(
-            "Conv shapes {xs:?} and {ws:?} are not N x C x spatial"
-        ));
-    }
+    let (win, g) = conv_window(ctx, xs, ws)?;
     let (n, c) = (xs[0], xs[1]);
     let m = ws[0];
-    let g = ctx.ai("group", 1).max(1) as usize;
-    let kernel: Vec<usize> = match ctx.ais("kernel_shape") {
-        Some(k) => k.iter().map(|&v| v as usize).collect(),
-        None => ws[2..].to_vec(),
-    };
-    let win = window(ctx, &xs[2..], kernel, false)?;
-    if c != ws[1] * g || !m.is_multiple_of(g) {
-        return Err(format!(
-            "Conv input {xs:?} and weights {ws:?} do not match group {g}"
-        ));
-    }
     let (cg, mg) = (c / g, m / g);
     let in_plane = numel(&xs[2..]);
     let out_plane = numel(&win.out);
@@ -599,16 +626,18 @@ fn inside(off: isize, stride: usize, out: usize, len: usize) -> (usize, usize) {
     (lo, hi)
 }
 
-/// Direct N-d convolution (3-D and higher; node tests).
-fn conv_naive(
-    x: &[f32],
+/// Direct N-d convolution (3-D and higher; node tests; the integer convolutions).
+fn conv_naive<T>(
+    x: &[T],
     xs: &[usize],
-    w: &[f32],
+    w: &[T],
     ws: &[usize],
     g: usize,
     win: &Window,
-    out: &mut [f32],
-) {
+    out: &mut [T],
+) where
+    T: Copy + Default + std::ops::Mul<Output = T> + std::ops::AddAssign,
+{
     let (n, c, m) = (xs[0], xs[1], ws[0]);
     let (cg, mg) = (c / g, m / g);
     let sp = &xs[2..];
@@ -623,7 +652,7 @@ fn conv_naive(
             let gi = mi / mg;
             for op in 0..out_plane {
                 unravel(op, &win.out, &mut oc);
-                let mut acc = 0f32;
+                let mut acc = T::default();
                 for ci in 0..cg {
                     let xc = &x[(b * c + gi * cg + ci) * in_plane..];
                     let wc = &w[(mi * cg + ci) * kk..];

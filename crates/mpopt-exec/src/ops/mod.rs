@@ -21,6 +21,7 @@ mod elementwise;
 mod grid;
 pub(crate) mod linalg;
 pub(crate) mod nn;
+mod qlinear;
 mod quant;
 mod recurrent_blocks;
 mod reduce;
@@ -269,6 +270,7 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("HannWindow", sh::hann_window, N),
         ("HammingWindow", sh::hamming_window, N),
         ("BlackmanWindow", sh::blackman_window, N),
+        ("MelWeightMatrix", sh::mel_weight_matrix, N),
         ("Unique", sh::unique, N),
         ("Det", sh::det, C),
         ("Scatter", sh::scatter_elements, N),
@@ -293,6 +295,10 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("QuantizeLinear", quant::quantize_linear, N),
         ("DequantizeLinear", quant::dequantize_linear, N),
         ("DynamicQuantizeLinear", quant::dynamic_quantize_linear, N),
+        ("MatMulInteger", qlinear::matmul_integer, N),
+        ("ConvInteger", qlinear::conv_integer, N),
+        ("QLinearMatMul", qlinear::qlinear_matmul, N),
+        ("QLinearConv", qlinear::qlinear_conv, N),
         ("NonMaxSuppression", roi::non_max_suppression, C),
         ("AffineGrid", grid::affine_grid, C),
         ("GridSample", grid::grid_sample, C),
@@ -307,6 +313,7 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("LogSoftmax", nn::log_softmax, C),
         ("Hardmax", nn::hardmax, C),
         ("MaxPool", nn::max_pool, C),
+        ("MaxUnpool", sh::max_unpool, N),
         ("AveragePool", nn::average_pool, C),
         ("LpPool", nn::lp_pool, C),
         ("GlobalAveragePool", nn::global_average_pool, C),

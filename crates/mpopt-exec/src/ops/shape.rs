@@ -1001,9 +1001,75 @@ pub(crate) fn space_to_depth(ctx: &mut Ctx) -> R<Vec<Value>> {
     let [n, c, h, w] = t.shape[..] else {
         return Err("SpaceToDepth takes NCHW".into());
     };
+    // opset 28's `mode`: DCR (the default) puts the block offsets before the channels, CRD after
+    let perm = match ctx.as_str("mode").as_deref() {
+        None | Some("DCR") => [0, 3, 5, 1, 2, 4],
+        Some("CRD") => [0, 1, 3, 5, 2, 4],
+        Some(m) => return Err(format!("SpaceToDepth mode '{m}' is not DCR or CRD")),
+    };
     let x = t.clone().reshaped(vec![n, c, h / b, b, w / b, b]);
-    let x = transpose_t(&x, &[0, 3, 5, 1, 2, 4]);
+    let x = transpose_t(&x, &perm);
     one(x.reshaped(vec![n, c * b * b, h / b, w / b]))
+}
+
+/// MaxUnpool: each value of X goes to the flat position its index gives in the unpooled shape
+/// (`(in - 1) * stride - pads + kernel` per spatial dim); the rest is zero. With `output_shape`, that result
+/// sits in the leading corner of a larger zero tensor, as in the reference.
+pub(crate) fn max_unpool(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (x, idx) = (ctx.t(0)?, ctx.t(1)?);
+    let kernel = ctx
+        .ais("kernel_shape")
+        .ok_or("MaxUnpool needs kernel_shape")?;
+    let r = kernel.len();
+    if x.rank() != r + 2 || idx.shape != x.shape {
+        return Err(format!(
+            "MaxUnpool input {:?} and indices {:?} do not fit a {r}-D kernel",
+            x.shape, idx.shape
+        ));
+    }
+    let step = ctx.ais("strides").unwrap_or_else(|| vec![1; r]);
+    let pads = ctx.ais("pads").unwrap_or_else(|| vec![0; 2 * r]);
+    let mut inferred = x.shape[..2].to_vec();
+    for d in 0..r {
+        let v = (x.shape[d + 2] as i64 - 1) * step[d] - pads[d] - pads[r + d] + kernel[d];
+        inferred.push(usize::try_from(v).map_err(|_| format!("MaxUnpool output dim {d} is {v}"))?);
+    }
+    let shape = match ctx.opt(2).filter(|t| !t.is_empty()) {
+        Some(t) => t
+            .to_i64s()?
+            .iter()
+            .map(|&v| usize::try_from(v).map_err(|_| format!("output_shape holds {v}")))
+            .collect::<R<Vec<usize>>>()?,
+        None => inferred.clone(),
+    };
+    if shape.len() != inferred.len() || shape.iter().zip(&inferred).any(|(a, b)| a < b) {
+        return Err(format!(
+            "output_shape {shape:?} is smaller than the unpooled shape {inferred:?}"
+        ));
+    }
+    // source of each element of the unpooled tensor: a value of X, or X's length for zero
+    let n = x.len();
+    let mut src = vec![n; numel(&inferred)];
+    for (k, &i) in idx.to_i64s()?.iter().enumerate() {
+        let slot = usize::try_from(i)
+            .ok()
+            .and_then(|i| src.get_mut(i))
+            .ok_or_else(|| format!("index {i} is outside the unpooled tensor {inferred:?}"))?;
+        *slot = k;
+    }
+    // placed in the corner of `shape`
+    let ost = strides(&shape);
+    let mut offs = vec![n; numel(&shape)];
+    let mut coord = vec![0; inferred.len()];
+    for (f, &s) in src.iter().enumerate() {
+        unravel(f, &inferred, &mut coord);
+        offs[coord.iter().zip(&ost).map(|(a, b)| a * b).sum::<usize>()] = s;
+    }
+    let flat = x.clone().reshaped(vec![n]);
+    let zero = Tensor::new(vec![1], crate::Data::zeros(x.dtype(), 1)?);
+    let padded = concat_t(&[&flat, &zero], 0)?;
+    let data = map_data!(&padded.data, v => offs.iter().map(|&o| v[o].clone()).collect());
+    one(Tensor::new(shape, data))
 }
 
 pub(crate) fn reverse_sequence(ctx: &mut Ctx) -> R<Vec<Value>> {
@@ -1188,6 +1254,56 @@ pub(crate) fn hamming_window(ctx: &mut Ctx) -> R<Vec<Value>> {
 }
 pub(crate) fn blackman_window(ctx: &mut Ctx) -> R<Vec<Value>> {
     window_op(ctx, &[0.42, 0.5, 0.08])
+}
+
+/// MelWeightMatrix: triangular filters on the mel scale, `[dft_length / 2 + 1, num_mel_bins]`. As the
+/// reference computes it: `num_mel_bins + 2` equally spaced mel points (the step divides the range by that
+/// count), converted back to Hz and to spectrogram bins with `floor((dft_length + 1) * hz / sample_rate)`.
+pub(crate) fn mel_weight_matrix(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let int = |i: usize| ctx.t(i).and_then(|t| t.scalar_i64());
+    let float = |i: usize| ctx.t(i).and_then(|t| t.scalar_f64());
+    let (mels, dft, rate) = (int(0)?, int(1)?, int(2)?);
+    let (lo, hi) = (float(3)?, float(4)?);
+    if mels < 0 || dft < 1 || rate < 1 {
+        return Err(format!(
+            "MelWeightMatrix needs num_mel_bins >= 0, dft_length and sample_rate >= 1 (got {mels}, {dft}, {rate})"
+        ));
+    }
+    let (mels, bins) = (mels as usize, dft as usize / 2 + 1);
+    let mel = |hz: f64| 2595.0 * (hz / 700.0).ln_1p() / std::f64::consts::LN_10;
+    let (mlo, mhi) = (mel(lo), mel(hi));
+    let step = (mhi - mlo) / (mels + 2) as f64;
+    let points: Vec<usize> = (0..mels + 2)
+        .map(|i| {
+            let hz = 700.0 * ((i as f64 * step + mlo) / 2595.0 * std::f64::consts::LN_10).exp_m1();
+            (((dft + 1) as f64 * hz) / rate as f64).floor().max(0.0) as usize
+        })
+        .collect();
+    let mut out = vec![0f64; bins * mels];
+    let mut set = |j: usize, i: usize, v: f64| -> R<()> {
+        *out.get_mut(j * mels + i)
+            .ok_or_else(|| format!("mel bin {i} reaches spectrogram bin {j} of {bins}"))? = v;
+        Ok(())
+    };
+    for i in 0..mels {
+        let (l, c, h) = (points[i], points[i + 1], points[i + 2]);
+        if c == l {
+            set(c, i, 1.0)?;
+        } else {
+            for j in l..=c {
+                set(j, i, (j - l) as f64 / (c - l) as f64)?;
+            }
+        }
+        for j in c..h {
+            set(j, i, (h - j) as f64 / (h - c) as f64)?;
+        }
+    }
+    let dt =
+        DType::from_code(ctx.ai("output_datatype", 1) as i32).ok_or("unknown output_datatype")?;
+    one(cast_tensor(
+        &Tensor::new(vec![bins, mels], Data::F64(out)),
+        dt,
+    )?)
 }
 
 pub(crate) fn unique(ctx: &mut Ctx) -> R<Vec<Value>> {
