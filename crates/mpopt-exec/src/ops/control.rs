@@ -309,6 +309,61 @@ fn scan8(ctx: &mut Ctx) -> R<Vec<Value>> {
     Ok(result)
 }
 
+/// SequenceMap: the body runs once per element of the input sequence; each additional input is a
+/// sequence of the same length (read element by element) or a tensor (passed whole every time). Each body
+/// output becomes a sequence.
+pub(crate) fn sequence_map(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (items, _) = seq(ctx, 0)?;
+    let n = items.len();
+    let body = ctx.sub.graph("body").ok_or("SequenceMap has no body")?;
+    let n_out = body.outputs().len();
+    // per additional input: its elements, or the one value every iteration reads
+    enum Extra<'a> {
+        Each(&'a Vec<Tensor>),
+        Whole(Arc<Value>),
+    }
+    let mut extras = Vec::new();
+    for i in 1..ctx.n_in() {
+        match ctx.val(i) {
+            Some(Value::Seq(..)) | Some(Value::Opt(Some(_), _)) => {
+                let (v, _) = seq(ctx, i)?;
+                if v.len() != n {
+                    return Err(format!(
+                        "input {i} holds {} elements, the input sequence {n}",
+                        v.len()
+                    ));
+                }
+                extras.push(Extra::Each(v));
+            }
+            _ => extras.push(Extra::Whole(
+                ctx.inputs[i]
+                    .clone()
+                    .ok_or_else(|| format!("input {i} is missing"))?,
+            )),
+        }
+    }
+    let mut outs: Vec<Vec<Tensor>> = vec![Vec::new(); n_out];
+    for (k, item) in items.iter().enumerate() {
+        let mut ins = vec![Arc::new(Value::Tensor(item.clone()))];
+        for e in &extras {
+            ins.push(match e {
+                Extra::Each(v) => Arc::new(Value::Tensor(v[k].clone())),
+                Extra::Whole(v) => Arc::clone(v),
+            });
+        }
+        for (o, v) in outs.iter_mut().zip(ctx.sub.run("body", ins)?) {
+            o.push(v.tensor()?.clone());
+        }
+    }
+    outs.into_iter()
+        .enumerate()
+        .map(|(k, items)| {
+            let dtype = body_dtype(ctx, k, items.first())?;
+            Ok(Value::Seq(items, dtype))
+        })
+        .collect()
+}
+
 fn seq<'c>(ctx: &'c Ctx, i: usize) -> R<(&'c Vec<Tensor>, DType)> {
     match ctx.val(i) {
         Some(Value::Seq(v, d)) => Ok((v, *d)),

@@ -247,3 +247,109 @@ pub(crate) fn grid_sample(ctx: &mut Ctx) -> R<Vec<Value>> {
     shape.extend(out_sp);
     Ok(vec![Value::Tensor(Tensor::f32(shape, out))])
 }
+
+/// Bilinear sample of a `[h, w]` plane at pixel coordinates (y, x); neighbours outside the plane read 0.
+fn bilinear_zeros(plane: &[f64], (h, w): (usize, usize), y: f64, x: f64) -> f64 {
+    let (y0, x0) = (y.floor(), x.floor());
+    let (fy, fx) = (y - y0, x - x0);
+    let at = |yy: f64, xx: f64| {
+        if yy < 0.0 || xx < 0.0 || yy >= h as f64 || xx >= w as f64 {
+            0.0
+        } else {
+            plane[yy as usize * w + xx as usize]
+        }
+    };
+    (1.0 - fy) * ((1.0 - fx) * at(y0, x0) + fx * at(y0, x0 + 1.0))
+        + fy * ((1.0 - fx) * at(y0 + 1.0, x0) + fx * at(y0 + 1.0, x0 + 1.0))
+}
+
+/// DeformConv (opset 19), 2-D as the reference defines it: each kernel tap of output (i, j) reads X
+/// bilinearly (zeros outside) at its regular position plus the learned offset (dy, dx) of its offset group,
+/// times the mask (1 without one); then the usual grouped sum and bias. Computed in f64, rounded once.
+pub(crate) fn deform_conv(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (x, w, off) = (ctx.t(0)?, ctx.t(1)?, ctx.t(2)?);
+    let (bias, mask) = (ctx.opt(3), ctx.opt(4));
+    let four = |t: &Tensor, what: &str| -> R<[usize; 4]> {
+        t.shape[..].try_into().map_err(|_| {
+            format!(
+                "DeformConv {what} must be 4-D (2-D NCHW), got {:?}",
+                t.shape
+            )
+        })
+    };
+    let ([n, ic, ih, iw], [oc, icg, kh, kw], [on, oo, oh, ow]) = (
+        four(x, "input")?,
+        four(w, "weights")?,
+        four(off, "offsets")?,
+    );
+    let g = ctx.ai("group", 1).max(1) as usize;
+    let og = ctx.ai("offset_group", 1).max(1) as usize;
+    let attr2 = |name: &str, default: i64| -> R<[usize; 2]> {
+        match ctx.ais(name) {
+            Some(v) if v.len() == 2 && v.iter().all(|&d| d >= 0) => {
+                Ok([v[0] as usize, v[1] as usize])
+            }
+            Some(v) => Err(format!("{name} {v:?} is not two non-negative values")),
+            None => Ok([default as usize; 2]),
+        }
+    };
+    let (st, dl) = (attr2("strides", 1)?, attr2("dilations", 1)?);
+    let pads = match ctx.ais("pads") {
+        Some(p) if p.len() == 4 => [p[0] as f64, p[1] as f64],
+        Some(p) => return Err(format!("pads {p:?} is not four values")),
+        None => [0.0, 0.0],
+    };
+    if ic != icg * g || oc % g != 0 || ic % og != 0 || on != n || oo != og * kh * kw * 2 {
+        return Err(format!(
+            "DeformConv shapes do not fit: X {:?}, W {:?}, offset {:?}, group {g}, offset_group {og}",
+            x.shape, w.shape, off.shape
+        ));
+    }
+    let (xv, wv, ov) = (x.to_f64s()?, w.to_f64s()?, off.to_f64s()?);
+    let mv = mask.map(|m| m.to_f64s()).transpose()?;
+    if mv
+        .as_ref()
+        .is_some_and(|m| m.len() != n * og * kh * kw * oh * ow)
+    {
+        return Err("DeformConv mask does not match the offsets".into());
+    }
+    let bv = bias.map(|b| b.to_f64s()).transpose()?;
+    let (ocg, icog, plane, out_plane) = (oc / g, ic / og, ih * iw, oh * ow);
+    let mut out = vec![0f64; n * oc * out_plane];
+    for b in 0..n {
+        for o in 0..oc {
+            let gi = o / ocg;
+            for c in gi * icg..(gi + 1) * icg {
+                let (xp, ogi) = (&xv[(b * ic + c) * plane..][..plane], c / icog);
+                for ki in 0..kh {
+                    for kj in 0..kw {
+                        let wt = wv[((o * icg + c % icg) * kh + ki) * kw + kj];
+                        let tap = ((b * og + ogi) * kh + ki) * kw + kj;
+                        for i in 0..oh {
+                            for j in 0..ow {
+                                let p = i * ow + j;
+                                let dy = ov[(tap * 2) * out_plane + p];
+                                let dx = ov[(tap * 2 + 1) * out_plane + p];
+                                let y = (st[0] * i + dl[0] * ki) as f64 - pads[0] + dy;
+                                let xx = (st[1] * j + dl[1] * kj) as f64 - pads[1] + dx;
+                                let m = mv.as_ref().map_or(1.0, |m| m[tap * out_plane + p]);
+                                out[(b * oc + o) * out_plane + p] +=
+                                    wt * m * bilinear_zeros(xp, (ih, iw), y, xx);
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(bv) = &bv {
+                for v in &mut out[(b * oc + o) * out_plane..][..out_plane] {
+                    *v += bv[o];
+                }
+            }
+        }
+    }
+    let t = Tensor::new(vec![n, oc, oh, ow], crate::Data::F64(out));
+    Ok(vec![Value::Tensor(super::elementwise::cast_tensor(
+        &t,
+        x.dtype(),
+    )?)])
+}

@@ -302,6 +302,7 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("NonMaxSuppression", roi::non_max_suppression, C),
         ("AffineGrid", grid::affine_grid, C),
         ("GridSample", grid::grid_sample, C),
+        ("DeformConv", grid::deform_conv, C),
         // normalization, pooling, activations with axes
         ("BatchNormalization", nn::batch_norm, C),
         ("InstanceNormalization", nn::instance_norm, C),
@@ -352,6 +353,7 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("SequenceConstruct", ct::sequence_construct, N),
         ("SequenceEmpty", ct::sequence_empty, N),
         ("SequenceAt", ct::sequence_at, N),
+        ("SequenceMap", ct::sequence_map, N),
         ("SequenceInsert", ct::sequence_insert, N),
         ("SequenceErase", ct::sequence_erase, N),
         ("SequenceLength", ct::sequence_length, N),
