@@ -292,8 +292,8 @@ pub fn range_check(t: &Tensor, target: DType) -> Option<RangeCheck> {
         Some(d) if d.len() == n => {
             // compare in f32 and only widen the rare values the report needs
             let (max32, tiny32) = (max as f32, tiny as f32);
-            let (mut max_abs, mut over, mut flush) = ([0f32; 8], [0u32; 8], [0u32; 8]);
-            d.lanes(|j, x| {
+            let init = ([0f32; 8], [0u32; 8], [0u32; 8]);
+            let (max_abs, over, flush) = d.lanes(init, |(max_abs, over, flush), j, x| {
                 let a = x.abs();
                 let finite = a < f32::INFINITY;
                 max_abs[j] = if finite & (a > max_abs[j]) {

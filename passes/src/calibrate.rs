@@ -73,9 +73,14 @@ impl Part {
     /// of every value through here.
     fn of(xs: &[f32], normal: f32) -> Part {
         const L: usize = 8;
-        let (mut lo, mut hi, mut am) = ([f32::INFINITY; L], [f32::NEG_INFINITY; L], [0f32; L]);
-        let (mut non_finite, mut nonzero, mut small) = ([0u32; L], [0u32; L], [0u32; L]);
-        let lane = |j: usize, x: f32| {
+        let floats = ([f32::INFINITY; L], [f32::NEG_INFINITY; L], [0f32; L]);
+        let counts = ([0u32; L], [0u32; L], [0u32; L]);
+        type State = (
+            ([f32; L], [f32; L], [f32; L]),
+            ([u32; L], [u32; L], [u32; L]),
+        );
+        let lane = |st: &mut State, j: usize, x: f32| {
+            let ((lo, hi, am), (non_finite, nonzero, small)) = st;
             let a = x.abs();
             // false for inf and NaN
             let finite = a <= f32::MAX;
@@ -91,7 +96,8 @@ impl Part {
             nonzero[j] += u32::from(finite & (a != 0.0));
             small[j] += u32::from((a != 0.0) & (a < normal));
         };
-        crate::range_rules::lanes(xs, lane);
+        let ((lo, hi, am), (non_finite, nonzero, small)) =
+            crate::range_rules::lanes(xs, (floats, counts), lane);
         let mut p = Part::EMPTY;
         for j in 0..L {
             p.lo = p.lo.min(lo[j]);
@@ -121,15 +127,15 @@ impl Part {
 /// without branches, so that it vectorizes.
 fn underflows(xs: &[f32], normal: f32, tiny: f32, significant: f32) -> (u64, u64, u64) {
     const L: usize = 8;
-    let (mut z, mut s, mut l) = ([0u32; L], [0u32; L], [0u32; L]);
-    let lane = |j: usize, x: f32| {
+    let init = ([0u32; L], [0u32; L], [0u32; L]);
+    let lane = |(z, s, l): &mut ([u32; L], [u32; L], [u32; L]), j: usize, x: f32| {
         let a = x.abs();
         let under = (a != 0.0) & (a < normal);
         z[j] += u32::from(under & (a < tiny));
         s[j] += u32::from(under & (a >= tiny));
         l[j] += u32::from(under & (a > significant));
     };
-    crate::range_rules::lanes(xs, lane);
+    let (z, s, l) = crate::range_rules::lanes(xs, init, lane);
     let sum = |v: [u32; L]| v.iter().map(|&k| u64::from(k)).sum::<u64>();
     (sum(z), sum(s), sum(l))
 }

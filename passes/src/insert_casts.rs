@@ -207,8 +207,8 @@ fn convert_general(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
 /// (non-zero values that became zero, largest relative change) between `xs` and their conversions `ys`.
 /// Written in eight lanes with selects instead of branches, so that it vectorizes.
 fn change_stats(xs: &[f32], ys: &[f32]) -> (usize, f32) {
-    let (mut flushed, mut rel) = ([0u32; 8], [0f32; 8]);
-    crate::range_rules::lanes2(xs, ys, |j, x, y| {
+    let init = ([0u32; 8], [0f32; 8]);
+    let (flushed, rel) = crate::range_rules::lanes2(xs, ys, init, |(flushed, rel), j, x, y| {
         flushed[j] += ((x != 0.0) & (y == 0.0)) as u32;
         // zero and non-finite inputs have no relative change (NaN or inf here): dropped
         let r = ((y - x) / x).abs();

@@ -239,6 +239,14 @@ impl<'a> F32Data<'a> {
         }
     }
 
+    /// The elements `start..start + len`.
+    pub(crate) fn range(self, start: usize, len: usize) -> F32Data<'a> {
+        match self {
+            F32Data::Bytes(b) => F32Data::Bytes(&b[start * 4..(start + len) * 4]),
+            F32Data::Floats(v) => F32Data::Floats(&v[start..start + len]),
+        }
+    }
+
     /// Copies the elements `at..at + xs.len()` into `xs`.
     pub(crate) fn fill(self, at: usize, xs: &mut [f32]) {
         match self {
@@ -253,6 +261,7 @@ impl<'a> F32Data<'a> {
     }
 
     /// Calls `f(j, x)` for the elements `start + j`, `j < len`, in order.
+    #[inline(always)]
     fn each(self, start: usize, len: usize, mut f: impl FnMut(usize, f32)) {
         match self {
             F32Data::Bytes(b) => {
@@ -268,63 +277,94 @@ impl<'a> F32Data<'a> {
         }
     }
 
-    /// Calls `lane(j, x)` for every element `x`, with `j` its index modulo 8 (see [`lanes`]).
-    #[inline]
-    pub(crate) fn lanes(self, lane: impl FnMut(usize, f32)) {
+    /// Folds every element `x` into `state` with `lane(state, j, x)`, `j` its index modulo 8 (see
+    /// [`lanes`]).
+    #[inline(always)]
+    pub(crate) fn lanes<S>(self, state: S, lane: impl FnMut(&mut S, usize, f32)) -> S {
         match self {
-            F32Data::Bytes(b) => f32_lanes(b, lane),
-            F32Data::Floats(v) => lanes(v, lane),
+            F32Data::Bytes(b) => f32_lanes(b, state, lane),
+            F32Data::Floats(v) => lanes(v, state, lane),
         }
     }
 }
 
-/// Calls `lane(j, x)` for the elements of `xs` in order, with `j` the index modulo 8: a reduction kept in
-/// eight lanes (one accumulator each) with selects instead of branches vectorizes.
+/// Folds the elements of `xs` in order into `state` with `lane(state, j, x)`, `j` the index modulo 8: a
+/// reduction kept in eight lanes (one accumulator each) with selects instead of branches vectorizes.
+///
+/// The loop runs with the best vector instructions the CPU has (AVX2 and FMA where present, chosen at run
+/// time by `pulp`; the build targets baseline x86-64 and its SSE2). The state is owned by the loop, not
+/// borrowed from the caller, so that it stays in registers across that call.
 #[inline(always)]
-pub(crate) fn lanes(xs: &[f32], mut lane: impl FnMut(usize, f32)) {
-    let mut blocks = xs.chunks_exact(8);
-    for blk in &mut blocks {
-        for (j, &x) in blk.iter().enumerate() {
-            lane(j, x);
-        }
-    }
-    for (j, &x) in blocks.remainder().iter().enumerate() {
-        lane(j, x);
-    }
+pub(crate) fn lanes<S>(xs: &[f32], state: S, mut lane: impl FnMut(&mut S, usize, f32)) -> S {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        move || {
+            let mut st = state;
+            let mut blocks = xs.chunks_exact(8);
+            for blk in &mut blocks {
+                for (j, &x) in blk.iter().enumerate() {
+                    lane(&mut st, j, x);
+                }
+            }
+            for (j, &x) in blocks.remainder().iter().enumerate() {
+                lane(&mut st, j, x);
+            }
+            st
+        },
+    )
 }
 
-/// [`lanes`] over two slices of the same length, element by element: `lane(j, a[i], b[i])`.
+/// [`lanes`] over two slices of the same length, element by element: `lane(state, j, a[i], b[i])`.
 #[inline(always)]
-pub(crate) fn lanes2(a: &[f32], b: &[f32], mut lane: impl FnMut(usize, f32, f32)) {
-    let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    for (xa, yb) in (&mut ca).zip(&mut cb) {
-        for j in 0..8 {
-            lane(j, xa[j], yb[j]);
-        }
-    }
-    for (j, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        lane(j, x, y);
-    }
+pub(crate) fn lanes2<S>(
+    a: &[f32],
+    b: &[f32],
+    state: S,
+    mut lane: impl FnMut(&mut S, usize, f32, f32),
+) -> S {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        move || {
+            let mut st = state;
+            let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
+            for (xa, yb) in (&mut ca).zip(&mut cb) {
+                for j in 0..8 {
+                    lane(&mut st, j, xa[j], yb[j]);
+                }
+            }
+            for (j, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+                lane(&mut st, j, x, y);
+            }
+            st
+        },
+    )
 }
 
-/// Calls `lane(j, x)` for every f32 `x` of little-endian bytes `b`, with `j` the element index modulo 8: a
-/// reduction kept in eight lanes with selects instead of branches vectorizes.
-#[inline]
-fn f32_lanes(b: &[u8], mut lane: impl FnMut(usize, f32)) {
-    let blocks = b.chunks_exact(32);
-    let rest = blocks.remainder();
-    for blk in blocks {
-        let mut xs = [0f32; 8];
-        for (x, c) in xs.iter_mut().zip(blk.chunks_exact(4)) {
-            *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        }
-        for (j, &x) in xs.iter().enumerate() {
-            lane(j, x);
-        }
-    }
-    for (j, c) in rest.chunks_exact(4).enumerate() {
-        lane(j, f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-    }
+/// Folds every f32 `x` of little-endian bytes `b` into `state` with `lane(state, j, x)`, `j` the element
+/// index modulo 8 (see [`lanes`]).
+#[inline(always)]
+fn f32_lanes<S>(b: &[u8], state: S, mut lane: impl FnMut(&mut S, usize, f32)) -> S {
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        move || {
+            let mut st = state;
+            let blocks = b.chunks_exact(32);
+            let rest = blocks.remainder();
+            for blk in blocks {
+                let mut xs = [0f32; 8];
+                for (x, c) in xs.iter_mut().zip(blk.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                for (j, &x) in xs.iter().enumerate() {
+                    lane(&mut st, j, x);
+                }
+            }
+            for (j, c) in rest.chunks_exact(4).enumerate() {
+                lane(&mut st, j, f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+            st
+        },
+    )
 }
 
 /// The exact interval of a constant tensor (TOP when it holds NaN; None when unreadable or empty).
@@ -332,15 +372,15 @@ pub(crate) fn const_interval(t: &Tensor) -> Option<Interval> {
     if let Some(d) = F32Data::of(t) {
         // the common case, read in place, in eight lanes of selects so that the loop vectorizes (a NaN
         // compares false and is only counted)
-        let (mut los, mut his, mut nans) = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [false; 8]);
-        d.lanes(|j, x| {
-            nans[j] |= x.is_nan();
+        let init = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [0u32; 8]);
+        let (los, his, nans) = d.lanes(init, |(los, his, nans), j, x| {
+            nans[j] += x.is_nan() as u32;
             los[j] = if x < los[j] { x } else { los[j] };
             his[j] = if x > his[j] { x } else { his[j] };
         });
         let lo = los.iter().fold(f32::INFINITY, |a, &b| a.min(b));
         let hi = his.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-        let nan = nans.iter().any(|&n| n);
+        let nan = nans.iter().any(|&n| n > 0);
         return match (d.len() > 0, nan) {
             (false, _) => None,
             (true, true) => Some(Interval::TOP),
@@ -983,6 +1023,7 @@ impl<'a> Elems<'a> {
     }
 
     /// Calls `f(j, x)` for the elements `start + j`, `j < len`, in order.
+    #[inline(always)]
     fn each(&self, start: usize, len: usize, mut f: impl FnMut(usize, f64)) {
         match self {
             Elems::F32(d) => d.each(start, len, |j, x| f(j, x as f64)),
@@ -1023,13 +1064,26 @@ impl SignSums {
     }
 }
 
-/// Sign sums of `cols` columns stored one after the other, `k` weights each, from element `start`.
+/// Sign sums of `cols` columns stored one after the other, `k` weights each, from element `start`. f32
+/// weights are summed in eight lanes (a sum in one accumulator cannot vectorize); the order changes the f64
+/// sums by about `k` units of 2^-53, far inside the f32 rounding that [`columns_bound`] pads for.
 fn contiguous_columns(w: &Elems, start: usize, cols: usize, k: usize) -> Vec<SignSums> {
     (0..cols)
-        .map(|c| {
-            let mut s = SignSums::default();
-            w.each(start + c * k, k, |_, x| s.add(x));
-            s
+        .map(|c| match w {
+            Elems::F32(d) => {
+                let acc = d
+                    .range(start + c * k, k)
+                    .lanes([SignSums::default(); 8], |acc, j, x| acc[j].add(x as f64));
+                acc.iter().fold(SignSums::default(), |a, b| SignSums {
+                    pos: a.pos + b.pos,
+                    neg: a.neg + b.neg,
+                })
+            }
+            Elems::Wide(_) => {
+                let mut s = SignSums::default();
+                w.each(start + c * k, k, |_, x| s.add(x));
+                s
+            }
         })
         .collect()
 }
@@ -1037,9 +1091,15 @@ fn contiguous_columns(w: &Elems, start: usize, cols: usize, k: usize) -> Vec<Sig
 /// Sign sums of the `cols` columns of a row-major `[k, cols]` block from element `start`.
 fn row_major_columns(w: &Elems, start: usize, k: usize, cols: usize) -> Vec<SignSums> {
     let mut sums = vec![SignSums::default(); cols];
-    for i in 0..k {
-        w.each(start + i * cols, cols, |c, x| sums[c].add(x));
-    }
+    // one accumulator per column: the row loop vectorizes, with AVX2 where the CPU has it
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || {
+            for i in 0..k {
+                w.each(start + i * cols, cols, |c, x| sums[c].add(x));
+            }
+        },
+    );
     sums
 }
 

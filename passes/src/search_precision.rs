@@ -536,8 +536,8 @@ fn f32s(t: &mpopt_exec::Tensor) -> Option<std::borrow::Cow<'_, [f32]>> {
 /// every candidate.
 fn sq_sums(a: &[f32], b: &[f32]) -> (f64, f64, u64) {
     const L: usize = 8;
-    let (mut num, mut den, mut bad) = ([0f64; L], [0f64; L], [0u64; L]);
-    crate::range_rules::lanes2(a, b, |j, x, y| {
+    let init = ([0f64; L], [0f64; L], [0u64; L]);
+    let (num, den, bad) = crate::range_rules::lanes2(a, b, init, |(num, den, bad), j, x, y| {
         let (fx, fy) = (x.is_finite(), y.is_finite());
         let both = fx & fy;
         let (x, y) = if both {
