@@ -20,6 +20,7 @@ mod control;
 mod elementwise;
 mod grid;
 pub(crate) mod linalg;
+mod ml;
 pub(crate) mod nn;
 mod qlinear;
 mod quant;
@@ -370,9 +371,23 @@ fn table() -> &'static HashMap<&'static str, (Kernel, Low)> {
     T.get_or_init(|| OPS.iter().map(|&(n, k, l)| (n, (k, l))).collect())
 }
 
+/// ai.onnx.ml ops.
+const ML_OPS: &[(&str, Kernel, Low)] = &[
+    ("Binarizer", ml::binarizer, Low::Native),
+    (
+        "ArrayFeatureExtractor",
+        ml::array_feature_extractor,
+        Low::Native,
+    ),
+    ("LabelEncoder", ml::label_encoder, Low::Native),
+    ("TreeEnsemble", ml::tree_ensemble, Low::Native),
+];
+
 fn lookup(domain: &str, op: &str) -> Option<(Kernel, Low)> {
+    let in_table = |t: &[(&str, Kernel, Low)]| t.iter().find(|o| o.0 == op).map(|o| (o.1, o.2));
     match domain {
         "" | "ai.onnx" => table().get(op).copied(),
+        "ai.onnx.ml" => in_table(ML_OPS),
         _ => None,
     }
 }
