@@ -1,23 +1,10 @@
 //! Integer and quantized ops, and old-opset control flow, on cases the node suite does not cover: values
 //! worked out by hand from the operator definitions.
 
-use mpopt_exec::{Data, Executor, RunOptions, Tensor, Value};
-use mpopt_ir::text::parse_model;
+mod common;
 
-fn run(src: &str, inputs: Vec<(&str, Tensor)>) -> Vec<Tensor> {
-    let m = parse_model(src).expect("fixture parses");
-    let exec = Executor::new(&m).expect("the executor accepts the model");
-    let ins = inputs
-        .into_iter()
-        .map(|(n, t)| (n.to_string(), Value::Tensor(t)))
-        .collect();
-    exec.run(ins, &RunOptions::default())
-        .expect("the model runs")
-        .outputs
-        .into_iter()
-        .map(|(_, v)| v.tensor().expect("a tensor output").clone())
-        .collect()
-}
+use common::run_text as run;
+use mpopt_exec::{Data, Tensor};
 
 fn ints(t: &Tensor) -> Vec<i64> {
     t.to_i64s().expect("integer output")

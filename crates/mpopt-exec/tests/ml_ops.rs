@@ -1,22 +1,9 @@
 //! ai.onnx.ml ops on cases the node suite does not cover, worked out by hand.
 
-use mpopt_exec::{Data, Executor, RunOptions, Tensor, Value};
-use mpopt_ir::text::parse_model;
+mod common;
 
-fn run(src: &str, inputs: Vec<(&str, Tensor)>) -> Vec<Tensor> {
-    let m = parse_model(src).expect("fixture parses");
-    let exec = Executor::new(&m).expect("the executor accepts the model");
-    let ins = inputs
-        .into_iter()
-        .map(|(n, t)| (n.to_string(), Value::Tensor(t)))
-        .collect();
-    exec.run(ins, &RunOptions::default())
-        .expect("the model runs")
-        .outputs
-        .into_iter()
-        .map(|(_, v)| v.tensor().expect("a tensor output").clone())
-        .collect()
-}
+use common::run_text as run;
+use mpopt_exec::{Data, Tensor};
 
 /// Two trees over two features: tree 0 tests `x0 <= 0.5` (NaN goes true) and gives 1 or 3 to target 0;
 /// tree 1 tests `x1 in {2, 5}` and gives 10 to target 1, or 20 to target 0.

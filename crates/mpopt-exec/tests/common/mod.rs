@@ -40,3 +40,19 @@ pub fn dims(s: &[usize]) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+/// Runs a model in the IR text format on named inputs and returns its outputs' tensors, in order.
+pub fn run_text(src: &str, inputs: Vec<(&str, mpopt_exec::Tensor)>) -> Vec<mpopt_exec::Tensor> {
+    let m = mpopt_ir::text::parse_model(src).expect("fixture parses");
+    let exec = mpopt_exec::Executor::new(&m).expect("the executor accepts the model");
+    let ins = inputs
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), mpopt_exec::Value::Tensor(t)))
+        .collect();
+    exec.run(ins, &mpopt_exec::RunOptions::default())
+        .expect("the model runs")
+        .outputs
+        .into_iter()
+        .map(|(_, v)| v.tensor().expect("a tensor output").clone())
+        .collect()
+}
