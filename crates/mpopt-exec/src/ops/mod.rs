@@ -32,6 +32,8 @@ mod roi;
 mod rotary;
 mod shape;
 mod spectral;
+mod strings;
+mod training;
 
 pub use elementwise::{cast_tensor, cast_tensor_sat};
 
@@ -355,6 +357,11 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("SequenceEmpty", ct::sequence_empty, N),
         ("SequenceAt", ct::sequence_at, N),
         ("SequenceMap", ct::sequence_map, N),
+        // strings
+        ("StringConcat", strings::string_concat, N),
+        ("StringSplit", strings::string_split, N),
+        ("RegexFullMatch", strings::regex_full_match, N),
+        ("StringNormalizer", strings::string_normalizer, N),
         ("SequenceInsert", ct::sequence_insert, N),
         ("SequenceErase", ct::sequence_erase, N),
         ("SequenceLength", ct::sequence_length, N),
@@ -383,11 +390,19 @@ const ML_OPS: &[(&str, Kernel, Low)] = &[
     ("TreeEnsemble", ml::tree_ensemble, Low::Native),
 ];
 
+/// ai.onnx.preview.training ops (the optimizers: their inputs are f32/f64 state, never lowered).
+const TRAINING_OPS: &[(&str, Kernel, Low)] = &[
+    ("Adagrad", training::adagrad, Low::Native),
+    ("Adam", training::adam, Low::Native),
+    ("Momentum", training::momentum, Low::Native),
+];
+
 fn lookup(domain: &str, op: &str) -> Option<(Kernel, Low)> {
     let in_table = |t: &[(&str, Kernel, Low)]| t.iter().find(|o| o.0 == op).map(|o| (o.1, o.2));
     match domain {
         "" | "ai.onnx" => table().get(op).copied(),
         "ai.onnx.ml" => in_table(ML_OPS),
+        "ai.onnx.preview.training" => in_table(TRAINING_OPS),
         _ => None,
     }
 }

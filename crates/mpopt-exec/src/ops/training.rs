@@ -1,0 +1,147 @@
+//! The optimizers of ai.onnx.preview.training as the ONNX reference defines them: Adagrad, Adam and
+//! Momentum (standard and Nesterov). Inputs are the learning rate R and step count T, then n tensors to
+//! optimize, their n gradients and their n accumulators of each kind; the outputs are the updated tensors,
+//! then the updated accumulators, kind by kind. Computed in f64, each output in its input's type.
+
+use super::elementwise::cast_tensor;
+use super::{Ctx, R};
+use crate::{Data, Tensor, Value};
+
+/// (R, T, and per optimized tensor its `kinds` operands: X, G, then the accumulators) of an optimizer node.
+type Groups<'c> = Vec<Vec<&'c Tensor>>;
+
+fn operands<'c>(ctx: &'c Ctx, kinds: usize) -> R<(f64, f64, Groups<'c>)> {
+    let (r, t) = (ctx.t(0)?.scalar_f64()?, ctx.t(1)?.scalar_f64()?);
+    let rest = ctx.n_in().saturating_sub(2);
+    if rest == 0 || !rest.is_multiple_of(kinds) {
+        return Err(format!(
+            "{} inputs after R and T are not {kinds} groups of equal size",
+            rest
+        ));
+    }
+    let n = rest / kinds;
+    let groups = (0..n)
+        .map(|i| {
+            (0..kinds)
+                .map(|k| ctx.t(2 + k * n + i))
+                .collect::<R<Vec<_>>>()
+        })
+        .collect::<R<_>>()?;
+    Ok((r, t, groups))
+}
+
+/// Applies `update` element by element to one group (all of X's shape) and returns its outputs, each in
+/// X's type.
+fn apply<const K: usize, const O: usize>(
+    group: &[&Tensor],
+    update: impl Fn([f64; K]) -> [f64; O],
+) -> R<[Tensor; O]> {
+    let x = group[0];
+    let vals: Vec<Vec<f64>> = group.iter().map(|t| t.to_f64s()).collect::<R<_>>()?;
+    if vals.iter().any(|v| v.len() != x.len()) {
+        return Err("an optimizer's operands differ in size".into());
+    }
+    let mut outs: [Vec<f64>; O] = std::array::from_fn(|_| Vec::with_capacity(x.len()));
+    (0..x.len()).for_each(|e| {
+        let r = update(std::array::from_fn(|k| vals[k][e]));
+        for (o, v) in outs.iter_mut().zip(r) {
+            o.push(v);
+        }
+    });
+    let mut res = Vec::with_capacity(O);
+    for o in outs {
+        res.push(cast_tensor(
+            &Tensor::new(x.shape.clone(), Data::F64(o)),
+            x.dtype(),
+        )?);
+    }
+    res.try_into().map_err(|_| "output count".to_string())
+}
+
+/// Outputs grouped by kind: every group's first output, then every group's second, ...
+fn by_kind<const O: usize>(groups: Vec<[Tensor; O]>) -> Vec<Value> {
+    (0..O)
+        .flat_map(|k| groups.iter().map(move |g| Value::Tensor(g[k].clone())))
+        .collect()
+}
+
+pub(crate) fn adagrad(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (r, t, groups) = operands(ctx, 3)?;
+    let (decay, eps, norm) = (
+        ctx.af("decay_factor", 0.0) as f64,
+        ctx.af("epsilon", 0.0) as f64,
+        ctx.af("norm_coefficient", 0.0) as f64,
+    );
+    let rate = r / (1.0 + t * decay);
+    let out = groups
+        .iter()
+        .map(|g| {
+            apply(g, |[x, g, h]| {
+                let g = norm * x + g;
+                let h = h + g * g;
+                [x - rate * g / (h.sqrt() + eps), h]
+            })
+        })
+        .collect::<R<Vec<_>>>()?;
+    Ok(by_kind(out))
+}
+
+pub(crate) fn adam(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (r, t, groups) = operands(ctx, 4)?;
+    let (alpha, beta, eps) = (
+        ctx.af("alpha", 0.9) as f64,
+        ctx.af("beta", 0.999) as f64,
+        ctx.af("epsilon", 0.0) as f64,
+    );
+    let (norm, post) = (
+        ctx.af("norm_coefficient", 0.0) as f64,
+        ctx.af("norm_coefficient_post", 0.0) as f64,
+    );
+    // bias correction from the second step on
+    let rate = if t > 0.0 {
+        r * (1.0 - beta.powf(t)).sqrt() / (1.0 - alpha.powf(t))
+    } else {
+        r
+    };
+    let out = groups
+        .iter()
+        .map(|g| {
+            apply(g, |[x, g, v, h]| {
+                let g = norm * x + g;
+                let v = alpha * v + (1.0 - alpha) * g;
+                let h = beta * h + (1.0 - beta) * g * g;
+                let x = x - rate * (v / (h.sqrt() + eps));
+                [(1.0 - post) * x, v, h]
+            })
+        })
+        .collect::<R<Vec<_>>>()?;
+    Ok(by_kind(out))
+}
+
+pub(crate) fn momentum(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (r, t, groups) = operands(ctx, 3)?;
+    let (alpha, beta, norm) = (
+        ctx.af("alpha", 0.0) as f64,
+        ctx.af("beta", 0.0) as f64,
+        ctx.af("norm_coefficient", 0.0) as f64,
+    );
+    let nesterov = match ctx.as_str("mode").as_deref() {
+        Some("nesterov") => true,
+        Some("standard") | None => false,
+        Some(m) => return Err(format!("unknown Momentum mode {m:?}")),
+    };
+    // the gradient's coefficient is 1 on the first step
+    let b = if t > 0.0 { beta } else { 1.0 };
+    let out = groups
+        .iter()
+        .map(|g| {
+            apply(g, |[x, g, v]| {
+                let g = norm * x + g;
+                let v = alpha * v + b * g;
+                let step = if nesterov { g + alpha * v } else { v };
+                [x - r * step, v]
+            })
+        })
+        .collect::<R<Vec<_>>>()?;
+    Ok(by_kind(out))
+}
