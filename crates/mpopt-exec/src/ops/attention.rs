@@ -2,6 +2,9 @@
 //! causal and sliding-window masking, a KV cache (past/present), per-batch non-padded lengths, softcap and the
 //! `qk_matmul_output` modes. Computed in f64 and rounded once to the inputs' type; a fully masked row gives 0.
 
+use mpopt_ir::DType;
+
+use super::elementwise::cast_tensor;
 use super::shape::{concat_t, transpose_t};
 use super::{Ctx, R};
 use crate::{Data, Tensor, Value};
@@ -218,4 +221,111 @@ pub(crate) fn attention(ctx: &mut Ctx) -> R<Vec<Value>> {
         Value::Tensor(present_v),
         Value::Tensor(cast(vec![b, hq, s, l], qk_out)?),
     ])
+}
+
+/// FlexAttention (ai.onnx.preview): `softmax(score_mod((Q √s)(K √s)ᵀ))`, then `prob_mod`, times V, with
+/// grouped key/value heads (query head h reads key head `h / (Hq / Hkv)`). `score_mod` and `prob_mod` are
+/// subgraphs over the whole `[B, H, L, S]` tensor, which they receive in the softmax's type (f32 for half
+/// inputs, f64 for f64 ones, or `softmax_precision`). Computed in f64, rounded once to V's type.
+pub(crate) fn flex_attention(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let (q, k, v) = (ctx.t(0)?, ctx.t(1)?, ctx.t(2)?);
+    let dims = |t: &Tensor, what: &str| -> R<[usize; 4]> {
+        t.shape[..]
+            .try_into()
+            .map_err(|_| format!("FlexAttention {what} must be 4-D, got {:?}", t.shape))
+    };
+    let ([b, hq, l, e], [bk, hk, s, ek], [bv, hv, sv, ev]) =
+        (dims(q, "Q")?, dims(k, "K")?, dims(v, "V")?);
+    if bk != b || bv != b || hv != hk || sv != s || ek != e || hk == 0 || hq % hk != 0 {
+        return Err(format!(
+            "FlexAttention shapes do not fit: Q {:?}, K {:?}, V {:?}",
+            q.shape, k.shape, v.shape
+        ));
+    }
+    let scale = if ctx.has("scale") {
+        ctx.af("scale", 1.0) as f64
+    } else {
+        1.0 / (e as f64).sqrt()
+    };
+    let ss = scale.sqrt();
+    let soft = match ctx.ai("softmax_precision", 0) {
+        0 if q.dtype() == DType::F64 => DType::F64,
+        0 => DType::F32,
+        c => DType::from_code(c as i32).ok_or_else(|| format!("unknown softmax_precision {c}"))?,
+    };
+    let (qv, kv, vv) = (q.to_f64s()?, k.to_f64s()?, v.to_f64s()?);
+    let group = hq / hk;
+    let mut scores = vec![0f64; b * hq * l * s];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..l {
+                let qrow = &qv[((bi * hq + h) * l + i) * e..][..e];
+                for j in 0..s {
+                    let krow = &kv[((bi * hk + kh) * s + j) * e..][..e];
+                    scores[((bi * hq + h) * l + i) * s + j] = qrow
+                        .iter()
+                        .zip(krow)
+                        .map(|(a, c)| (a * ss) * (c * ss))
+                        .sum();
+                }
+            }
+        }
+    }
+    let shape = vec![b, hq, l, s];
+    // a modifier subgraph over the whole tensor, in the softmax's type
+    let modify = |name: &str, x: Vec<f64>| -> R<Vec<f64>> {
+        if ctx.sub.graph(name).is_none() {
+            return Ok(x);
+        }
+        let t = cast_tensor(&Tensor::new(shape.clone(), Data::F64(x)), soft)?;
+        let out = ctx
+            .sub
+            .run(name, vec![std::sync::Arc::new(Value::Tensor(t))])?;
+        let y = out
+            .first()
+            .ok_or_else(|| format!("{name} has no output"))?
+            .tensor()?;
+        if y.len() != b * hq * l * s {
+            return Err(format!("{name} changed the scores' shape to {:?}", y.shape));
+        }
+        y.to_f64s()
+    };
+    // rounded to the softmax's type, as the reference computes it
+    let round = |x: Vec<f64>| -> R<Vec<f64>> {
+        cast_tensor(&Tensor::new(shape.clone(), Data::F64(x)), soft)?.to_f64s()
+    };
+    let mut p = modify("score_mod", round(scores)?)?;
+    for row in p.chunks_mut(s.max(1)) {
+        let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        for x in row.iter_mut() {
+            *x /= sum;
+        }
+    }
+    let p = modify("prob_mod", round(p)?)?;
+    let mut out = vec![0f64; b * hq * l * ev];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..l {
+                let prow = &p[((bi * hq + h) * l + i) * s..][..s];
+                let orow = &mut out[((bi * hq + h) * l + i) * ev..][..ev];
+                for (j, &pj) in prow.iter().enumerate() {
+                    let vrow = &vv[((bi * hk + kh) * s + j) * ev..][..ev];
+                    for (o, &x) in orow.iter_mut().zip(vrow) {
+                        *o += pj * x;
+                    }
+                }
+            }
+        }
+    }
+    Ok(vec![Value::Tensor(cast_tensor(
+        &Tensor::new(vec![b, hq, l, ev], Data::F64(out)),
+        v.dtype(),
+    )?)])
 }

@@ -403,6 +403,7 @@ fn lookup(domain: &str, op: &str) -> Option<(Kernel, Low)> {
         "" | "ai.onnx" => table().get(op).copied(),
         "ai.onnx.ml" => in_table(ML_OPS),
         "ai.onnx.preview.training" => in_table(TRAINING_OPS),
+        "ai.onnx.preview" => in_table(&[("FlexAttention", attention::flex_attention, Low::Native)]),
         _ => None,
     }
 }
