@@ -362,6 +362,7 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("StringSplit", strings::string_split, N),
         ("RegexFullMatch", strings::regex_full_match, N),
         ("StringNormalizer", strings::string_normalizer, N),
+        ("TfIdfVectorizer", strings::tfidf_vectorizer, N),
         ("SequenceInsert", ct::sequence_insert, N),
         ("SequenceErase", ct::sequence_erase, N),
         ("SequenceLength", ct::sequence_length, N),

@@ -1,8 +1,10 @@
-//! String ops as the ONNX reference defines them: StringConcat (broadcasting), StringSplit (Python's
-//! `str.split`: runs of whitespace without a delimiter, `maxsplit`, rows padded with ""), RegexFullMatch
-//! (the `regex` crate, whose syntax is RE2's) and StringNormalizer (stop words, case change; the
-//! reference's accent stripping of non-ASCII text by NFKD is not done, so accented input is an error
-//! rather than a silent difference).
+//! String and token ops as the ONNX reference defines them: StringConcat (broadcasting), StringSplit
+//! (Python's `str.split`: runs of whitespace without a delimiter, `maxsplit`, rows padded with ""),
+//! RegexFullMatch (the `regex` crate, whose syntax is RE2's), StringNormalizer (stop words, case change;
+//! the reference's accent stripping of non-ASCII text by NFKD is not done, so accented input is an error
+//! rather than a silent difference) and TfIdfVectorizer (n-gram counts over integer or string tokens).
+
+use std::collections::HashMap;
 
 use super::elementwise::{bcast_offsets, broadcast_shape};
 use super::{Ctx, R, one};
@@ -165,6 +167,141 @@ pub(crate) fn string_normalizer(ctx: &mut Ctx) -> R<Vec<Value>> {
         vec![out.len()]
     };
     one(Tensor::new(shape, Data::Str(out)))
+}
+
+/// A TfIdfVectorizer pool item: an integer or a string.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Item {
+    I(i64),
+    S(String),
+}
+
+/// TfIdfVectorizer as the reference counts: the pool's n-grams (sizes 1.. in `ngram_counts` blocks) are
+/// numbered from 1 in pool order, those within [min_gram_length, max_gram_length] registered; each row is
+/// scanned for every skip distance 1..=max_skip_count+1 from every start, extending an n-gram while it is a
+/// prefix of a registered one and counting each registered one it reaches (unigrams on the first distance
+/// only). TF gives the counts, IDF the weights (or 1) where a count is non-zero, TFIDF weights times counts.
+pub(crate) fn tfidf_vectorizer(ctx: &mut Ctx) -> R<Vec<Value>> {
+    let x = ctx.t(0)?;
+    let items: Vec<Item> = match &x.data {
+        Data::Str(v) => v.iter().cloned().map(Item::S).collect(),
+        _ => x.to_i64s()?.into_iter().map(Item::I).collect(),
+    };
+    let (rows, c, batched) = match x.shape[..] {
+        [] => (1, 1, false),
+        [c] => (1, c, false),
+        [b, c] if b > 0 => (b, c, true),
+        _ => {
+            return Err(format!(
+                "TfIdfVectorizer takes [C] or [B, C], got {:?}",
+                x.shape
+            ));
+        }
+    };
+    let pool: Vec<Item> = match (ctx.ais("pool_int64s"), ctx.astrs("pool_strings")) {
+        (Some(v), _) if !v.is_empty() => v.into_iter().map(Item::I).collect(),
+        (_, Some(v)) => v.into_iter().map(Item::S).collect(),
+        _ => Vec::new(),
+    };
+    let (min_n, max_n) = (
+        ctx.ai("min_gram_length", 1).max(1) as usize,
+        ctx.ai("max_gram_length", 1).max(1) as usize,
+    );
+    let max_skip = ctx.ai("max_skip_count", 0).max(0) as usize;
+    let counts = ctx.ais("ngram_counts").unwrap_or_default();
+    let indexes = ctx.ais("ngram_indexes").unwrap_or_default();
+    let weights = ctx.afs("weights").unwrap_or_default();
+    let out_size = indexes.iter().copied().max().map_or(0, |m| m.max(-1) + 1) as usize;
+    // registered n-grams -> id, and every prefix of one
+    let mut ids: HashMap<Vec<Item>, usize> = HashMap::new();
+    let mut prefixes: std::collections::HashSet<Vec<Item>> = std::collections::HashSet::new();
+    let mut id = 1;
+    for (k, &start) in counts.iter().enumerate() {
+        let size = k + 1;
+        let end = counts.get(k + 1).copied().unwrap_or(pool.len() as i64);
+        let (start, end) = (start.max(0) as usize, (end.max(0) as usize).min(pool.len()));
+        let n = end.saturating_sub(start) / size;
+        for g in 0..n {
+            if (min_n..=max_n).contains(&size) {
+                let gram = pool[start + g * size..start + (g + 1) * size].to_vec();
+                for p in 1..=size {
+                    prefixes.insert(gram[..p].to_vec());
+                }
+                ids.insert(gram, id);
+            }
+            id += 1;
+        }
+    }
+    let mut freq = vec![0i64; rows * out_size];
+    for r in 0..rows {
+        let row = &items[r * c..(r + 1) * c];
+        let mut start_n = min_n;
+        for skip in 1..=max_skip + 1 {
+            for s in 0..c {
+                if s + skip * (start_n - 1) >= c {
+                    break;
+                }
+                let mut gram: Vec<Item> = Vec::new();
+                let mut at = s;
+                while gram.len() < max_n && at < c {
+                    gram.push(row[at].clone());
+                    if !prefixes.contains(&gram) {
+                        break;
+                    }
+                    if gram.len() >= start_n
+                        && let Some(&g) = ids.get(&gram)
+                    {
+                        let slot = indexes
+                            .get(g - 1)
+                            .and_then(|&i| usize::try_from(i).ok())
+                            .filter(|&i| i < out_size)
+                            .ok_or_else(|| format!("n-gram {g} has no output index"))?;
+                        freq[r * out_size + slot] += 1;
+                    }
+                    at += skip;
+                }
+            }
+            if start_n == 1 {
+                start_n = 2;
+                if start_n > max_n {
+                    break;
+                }
+            }
+        }
+    }
+    let mode = ctx.as_str("mode").unwrap_or_else(|| "TF".into());
+    let y: Vec<f32> = freq
+        .iter()
+        .enumerate()
+        .map(|(p, &f)| {
+            let w = weights.get(p % out_size.max(1)).copied();
+            Ok(match (mode.as_str(), w) {
+                ("TF", _) | ("TFIDF", None) => f as f32,
+                ("IDF", Some(w)) => {
+                    if f > 0 {
+                        w
+                    } else {
+                        0.0
+                    }
+                }
+                ("IDF", None) => {
+                    if f > 0 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                }
+                ("TFIDF", Some(w)) => w * f as f32,
+                (m, _) => return Err(format!("unknown TfIdfVectorizer mode {m:?}")),
+            })
+        })
+        .collect::<R<_>>()?;
+    let shape = if batched {
+        vec![rows, out_size]
+    } else {
+        vec![out_size]
+    };
+    one(Tensor::f32(shape, y))
 }
 
 #[cfg(test)]
