@@ -136,3 +136,40 @@ graph @g(%a: u8[1,300], %b: u8[300,1]) -> (%y: i32[1,1], %z: i32[1,1]) {
     assert_eq!(ints(&out[0]), [255 * 255 * 299 + 255 * 254]);
     assert_eq!(ints(&out[1]), [255 * 254 * 299 + 255 * 253]);
 }
+
+#[test]
+fn malformed_attributes_are_errors_naming_the_problem() {
+    // each would index or divide out of bounds without its check
+    let cases = [
+        (
+            "SpaceToDepth(%x) {blocksize = 0}",
+            "f32[1,1,2,2]",
+            "blocksize 0",
+        ),
+        (
+            "DepthToSpace(%x) {blocksize = 2}",
+            "f32[1,3,2,2]",
+            "does not divide the 3 channels",
+        ),
+        (
+            "MaxUnpool(%x, %i) {kernel_shape = [2, 2], pads = [0, 0]}",
+            "f32[1,1,2,2]",
+            "do not fit a 2-D kernel",
+        ),
+    ];
+    for (node, ty, expected) in cases {
+        let src = format!(
+            "ir_version 8\nopset ai.onnx 17\n\ngraph @g(%x: {ty}) -> (%y: f32[...]) {{\n  %i = const i64[1,1,2,2] [0, 1, 2, 3]\n  %y = {node}\n}}\n"
+        );
+        let x = Tensor::f32(
+            ty.trim_start_matches("f32[")
+                .trim_end_matches(']')
+                .split(',')
+                .map(|d| d.parse().unwrap())
+                .collect(),
+            vec![1.0; if ty.contains(",3,") { 12 } else { 4 }],
+        );
+        let e = common::run_text_err(&src, vec![("x", x)]);
+        assert!(e.contains(expected), "{node}: {e}");
+    }
+}

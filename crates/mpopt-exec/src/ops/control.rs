@@ -156,8 +156,14 @@ pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
     let m = ctx.ai("num_scan_inputs", 0) as usize;
     let body = ctx.sub.graph("body").ok_or("Scan has no body")?;
     let n_in = ctx.n_in();
-    let n_state = n_in - m;
-    let n_out_scan = body.outputs().len() - n_state;
+    let n_state = n_in
+        .checked_sub(m)
+        .ok_or_else(|| format!("num_scan_inputs {m} exceeds the {n_in} inputs"))?;
+    let n_out_scan = body
+        .outputs()
+        .len()
+        .checked_sub(n_state)
+        .ok_or("the body has fewer outputs than state variables")?;
     let in_axes = ctx.ais("scan_input_axes").unwrap_or_else(|| vec![0; m]);
     let in_dirs = ctx
         .ais("scan_input_directions")
@@ -179,7 +185,12 @@ pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
         .enumerate()
         .map(|(k, i)| {
             let t = ctx.t(i)?;
-            let ax = axis(in_axes[k], t.rank())?;
+            if t.rank() == 0 {
+                return Err(format!(
+                    "scan input {k} is a scalar: it has no axis to scan"
+                ));
+            }
+            let ax = axis(in_axes.get(k).copied().unwrap_or(0), t.rank())?;
             // Move the scan axis to the front.
             let mut perm: Vec<usize> = (0..t.rank()).collect();
             perm.remove(ax);
@@ -188,15 +199,21 @@ pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
         })
         .collect::<R<_>>()?;
     let steps = scan_ins.first().map_or(0, |t| t.shape[0]);
+    if let Some(t) = scan_ins.iter().find(|t| t.shape[0] != steps) {
+        return Err(format!(
+            "scan inputs differ in length along their scan axes ({steps} and {})",
+            t.shape[0]
+        ));
+    }
     let (state, outs) = scan_steps(ctx, state, &scan_ins, &in_dirs, steps, n_out_scan)?;
     let mut result = unwrap_all(state);
     for (k, mut items) in outs.into_iter().enumerate() {
-        if out_dirs[k] == 1 {
+        if out_dirs.get(k) == Some(&1) {
             items.reverse();
         }
         let st = stack(&items, 0, body_dtype(ctx, n_state + k, None)?)?;
         let r = st.rank();
-        let ax = axis(out_axes[k], r)?;
+        let ax = axis(out_axes.get(k).copied().unwrap_or(0), r)?;
         let t = if ax == 0 {
             st
         } else {
@@ -216,8 +233,14 @@ fn scan8(ctx: &mut Ctx) -> R<Vec<Value>> {
     let m = ctx.ai("num_scan_inputs", 0) as usize;
     let body = ctx.sub.graph("body").ok_or("Scan has no body")?;
     let n_in = ctx.n_in();
-    let n_state = n_in - 1 - m;
-    let n_out_scan = body.outputs().len() - n_state;
+    let n_state = n_in
+        .checked_sub(1 + m)
+        .ok_or_else(|| format!("num_scan_inputs {m} exceeds the {n_in} inputs"))?;
+    let n_out_scan = body
+        .outputs()
+        .len()
+        .checked_sub(n_state)
+        .ok_or("the body has fewer outputs than state variables")?;
     let dirs = ctx.ais("directions").unwrap_or_else(|| vec![0; m]);
     let states: Vec<Tensor> = (1..1 + n_state)
         .map(|i| ctx.t(i).cloned())
@@ -239,6 +262,22 @@ fn scan8(ctx: &mut Ctx) -> R<Vec<Value>> {
             .ok_or("Scan-8 scan inputs need a sequence axis (axis 1)")?,
         None => 0,
     };
+    if let Some(t) = states
+        .iter()
+        .chain(&scans)
+        .find(|t| t.shape.first() != Some(&batch))
+    {
+        return Err(format!(
+            "Scan-8 inputs must share the batch axis {batch}, one has shape {:?}",
+            t.shape
+        ));
+    }
+    if let Some(t) = scans.iter().find(|t| t.shape.get(1) != Some(&max_len)) {
+        return Err(format!(
+            "Scan-8 scan inputs must share the sequence axis {max_len}, one has shape {:?}",
+            t.shape
+        ));
+    }
     let lens = match ctx.opt(0).filter(|t| !t.is_empty()) {
         Some(t) => t.to_i64s()?,
         None => vec![max_len as i64; batch],

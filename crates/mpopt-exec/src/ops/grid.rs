@@ -314,6 +314,9 @@ pub(crate) fn deform_conv(ctx: &mut Ctx) -> R<Vec<Value>> {
         return Err("DeformConv mask does not match the offsets".into());
     }
     let bv = bias.map(|b| b.to_f64s()).transpose()?;
+    if bv.as_ref().is_some_and(|b| b.len() != oc) {
+        return Err(format!("DeformConv bias does not hold {oc} values"));
+    }
     let (ocg, icog, plane, out_plane) = (oc / g, ic / og, ih * iw, oh * ow);
     let mut out = vec![0f64; n * oc * out_plane];
     for b in 0..n {

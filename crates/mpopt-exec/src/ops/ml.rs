@@ -233,6 +233,9 @@ pub(crate) fn tree_ensemble(ctx: &mut Ctx) -> R<Vec<Value>> {
     let xv = x.to_f64s()?;
     // the leaf a row reaches from an interior node (a degenerate root is a leaf itself)
     let walk = |row: &[f64], root: usize| -> R<usize> {
+        if root >= n {
+            return Err(format!("tree root {root} is not one of the {n} nodes"));
+        }
         if true_leaf[root] != 0 && false_leaf[root] != 0 && true_ids[root] == false_ids[root] {
             return Ok(true_ids[root] as usize);
         }
@@ -261,6 +264,9 @@ pub(crate) fn tree_ensemble(ctx: &mut Ctx) -> R<Vec<Value>> {
             let next = usize::try_from(next).map_err(|_| format!("node {at} points to {next}"))?;
             if leaf != 0 {
                 return Ok(next);
+            }
+            if next >= n {
+                return Err(format!("node {at} points to node {next} of {n}"));
             }
             at = next;
         }

@@ -35,7 +35,7 @@ fn centred(x: &Tensor, zp: Option<&Tensor>) -> R<(Vec<i64>, Vec<usize>)> {
 
 /// A weight's zero point for a convolution: per output channel when 1-D with one value per channel.
 fn weight_centred(w: &Tensor, zp: Option<&Tensor>) -> R<(Vec<i64>, Vec<usize>)> {
-    match zp.filter(|z| z.rank() == 1 && z.len() > 1 && z.len() == w.shape[0]) {
+    match zp.filter(|z| z.rank() == 1 && z.len() > 1 && w.shape.first() == Some(&z.len())) {
         Some(z) => {
             let mut per_channel = z.clone();
             per_channel.shape = std::iter::once(z.len())

@@ -980,10 +980,15 @@ pub(crate) fn trilu(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn depth_to_space(ctx: &mut Ctx) -> R<Vec<Value>> {
     let t = ctx.t(0)?;
-    let b = ctx.ai("blocksize", 1) as usize;
+    let b = ctx.ai("blocksize", 1).max(0) as usize;
     let [n, c, h, w] = t.shape[..] else {
         return Err("DepthToSpace takes NCHW".into());
     };
+    if b == 0 || c % (b * b) != 0 {
+        return Err(format!(
+            "DepthToSpace blocksize {b}: its square does not divide the {c} channels"
+        ));
+    }
     let crd = ctx.as_str("mode").as_deref() == Some("CRD");
     let c2 = c / (b * b);
     let (tmp, perm) = if crd {
@@ -997,10 +1002,15 @@ pub(crate) fn depth_to_space(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn space_to_depth(ctx: &mut Ctx) -> R<Vec<Value>> {
     let t = ctx.t(0)?;
-    let b = ctx.ai("blocksize", 1) as usize;
+    let b = ctx.ai("blocksize", 1).max(0) as usize;
     let [n, c, h, w] = t.shape[..] else {
         return Err("SpaceToDepth takes NCHW".into());
     };
+    if b == 0 || h % b != 0 || w % b != 0 {
+        return Err(format!(
+            "SpaceToDepth blocksize {b} does not divide the spatial dims {h} x {w}"
+        ));
+    }
     // opset 28's `mode`: DCR (the default) puts the block offsets before the channels, CRD after
     let perm = match ctx.as_str("mode").as_deref() {
         None | Some("DCR") => [0, 3, 5, 1, 2, 4],
@@ -1029,6 +1039,11 @@ pub(crate) fn max_unpool(ctx: &mut Ctx) -> R<Vec<Value>> {
     }
     let step = ctx.ais("strides").unwrap_or_else(|| vec![1; r]);
     let pads = ctx.ais("pads").unwrap_or_else(|| vec![0; 2 * r]);
+    if step.len() != r || pads.len() != 2 * r {
+        return Err(format!(
+            "MaxUnpool strides {step:?} and pads {pads:?} do not fit a {r}-D kernel"
+        ));
+    }
     let mut inferred = x.shape[..2].to_vec();
     for d in 0..r {
         let v = (x.shape[d + 2] as i64 - 1) * step[d] - pads[d] - pads[r + d] + kernel[d];

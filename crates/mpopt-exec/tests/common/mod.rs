@@ -56,3 +56,17 @@ pub fn run_text(src: &str, inputs: Vec<(&str, mpopt_exec::Tensor)>) -> Vec<mpopt
         .map(|(_, v)| v.tensor().expect("a tensor output").clone())
         .collect()
 }
+
+/// Runs a model that must fail (at preparation or when run) and returns the error's text.
+pub fn run_text_err(src: &str, inputs: Vec<(&str, mpopt_exec::Tensor)>) -> String {
+    let m = mpopt_ir::text::parse_model(src).expect("fixture parses");
+    let ins = inputs
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), mpopt_exec::Value::Tensor(t)))
+        .collect();
+    match mpopt_exec::Executor::new(&m).and_then(|e| e.run(ins, &mpopt_exec::RunOptions::default()))
+    {
+        Ok(_) => panic!("the model ran"),
+        Err(e) => e.to_string(),
+    }
+}
