@@ -149,21 +149,27 @@ fn body_dtype(ctx: &Ctx, i: usize, fallback: Option<&Tensor>) -> R<DType> {
         .unwrap_or(DType::F32))
 }
 
-pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
-    if ctx.opset < 9 {
-        return scan8(ctx);
-    }
-    let m = ctx.ai("num_scan_inputs", 0) as usize;
+/// (state variables, scan outputs) of a Scan node with `m` scan inputs after `first` leading inputs.
+fn scan_counts(ctx: &Ctx, first: usize, m: usize) -> R<(usize, usize)> {
     let body = ctx.sub.graph("body").ok_or("Scan has no body")?;
     let n_in = ctx.n_in();
     let n_state = n_in
-        .checked_sub(m)
+        .checked_sub(first + m)
         .ok_or_else(|| format!("num_scan_inputs {m} exceeds the {n_in} inputs"))?;
     let n_out_scan = body
         .outputs()
         .len()
         .checked_sub(n_state)
         .ok_or("the body has fewer outputs than state variables")?;
+    Ok((n_state, n_out_scan))
+}
+
+pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
+    if ctx.opset < 9 {
+        return scan8(ctx);
+    }
+    let (m, n_in) = (ctx.ai("num_scan_inputs", 0) as usize, ctx.n_in());
+    let (n_state, n_out_scan) = scan_counts(ctx, 0, m)?;
     let in_axes = ctx.ais("scan_input_axes").unwrap_or_else(|| vec![0; m]);
     let in_dirs = ctx
         .ais("scan_input_directions")
@@ -230,17 +236,8 @@ pub(crate) fn scan(ctx: &mut Ctx) -> R<Vec<Value>> {
 /// axis 0; the scan inputs' axis 1 is the sequence. Each batch entry runs on its own for its length (the
 /// maximum without `sequence_lens`); its scan outputs are padded with zeros to the maximum length.
 fn scan8(ctx: &mut Ctx) -> R<Vec<Value>> {
-    let m = ctx.ai("num_scan_inputs", 0) as usize;
-    let body = ctx.sub.graph("body").ok_or("Scan has no body")?;
-    let n_in = ctx.n_in();
-    let n_state = n_in
-        .checked_sub(1 + m)
-        .ok_or_else(|| format!("num_scan_inputs {m} exceeds the {n_in} inputs"))?;
-    let n_out_scan = body
-        .outputs()
-        .len()
-        .checked_sub(n_state)
-        .ok_or("the body has fewer outputs than state variables")?;
+    let (m, n_in) = (ctx.ai("num_scan_inputs", 0) as usize, ctx.n_in());
+    let (n_state, n_out_scan) = scan_counts(ctx, 1, m)?;
     let dirs = ctx.ais("directions").unwrap_or_else(|| vec![0; m]);
     let states: Vec<Tensor> = (1..1 + n_state)
         .map(|i| ctx.t(i).cloned())
