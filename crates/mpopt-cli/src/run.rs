@@ -100,8 +100,9 @@ fn describe_stats(s: &mpopt_cuda::RunStats) -> String {
 pub(crate) struct RunArgs {
     /// The ONNX model.
     model: PathBuf,
-    /// Inputs: an .npz (keys are input names; `NAME__setN` keys form extra sets), a TensorProto .pb for a
-    /// one-input model, or a folder of `input_K.pb` files (the ONNX backend-test layout).
+    /// Inputs: an .npz (keys are input names; `NAME__setN` keys form extra sets; strings as unicode
+    /// arrays, `np.asarray(x, dtype=str)`), a TensorProto .pb for a one-input model, or a folder of
+    /// `input_K.pb` files (the ONNX backend-test layout).
     #[arg(long)]
     inputs: PathBuf,
     /// Which input set of the file to run (0 is the keys without a `__setN` suffix).

@@ -53,6 +53,14 @@ pub fn read_npy(bytes: &[u8]) -> Result<Tensor, String> {
         "<u4" => Data::U32(npy.into_vec().map_err(e)?),
         "<u8" => Data::U64(npy.into_vec().map_err(e)?),
         "|b1" => Data::Bool(npy.into_vec::<bool>().map_err(e)?),
+        // NumPy's fixed-width unicode strings (`np.asarray(x, dtype=str)`); object arrays are pickles
+        d if d.get(1..2) == Some("U") => Data::Str(npy.into_vec::<String>().map_err(e)?),
+        "|O" => {
+            return Err(
+                "object arrays (pickled) are not read: save strings as a unicode array, np.asarray(x, dtype=str)"
+                    .into(),
+            );
+        }
         other => return Err(format!("unsupported array dtype '{other}'")),
     };
     if data.len() != crate::numel(&shape) {
@@ -64,7 +72,8 @@ pub fn read_npy(bytes: &[u8]) -> Result<Tensor, String> {
     Ok(Tensor::new(shape, data))
 }
 
-/// Encodes one tensor as a `.npy` image (bf16 and strings have no NumPy type and are refused).
+/// Encodes one tensor as a `.npy` image (strings as a fixed-width unicode array; bf16 and the sub-byte types
+/// have no NumPy type and are refused).
 pub fn write_npy(t: &Tensor) -> Result<Vec<u8>, String> {
     let shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
     let mut buf = Vec::new();
@@ -93,7 +102,28 @@ pub fn write_npy(t: &Tensor) -> Result<Vec<u8>, String> {
         Data::U32(v) => put!(v, u32),
         Data::U64(v) => put!(v, u64),
         Data::Bool(v) => put!(v, bool),
-        Data::BF16(_) | Data::Str(_) | Data::Small(..) => {
+        Data::Str(v) => {
+            // a fixed-width unicode array as wide as the longest string, in characters
+            let width = v
+                .iter()
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+                .max(1);
+            let ts: npyz::TypeStr = format!("<U{width}").parse().map_err(|e| format!("{e}"))?;
+            let dtype = npyz::DType::new_scalar(ts);
+            let mut w = npyz::WriteOptions::<str>::new()
+                .dtype(dtype)
+                .shape(&shape)
+                .writer(&mut buf)
+                .begin_nd()
+                .map_err(|e| e.to_string())?;
+            for s in v {
+                w.push(s.as_str()).map_err(|e| e.to_string())?;
+            }
+            w.finish().map_err(|e| e.to_string())?;
+        }
+        Data::BF16(_) | Data::Small(..) => {
             return Err(format!("{} tensors have no NumPy type", t.dtype()));
         }
     }
@@ -183,6 +213,16 @@ mod tests {
         );
         let c = Tensor::i64(vec![], vec![7]);
         let d = Tensor::bool(vec![2], vec![true, false]);
+        // strings of different widths, non-ASCII and empty ones: a unicode array as wide as the longest
+        let s = Tensor::new(
+            vec![2, 2],
+            Data::Str(vec![
+                "a".into(),
+                "".into(),
+                "héllo wörld".into(),
+                "日本".into(),
+            ]),
+        );
         write_npz(
             &p,
             &[
@@ -190,16 +230,18 @@ mod tests {
                 ("b/c".into(), &b),
                 ("c".into(), &c),
                 ("d".into(), &d),
+                ("s".into(), &s),
             ],
         )
         .unwrap();
         let back = read_npz(&p).unwrap();
         let names: Vec<&str> = back.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["a", "b/c", "c", "d"]);
+        assert_eq!(names, ["a", "b/c", "c", "d", "s"]);
         assert_eq!(back[0].1, a);
         assert_eq!(back[1].1, b);
         assert_eq!(back[2].1, c);
         assert_eq!(back[3].1, d);
+        assert_eq!(back[4].1, s);
     }
 
     #[test]
