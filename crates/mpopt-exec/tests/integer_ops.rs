@@ -140,35 +140,29 @@ graph @g(%a: u8[1,300], %b: u8[300,1]) -> (%y: i32[1,1], %z: i32[1,1]) {
 #[test]
 fn malformed_attributes_are_errors_naming_the_problem() {
     // each would index or divide out of bounds without its check
-    let cases = [
+    let cases: [(&str, [usize; 4], &str); 3] = [
         (
             "SpaceToDepth(%x) {blocksize = 0}",
-            "f32[1,1,2,2]",
+            [1, 1, 2, 2],
             "blocksize 0",
         ),
         (
             "DepthToSpace(%x) {blocksize = 2}",
-            "f32[1,3,2,2]",
+            [1, 3, 2, 2],
             "does not divide the 3 channels",
         ),
         (
             "MaxUnpool(%x, %i) {kernel_shape = [2, 2], pads = [0, 0]}",
-            "f32[1,1,2,2]",
+            [1, 1, 2, 2],
             "do not fit a 2-D kernel",
         ),
     ];
-    for (node, ty, expected) in cases {
+    for (node, shape, expected) in cases {
+        let dims = shape.map(|d| d.to_string()).join(",");
         let src = format!(
-            "ir_version 8\nopset ai.onnx 17\n\ngraph @g(%x: {ty}) -> (%y: f32[...]) {{\n  %i = const i64[1,1,2,2] [0, 1, 2, 3]\n  %y = {node}\n}}\n"
+            "ir_version 8\nopset ai.onnx 17\n\ngraph @g(%x: f32[{dims}]) -> (%y: f32[...]) {{\n  %i = const i64[1,1,2,2] [0, 1, 2, 3]\n  %y = {node}\n}}\n"
         );
-        let x = Tensor::f32(
-            ty.trim_start_matches("f32[")
-                .trim_end_matches(']')
-                .split(',')
-                .map(|d| d.parse().unwrap())
-                .collect(),
-            vec![1.0; if ty.contains(",3,") { 12 } else { 4 }],
-        );
+        let x = Tensor::f32(shape.to_vec(), vec![1.0; shape.iter().product()]);
         let e = common::run_text_err(&src, vec![("x", x)]);
         assert!(e.contains(expected), "{node}: {e}");
     }

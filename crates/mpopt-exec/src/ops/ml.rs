@@ -55,9 +55,10 @@ pub(crate) fn array_feature_extractor(ctx: &mut Ctx) -> R<Vec<Value>> {
     one(Tensor::new(shape, data))
 }
 
-/// A LabelEncoder key: floats by their bits (with -0 as 0 and one NaN, so NaN finds a NaN key).
+/// A lookup key of LabelEncoder (and a TfIdfVectorizer token): floats by their bits (with -0 as 0 and one
+/// NaN, so NaN finds a NaN key).
 #[derive(Clone, PartialEq, Eq, Hash)]
-enum Key {
+pub(crate) enum Key {
     F(u32),
     I(i64),
     S(String),
@@ -73,7 +74,8 @@ fn float_key(x: f32) -> Key {
     })
 }
 
-fn keys_of(t: &Tensor) -> R<Vec<Key>> {
+/// A tensor's elements as keys.
+pub(crate) fn keys_of(t: &Tensor) -> R<Vec<Key>> {
     Ok(match &t.data {
         Data::Str(v) => v.iter().cloned().map(Key::S).collect(),
         d if d.is_float() => t.to_f32s()?.into_iter().map(float_key).collect(),

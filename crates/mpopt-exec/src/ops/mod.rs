@@ -398,13 +398,17 @@ const TRAINING_OPS: &[(&str, Kernel, Low)] = &[
     ("Momentum", training::momentum, Low::Native),
 ];
 
+/// ai.onnx.preview ops.
+const PREVIEW_OPS: &[(&str, Kernel, Low)] =
+    &[("FlexAttention", attention::flex_attention, Low::Native)];
+
 fn lookup(domain: &str, op: &str) -> Option<(Kernel, Low)> {
     let in_table = |t: &[(&str, Kernel, Low)]| t.iter().find(|o| o.0 == op).map(|o| (o.1, o.2));
     match domain {
         "" | "ai.onnx" => table().get(op).copied(),
         "ai.onnx.ml" => in_table(ML_OPS),
         "ai.onnx.preview.training" => in_table(TRAINING_OPS),
-        "ai.onnx.preview" => in_table(&[("FlexAttention", attention::flex_attention, Low::Native)]),
+        "ai.onnx.preview" => in_table(PREVIEW_OPS),
         _ => None,
     }
 }

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use super::elementwise::{bcast_offsets, broadcast_shape};
+use super::ml::{Key, keys_of};
 use super::{Ctx, R, one};
 use crate::{Data, Tensor, Value};
 
@@ -169,13 +170,6 @@ pub(crate) fn string_normalizer(ctx: &mut Ctx) -> R<Vec<Value>> {
     one(Tensor::new(shape, Data::Str(out)))
 }
 
-/// A TfIdfVectorizer pool item: an integer or a string.
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum Item {
-    I(i64),
-    S(String),
-}
-
 /// TfIdfVectorizer as the reference counts: the pool's n-grams (sizes 1.. in `ngram_counts` blocks) are
 /// numbered from 1 in pool order, those within [min_gram_length, max_gram_length] registered; each row is
 /// scanned for every skip distance 1..=max_skip_count+1 from every start, extending an n-gram while it is a
@@ -183,10 +177,8 @@ enum Item {
 /// only). TF gives the counts, IDF the weights (or 1) where a count is non-zero, TFIDF weights times counts.
 pub(crate) fn tfidf_vectorizer(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
-    let items: Vec<Item> = match &x.data {
-        Data::Str(v) => v.iter().cloned().map(Item::S).collect(),
-        _ => x.to_i64s()?.into_iter().map(Item::I).collect(),
-    };
+    // tokens are integers or strings (the schema allows no floats)
+    let items = keys_of(x)?;
     let (rows, c, batched) = match x.shape[..] {
         [] => (1, 1, false),
         [c] => (1, c, false),
@@ -198,9 +190,9 @@ pub(crate) fn tfidf_vectorizer(ctx: &mut Ctx) -> R<Vec<Value>> {
             ));
         }
     };
-    let pool: Vec<Item> = match (ctx.ais("pool_int64s"), ctx.astrs("pool_strings")) {
-        (Some(v), _) if !v.is_empty() => v.into_iter().map(Item::I).collect(),
-        (_, Some(v)) => v.into_iter().map(Item::S).collect(),
+    let pool: Vec<Key> = match (ctx.ais("pool_int64s"), ctx.astrs("pool_strings")) {
+        (Some(v), _) if !v.is_empty() => v.into_iter().map(Key::I).collect(),
+        (_, Some(v)) => v.into_iter().map(Key::S).collect(),
         _ => Vec::new(),
     };
     let (min_n, max_n) = (
@@ -213,8 +205,8 @@ pub(crate) fn tfidf_vectorizer(ctx: &mut Ctx) -> R<Vec<Value>> {
     let weights = ctx.afs("weights").unwrap_or_default();
     let out_size = indexes.iter().copied().max().map_or(0, |m| m.max(-1) + 1) as usize;
     // registered n-grams -> id, and every prefix of one
-    let mut ids: HashMap<Vec<Item>, usize> = HashMap::new();
-    let mut prefixes: std::collections::HashSet<Vec<Item>> = std::collections::HashSet::new();
+    let mut ids: HashMap<Vec<Key>, usize> = HashMap::new();
+    let mut prefixes: std::collections::HashSet<Vec<Key>> = std::collections::HashSet::new();
     let mut id = 1;
     for (k, &start) in counts.iter().enumerate() {
         let size = k + 1;
@@ -241,7 +233,7 @@ pub(crate) fn tfidf_vectorizer(ctx: &mut Ctx) -> R<Vec<Value>> {
                 if s + skip * (start_n - 1) >= c {
                     break;
                 }
-                let mut gram: Vec<Item> = Vec::new();
+                let mut gram: Vec<Key> = Vec::new();
                 let mut at = s;
                 while gram.len() < max_n && at < c {
                     gram.push(row[at].clone());

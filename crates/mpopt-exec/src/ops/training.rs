@@ -7,9 +7,10 @@ use super::elementwise::cast_tensor;
 use super::{Ctx, R};
 use crate::{Data, Tensor, Value};
 
-/// (R, T, and per optimized tensor its `kinds` operands: X, G, then the accumulators) of an optimizer node.
+/// Per optimized tensor, its operands: X, G, then the accumulators.
 type Groups<'c> = Vec<Vec<&'c Tensor>>;
 
+/// R, T and the groups of `kinds` operands of an optimizer node.
 fn operands<'c>(ctx: &'c Ctx, kinds: usize) -> R<(f64, f64, Groups<'c>)> {
     let (r, t) = (ctx.t(0)?.scalar_f64()?, ctx.t(1)?.scalar_f64()?);
     let rest = ctx.n_in().saturating_sub(2);
@@ -30,39 +31,32 @@ fn operands<'c>(ctx: &'c Ctx, kinds: usize) -> R<(f64, f64, Groups<'c>)> {
     Ok((r, t, groups))
 }
 
-/// Applies `update` element by element to one group (all of X's shape) and returns its outputs, each in
-/// X's type.
-fn apply<const K: usize, const O: usize>(
-    group: &[&Tensor],
+/// Applies `update` element by element to every group (all of its X's shape): the outputs, each in its X's
+/// type, every group's first output, then every group's second, ...
+fn update_all<const K: usize, const O: usize>(
+    groups: &Groups,
     update: impl Fn([f64; K]) -> [f64; O],
-) -> R<[Tensor; O]> {
-    let x = group[0];
-    let vals: Vec<Vec<f64>> = group.iter().map(|t| t.to_f64s()).collect::<R<_>>()?;
-    if vals.iter().any(|v| v.len() != x.len()) {
-        return Err("an optimizer's operands differ in size".into());
-    }
-    let mut outs: [Vec<f64>; O] = std::array::from_fn(|_| Vec::with_capacity(x.len()));
-    (0..x.len()).for_each(|e| {
-        let r = update(std::array::from_fn(|k| vals[k][e]));
-        for (o, v) in outs.iter_mut().zip(r) {
-            o.push(v);
+) -> R<Vec<Value>> {
+    let mut by_kind: [Vec<Value>; O] = std::array::from_fn(|_| Vec::with_capacity(groups.len()));
+    for group in groups {
+        let x = group[0];
+        let vals: Vec<Vec<f64>> = group.iter().map(|t| t.to_f64s()).collect::<R<_>>()?;
+        if vals.len() != K || vals.iter().any(|v| v.len() != x.len()) {
+            return Err("an optimizer's operands differ in size".into());
         }
-    });
-    let mut res = Vec::with_capacity(O);
-    for o in outs {
-        res.push(cast_tensor(
-            &Tensor::new(x.shape.clone(), Data::F64(o)),
-            x.dtype(),
-        )?);
+        let mut outs: [Vec<f64>; O] = std::array::from_fn(|_| Vec::with_capacity(x.len()));
+        (0..x.len()).for_each(|e| {
+            let r = update(std::array::from_fn(|k| vals[k][e]));
+            for (o, v) in outs.iter_mut().zip(r) {
+                o.push(v);
+            }
+        });
+        for (kind, o) in by_kind.iter_mut().zip(outs) {
+            let t = cast_tensor(&Tensor::new(x.shape.clone(), Data::F64(o)), x.dtype())?;
+            kind.push(Value::Tensor(t));
+        }
     }
-    res.try_into().map_err(|_| "output count".to_string())
-}
-
-/// Outputs grouped by kind: every group's first output, then every group's second, ...
-fn by_kind<const O: usize>(groups: Vec<[Tensor; O]>) -> Vec<Value> {
-    (0..O)
-        .flat_map(|k| groups.iter().map(move |g| Value::Tensor(g[k].clone())))
-        .collect()
+    Ok(by_kind.into_iter().flatten().collect())
 }
 
 pub(crate) fn adagrad(ctx: &mut Ctx) -> R<Vec<Value>> {
@@ -73,17 +67,11 @@ pub(crate) fn adagrad(ctx: &mut Ctx) -> R<Vec<Value>> {
         ctx.af("norm_coefficient", 0.0) as f64,
     );
     let rate = r / (1.0 + t * decay);
-    let out = groups
-        .iter()
-        .map(|g| {
-            apply(g, |[x, g, h]| {
-                let g = norm * x + g;
-                let h = h + g * g;
-                [x - rate * g / (h.sqrt() + eps), h]
-            })
-        })
-        .collect::<R<Vec<_>>>()?;
-    Ok(by_kind(out))
+    update_all(&groups, |[x, g, h]| {
+        let g = norm * x + g;
+        let h = h + g * g;
+        [x - rate * g / (h.sqrt() + eps), h]
+    })
 }
 
 pub(crate) fn adam(ctx: &mut Ctx) -> R<Vec<Value>> {
@@ -103,19 +91,13 @@ pub(crate) fn adam(ctx: &mut Ctx) -> R<Vec<Value>> {
     } else {
         r
     };
-    let out = groups
-        .iter()
-        .map(|g| {
-            apply(g, |[x, g, v, h]| {
-                let g = norm * x + g;
-                let v = alpha * v + (1.0 - alpha) * g;
-                let h = beta * h + (1.0 - beta) * g * g;
-                let x = x - rate * (v / (h.sqrt() + eps));
-                [(1.0 - post) * x, v, h]
-            })
-        })
-        .collect::<R<Vec<_>>>()?;
-    Ok(by_kind(out))
+    update_all(&groups, |[x, g, v, h]| {
+        let g = norm * x + g;
+        let v = alpha * v + (1.0 - alpha) * g;
+        let h = beta * h + (1.0 - beta) * g * g;
+        let x = x - rate * (v / (h.sqrt() + eps));
+        [(1.0 - post) * x, v, h]
+    })
 }
 
 pub(crate) fn momentum(ctx: &mut Ctx) -> R<Vec<Value>> {
@@ -132,16 +114,10 @@ pub(crate) fn momentum(ctx: &mut Ctx) -> R<Vec<Value>> {
     };
     // the gradient's coefficient is 1 on the first step
     let b = if t > 0.0 { beta } else { 1.0 };
-    let out = groups
-        .iter()
-        .map(|g| {
-            apply(g, |[x, g, v]| {
-                let g = norm * x + g;
-                let v = alpha * v + b * g;
-                let step = if nesterov { g + alpha * v } else { v };
-                [x - r * step, v]
-            })
-        })
-        .collect::<R<Vec<_>>>()?;
-    Ok(by_kind(out))
+    update_all(&groups, |[x, g, v]| {
+        let g = norm * x + g;
+        let v = alpha * v + b * g;
+        let step = if nesterov { g + alpha * v } else { v };
+        [x - r * step, v]
+    })
 }
