@@ -125,11 +125,14 @@ fn cast_node(name: String, d: DType) -> Node {
     cast
 }
 
+/// A converted tensor and the statistics the report gives for it.
+type Converted = (Tensor, Vec<(&'static str, String)>);
+
 /// The converted tensor and the statistics the report gives for it.
 fn converted(
     t: &Tensor,
     to: DType,
-    raw: Vec<u8>,
+    raw: Bytes,
     n: usize,
     clamped: usize,
     flushed: usize,
@@ -137,7 +140,7 @@ fn converted(
 ) -> (Tensor, Vec<(&'static str, String)>) {
     let mut out = t.clone();
     out.dtype = to;
-    out.data = TensorData::Raw(Bytes::from(raw));
+    out.data = TensorData::Raw(raw);
     out.external = None;
     let stats = vec![
         ("elements", n.to_string()),
@@ -149,15 +152,12 @@ fn converted(
 }
 
 /// Converts float data to `to`, with the statistics the report needs.
-pub(crate) fn convert_tensor(
-    t: &Tensor,
-    to: DType,
-) -> Option<(Tensor, Vec<(&'static str, String)>)> {
+pub(crate) fn convert_tensor(t: &Tensor, to: DType) -> Option<Converted> {
     convert_f32_raw(t, to).or_else(|| convert_general(t, to))
 }
 
 /// Any float data to `to`, one element at a time (f64 data, and the types the fast path leaves).
-fn convert_general(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, String)>)> {
+fn convert_general(t: &Tensor, to: DType) -> Option<Converted> {
     let n = t.numel()?;
     let vals = t.values_f64(n)?;
     if vals.len() != n {
@@ -201,7 +201,15 @@ fn convert_general(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, 
         }
         raw.extend_from_slice(&bits);
     }
-    Some(converted(t, to, raw, n, clamped, flushed, max_rel))
+    Some(converted(
+        t,
+        to,
+        Bytes::from(raw),
+        n,
+        clamped,
+        flushed,
+        max_rel,
+    ))
 }
 
 /// (non-zero values that became zero, largest relative change) between `xs` and their conversions `ys`.
@@ -224,60 +232,150 @@ fn change_stats(xs: &[f32], ys: &[f32]) -> (usize, f32) {
 /// The common case, fast: f32 data (`raw_data`, or `float_data` as Paddle's exporter writes its Constant
 /// weights) to f16/bf16 with the `half` slice conversions (F16C where the CPU has it), in parallel blocks
 /// written straight into the output, with the same statistics as the general path.
-fn convert_f32_raw(t: &Tensor, to: DType) -> Option<(Tensor, Vec<(&'static str, String)>)> {
-    use half::slice::HalfFloatSliceExt;
-    use rayon::prelude::*;
-    if !matches!(to, DType::F16 | DType::BF16) {
-        return None;
-    }
-    let src = crate::range_rules::F32Data::of(t)?;
-    let n = src.len();
-    let max = max_finite(to) as f32;
-    // (clamped, flushed, max relative change) of a block
-    type Stats = (usize, usize, f32);
-    let join = |a: Stats, b: Stats| (a.0 + b.0, a.1 + b.1, a.2.max(b.2));
-    let mut raw = vec![0u8; n * 2];
-    // Fixed-size blocks on the stack: no temporary as large as the tensor; rayon gets ~64K elements a task.
-    const CHUNK: usize = 4096;
-    macro_rules! run {
-        ($t:ty) => {
-            raw.par_chunks_mut(CHUNK * 2)
-                .enumerate()
-                .with_min_len(16)
-                .map(|(block, out)| {
-                    let (mut xs, mut back) = ([0f32; CHUNK], [0f32; CHUNK]);
-                    let mut hs = [<$t>::ZERO; CHUNK];
-                    let k = out.len() / 2;
-                    src.fill(block * CHUNK, &mut xs[..k]);
-                    hs[..k].convert_from_f32_slice(&xs[..k]);
-                    let mut st: Stats = (0, 0, 0.0);
-                    // Overflow is rare: count the infinities first (a vectorized count), clamp only then.
-                    if hs[..k].iter().filter(|h| h.is_infinite()).count() > 0 {
-                        for (h, &x) in hs[..k].iter_mut().zip(&xs[..k]) {
-                            if h.is_infinite() && x.is_finite() {
-                                st.0 += 1;
-                                *h = <$t>::from_f32(max.copysign(x));
-                            }
-                        }
-                    }
-                    hs[..k].convert_to_f32_slice(&mut back[..k]);
-                    let (flushed, max_rel) = change_stats(&xs[..k], &back[..k]);
-                    st.1 = flushed;
-                    st.2 = max_rel;
-                    for (d, h) in out.chunks_exact_mut(2).zip(&hs[..k]) {
-                        d.copy_from_slice(&h.to_bits().to_le_bytes());
-                    }
-                    st
-                })
-                .reduce(|| (0, 0, 0.0), join)
-        };
-    }
-    let (clamped, flushed, max_rel) = match to {
-        DType::F16 => run!(half::f16),
-        _ => run!(half::bf16),
-    };
-    Some(converted(t, to, raw, n, clamped, flushed, max_rel as f64))
+fn convert_f32_raw(t: &Tensor, to: DType) -> Option<Converted> {
+    convert_f32_raw_all(&[(t, to)]).pop().flatten()
 }
+
+/// Elements a conversion block holds (on the stack, three times): rayon gets at least 16 blocks a task.
+const CHUNK: usize = 4096;
+
+/// (values clamped, non-zero values flushed to zero, largest relative change) of converted data.
+type ConvStats = (usize, usize, f32);
+
+/// [`convert_f32_raw`] for many tensors at once: every output lies in one buffer, and the blocks of all the
+/// tensors are converted in one parallel loop. One buffer is fresh memory the size of the outputs; one
+/// allocation per tensor had the allocator touch twice that (ddddocr_det_yolox: 22 MB of fresh huge pages,
+/// each zeroed by the kernel, for 10 MB of fp16), and the small tensors each paid a parallel loop's start.
+/// `None` where a tensor is not f32 data or the target is not f16/bf16.
+fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<Converted>> {
+    use rayon::prelude::*;
+    let srcs: Vec<Option<crate::range_rules::F32Data>> = jobs
+        .iter()
+        .map(|&(t, to)| {
+            matches!(to, DType::F16 | DType::BF16)
+                .then(|| crate::range_rules::F32Data::of(t))
+                .flatten()
+        })
+        .collect();
+    // each tensor's byte offset in the shared buffer, and every (tensor, block) pair
+    let mut offsets = Vec::with_capacity(jobs.len());
+    let mut blocks: Vec<(usize, usize)> = Vec::new();
+    let mut total = 0usize;
+    for (j, src) in srcs.iter().enumerate() {
+        offsets.push(total);
+        if let Some(src) = src {
+            let n = src.len();
+            blocks.extend((0..n.div_ceil(CHUNK)).map(|b| (j, b)));
+            total += n * 2;
+        }
+    }
+    let mut raw = vec![0u8; total];
+    // the output slice of every block, in block order (blocks of one tensor are consecutive)
+    let mut outs: Vec<&mut [u8]> = Vec::with_capacity(blocks.len());
+    let mut rest: &mut [u8] = &mut raw;
+    for &(j, b) in &blocks {
+        let n = srcs[j].map_or(0, |s| s.len());
+        let k = (n - b * CHUNK).min(CHUNK);
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(k * 2);
+        outs.push(head);
+        rest = tail;
+    }
+    let stats: Vec<ConvStats> = blocks
+        .par_iter()
+        .zip(outs.into_par_iter())
+        .with_min_len(16)
+        .map(|(&(j, b), out)| {
+            let src = srcs[j].expect("only f32 data has blocks");
+            match jobs[j].1 {
+                DType::F16 => convert_block::<half::f16>(src, b * CHUNK, out, jobs[j].1),
+                _ => convert_block::<half::bf16>(src, b * CHUNK, out, jobs[j].1),
+            }
+        })
+        .collect();
+    // per tensor: the sum of its blocks' statistics
+    let mut per = vec![(0usize, 0usize, 0f32); jobs.len()];
+    for (&(j, _), st) in blocks.iter().zip(&stats) {
+        let p = &mut per[j];
+        *p = (p.0 + st.0, p.1 + st.1, p.2.max(st.2));
+    }
+    let raw = Bytes::from(raw);
+    jobs.iter()
+        .zip(&srcs)
+        .zip(offsets.iter().zip(&per))
+        .map(|((&(t, to), src), (&at, &(clamped, flushed, max_rel)))| {
+            let n = src.as_ref()?.len();
+            let data = raw.slice(at..at + n * 2);
+            Some(converted(t, to, data, n, clamped, flushed, max_rel as f64))
+        })
+        .collect()
+}
+
+/// Converts the elements `at..at + out.len() / 2` of `src` to `T` (f16 or bf16) into `out`, clamping to the
+/// largest finite value instead of overflowing.
+fn convert_block<T: HalfBits>(
+    src: crate::range_rules::F32Data,
+    at: usize,
+    out: &mut [u8],
+    to: DType,
+) -> ConvStats {
+    let (mut xs, mut back) = ([0f32; CHUNK], [0f32; CHUNK]);
+    let mut hs = [T::ZERO; CHUNK];
+    let k = out.len() / 2;
+    src.fill(at, &mut xs[..k]);
+    T::from_f32s(&mut hs[..k], &xs[..k]);
+    let mut clamped = 0;
+    // Overflow is rare: count the infinities first (a vectorized count), clamp only then.
+    if hs[..k].iter().filter(|h| h.is_inf()).count() > 0 {
+        let max = max_finite(to) as f32;
+        for (h, &x) in hs[..k].iter_mut().zip(&xs[..k]) {
+            if h.is_inf() && x.is_finite() {
+                clamped += 1;
+                *h = T::from_f32(max.copysign(x));
+            }
+        }
+    }
+    T::to_f32s(&hs[..k], &mut back[..k]);
+    let (flushed, max_rel) = change_stats(&xs[..k], &back[..k]);
+    for (d, h) in out.chunks_exact_mut(2).zip(&hs[..k]) {
+        d.copy_from_slice(&h.bits().to_le_bytes());
+    }
+    (clamped, flushed, max_rel)
+}
+
+/// The two 16-bit float types, for [`convert_block`].
+trait HalfBits: Copy {
+    const ZERO: Self;
+    fn from_f32(x: f32) -> Self;
+    fn from_f32s(dst: &mut [Self], src: &[f32]);
+    fn to_f32s(src: &[Self], dst: &mut [f32]);
+    fn is_inf(self) -> bool;
+    fn bits(self) -> u16;
+}
+
+macro_rules! half_bits {
+    ($t:ty) => {
+        impl HalfBits for $t {
+            const ZERO: Self = <$t>::ZERO;
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            fn from_f32s(dst: &mut [Self], src: &[f32]) {
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
+            }
+            fn to_f32s(src: &[Self], dst: &mut [f32]) {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
+            }
+            fn is_inf(self) -> bool {
+                self.is_infinite()
+            }
+            fn bits(self) -> u16 {
+                self.to_bits()
+            }
+        }
+    };
+}
+half_bits!(half::f16);
+half_bits!(half::bf16);
 
 impl Pass for InsertCasts {
     fn name(&self) -> &'static str {
@@ -521,6 +619,14 @@ fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) 
     }
 }
 
+/// The data of an initializer value (None for any other value).
+fn initializer_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
+    match g.value(v).def() {
+        Def::Initializer => g.value(v).initializer.as_deref(),
+        _ => None,
+    }
+}
+
 /// Makes one graph agree with its decisions; then its subgraphs.
 fn process(
     g: &mut Graph,
@@ -646,15 +752,24 @@ fn process(
         });
         groups[i].1.push(u);
     }
-    for ((v, d), uses) in groups {
+    // Readable initializer data is converted; anything else (elided data, packed types) gets a Cast below.
+    // f32 data is converted first, all of it in one go (see `convert_f32_raw_all`); a group's data is still
+    // its initializer's when its turn comes (an in-place conversion takes every use of its value, so no
+    // other group reads that value).
+    let jobs: Vec<(usize, &Tensor, DType)> = groups
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &((v, d), _))| Some((i, initializer_data(g, v)?, d)))
+        .collect();
+    let mut fast: Vec<Option<_>> = (0..groups.len()).map(|_| None).collect();
+    let pairs: Vec<(&Tensor, DType)> = jobs.iter().map(|&(_, t, d)| (t, d)).collect();
+    for ((i, _, _), c) in jobs.iter().zip(convert_f32_raw_all(&pairs)) {
+        fast[*i] = c;
+    }
+    for (((v, d), uses), fast) in groups.into_iter().zip(fast) {
         let all_uses = g.uses(v).len();
         let is_output = g.outputs().contains(&v);
-        let source_tensor = g.value(v).initializer.as_deref().cloned();
-        // Readable initializer data is converted; anything else (elided data, packed types) gets a Cast below.
-        let converted = match (&source_tensor, g.value(v).def()) {
-            (Some(t), Def::Initializer) => convert_tensor(t, d),
-            _ => None,
-        };
+        let converted = fast.or_else(|| convert_general(initializer_data(g, v)?, d));
         if let Some((conv, stats)) = converted {
             let name = g.value(v).name().to_string();
             let in_place = uses.len() == all_uses && !is_output;
@@ -847,6 +962,42 @@ mod tests {
                 (count(2) + count(3)).to_string(),
                 "n={n}"
             );
+        }
+    }
+
+    #[test]
+    fn batch_conversion_matches_one_at_a_time() {
+        // raw and listed f32 of several lengths, to both targets, with tensors the fast path leaves (f64
+        // data, an f32 target) in between: each result is the single conversion's, in its own slice
+        let mut jobs: Vec<(Tensor, DType)> = Vec::new();
+        for (i, n) in [5usize, 4096 * 3 + 1, 0, 97, 4096].into_iter().enumerate() {
+            let xs = mixed(n);
+            let mut t = Tensor::from_f32(vec![n as i64], &xs);
+            if i % 2 == 1 {
+                t.data = TensorData::Floats(xs);
+            }
+            jobs.push((t.clone(), [DType::F16, DType::BF16][i % 2]));
+            jobs.push((t, DType::F32));
+        }
+        let mut wide = Tensor::from_f32(vec![2], &[1.0, 2.0]);
+        wide.dtype = DType::F64;
+        wide.data = TensorData::Doubles(vec![1.0, 2.0]);
+        jobs.insert(3, (wide, DType::F16));
+        let refs: Vec<(&Tensor, DType)> = jobs.iter().map(|(t, d)| (t, *d)).collect();
+        let all = convert_f32_raw_all(&refs);
+        assert_eq!(all.len(), jobs.len());
+        for ((t, to), got) in jobs.iter().zip(all) {
+            let want = convert_f32_raw(t, *to);
+            assert_eq!(got.is_some(), want.is_some(), "{to:?} {:?}", t.dims);
+            if let (Some((g, gs)), Some((w, ws))) = (got, want) {
+                assert_eq!(g, w, "{to:?} {:?}", t.dims);
+                assert_eq!(gs, ws, "{to:?} {:?}", t.dims);
+                assert_eq!(g.dtype, *to);
+                // and the element-by-element path agrees
+                let (slow, ss) = convert_general(t, *to).expect("f32 data converts");
+                assert_eq!(g.data, slow.data, "{to:?} {:?}", t.dims);
+                assert_eq!(gs, ss, "{to:?} {:?}", t.dims);
+            }
         }
     }
 }

@@ -1067,17 +1067,32 @@ impl SignSums {
 /// Sign sums of `cols` columns stored one after the other, `k` weights each, from element `start`. f32
 /// weights are summed in eight lanes (a sum in one accumulator cannot vectorize); the order changes the f64
 /// sums by about `k` units of 2^-53, far inside the f32 rounding that [`columns_bound`] pads for.
+///
+/// The columns are summed in parallel (rayon tasks of at least 64K weights): a convolution's or projection's
+/// weights are the biggest reads of the range analysis.
 fn contiguous_columns(w: &Elems, start: usize, cols: usize, k: usize) -> Vec<SignSums> {
+    use rayon::prelude::*;
     (0..cols)
+        .into_par_iter()
+        .with_min_len((1 << 16) / k.max(1))
         .map(|c| match w {
             Elems::F32(d) => {
-                let acc = d
-                    .range(start + c * k, k)
-                    .lanes([SignSums::default(); 8], |acc, j, x| acc[j].add(x as f64));
-                acc.iter().fold(SignSums::default(), |a, b| SignSums {
-                    pos: a.pos + b.pos,
-                    neg: a.neg + b.neg,
-                })
+                // positive and negative sums in separate arrays (not eight `SignSums`), so that each is
+                // one run of f64 lanes: interleaved, the loop stayed scalar
+                let (pos, neg) =
+                    d.range(start + c * k, k)
+                        .lanes(([0f64; 8], [0f64; 8]), |(pos, neg), j, x| {
+                            let mut s = SignSums {
+                                pos: pos[j],
+                                neg: neg[j],
+                            };
+                            s.add(x as f64);
+                            (pos[j], neg[j]) = (s.pos, s.neg);
+                        });
+                SignSums {
+                    pos: pos.iter().sum(),
+                    neg: neg.iter().sum(),
+                }
             }
             Elems::Wide(_) => {
                 let mut s = SignSums::default();
@@ -1089,17 +1104,25 @@ fn contiguous_columns(w: &Elems, start: usize, cols: usize, k: usize) -> Vec<Sig
 }
 
 /// Sign sums of the `cols` columns of a row-major `[k, cols]` block from element `start`.
+///
+/// Bands of columns are summed in parallel, each over every row (at least 64K weights a band, and at least
+/// 16 columns: one cache line of f32 per row).
 fn row_major_columns(w: &Elems, start: usize, k: usize, cols: usize) -> Vec<SignSums> {
+    use rayon::prelude::*;
     let mut sums = vec![SignSums::default(); cols];
-    // one accumulator per column: the row loop vectorizes, with AVX2 where the CPU has it
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || {
-            for i in 0..k {
-                w.each(start + i * cols, cols, |c, x| sums[c].add(x));
-            }
-        },
-    );
+    let band = ((1 << 16) / k.max(1)).max(16);
+    sums.par_chunks_mut(band).enumerate().for_each(|(b, part)| {
+        let c0 = b * band;
+        // one accumulator per column: the row loop vectorizes, with AVX2 where the CPU has it
+        pulp::Arch::new().dispatch(
+            #[inline(always)]
+            || {
+                for i in 0..k {
+                    w.each(start + i * cols + c0, part.len(), |c, x| part[c].add(x));
+                }
+            },
+        );
+    });
     sums
 }
 
