@@ -25,9 +25,11 @@
 
 use std::collections::HashMap;
 
-use mpopt_ir::{AttrValue, DType, Graph, Interval, Model, NodeId, ValueId, ValueRange};
+use mpopt_ir::{
+    AttrValue, ConstantFacts, DType, Graph, Interval, Model, NodeId, ValueId, ValueRange,
+};
 
-use crate::range_rules::{In, const_interval, constant_of, dtype_interval, transfer};
+use crate::range_rules::{In, const_interval, const_scan, constant_of, dtype_interval, transfer};
 use crate::{Pass, PassError, PassOutcome};
 
 /// Declared ranges of graph inputs.
@@ -174,19 +176,32 @@ fn analyze(
     let mut env: Vec<Option<Interval>> = vec![None; g.value_bound()];
     // every initializer is scanned once; the scans are independent, and on the big models they are a third of
     // the pass (vit_tiny's 22 MB of weights)
-    let scanned: Vec<(usize, Option<Interval>)> = {
+    // (and the facts of each scan go on the initializer, for assign-precision's range checks to reuse)
+    let scanned: Vec<(ValueId, Option<Interval>, Option<ConstantFacts>)> = {
         use rayon::prelude::*;
         let gr: &Graph = g;
         gr.initializers()
             .par_iter()
-            .map(|&v| {
-                let iv = gr.value(v).initializer.as_deref().and_then(const_interval);
-                (v.index(), iv)
+            .map(|&v| match gr.value(v).initializer.as_deref() {
+                Some(t) => {
+                    let (iv, facts) = const_scan(t);
+                    (v, iv, facts)
+                }
+                None => (v, None, None),
             })
             .collect()
     };
-    for (i, iv) in scanned {
-        env[i] = iv;
+    for (v, iv, facts) in scanned {
+        env[v.index()] = iv;
+        let r = &mut g.value_mut(v).range;
+        match facts {
+            Some(f) => r.get_or_insert_with(Box::<ValueRange>::default).constant = Some(f),
+            None => {
+                if let Some(r) = r {
+                    r.constant = None;
+                }
+            }
+        }
     }
     for (&i, iv) in g.inputs().iter().zip(inputs) {
         env[i.index()] = Some(*iv);

@@ -1064,8 +1064,36 @@ fn constant_checks(g: &Graph, target: DType) -> HashMap<ValueId, RangeCheck> {
         .collect();
     consts
         .par_iter()
-        .filter_map(|&(v, t)| Some((v, range_check(t, target)?)))
+        .filter_map(|&(v, t)| {
+            let facts = g
+                .value(v)
+                .range
+                .as_deref()
+                .and_then(|r| r.constant.as_ref());
+            let r = facts
+                .and_then(|f| range_check_from(f, t, target))
+                .or_else(|| range_check(t, target))?;
+            Some((v, r))
+        })
         .collect()
+}
+
+/// [`range_check`] without reading the data, from the facts analyze-ranges found in it, when they describe
+/// `t` and `target` is f16 or bf16.
+fn range_check_from(f: &mpopt_ir::ConstantFacts, t: &Tensor, target: DType) -> Option<RangeCheck> {
+    let (overflow, flush) = match target {
+        DType::F16 => f.beyond[0],
+        DType::BF16 => f.beyond[1],
+        _ => return None,
+    };
+    // the largest finite magnitude is an end of the interval unless an end is infinite (then: a scan)
+    let finite = f.min.is_finite() && f.max.is_finite();
+    (finite && f.describes(t)).then(|| RangeCheck {
+        count: t.numel().unwrap_or(0),
+        max_abs: f.min.abs().max(f.max.abs()) as f64,
+        overflow: overflow as usize,
+        flush: flush as usize,
+    })
 }
 
 fn decide_graph(
@@ -1548,6 +1576,47 @@ mod tests {
     }
 
     #[test]
+    fn range_checks_from_the_analysis_facts_match_a_scan() {
+        // the facts give each check without a scan, except with an infinity (the largest finite magnitude
+        // is then not an end of the interval) or when they no longer describe the data
+        let cases: [(&str, Vec<f32>, bool); 6] = [
+            ("clean", vec![0.5, -3.0, 0.0, 1e-3], true),
+            ("overflow", vec![1.0, -7e4, 3.4e38], true),
+            ("flush", vec![1.0, 1e-9, 0.0, -1e-41], true),
+            ("zeros", vec![0.0; 9], true),
+            (
+                "long",
+                (0..1000).map(|i| (i as f32 - 500.0) * 1e-7).collect(),
+                true,
+            ),
+            ("infinity", vec![1.0, f32::INFINITY, -7e4], false),
+        ];
+        for (name, xs, fast) in cases {
+            let t = Tensor::from_f32(vec![xs.len() as i64], &xs);
+            let (_, facts) = crate::range_rules::const_scan(&t);
+            let facts = facts.expect("f32 raw data without NaN has facts");
+            for target in [DType::F16, DType::BF16] {
+                let from = range_check_from(&facts, &t, target);
+                assert_eq!(from.is_some(), fast, "{name} {target:?}");
+                if let Some(r) = from {
+                    assert_eq!(r, range_check(&t, target).unwrap(), "{name} {target:?}");
+                }
+            }
+            assert!(range_check_from(&facts, &t, DType::F32).is_none());
+            // equal contents in another buffer: not the scanned data, so not described
+            let copy = Tensor::from_f32(vec![xs.len() as i64], &xs);
+            assert!(!facts.describes(&copy), "{name}");
+            assert!(
+                range_check_from(&facts, &copy, DType::F16).is_none(),
+                "{name}"
+            );
+        }
+        // NaN: no facts
+        let t = Tensor::from_f32(vec![2], &[1.0, f32::NAN]);
+        assert!(crate::range_rules::const_scan(&t).1.is_none());
+    }
+
+    #[test]
     fn a_proof_within_the_range_outranks_the_observed_margin() {
         let mut g = mpopt_ir::text::parse_graph(
             "graph @t(%x: f32[4]) -> (%y: f32[4]) {\n  %y = Relu(%x)\n}",
@@ -1567,18 +1636,21 @@ mod tests {
         g.value_mut(y).range = Some(Box::new(mpopt_ir::ValueRange {
             proven: None,
             observed: Some(observed),
+            ..Default::default()
         }));
         assert!(range_gate(&g, &[(y, true)], &opts, true).is_some());
         // ... unless a proof bounds the value within the range
         g.value_mut(y).range = Some(Box::new(mpopt_ir::ValueRange {
             proven: Some(mpopt_ir::Interval::new(0.0, 20_000.0)),
             observed: Some(observed),
+            ..Default::default()
         }));
         assert!(range_gate(&g, &[(y, true)], &opts, true).is_none());
         // a bound beyond the range is no proof of anything: the margin gates again
         g.value_mut(y).range = Some(Box::new(mpopt_ir::ValueRange {
             proven: Some(mpopt_ir::Interval::new(0.0, 1e6)),
             observed: Some(observed),
+            ..Default::default()
         }));
         assert!(range_gate(&g, &[(y, true)], &opts, true).is_some());
     }

@@ -777,6 +777,10 @@ fn process(
                 let mut conv = conv;
                 conv.name = name.clone();
                 g.replace_initializer(v, conv);
+                // the analysis's facts were about the f32 data (and hold it)
+                if let Some(r) = g.value_mut(v).range.as_deref_mut() {
+                    r.constant = None;
+                }
                 set_elem(g, v, d);
                 out.converted += 1;
                 v

@@ -369,24 +369,55 @@ fn f32_lanes<S>(b: &[u8], state: S, mut lane: impl FnMut(&mut S, usize, f32)) ->
 
 /// The exact interval of a constant tensor (TOP when it holds NaN; None when unreadable or empty).
 pub(crate) fn const_interval(t: &Tensor) -> Option<Interval> {
+    const_scan(t).0
+}
+
+/// [`const_interval`], and for float32 `raw_data` without NaN the [`ConstantFacts`] that later passes reuse
+/// instead of reading the data again: its counts against f16's and bf16's ranges come from the same read.
+pub(crate) fn const_scan(t: &Tensor) -> (Option<Interval>, Option<mpopt_ir::ConstantFacts>) {
+    use crate::assign_precision::{max_finite, min_positive};
     if let Some(d) = F32Data::of(t) {
+        let limit = |d: DType| (max_finite(d) as f32, (min_positive(d) / 2.0) as f32);
+        let ((max16, tiny16), (maxb, tinyb)) = (limit(DType::F16), limit(DType::BF16));
         // the common case, read in place, in eight lanes of selects so that the loop vectorizes (a NaN
         // compares false and is only counted)
-        let init = ([f32::INFINITY; 8], [f32::NEG_INFINITY; 8], [0u32; 8]);
-        let (los, his, nans) = d.lanes(init, |(los, his, nans), j, x| {
+        let init = (
+            [f32::INFINITY; 8],
+            [f32::NEG_INFINITY; 8],
+            [0u32; 8],
+            [[0u32; 8]; 4],
+        );
+        let (los, his, nans, counts) = d.lanes(init, |(los, his, nans, c), j, x| {
             nans[j] += x.is_nan() as u32;
             los[j] = if x < los[j] { x } else { los[j] };
             his[j] = if x > his[j] { x } else { his[j] };
+            let a = x.abs();
+            let (finite, nonzero) = (a < f32::INFINITY, a != 0.0);
+            c[0][j] += (finite & (a > max16)) as u32;
+            c[1][j] += (nonzero & (a < tiny16)) as u32;
+            c[2][j] += (finite & (a > maxb)) as u32;
+            c[3][j] += (nonzero & (a < tinyb)) as u32;
         });
         let lo = los.iter().fold(f32::INFINITY, |a, &b| a.min(b));
         let hi = his.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let nan = nans.iter().any(|&n| n > 0);
         return match (d.len() > 0, nan) {
-            (false, _) => None,
-            (true, true) => Some(Interval::TOP),
-            (true, false) => Some(Interval::new(lo as f64, hi as f64)),
+            (false, _) => (None, None),
+            (true, true) => (Some(Interval::TOP), None),
+            (true, false) => {
+                let total = |k: usize| counts[k].iter().map(|&c| c as u64).sum::<u64>();
+                let beyond = [(total(0), total(1)), (total(2), total(3))];
+                let facts = (t.numel() == Some(d.len()))
+                    .then(|| mpopt_ir::ConstantFacts::new(t, lo, hi, beyond))
+                    .flatten();
+                (Some(Interval::new(lo as f64, hi as f64)), facts)
+            }
         };
     }
+    (const_interval_general(t), None)
+}
+
+fn const_interval_general(t: &Tensor) -> Option<Interval> {
     let v = values(t)?;
     if v.is_empty() {
         return None;

@@ -258,6 +258,7 @@ mod tests {
             g.value_mut(v).range = Some(Box::new(ValueRange {
                 proven: Some(Interval::new(lo, hi)),
                 observed: None,
+                ..Default::default()
             }));
         }
         let sat = saturated_overflow(&g, DType::F16, 8.0);
@@ -309,6 +310,7 @@ mod tests {
             g.value_mut(v).range = Some(Box::new(ValueRange {
                 proven: Some(Interval::new(-b, b)),
                 observed: None,
+                ..Default::default()
             }));
         }
         // inf + -inf is NaN: an addend that may overflow too is no chain
@@ -325,6 +327,7 @@ mod tests {
         g.value_mut(v).range = Some(Box::new(ValueRange {
             proven: Some(Interval::new(-5.0, 5.0)),
             observed: None,
+            ..Default::default()
         }));
         assert!(saturated_overflow(&g, DType::F16, 8.0).nodes.is_empty());
     }

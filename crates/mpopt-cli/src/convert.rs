@@ -317,7 +317,23 @@ fn node_ranges(g: &Graph, n: &mpopt_ir::Node) -> serde_json::Map<String, Value> 
                 }),
             );
         }
-        m.insert(val.name().to_string(), Value::Object(o));
+        // an initializer's scan, while it still holds the scanned f32 data
+        if let Some(c) = &r.constant
+            && val.initializer.as_deref().is_some_and(|t| c.describes(t))
+        {
+            let against =
+                |(overflow, flush): (u64, u64)| json!({"overflow": overflow, "flush": flush});
+            o.insert(
+                "constant".into(),
+                json!({
+                    "min": num(c.min as f64), "max": num(c.max as f64),
+                    "f16": against(c.beyond[0]), "bf16": against(c.beyond[1]),
+                }),
+            );
+        }
+        if !o.is_empty() {
+            m.insert(val.name().to_string(), Value::Object(o));
+        }
     }
     m
 }
@@ -338,6 +354,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     let start = Instant::now();
     let mut opts = options(&a)?;
     let mut m = crate::load(&model_path)?;
+    let load_secs = start.elapsed().as_secs_f64();
     check_io_names(&m, &opts.io)?;
     opts.calib = a.ranges.calibration(&m)?;
     if !opts.tolerances.is_empty() && opts.calib.is_empty() {
@@ -413,7 +430,9 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     } else {
         mpopt_onnx::ExternalData::Auto
     };
+    let save_start = Instant::now();
     mpopt_onnx::save(&m, &output, mode).context("cannot save the converted model")?;
+    let save_secs = save_start.elapsed().as_secs_f64();
     let after = pipeline::census(&m.graph);
     let (bytes_before, bytes_after) = (file_bytes(&model_path), file_bytes(&output));
     let secs = start.elapsed().as_secs_f64();
@@ -493,6 +512,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
                 "bytes_before": bytes_before,
                 "bytes_after": bytes_after,
                 "seconds": secs,
+                "load_seconds": load_secs,
+                "save_seconds": save_secs,
             },
             "passes": passes,
             "nodes": nodes,

@@ -58,6 +58,41 @@ fn converts_with_a_report_that_explains_every_decision() {
 }
 
 #[test]
+fn the_report_gives_the_scan_of_each_initializer_kept_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, report) = (dir.path().join("m16.onnx"), dir.path().join("r.json"));
+    let (code, _, err) = mpopt(&[
+        MLP,
+        "-o",
+        s(&out),
+        "--report",
+        s(&report),
+        "--keep-fp32",
+        "node:fc2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let node = |name: &str| {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == name)
+            .unwrap()
+            .clone()
+    };
+    // fc2 stays fp32, and so does its weight: its min/max and counts against both types are given
+    let w2 = &node("fc2")["ranges"]["w2"]["constant"];
+    let (lo, hi) = (w2["min"].as_f64().unwrap(), w2["max"].as_f64().unwrap());
+    assert!(lo < 0.0 && 0.0 < hi && hi < 10.0, "{w2}");
+    assert_eq!(w2["f16"], serde_json::json!({"overflow": 0, "flush": 0}));
+    assert_eq!(w2["bf16"], serde_json::json!({"overflow": 0, "flush": 0}));
+    // w1 was converted to f16: the scan was of data it no longer holds
+    assert!(node("fc1")["ranges"].get("w1").is_none(), "{}", node("fc1"));
+}
+
+#[test]
 fn converting_a_converted_model_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     for model in [

@@ -26,7 +26,7 @@ pub use graph::{
     ValueId,
 };
 pub use model::{Function, Model, Opaque, OpsetImport, Opsets, canonical_domain};
-pub use range::{Interval, Observed, ValueRange, short as range_short};
+pub use range::{ConstantFacts, Interval, Observed, ValueRange, short as range_short};
 pub use tensor::{ExternalOrigin, SparseTensor, Tensor, TensorData};
 pub use types::{Dim, DimValue, Shape, Type, TypeInfo};
 pub use verify::{MAX_PROBLEMS, Problem, VerifyError, node_label, verify_graph, verify_model};

@@ -132,6 +132,57 @@ pub struct ValueRange {
     pub proven: Option<Interval>,
     /// Observed by calibration.
     pub observed: Option<Observed>,
+    /// Of an initializer: what the analysis's scan of its data found (not printed).
+    pub constant: Option<ConstantFacts>,
+}
+
+/// What one scan of a float32 initializer's data found, for later passes to reuse instead of reading the
+/// data again, while the tensor still holds exactly the scanned bytes ([`ConstantFacts::describes`]).
+///
+/// The facts hold the scanned buffer: as long as they live, no other data can take its address, and `Bytes`
+/// cannot be written through, so the same address and length mean the same contents.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConstantFacts {
+    /// Smallest element (the facts are only made for data without NaN).
+    pub min: f32,
+    /// Largest element.
+    pub max: f32,
+    /// Against f16, then bf16: (finite elements beyond the type's finite range, non-zero elements that
+    /// round to zero in it).
+    pub beyond: [(u64, u64); 2],
+    data: bytes::Bytes,
+}
+
+impl ConstantFacts {
+    /// Facts about `t`, which must hold float32 `raw_data` (None otherwise, or when `min`/`max` is NaN).
+    pub fn new(
+        t: &crate::Tensor,
+        min: f32,
+        max: f32,
+        beyond: [(u64, u64); 2],
+    ) -> Option<ConstantFacts> {
+        match (&t.data, t.dtype) {
+            (crate::TensorData::Raw(b), crate::DType::F32) if !min.is_nan() && !max.is_nan() => {
+                Some(ConstantFacts {
+                    min,
+                    max,
+                    beyond,
+                    data: b.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// True when `t` holds the very bytes these facts were found in, as float32.
+    pub fn describes(&self, t: &crate::Tensor) -> bool {
+        match (&t.data, t.dtype) {
+            (crate::TensorData::Raw(b), crate::DType::F32) => {
+                b.as_ptr() == self.data.as_ptr() && b.len() == self.data.len()
+            }
+            _ => false,
+        }
+    }
 }
 
 impl std::fmt::Display for ValueRange {
