@@ -1592,7 +1592,10 @@ mod tests {
             ("infinity", vec![1.0, f32::INFINITY, -7e4], false),
         ];
         for (name, xs, fast) in cases {
-            let t = Tensor::from_f32(vec![xs.len() as i64], &xs);
+            // repeated up to the size that gets facts (each count grows with it)
+            let n = crate::range_rules::FACTS_MIN_ELEMENTS + 3;
+            let xs: Vec<f32> = xs.iter().copied().cycle().take(n).collect();
+            let t = Tensor::from_f32(vec![n as i64], &xs);
             let (_, facts) = crate::range_rules::const_scan(&t);
             let facts = facts.expect("f32 raw data without NaN has facts");
             for target in [DType::F16, DType::BF16] {
@@ -1611,9 +1614,16 @@ mod tests {
                 "{name}"
             );
         }
-        // NaN: no facts
-        let t = Tensor::from_f32(vec![2], &[1.0, f32::NAN]);
-        assert!(crate::range_rules::const_scan(&t).1.is_none());
+        // NaN: no facts, nor for small tensors (scanned again instead)
+        let mut xs = vec![1.0; crate::range_rules::FACTS_MIN_ELEMENTS];
+        let scan = |xs: &[f32]| {
+            crate::range_rules::const_scan(&Tensor::from_f32(vec![xs.len() as i64], xs))
+        };
+        assert!(scan(&xs).1.is_some());
+        xs[7] = f32::NAN;
+        assert!(scan(&xs).1.is_none());
+        let small = Tensor::from_f32(vec![3], &[1.0, 2.0, 3.0]);
+        assert!(crate::range_rules::const_scan(&small).1.is_none());
     }
 
     #[test]

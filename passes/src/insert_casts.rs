@@ -233,7 +233,32 @@ fn change_stats(xs: &[f32], ys: &[f32]) -> (usize, f32) {
 /// weights) to f16/bf16 with the `half` slice conversions (F16C where the CPU has it), in parallel blocks
 /// written straight into the output, with the same statistics as the general path.
 fn convert_f32_raw(t: &Tensor, to: DType) -> Option<Converted> {
-    convert_f32_raw_all(&[(t, to)]).pop().flatten()
+    let c = convert_f32_raw_all(&[(t, to)]).pop().flatten()?;
+    Some(c.tensor(t, to))
+}
+
+/// One tensor's data converted by [`convert_f32_raw_all`], and its statistics.
+struct RawConversion {
+    data: Bytes,
+    elements: usize,
+    stats: ConvStats,
+}
+
+impl RawConversion {
+    /// The converted tensor and the report's statistics (built only when used: on a model with 100,000
+    /// initializers, holding them all at once was 60 MB more peak memory).
+    fn tensor(self, t: &Tensor, to: DType) -> Converted {
+        let (clamped, flushed, max_rel) = self.stats;
+        converted(
+            t,
+            to,
+            self.data,
+            self.elements,
+            clamped,
+            flushed,
+            max_rel as f64,
+        )
+    }
 }
 
 /// Elements a conversion block holds (on the stack, three times): rayon gets at least 16 blocks a task.
@@ -247,7 +272,7 @@ type ConvStats = (usize, usize, f32);
 /// allocation per tensor had the allocator touch twice that (ddddocr_det_yolox: 22 MB of fresh huge pages,
 /// each zeroed by the kernel, for 10 MB of fp16), and the small tensors each paid a parallel loop's start.
 /// `None` where a tensor is not f32 data or the target is not f16/bf16.
-fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<Converted>> {
+fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> {
     use rayon::prelude::*;
     let srcs: Vec<Option<crate::range_rules::F32Data>> = jobs
         .iter()
@@ -299,13 +324,15 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<Converted>> {
         *p = (p.0 + st.0, p.1 + st.1, p.2.max(st.2));
     }
     let raw = Bytes::from(raw);
-    jobs.iter()
-        .zip(&srcs)
-        .zip(offsets.iter().zip(&per))
-        .map(|((&(t, to), src), (&at, &(clamped, flushed, max_rel)))| {
+    srcs.iter()
+        .zip(offsets.iter().zip(per))
+        .map(|(src, (&at, stats))| {
             let n = src.as_ref()?.len();
-            let data = raw.slice(at..at + n * 2);
-            Some(converted(t, to, data, n, clamped, flushed, max_rel as f64))
+            Some(RawConversion {
+                data: raw.slice(at..at + n * 2),
+                elements: n,
+                stats,
+            })
         })
         .collect()
 }
@@ -769,7 +796,10 @@ fn process(
     for (((v, d), uses), fast) in groups.into_iter().zip(fast) {
         let all_uses = g.uses(v).len();
         let is_output = g.outputs().contains(&v);
-        let converted = fast.or_else(|| convert_general(initializer_data(g, v)?, d));
+        let converted = initializer_data(g, v).and_then(|t| match fast {
+            Some(c) => Some(c.tensor(t, d)),
+            None => convert_general(t, d),
+        });
         if let Some((conv, stats)) = converted {
             let name = g.value(v).name().to_string();
             let in_place = uses.len() == all_uses && !is_output;
@@ -991,6 +1021,7 @@ mod tests {
         let all = convert_f32_raw_all(&refs);
         assert_eq!(all.len(), jobs.len());
         for ((t, to), got) in jobs.iter().zip(all) {
+            let got = got.map(|c| c.tensor(t, *to));
             let want = convert_f32_raw(t, *to);
             assert_eq!(got.is_some(), want.is_some(), "{to:?} {:?}", t.dims);
             if let (Some((g, gs)), Some((w, ws))) = (got, want) {

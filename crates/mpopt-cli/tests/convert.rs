@@ -58,11 +58,33 @@ fn converts_with_a_report_that_explains_every_decision() {
 }
 
 #[test]
-fn the_report_gives_the_scan_of_each_initializer_kept_fp32() {
+fn the_report_gives_the_scan_of_each_big_initializer_kept_fp32() {
+    // two 64x64 projections (4,096 weights each: big enough for the analysis to keep its scan); the second
+    // is kept fp32 by the user, and its weight holds one value beyond f16's range and one that flushes
     let dir = tempfile::tempdir().unwrap();
+    let weights = |big: bool| {
+        let w: Vec<String> = (0..4096)
+            .map(|i| match (big, i) {
+                (true, 5) => "70000.0".to_string(),
+                (true, 9) => "1e-9".to_string(),
+                _ => format!("{}", ((i % 17) as f32 - 8.0) * 0.01),
+            })
+            .collect();
+        w.join(", ")
+    };
+    let text = format!(
+        "ir_version 8\nopset ai.onnx 17\n\ngraph @g(%x: f32[1,64]) -> (%y: f32[1,64]) {{\n  \
+         %w1 = const f32[64,64] [{}]\n  %w2 = const f32[64,64] [{}]\n  \
+         %h = MatMul(%x, %w1) @fc1\n  %y = MatMul(%h, %w2) @fc2\n}}\n",
+        weights(false),
+        weights(true)
+    );
+    let model = mpopt_ir::text::parse_model(&text).unwrap();
+    let src = dir.path().join("two.onnx");
+    mpopt_onnx::save(&model, &src, mpopt_onnx::ExternalData::Auto).unwrap();
     let (out, report) = (dir.path().join("m16.onnx"), dir.path().join("r.json"));
     let (code, _, err) = mpopt(&[
-        MLP,
+        s(&src),
         "-o",
         s(&out),
         "--report",
@@ -84,9 +106,12 @@ fn the_report_gives_the_scan_of_each_initializer_kept_fp32() {
     };
     // fc2 stays fp32, and so does its weight: its min/max and counts against both types are given
     let w2 = &node("fc2")["ranges"]["w2"]["constant"];
-    let (lo, hi) = (w2["min"].as_f64().unwrap(), w2["max"].as_f64().unwrap());
-    assert!(lo < 0.0 && 0.0 < hi && hi < 10.0, "{w2}");
-    assert_eq!(w2["f16"], serde_json::json!({"overflow": 0, "flush": 0}));
+    assert_eq!(
+        (w2["min"].as_f64(), w2["max"].as_f64()),
+        (Some(-0.08f32 as f64), Some(70000.0)),
+        "{w2}"
+    );
+    assert_eq!(w2["f16"], serde_json::json!({"overflow": 1, "flush": 1}));
     assert_eq!(w2["bf16"], serde_json::json!({"overflow": 0, "flush": 0}));
     // w1 was converted to f16: the scan was of data it no longer holds
     assert!(node("fc1")["ranges"].get("w1").is_none(), "{}", node("fc1"));
