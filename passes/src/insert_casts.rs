@@ -233,6 +233,23 @@ fn change_stats(xs: &[f32], ys: &[f32]) -> (usize, f32) {
 /// weights) to f16/bf16 with the `half` slice conversions (F16C where the CPU has it), in parallel blocks
 /// written straight into the output, with the same statistics as the general path.
 fn convert_f32_raw(t: &Tensor, to: DType) -> Option<Converted> {
+    // one block (a Constant's value, most often): converted here, without the batch's parallel loop
+    if let Some(src) = crate::range_rules::F32Data::of(t)
+        && src.len() <= CHUNK
+        && matches!(to, DType::F16 | DType::BF16)
+    {
+        let mut raw = vec![0u8; src.len() * 2];
+        let stats = match to {
+            DType::F16 => convert_block::<half::f16>(src, 0, &mut raw, to),
+            _ => convert_block::<half::bf16>(src, 0, &mut raw, to),
+        };
+        let c = RawConversion {
+            data: Bytes::from(raw),
+            elements: src.len(),
+            stats,
+        };
+        return Some(c.tensor(t, to));
+    }
     let c = convert_f32_raw_all(&[(t, to)]).pop().flatten()?;
     Some(c.tensor(t, to))
 }

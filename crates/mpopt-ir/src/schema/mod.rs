@@ -224,7 +224,7 @@ impl OpSchema {
 /// asked for. Parsing the whole table took about a third of the start-up of a small conversion.
 pub struct Registry {
     /// domain -> op -> its lines (two levels, so a lookup by `&str` allocates nothing)
-    by_op: HashMap<String, HashMap<String, OpEntry>>,
+    by_op: HashMap<&'static str, HashMap<&'static str, OpEntry>>,
 }
 
 /// One op's lines in the table, and their schemas once parsed.
@@ -294,7 +294,7 @@ impl Registry {
     pub fn ops(&self) -> impl Iterator<Item = (&str, &str)> {
         self.by_op
             .iter()
-            .flat_map(|(d, m)| m.keys().map(move |n| (d.as_str(), n.as_str())))
+            .flat_map(|(d, m)| m.keys().map(move |n| (*d, *n)))
     }
 }
 
@@ -403,14 +403,14 @@ fn split_top_level(s: &str) -> impl Iterator<Item = &str> {
 
 /// Indexes the table: where each op's blocks (an `op` line and the lines after it) are.
 fn index_table(src: &'static str) -> Result<Registry, String> {
-    let mut by_op: HashMap<String, HashMap<String, OpEntry>> = HashMap::new();
+    let mut by_op: HashMap<&'static str, HashMap<&'static str, OpEntry>> = HashMap::new();
     let mut start: Option<(usize, &str, &str)> = None;
     let mut close = |from: Option<(usize, &'static str, &'static str)>, to: usize| {
         if let Some((at, dom, name)) = from {
             by_op
-                .entry(dom.to_string())
+                .entry(dom)
                 .or_default()
-                .entry(name.to_string())
+                .entry(name)
                 .or_insert_with(|| OpEntry {
                     blocks: Vec::new(),
                     parsed: OnceLock::new(),
