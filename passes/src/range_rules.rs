@@ -1162,6 +1162,19 @@ fn row_major_columns(w: &Elems, start: usize, k: usize, cols: usize) -> Vec<Sign
     sums
 }
 
+/// True when `sum_k x_k w_k`, for every `x_k` within `x` and constant weights whose exact min and max are
+/// `w`, is unbounded both ways in some columns: an infinite end of `x` meets a weight of the sign that carries
+/// the sum there (a column with a negative weight goes to -inf as `x` goes to +inf, ...). The column sums,
+/// a read of every weight, cannot bound it then: the result is TOP. On image models without declared input
+/// ranges most convolutions read such inputs.
+fn products_unbounded(x: Interval, w: Option<Interval>) -> bool {
+    let Some(w) = w else { return false };
+    let (to_lo, to_hi) = (x.lo == f64::NEG_INFINITY, x.hi == f64::INFINITY);
+    let down = (to_hi && w.lo < 0.0) || (to_lo && w.hi > 0.0);
+    let up = (to_hi && w.hi > 0.0) || (to_lo && w.lo < 0.0);
+    down && up
+}
+
 /// The hull over columns of `sum_k x_k w_k` for `x` in an interval, with the rounding of `k`-term f32 sums.
 fn columns_bound(x: Interval, sums: &[SignSums], k: usize) -> Interval {
     let r = sums
@@ -1192,6 +1205,9 @@ fn matmul(ins: &[In]) -> Interval {
         && s.len() >= 2
         && let Some(w) = Elems::of(t)
     {
+        if products_unbounded(a.iv(), b.iv) {
+            return Interval::TOP;
+        }
         let (k, nn) = (s[s.len() - 2] as usize, s[s.len() - 1] as usize);
         return per_batch(w.len(), k * nn, |bt| {
             columns_bound(a.iv(), &row_major_columns(&w, bt * k * nn, k, nn), k)
@@ -1203,6 +1219,9 @@ fn matmul(ins: &[In]) -> Interval {
         && s.len() >= 2
         && let Some(w) = Elems::of(t)
     {
+        if products_unbounded(b.iv(), a.iv) {
+            return Interval::TOP;
+        }
         let (mm, k) = (s[s.len() - 2] as usize, s[s.len() - 1] as usize);
         return per_batch(w.len(), mm * k, |bt| {
             columns_bound(b.iv(), &contiguous_columns(&w, bt * mm * k, mm, k), k)
@@ -1244,6 +1263,7 @@ fn gemm(n: &Node, ins: &[In]) -> Interval {
         return Interval::TOP;
     };
     let prod = match (b.konst, b.konst.map(|t| &t.dims)) {
+        (Some(_), Some(s)) if s.len() == 2 && products_unbounded(a.iv(), b.iv) => Interval::TOP,
         (Some(t), Some(s)) if s.len() == 2 => match Elems::of(t) {
             Some(w) => {
                 let (k, nn) = if tb {
@@ -1293,6 +1313,9 @@ fn conv(ins: &[In]) -> Interval {
     let (Some(t), Some(s)) = (w.konst, w.konst.map(|t| &t.dims)) else {
         return conv_variable(x, w);
     };
+    if products_unbounded(x.iv().hull(Interval::point(0.0)), w.iv) {
+        return Interval::TOP;
+    }
     let Some(wv) = Elems::of(t) else {
         return Interval::TOP;
     };
@@ -2129,6 +2152,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_unbounded_shortcut_only_skips_sums_that_give_top() {
+        // every input interval against every weight set: where the shortcut says TOP, the column sums
+        // say TOP too (and the shortcut fires where an infinite input end meets weights of both signs)
+        let inf = f64::INFINITY;
+        let xs = [
+            Interval::TOP,
+            Interval::new(0.0, inf),
+            Interval::new(-inf, 0.0),
+            Interval::new(-0.3, inf),
+            Interval::new(-1.0, 2.0),
+        ];
+        let weights: [&[f32]; 6] = [
+            &[0.5, -0.25, 1.0, -2.0, 0.0, 0.125],
+            &[0.5, 0.25, 1.0, 2.0, 0.0, 0.125],
+            &[-0.5, -0.25, -1.0, -2.0, 0.0, -0.125],
+            &[0.0; 6],
+            &[0.5, f32::NAN, 1.0, 2.0, 0.0, 0.125],
+            &[0.5, f32::INFINITY, 1.0, 2.0, 0.0, 0.125],
+        ];
+        let mut fired = 0;
+        for w in weights {
+            let t = Tensor::from_f32(vec![2, 3], w);
+            let elems = Elems::of(&t).unwrap();
+            let sums = contiguous_columns(&elems, 0, 2, 3);
+            for x in xs {
+                let full = columns_bound(x, &sums, 3);
+                if products_unbounded(x, const_interval(&t)) {
+                    fired += 1;
+                    assert_eq!(full, Interval::TOP, "{x:?} {w:?}");
+                }
+            }
+        }
+        // mixed signs and NaN: every x with an infinite end (4 each); one sign, or +inf weights: only TOP
+        assert_eq!(fired, 11);
+        assert!(!products_unbounded(Interval::TOP, None));
     }
 
     #[test]
