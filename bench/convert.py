@@ -38,7 +38,7 @@ PEER = {
 }
 
 
-def timed(cmd, tmp, reps=5):
+def timed(cmd, tmp, reps=7):
     """Median wall time and peak RSS of `reps` runs. The wall clock is read around the process here
     (microseconds: `/usr/bin/time`'s %e steps by 10 ms, which made the small models' ratios noise); the peak
     RSS is `/usr/bin/time`'s (the child's own rusage would include this Python process, copied at fork)."""
