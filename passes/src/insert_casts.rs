@@ -128,7 +128,7 @@ fn cast_node(name: String, d: DType) -> Node {
 /// A converted tensor and the statistics the report gives for it.
 type Converted = (Tensor, Vec<(&'static str, String)>);
 
-/// The converted tensor and the statistics the report gives for it.
+/// `t` with the converted data `raw` (`n` elements of `to`), and its statistics.
 fn converted(
     t: &Tensor,
     to: DType,
@@ -137,7 +137,7 @@ fn converted(
     clamped: usize,
     flushed: usize,
     max_rel: f64,
-) -> (Tensor, Vec<(&'static str, String)>) {
+) -> Converted {
     let mut out = t.clone();
     out.dtype = to;
     out.data = TensorData::Raw(raw);
