@@ -703,7 +703,7 @@ fn additive_masks(g: &Graph, target: DType) -> Masks {
         };
         for (i, v, t) in slots {
             let (Some(r), Some(iv)) = (
-                range_check(t, target),
+                constant_range_check(g, v, t, target),
                 crate::range_rules::const_interval(t),
             ) else {
                 continue;
@@ -1039,7 +1039,7 @@ fn captured_constants(
                 }
                 let r = match g.value_by_name(name) {
                     Some(v) if !g.captures().contains(&v) => {
-                        constant_of(g, v).and_then(|t| range_check(t, target))
+                        constant_of(g, v).and_then(|t| constant_range_check(g, v, t, target))
                     }
                     _ => outer.get(name).cloned(),
                 };
@@ -1064,18 +1064,19 @@ fn constant_checks(g: &Graph, target: DType) -> HashMap<ValueId, RangeCheck> {
         .collect();
     consts
         .par_iter()
-        .filter_map(|&(v, t)| {
-            let facts = g
-                .value(v)
-                .range
-                .as_deref()
-                .and_then(|r| r.constant.as_ref());
-            let r = facts
-                .and_then(|f| range_check_from(f, t, target))
-                .or_else(|| range_check(t, target))?;
-            Some((v, r))
-        })
+        .filter_map(|&(v, t)| Some((v, constant_range_check(g, v, t, target)?)))
         .collect()
+}
+
+/// The range check of `t`, the constant data of `v`: from the facts analyze-ranges left on `v` when they
+/// describe `t`, else by reading it.
+fn constant_range_check(g: &Graph, v: ValueId, t: &Tensor, target: DType) -> Option<RangeCheck> {
+    g.value(v)
+        .range
+        .as_deref()
+        .and_then(|r| r.constant.as_ref())
+        .and_then(|f| range_check_from(f, t, target))
+        .or_else(|| range_check(t, target))
 }
 
 /// [`range_check`] without reading the data, from the facts analyze-ranges found in it, when they describe

@@ -239,10 +239,7 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<Converted> {
         && matches!(to, DType::F16 | DType::BF16)
     {
         let mut raw = vec![0u8; src.len() * 2];
-        let stats = match to {
-            DType::F16 => convert_block::<half::f16>(src, 0, &mut raw, to),
-            _ => convert_block::<half::bf16>(src, 0, &mut raw, to),
-        };
+        let stats = convert_block_to(to, src, 0, &mut raw);
         let c = RawConversion {
             data: Bytes::from(raw),
             elements: src.len(),
@@ -299,15 +296,15 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> 
                 .flatten()
         })
         .collect();
-    // each tensor's byte offset in the shared buffer, and every (tensor, block) pair
+    // each tensor's byte offset in the shared buffer, and every block: (tensor, first element, elements)
     let mut offsets = Vec::with_capacity(jobs.len());
-    let mut blocks: Vec<(usize, usize)> = Vec::new();
+    let mut blocks: Vec<(usize, usize, usize)> = Vec::new();
     let mut total = 0usize;
     for (j, src) in srcs.iter().enumerate() {
         offsets.push(total);
         if let Some(src) = src {
             let n = src.len();
-            blocks.extend((0..n.div_ceil(CHUNK)).map(|b| (j, b)));
+            blocks.extend((0..n).step_by(CHUNK).map(|at| (j, at, (n - at).min(CHUNK))));
             total += n * 2;
         }
     }
@@ -315,9 +312,7 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> 
     // the output slice of every block, in block order (blocks of one tensor are consecutive)
     let mut outs: Vec<&mut [u8]> = Vec::with_capacity(blocks.len());
     let mut rest: &mut [u8] = &mut raw;
-    for &(j, b) in &blocks {
-        let n = srcs[j].map_or(0, |s| s.len());
-        let k = (n - b * CHUNK).min(CHUNK);
+    for &(_, _, k) in &blocks {
         let (head, tail) = std::mem::take(&mut rest).split_at_mut(k * 2);
         outs.push(head);
         rest = tail;
@@ -326,17 +321,14 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> 
         .par_iter()
         .zip(outs.into_par_iter())
         .with_min_len(16)
-        .map(|(&(j, b), out)| {
+        .map(|(&(j, at, _), out)| {
             let src = srcs[j].expect("only f32 data has blocks");
-            match jobs[j].1 {
-                DType::F16 => convert_block::<half::f16>(src, b * CHUNK, out, jobs[j].1),
-                _ => convert_block::<half::bf16>(src, b * CHUNK, out, jobs[j].1),
-            }
+            convert_block_to(jobs[j].1, src, at, out)
         })
         .collect();
     // per tensor: the sum of its blocks' statistics
     let mut per = vec![(0usize, 0usize, 0f32); jobs.len()];
-    for (&(j, _), st) in blocks.iter().zip(&stats) {
+    for (&(j, _, _), st) in blocks.iter().zip(&stats) {
         let p = &mut per[j];
         *p = (p.0 + st.0, p.1 + st.1, p.2.max(st.2));
     }
@@ -352,6 +344,19 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> 
             })
         })
         .collect()
+}
+
+/// [`convert_block`] to `to`: f16, or else bf16.
+fn convert_block_to(
+    to: DType,
+    src: crate::range_rules::F32Data,
+    at: usize,
+    out: &mut [u8],
+) -> ConvStats {
+    match to {
+        DType::F16 => convert_block::<half::f16>(src, at, out, to),
+        _ => convert_block::<half::bf16>(src, at, out, to),
+    }
 }
 
 /// Converts the elements `at..at + out.len() / 2` of `src` to `T` (f16 or bf16) into `out`, clamping to the

@@ -158,11 +158,7 @@ pub(crate) fn attention(ctx: &mut Ctx) -> R<Vec<Value>> {
                 let brow = &bias[((bi * hq + h) * s + i) * l..][..l];
                 for (j, r) in row.iter_mut().enumerate() {
                     let krow = &kv[((bi * hk + kh) * l + j) * dh..][..dh];
-                    let mut dot: f64 = qrow
-                        .iter()
-                        .zip(krow)
-                        .map(|(a, c)| (a * sq) * (c * sq))
-                        .sum();
+                    let mut dot = scaled_dot(qrow, krow, sq);
                     if softcap > 0.0 {
                         dot = softcap * (dot / softcap).tanh();
                     }
@@ -223,6 +219,12 @@ pub(crate) fn attention(ctx: &mut Ctx) -> R<Vec<Value>> {
     ])
 }
 
+/// `sum_d (a_d h)(b_d h)`: a query-key product with the scale split as `h = sqrt(scale)` between the two
+/// operands, as the ONNX reference applies it (Attention and FlexAttention).
+fn scaled_dot(a: &[f64], b: &[f64], h: f64) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x * h) * (y * h)).sum()
+}
+
 /// FlexAttention (ai.onnx.preview): `softmax(score_mod((Q √s)(K √s)ᵀ))`, then `prob_mod`, times V, with
 /// grouped key/value heads (query head h reads key head `h / (Hq / Hkv)`). `score_mod` and `prob_mod` are
 /// subgraphs over the whole `[B, H, L, S]` tensor, which they receive in the softmax's type (f32 for half
@@ -255,21 +257,17 @@ pub(crate) fn flex_attention(ctx: &mut Ctx) -> R<Vec<Value>> {
     };
     let (qv, kv, vv) = (q.to_f64s()?, k.to_f64s()?, v.to_f64s()?);
     let group = hq / hk;
+    // Row r of the scores is query row r, (batch, query head, position) flattened; the first of its S key
+    // (and value) rows is that batch's key head `h / group`.
+    let kv_row0 = |r: usize| {
+        let (bi, h) = (r / l / hq, r / l % hq);
+        (bi * hk + h / group) * s
+    };
     let mut scores = vec![0f64; b * hq * l * s];
-    for bi in 0..b {
-        for h in 0..hq {
-            let kh = h / group;
-            for i in 0..l {
-                let qrow = &qv[((bi * hq + h) * l + i) * e..][..e];
-                for j in 0..s {
-                    let krow = &kv[((bi * hk + kh) * s + j) * e..][..e];
-                    scores[((bi * hq + h) * l + i) * s + j] = qrow
-                        .iter()
-                        .zip(krow)
-                        .map(|(a, c)| (a * ss) * (c * ss))
-                        .sum();
-                }
-            }
+    for (r, row) in scores.chunks_mut(s.max(1)).enumerate() {
+        let (qrow, k0) = (&qv[r * e..][..e], kv_row0(r));
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = scaled_dot(qrow, &kv[(k0 + j) * e..][..e], ss);
         }
     }
     let shape = vec![b, hq, l, s];
@@ -309,18 +307,11 @@ pub(crate) fn flex_attention(ctx: &mut Ctx) -> R<Vec<Value>> {
     }
     let p = modify("prob_mod", round(p)?)?;
     let mut out = vec![0f64; b * hq * l * ev];
-    for bi in 0..b {
-        for h in 0..hq {
-            let kh = h / group;
-            for i in 0..l {
-                let prow = &p[((bi * hq + h) * l + i) * s..][..s];
-                let orow = &mut out[((bi * hq + h) * l + i) * ev..][..ev];
-                for (j, &pj) in prow.iter().enumerate() {
-                    let vrow = &vv[((bi * hk + kh) * s + j) * ev..][..ev];
-                    for (o, &x) in orow.iter_mut().zip(vrow) {
-                        *o += pj * x;
-                    }
-                }
+    for (r, orow) in out.chunks_mut(ev.max(1)).enumerate() {
+        let (prow, v0) = (&p[r * s..][..s], kv_row0(r));
+        for (j, &pj) in prow.iter().enumerate() {
+            for (o, &x) in orow.iter_mut().zip(&vv[(v0 + j) * ev..][..ev]) {
+                *o += pj * x;
             }
         }
     }

@@ -31,6 +31,11 @@ fn operands<'c>(ctx: &'c Ctx, kinds: usize) -> R<(f64, f64, Groups<'c>)> {
     Ok((r, t, groups))
 }
 
+/// The float attributes `(name, default)` of an optimizer node, as f64.
+fn floats<const N: usize>(ctx: &Ctx, attrs: [(&str, f32); N]) -> [f64; N] {
+    attrs.map(|(name, default)| ctx.af(name, default) as f64)
+}
+
 /// Applies `update` element by element to every group (all of its X's shape): the outputs, each in its X's
 /// type, every group's first output, then every group's second, ...
 fn update_all<const K: usize, const O: usize>(
@@ -61,10 +66,13 @@ fn update_all<const K: usize, const O: usize>(
 
 pub(crate) fn adagrad(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (r, t, groups) = operands(ctx, 3)?;
-    let (decay, eps, norm) = (
-        ctx.af("decay_factor", 0.0) as f64,
-        ctx.af("epsilon", 0.0) as f64,
-        ctx.af("norm_coefficient", 0.0) as f64,
+    let [decay, eps, norm] = floats(
+        ctx,
+        [
+            ("decay_factor", 0.0),
+            ("epsilon", 0.0),
+            ("norm_coefficient", 0.0),
+        ],
     );
     let rate = r / (1.0 + t * decay);
     update_all(&groups, |[x, g, h]| {
@@ -76,14 +84,15 @@ pub(crate) fn adagrad(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn adam(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (r, t, groups) = operands(ctx, 4)?;
-    let (alpha, beta, eps) = (
-        ctx.af("alpha", 0.9) as f64,
-        ctx.af("beta", 0.999) as f64,
-        ctx.af("epsilon", 0.0) as f64,
-    );
-    let (norm, post) = (
-        ctx.af("norm_coefficient", 0.0) as f64,
-        ctx.af("norm_coefficient_post", 0.0) as f64,
+    let [alpha, beta, eps, norm, post] = floats(
+        ctx,
+        [
+            ("alpha", 0.9),
+            ("beta", 0.999),
+            ("epsilon", 0.0),
+            ("norm_coefficient", 0.0),
+            ("norm_coefficient_post", 0.0),
+        ],
     );
     // bias correction from the second step on
     let rate = if t > 0.0 {
@@ -102,10 +111,9 @@ pub(crate) fn adam(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn momentum(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (r, t, groups) = operands(ctx, 3)?;
-    let (alpha, beta, norm) = (
-        ctx.af("alpha", 0.0) as f64,
-        ctx.af("beta", 0.0) as f64,
-        ctx.af("norm_coefficient", 0.0) as f64,
+    let [alpha, beta, norm] = floats(
+        ctx,
+        [("alpha", 0.0), ("beta", 0.0), ("norm_coefficient", 0.0)],
     );
     let nesterov = match ctx.as_str("mode").as_deref() {
         Some("nesterov") => true,
