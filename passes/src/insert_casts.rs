@@ -213,19 +213,38 @@ fn convert_general(t: &Tensor, to: DType) -> Option<Converted> {
 }
 
 /// (non-zero values that became zero, largest relative change) between `xs` and their conversions `ys`.
-/// Written in eight lanes with selects instead of branches, so that it vectorizes.
+/// Eight lanes at a time, with selects instead of branches, so that each step is one vector operation
+/// (AVX where the CPU has it, chosen at run time by `pulp`).
 fn change_stats(xs: &[f32], ys: &[f32]) -> (usize, f32) {
-    let init = ([0u32; 8], [0f32; 8]);
-    let (flushed, rel) = crate::range_rules::lanes2(xs, ys, init, |(flushed, rel), j, x, y| {
-        flushed[j] += ((x != 0.0) & (y == 0.0)) as u32;
-        // zero and non-finite inputs have no relative change (NaN or inf here): dropped
-        let r = ((y - x) / x).abs();
-        let r = if r < f32::INFINITY { r } else { 0.0 };
-        rel[j] = if r > rel[j] { r } else { rel[j] };
-    });
-    (
-        flushed.iter().map(|&f| f as usize).sum(),
-        rel.iter().fold(0f32, |a, &b| a.max(b)),
+    #[inline(always)]
+    fn step(flushed: &mut [u32; 8], rel: &mut [f32; 8], x: &[f32; 8], y: &[f32; 8]) {
+        for j in 0..8 {
+            flushed[j] += ((x[j] != 0.0) & (y[j] == 0.0)) as u32;
+            // zero and non-finite inputs have no relative change (NaN or inf here): dropped
+            let r = ((y[j] - x[j]) / x[j]).abs();
+            let r = if r < f32::INFINITY { r } else { 0.0 };
+            rel[j] = if r > rel[j] { r } else { rel[j] };
+        }
+    }
+    pulp::Arch::new().dispatch(
+        #[inline(always)]
+        || {
+            let (mut flushed, mut rel) = ([0u32; 8], [0f32; 8]);
+            let (xc, xr) = xs.as_chunks::<8>();
+            let (yc, yr) = ys.as_chunks::<8>();
+            for (x, y) in xc.iter().zip(yc) {
+                step(&mut flushed, &mut rel, x, y);
+            }
+            // the tail, padded with zeros (no change)
+            let (mut x, mut y) = ([0f32; 8], [0f32; 8]);
+            x[..xr.len()].copy_from_slice(xr);
+            y[..yr.len()].copy_from_slice(yr);
+            step(&mut flushed, &mut rel, &x, &y);
+            (
+                flushed.iter().map(|&f| f as usize).sum(),
+                rel.iter().fold(0f32, |a, &b| a.max(b)),
+            )
+        },
     )
 }
 
@@ -360,39 +379,65 @@ fn convert_block_to(
 }
 
 /// Converts the elements `at..at + out.len() / 2` of `src` to `T` (f16 or bf16) into `out`, clamping to the
-/// largest finite value instead of overflowing.
+/// largest finite value instead of overflowing. The elements are read in place and converted straight into
+/// `out` where their alignment allows (always, on the batch's buffer), else through blocks on the stack.
 fn convert_block<T: HalfBits>(
     src: crate::range_rules::F32Data,
     at: usize,
     out: &mut [u8],
     to: DType,
 ) -> ConvStats {
-    let (mut xs, mut back) = ([0f32; CHUNK], [0f32; CHUNK]);
-    let mut hs = [T::ZERO; CHUNK];
     let k = out.len() / 2;
-    src.fill(at, &mut xs[..k]);
-    T::from_f32s(&mut hs[..k], &xs[..k]);
+    let mut copy = [0f32; CHUNK];
+    let xs = match src.slice(at, k) {
+        Some(xs) => xs,
+        None => {
+            src.fill(at, &mut copy[..k]);
+            &copy[..k]
+        }
+    };
+    // little-endian bits: the target's own layout on a little-endian machine
+    let direct = if cfg!(target_endian = "little") {
+        bytemuck::try_cast_slice_mut::<u8, T>(out).ok()
+    } else {
+        None
+    };
+    match direct {
+        Some(hs) => convert_into(xs, hs, to),
+        None => {
+            let mut hs = [T::ZERO; CHUNK];
+            let stats = convert_into(xs, &mut hs[..k], to);
+            for (d, h) in out.chunks_exact_mut(2).zip(&hs[..k]) {
+                d.copy_from_slice(&h.bits().to_le_bytes());
+            }
+            stats
+        }
+    }
+}
+
+/// [`convert_block`]'s work: `xs` (at most [`CHUNK`]) to `hs`, and the statistics.
+fn convert_into<T: HalfBits>(xs: &[f32], hs: &mut [T], to: DType) -> ConvStats {
+    let k = xs.len();
+    T::from_f32s(hs, xs);
     let mut clamped = 0;
     // Overflow is rare: count the infinities first (a vectorized count), clamp only then.
-    if hs[..k].iter().filter(|h| h.is_inf()).count() > 0 {
+    if hs.iter().filter(|h| h.is_inf()).count() > 0 {
         let max = max_finite(to) as f32;
-        for (h, &x) in hs[..k].iter_mut().zip(&xs[..k]) {
+        for (h, &x) in hs.iter_mut().zip(xs) {
             if h.is_inf() && x.is_finite() {
                 clamped += 1;
                 *h = T::from_f32(max.copysign(x));
             }
         }
     }
-    T::to_f32s(&hs[..k], &mut back[..k]);
-    let (flushed, max_rel) = change_stats(&xs[..k], &back[..k]);
-    for (d, h) in out.chunks_exact_mut(2).zip(&hs[..k]) {
-        d.copy_from_slice(&h.bits().to_le_bytes());
-    }
+    let mut back = [0f32; CHUNK];
+    T::to_f32s(hs, &mut back[..k]);
+    let (flushed, max_rel) = change_stats(xs, &back[..k]);
     (clamped, flushed, max_rel)
 }
 
 /// The two 16-bit float types, for [`convert_block`].
-trait HalfBits: Copy {
+trait HalfBits: bytemuck::Pod {
     const ZERO: Self;
     fn from_f32(x: f32) -> Self;
     fn from_f32s(dst: &mut [Self], src: &[f32]);

@@ -247,6 +247,18 @@ impl<'a> F32Data<'a> {
         }
     }
 
+    /// The elements `at..at + len` as a slice where they can be read in place: `float_data`, or `raw_data`
+    /// aligned for f32 on a little-endian machine. None otherwise ([`F32Data::fill`] copies them).
+    pub(crate) fn slice(self, at: usize, len: usize) -> Option<&'a [f32]> {
+        match self {
+            F32Data::Bytes(b) if cfg!(target_endian = "little") => {
+                bytemuck::try_cast_slice(&b[at * 4..(at + len) * 4]).ok()
+            }
+            F32Data::Bytes(_) => None,
+            F32Data::Floats(v) => Some(&v[at..at + len]),
+        }
+    }
+
     /// Copies the elements `at..at + xs.len()` into `xs`.
     pub(crate) fn fill(self, at: usize, xs: &mut [f32]) {
         match self {
