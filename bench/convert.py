@@ -6,8 +6,9 @@ onnxruntime 1.32 `transformers.float16` (same call, ort). Also times mpopt on a 
     bench/convert.sh            (builds mpopt, installs the pinned peer, runs this)
     .venv/bin/python bench/convert.py --mpopt target/release/mpopt ../shared/corpus
 
-Times are the median of 5 whole-process runs after one untimed run (wall clock around `/usr/bin/time`, which gives the peak RSS),
-python start-up and imports included for the peers as for mpopt's process start: what a user waits for.
+Times are the median of 7 whole-process runs after one untimed run (wall clock around the process; the peak RSS
+comes from one more run under `/usr/bin/time`), python start-up and imports included for the peers as for mpopt's
+process start: what a user waits for.
 """
 from __future__ import annotations
 
@@ -39,22 +40,25 @@ PEER = {
 
 
 def timed(cmd, tmp, reps=7):
-    """Median wall time and peak RSS of `reps` runs. The wall clock is read around the process here
-    (microseconds: `/usr/bin/time`'s %e steps by 10 ms, which made the small models' ratios noise); the peak
-    RSS is `/usr/bin/time`'s (the child's own rusage would include this Python process, copied at fork)."""
-    times, rss = [], []
+    """Median wall time of `reps` runs, and the peak RSS of one more. The wall clock is read around the
+    process itself (microseconds: `/usr/bin/time`'s %e steps by 10 ms, which made the small models' ratios
+    noise). The peak RSS comes from a separate run under `/usr/bin/time` (the child's own rusage would include
+    this Python process, copied at fork): timing the runs under it added its own start, 1-3 ms, to every
+    tool's time."""
+    times = []
     # one untimed run first: the binaries and the model in the page cache, for every tool alike
     subprocess.run(cmd, capture_output=True)
     for _ in range(reps):
-        tf = os.path.join(tmp, "time.txt")
         t0 = time.perf_counter()
-        r = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf, *cmd], capture_output=True, text=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
         dt = time.perf_counter() - t0
         if r.returncode != 0:
             return None, None, r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else "failed"
         times.append(dt)
-        rss.append(int(open(tf).read().split()[-1]) / 1024)
-    return statistics.median(times), statistics.median(rss), None
+    tf = os.path.join(tmp, "time.txt")
+    r = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf, *cmd], capture_output=True, text=True)
+    rss = int(open(tf).read().split()[-1]) / 1024 if r.returncode == 0 else None
+    return statistics.median(times), rss, None
 
 
 # data movement computes nothing

@@ -436,13 +436,16 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     let after = pipeline::census(&m.graph);
     let (bytes_before, bytes_after) = (file_bytes(&model_path), file_bytes(&output));
     let secs = start.elapsed().as_secs_f64();
+    // the notes and the summary are formatted first and written at once: stderr is unbuffered, and
+    // formatting straight into it made one write per piece (30 for the summary line)
+    let mut text = String::new();
     for r in &runs {
         for n in &r.outcome.notes {
-            eprintln!("note: {}: {n}", r.name);
+            text.push_str(&format!("note: {}: {n}\n", r.name));
         }
     }
-    eprintln!(
-        "converted {} -> {} ({}): {} nodes, {} {} / {} fp32 ({:.1}% of FLOPs low); casts {} -> {}; {} -> {} bytes; {:.3} s",
+    text.push_str(&format!(
+        "converted {} -> {} ({}): {} nodes, {} {} / {} fp32 ({:.1}% of FLOPs low); casts {} -> {}; {} -> {} bytes; {:.3} s\n",
         model_path.display(),
         output.display(),
         opts.precision.target,
@@ -464,7 +467,8 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         bytes_before,
         bytes_after,
         secs
-    );
+    ));
+    eprint!("{text}");
     if let Some(report) = &a.report {
         let mut nodes = Vec::new();
         decisions(&m.graph, &format!("graph '{}'", m.graph.name), &mut nodes);
