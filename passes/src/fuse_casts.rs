@@ -11,8 +11,8 @@
 //!   only.
 //! - *duplicates*: Casts of the same value to the same dtype become one.
 //! - *constants*: a Cast of an initializer or Constant is folded into the data when the result is computed
-//!   here exactly as at run time: float to float (the same rounding) and conversions every value survives
-//!   (integer widenings, small integers to float). The Cast's output becomes the initializer, keeping its
+//!   here exactly as at run time: float to float (the same rounding) and integer or bool data whose every
+//!   value the target holds exactly (widenings, an int64 flag of 0 or 1 to f16). The Cast's output becomes the initializer, keeping its
 //!   name and uses; the source is removed when nothing else reads it.
 //!
 //! **Invariants.**
@@ -115,34 +115,48 @@ fn bypass(g: &mut Graph, n: NodeId, with: ValueId) -> bool {
     true
 }
 
-/// The data of a constant value: an initializer, or the `value` of a Constant node.
-fn constant_of(g: &Graph, v: ValueId) -> Option<&mpopt_ir::Tensor> {
+/// The data of a constant value: an initializer, or a Constant node's `value` (or its `value_int(s)` and
+/// `value_float(s)` forms, as function expansions write them).
+fn constant_of(g: &Graph, v: ValueId) -> Option<std::borrow::Cow<'_, mpopt_ir::Tensor>> {
+    use std::borrow::Cow;
     if g.value(v).def() == Def::Initializer {
-        return g.value(v).initializer.as_deref();
+        return g.value(v).initializer.as_deref().map(Cow::Borrowed);
     }
     let (p, _) = g.producer(v)?;
     let n = g.node(p);
     if n.op_type != "Constant" || !n.in_default_domain() {
         return None;
     }
-    match n.attr("value").map(|a| &a.value) {
-        Some(AttrValue::Tensor(t)) => Some(t),
-        _ => None,
-    }
+    let a = n.attributes.first().filter(|_| n.attributes.len() == 1)?;
+    Some(match (a.name.as_str(), &a.value) {
+        ("value", AttrValue::Tensor(t)) => Cow::Borrowed(t),
+        ("value_int", AttrValue::Int(i)) => Cow::Owned(mpopt_ir::Tensor::from_i64(vec![], &[*i])),
+        ("value_ints", AttrValue::Ints(is)) => {
+            Cow::Owned(mpopt_ir::Tensor::from_i64(vec![is.len() as i64], is))
+        }
+        ("value_float", AttrValue::Float(f)) => {
+            Cow::Owned(mpopt_ir::Tensor::from_f32(vec![], &[*f]))
+        }
+        ("value_floats", AttrValue::Floats(fs)) => {
+            Cow::Owned(mpopt_ir::Tensor::from_f32(vec![fs.len() as i64], fs))
+        }
+        _ => return None,
+    })
 }
 
 /// The tensor a Cast would compute, when it is computed here exactly as at run time: float to float (the same
-/// rounding), and conversions every value survives (`exact_into`: integer widenings, small integers to float).
+/// rounding), and integer or bool data whose every value the target holds exactly (an int64 flag of 0 or 1
+/// cast to f16, a widening): no rounding or wrapping happens, so every runtime gives these values.
 fn cast_tensor(t: &mpopt_ir::Tensor, to: DType) -> Option<mpopt_ir::Tensor> {
     if t.dtype.is_float() && to.is_float() {
         return convert_tensor(t, to).map(|(c, _)| c);
     }
-    if !exact_into(t.dtype, to) || t.dtype.is_float() {
+    if t.dtype.is_float() {
         return None;
     }
     let n = t.numel()?;
     let vals = t.values_i128(n)?;
-    if vals.len() != n {
+    if vals.len() != n || !vals.iter().all(|&v| holds_exactly(to, v)) {
         return None;
     }
     let mut raw = Vec::with_capacity(n * (to.bits() as usize / 8).max(1));
@@ -164,6 +178,28 @@ fn cast_tensor(t: &mpopt_ir::Tensor, to: DType) -> Option<mpopt_ir::Tensor> {
     let mut out = mpopt_ir::Tensor::from_raw(to, t.dims.clone(), bytes::Bytes::from(raw));
     out.doc_string = t.doc_string.clone();
     Some(out)
+}
+
+/// True when `to` holds the integer `v` exactly.
+fn holds_exactly(to: DType, v: i128) -> bool {
+    let int = |lo: i128, hi: i128| (lo..=hi).contains(&v);
+    // integers up to 2^53 are exact in f64, so the float checks below compare exact values
+    let float = |back: f64| v.unsigned_abs() <= 1 << 53 && back == v as f64;
+    match to {
+        DType::I8 => int(i8::MIN.into(), i8::MAX.into()),
+        DType::U8 => int(0, u8::MAX.into()),
+        DType::I16 => int(i16::MIN.into(), i16::MAX.into()),
+        DType::U16 => int(0, u16::MAX.into()),
+        DType::I32 => int(i32::MIN.into(), i32::MAX.into()),
+        DType::U32 => int(0, u32::MAX.into()),
+        DType::I64 => int(i64::MIN.into(), i64::MAX.into()),
+        DType::U64 => int(0, u64::MAX.into()),
+        DType::F16 => float(half::f16::from_f64(v as f64).to_f64()),
+        DType::BF16 => float(half::bf16::from_f64(v as f64).to_f64()),
+        DType::F32 => float((v as f64) as f32 as f64),
+        DType::F64 => float(v as f64),
+        _ => false,
+    }
 }
 
 /// Removes a constant (initializer or Constant node) nobody reads any more.
@@ -251,7 +287,7 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
             }
             // a constant source (initializer or Constant node): fold the cast into the data. The Cast's output
             // value becomes the initializer, so its name and every use stay as they are.
-            if let Some(mut conv) = constant_of(g, x).and_then(|t| cast_tensor(t, to)) {
+            if let Some(mut conv) = constant_of(g, x).and_then(|t| cast_tensor(&t, to)) {
                 let Some(out) = g.node(id).outputs()[0] else {
                     continue;
                 };

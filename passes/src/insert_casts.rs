@@ -11,7 +11,10 @@
 //!   - an initializer or Constant is converted once: in place when every use wants the new dtype, copied when
 //!     fp32 and low consumers both need it. Clamping and flushing are reported per tensor, never silent;
 //!   - any other value gets one Cast per (value, dtype), shared by all its consumers and placed before the
-//!     first of them.
+//!     first of them;
+//!   - except a model's own `Cast(x) {to = FLOAT}` made low: its float32 readers get `x` (through one
+//!     `Cast(x) {to = FLOAT}` when `x` is not float32), the value the original computed, instead of the
+//!     rounded one widened back (f32 -> f16 -> f32).
 //! - Graph outputs keep their original dtype and name (a Cast back, under the original name). Subgraph outputs
 //!   always do, since If/Loop/Scan interfaces are unchanged; with `--io-types low`, the top graph's inputs
 //!   and outputs become the target type instead: each lowered input feeds one Cast back to float32 that its
@@ -82,6 +85,8 @@ struct Out {
     converted: u64,
     copied: u64,
     outputs_cast_back: u64,
+    /// float32 readers of a low model Cast given that Cast's source (see [`original_float_source`])
+    cast_sources: u64,
     records: Vec<Record>,
     /// Every value name in the model, new ones included: a new name is used nowhere (a subgraph may not
     /// redefine an outer name).
@@ -536,6 +541,7 @@ impl Pass for InsertCasts {
                 ("initializers converted in place", out.converted),
                 ("initializers copied", out.copied),
                 ("outputs cast back", out.outputs_cast_back),
+                ("fp32 readers given a cast's source", out.cast_sources),
             ])
         })
     }
@@ -711,6 +717,28 @@ fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) 
         }
         _ => {}
     }
+}
+
+/// The source `x` of `v = Cast(x) {to = FLOAT}`, one of the model's casts that the decisions made low, when
+/// a reader wants `v` as float32 (`d`) and `x` still has its original dtype: `Cast(x -> float32)` is then
+/// exactly the value the original model computed.
+fn original_float_source(
+    g: &Graph,
+    v: ValueId,
+    d: DType,
+    orig: &[Option<DType>],
+) -> Option<ValueId> {
+    if d != DType::F32 || orig.get(v.index()).copied().flatten() != Some(DType::F32) {
+        return None;
+    }
+    let (p, _) = g.producer(v)?;
+    let n = g.node(p);
+    if n.op_type != "Cast" || !n.in_default_domain() || n.precision.is_none() {
+        return None;
+    }
+    let x = n.inputs().first().copied().flatten()?;
+    let now = elem(g, x)?;
+    (orig.get(x.index()).copied().flatten() == Some(now)).then_some(x)
 }
 
 /// The data of an initializer value (None for any other value).
@@ -914,6 +942,33 @@ fn process(
                     g.set_input(n, s, Some(target_v));
                 }
             }
+            continue;
+        }
+        // A value that one of the model's own casts made float32, now low, wanted as float32 again: the
+        // original computed it as Cast(x -> float32), so that is what its readers get, from `x` itself (read
+        // as it is when it is float32), not the rounded low value widened back.
+        if let Some(x) = original_float_source(g, v, d, orig) {
+            let src = if elem(g, x) == Some(DType::F32) {
+                x
+            } else {
+                let first = uses
+                    .iter()
+                    .map(|u| u.node())
+                    .min_by_key(|n| pos.get(n).copied().unwrap_or(usize::MAX))
+                    .expect("a use");
+                let cast_name = fresh(g, &mut out.taken, &format!("{}__{d}", g.value(v).name()));
+                let cv = retyped_value(g, v, d, cast_name.clone())?;
+                g.insert_node_before(first, cast_node(cast_name, d), &[Some(x)], &[Some(cv)])
+                    .map_err(|e| e.to_string())?;
+                out.casts += 1;
+                cv
+            };
+            for u in uses {
+                if let Use::Input(n, s) = u {
+                    g.set_input(n, s, Some(src));
+                }
+            }
+            out.cast_sources += 1;
             continue;
         }
         // A Cast node before the first consumer.

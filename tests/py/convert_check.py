@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import all_graphs, checker_ok, find_models, flatten, load_inputs, run_ort, suite_parser  # noqa: E402
 
 import onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
 
 
 def input_sets(model_path, model):
@@ -159,6 +160,100 @@ def count_casts(g):
     return sum(n.op_type == "Cast" for sub in all_graphs(g) for n in sub.node)
 
 
+T = onnx.TensorProto
+FLOATS = {T.FLOAT16, T.BFLOAT16, T.FLOAT, T.DOUBLE}
+# every value of the first type is a value of the second (fuse_casts.rs `exact_into`)
+EXACT = {(T.FLOAT16, T.FLOAT), (T.FLOAT16, T.DOUBLE), (T.BFLOAT16, T.FLOAT), (T.BFLOAT16, T.DOUBLE),
+         (T.FLOAT, T.DOUBLE)}
+
+
+def exact_into(a, b):
+    return a == b or (a, b) in EXACT or a == T.BOOL
+
+
+def holds_exactly(to, values):
+    """True when dtype `to` holds every integer in `values` exactly (fuse_casts.rs `holds_exactly`)."""
+    v = np.asarray(values).astype(np.int64).ravel()
+    if to == T.BFLOAT16:  # 8 significant bits
+        def odd_part(x):
+            x = abs(int(x))
+            while x and x % 2 == 0:
+                x //= 2
+            return x
+        return all(odd_part(x) < 256 for x in v)
+    if to in FLOATS:
+        np_t = {T.FLOAT16: np.float16, T.FLOAT: np.float32, T.DOUBLE: np.float64}[to]
+        with np.errstate(over="ignore"):
+            back = v.astype(np_t).astype(np.float64)
+        return bool(np.all(np.abs(v) <= 2 ** 53) and np.all(back == v.astype(np.float64)))
+    info = {T.INT8: np.int8, T.UINT8: np.uint8, T.INT16: np.int16, T.UINT16: np.uint16, T.INT32: np.int32,
+            T.UINT32: np.uint32, T.INT64: np.int64}.get(to)
+    if info is None:
+        return False
+    i = np.iinfo(info)
+    return bool(np.all((v >= i.min) & (v <= i.max)))
+
+
+def removable_casts(model):
+    """Casts that fuse-casts' rules remove and that are still there (docs/passes.md, fuse-casts): no-op casts,
+    chains whose first step is exact, duplicates, and casts of constants computed exactly here. A cast that
+    produces a graph output is kept by design. Returns one line per cast found."""
+    found = []
+
+    def walk(g, outer_types):
+        types = dict(outer_types)
+        for vi in [*g.input, *g.value_info, *g.output]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                types[vi.name] = vi.type.tensor_type.elem_type
+        # an initializer that is also a graph input is only a default: a feed may replace it
+        inputs = {i.name for i in g.input}
+        consts = {i.name: numpy_helper.to_array(i) for i in g.initializer
+                  if not i.external_data and i.name not in inputs}
+        for i in g.initializer:
+            types[i.name] = i.data_type
+        prod = {}
+        for n in g.node:
+            for o in n.output:
+                prod[o] = n
+            if n.op_type == "Constant" and len(n.attribute) == 1:
+                a = n.attribute[0]
+                val = {"value": lambda: numpy_helper.to_array(a.t), "value_int": lambda: np.array(a.i),
+                       "value_ints": lambda: np.array(list(a.ints)), "value_float": lambda: np.array(a.f, np.float32),
+                       "value_floats": lambda: np.array(list(a.floats), np.float32)}.get(a.name)
+                if val is not None:
+                    consts[n.output[0]] = val()
+        outputs = {o.name for o in g.output}
+        seen = set()
+        for n in g.node:
+            for a in n.attribute:
+                for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    walk(sg, types)
+            if n.op_type != "Cast" or n.domain not in ("", "ai.onnx") or n.output[0] in outputs:
+                continue
+            to = next(a.i for a in n.attribute if a.name == "to")
+            x = n.input[0]
+            what = None
+            if types.get(x) == to:
+                what = "no-op"
+            elif (x, to) in seen:
+                what = "duplicate"
+            elif x in prod and prod[x].op_type == "Cast" and prod[x].domain in ("", "ai.onnx"):
+                mid = next(a.i for a in prod[x].attribute if a.name == "to")
+                a0 = types.get(prod[x].input[0])
+                if a0 is not None and exact_into(a0, mid) and (exact_into(a0, to) or exact_into(to, a0)):
+                    what = "chain"
+            elif x in consts:
+                c = consts[x]
+                if (c.dtype.kind == "f" and to in FLOATS) or (c.dtype.kind in "iub" and holds_exactly(to, c)):
+                    what = "cast of a constant"
+            seen.add((x, to))
+            if what:
+                found.append(f"{what}: Cast({x}) to {to}")
+
+    walk(model.graph, {})
+    return found
+
+
 def run_executor(mpopt, model_path, feeds, folder, k):
     """Runs a model on mpopt's GPU-faithful CPU executor; returns its outputs in graph order."""
     inp, outp = os.path.join(folder, f"in{k}.npz"), os.path.join(folder, f"out{k}.npz")
@@ -227,6 +322,9 @@ def check_one(args):
     conv = onnx.load(out)
     if signature(conv) != lowered(signature(model), io_low):
         return name, "io-changed", f"{signature(model)} -> {signature(conv)}", {}
+    left = removable_casts(conv)
+    if left:
+        return name, "cast-left", f"{len(left)} cast(s) fuse-casts removes: {'; '.join(left[:3])}", {}
     if io_low:
         sets = [feeds_for(conv, s) for s in sets]
     try:
