@@ -214,11 +214,23 @@ fn analyze(
                 .unwrap_or(Interval::TOP),
         );
     }
+    // the Constant nodes' values too, in parallel: Paddle's exporter keeps every weight in one
+    let constants: HashMap<NodeId, Option<Interval>> = {
+        use rayon::prelude::*;
+        let nodes: Vec<(NodeId, &mpopt_ir::Node)> = g
+            .nodes()
+            .filter(|(_, n)| n.op_type == "Constant" && n.in_default_domain())
+            .collect();
+        nodes
+            .par_iter()
+            .map(|&(id, n)| (id, constant_node(n)))
+            .collect()
+    };
     let order: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
     for id in order {
         let node = g.node(id);
-        let outs: Vec<Interval> = if node.op_type == "Constant" && node.in_default_domain() {
-            vec![constant_node(node).unwrap_or(Interval::TOP)]
+        let outs: Vec<Interval> = if let Some(iv) = constants.get(&id) {
+            vec![iv.unwrap_or(Interval::TOP)]
         } else if node.has_subgraphs() {
             control(g, id, &env, opset, stats)
         } else {

@@ -143,10 +143,16 @@ fn converted(
     flushed: usize,
     max_rel: f64,
 ) -> Converted {
-    let mut out = t.clone();
-    out.dtype = to;
-    out.data = TensorData::Raw(raw);
-    out.external = None;
+    // the metadata only: cloning `t` whole copied its data first (Paddle's float_data weights)
+    let out = Tensor {
+        dtype: to,
+        dims: t.dims.clone(),
+        data: TensorData::Raw(raw),
+        name: t.name.clone(),
+        doc_string: t.doc_string.clone(),
+        metadata_props: t.metadata_props.clone(),
+        external: None,
+    };
     let stats = vec![
         ("elements", n.to_string()),
         ("clamped", clamped.to_string()),
@@ -649,7 +655,15 @@ fn original_dtypes(g: &Graph) -> Vec<Option<DType>> {
 }
 
 /// Rewrites the dtype-carrying attributes of a node now running in `target`.
-fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) {
+///
+/// `pre` is the conversion of a Constant's f32 `value`, when it was made with the others in one batch.
+fn retarget_attributes(
+    n: &mut Node,
+    target: DType,
+    out: &mut Out,
+    scope: &str,
+    pre: Option<RawConversion>,
+) {
     if !n.in_default_domain() {
         return;
     }
@@ -673,19 +687,22 @@ fn retarget_attributes(n: &mut Node, target: DType, out: &mut Out, scope: &str) 
             } else {
                 n.name.clone()
             };
-            let f32_value = match n
+            let conversion = match n
                 .attributes
                 .iter()
                 .find(|a| a.name == "value")
                 .map(|a| &a.value)
             {
-                Some(AttrValue::Tensor(t)) => (t.dtype == DType::F32).then(|| t.clone()),
-                None if n.op_type == "ConstantOfShape" => Some(Tensor::from_f32(vec![1], &[0.0])),
+                Some(AttrValue::Tensor(t)) if t.dtype == DType::F32 => match pre {
+                    Some(c) => Some(c.tensor(t, target)),
+                    None => convert_tensor(t, target),
+                },
+                None if n.op_type == "ConstantOfShape" => {
+                    convert_tensor(&Tensor::from_f32(vec![1], &[0.0]), target)
+                }
                 _ => None,
             };
-            if let Some(t) = f32_value
-                && let Some((c, stats)) = convert_tensor(&t, target)
-            {
+            if let Some((c, stats)) = conversion {
                 n.attributes.retain(|a| a.name != "value");
                 n.attributes
                     .push(Attribute::new("value", AttrValue::Tensor(c)));
@@ -765,6 +782,8 @@ fn process(
     // Phase 1: final output dtypes of low nodes; which inputs need which dtype.
     let mut needs: Vec<(ValueId, DType, Use)> = Vec::new();
     let mut low_params: HashMap<NodeId, (Vec<String>, DType)> = HashMap::new();
+    // low Constant and ConstantOfShape nodes that made float32, retargeted after the loop
+    let mut constants: Vec<(NodeId, DType)> = Vec::new();
     for &id in &order {
         let node = g.node(id);
         let Some(d) = node.precision.as_ref() else {
@@ -811,8 +830,40 @@ fn process(
             .flatten()
             .is_some_and(|v| orig[v.index()] == Some(DType::F32));
         if made_f32 {
-            retarget_attributes(g.node_mut(id), low, out, scope);
+            let n = g.node(id);
+            if n.in_default_domain() && matches!(n.op_type.as_str(), "Constant" | "ConstantOfShape")
+            {
+                constants.push((id, low));
+            } else {
+                retarget_attributes(g.node_mut(id), low, out, scope, None);
+            }
         }
+    }
+    // The constants' values are converted in one batch, then written in schedule order: Paddle's exporter
+    // keeps every weight in a Constant (ppocrv4_det: 342), and one parallel loop each was most of the pass.
+    let batch: Vec<Option<RawConversion>> = {
+        let values: Vec<Option<&Tensor>> = constants
+            .iter()
+            .map(
+                |&(id, _)| match g.node(id).attr("value").map(|a| &a.value) {
+                    Some(AttrValue::Tensor(t)) if t.dtype == DType::F32 => Some(t),
+                    _ => None,
+                },
+            )
+            .collect();
+        let pairs: Vec<(&Tensor, DType)> = values
+            .iter()
+            .zip(&constants)
+            .filter_map(|(t, &(_, low))| Some(((*t)?, low)))
+            .collect();
+        let mut done = convert_f32_raw_all(&pairs).into_iter();
+        values
+            .iter()
+            .map(|t| t.and_then(|_| done.next().flatten()))
+            .collect()
+    };
+    for ((id, low), pre) in constants.into_iter().zip(batch) {
+        retarget_attributes(g.node_mut(id), low, out, scope, pre);
     }
     for &id in &order {
         let node = g.node(id);

@@ -528,5 +528,9 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         std::fs::write(report, text)
             .with_context(|| format!("cannot write the report {}", report.display()))?;
     }
+    // The process ends next, and the OS takes its memory back at once: freeing the model's nodes, values
+    // and names one by one first was 0.7 ms of ppocrv4_det's 14.
+    std::mem::forget(m);
+    std::mem::forget(runs);
     Ok(())
 }

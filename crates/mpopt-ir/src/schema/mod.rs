@@ -6,7 +6,7 @@
 //! passes need without hand-kept lists: which inputs and outputs share a type parameter, which dtypes an input
 //! may take, which inputs are fixed to float32, and which are shape- or index-like.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::OnceLock;
 
 use crate::{AttrValue, DType, Type, TypeInfo};
@@ -401,39 +401,43 @@ fn split_top_level(s: &str) -> impl Iterator<Item = &str> {
     parts.into_iter()
 }
 
-/// Indexes the table: where each op's blocks (an `op` line and the lines after it) are.
+/// Indexes the table: where each op's blocks (an `op` line and the lines after it) are. Only the `op` lines
+/// are looked for (a substring search): every process that reads a model indexes the table, and reading it
+/// line by line was 0.7 ms of a 14 ms conversion.
 fn index_table(src: &'static str) -> Result<Registry, String> {
-    let mut by_op: HashMap<&'static str, HashMap<&'static str, OpEntry>> = HashMap::new();
-    let mut start: Option<(usize, &str, &str)> = None;
-    let mut close = |from: Option<(usize, &'static str, &'static str)>, to: usize| {
-        if let Some((at, dom, name)) = from {
-            by_op
-                .entry(dom)
-                .or_default()
-                .entry(name)
-                .or_insert_with(|| OpEntry {
-                    blocks: Vec::new(),
-                    parsed: OnceLock::new(),
-                })
-                .blocks
-                .push(&src[at..to]);
-        }
-    };
-    let mut at = 0;
-    for line in src.split_inclusive('\n') {
-        if let Some(rest) = line.strip_prefix("op ") {
-            let mut f = rest.split(' ');
-            let (Some(dom), Some(name)) = (f.next(), f.next()) else {
-                return Err(format!("ops.txt: '{}'", line.trim_end()));
-            };
-            close(start.take(), at);
-            start = Some((at, if dom == "-" { "" } else { dom }, name));
-        } else if start.is_none() && !line.starts_with('#') && !line.trim().is_empty() {
-            return Err(format!("ops.txt: '{}' before any op line", line.trim_end()));
-        }
-        at += line.len();
+    let mut by_op: HashMap<&'static str, HashMap<&'static str, OpEntry>> = HashMap::default();
+    let starts: Vec<usize> = src
+        .starts_with("op ")
+        .then_some(0)
+        .into_iter()
+        .chain(memchr::memmem::find_iter(src.as_bytes(), b"\nop ").map(|i| i + 1))
+        .collect();
+    // before the first block: comments and blank lines only
+    let head = &src[..starts.first().copied().unwrap_or(src.len())];
+    if let Some(line) = head
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        return Err(format!("ops.txt: '{}' before any op line", line.trim_end()));
     }
-    close(start.take(), at);
+    for (k, &at) in starts.iter().enumerate() {
+        let end = starts.get(k + 1).copied().unwrap_or(src.len());
+        let line = src[at..end].split_inclusive('\n').next().unwrap_or("");
+        let mut f = line["op ".len()..].split(' ');
+        let (Some(dom), Some(name)) = (f.next(), f.next()) else {
+            return Err(format!("ops.txt: '{}'", line.trim_end()));
+        };
+        by_op
+            .entry(if dom == "-" { "" } else { dom })
+            .or_default()
+            .entry(name)
+            .or_insert_with(|| OpEntry {
+                blocks: Vec::new(),
+                parsed: OnceLock::new(),
+            })
+            .blocks
+            .push(&src[at..end]);
+    }
     Ok(Registry { by_op })
 }
 
