@@ -139,9 +139,12 @@ fn resolve(g: &mut Graph, name: &str, top: bool) -> R<ValueId> {
 fn graph(gp: pb::GraphProto, ext: &mut Reader, top: bool) -> R<Graph> {
     let mut g = Graph::new(s(gp.name));
     let outputs: usize = gp.node.iter().map(|n| n.output.len()).sum();
+    // with room for what a conversion adds (casts and their values): growing the node and value arrays
+    // later moved each whole into fresh memory, two more 2 MiB pages for the kernel to zero on vit_tiny
+    let room = |n: usize| n + n / 8 + 64;
     g.reserve(
-        gp.node.len(),
-        gp.input.len() + gp.initializer.len() + outputs,
+        room(gp.node.len()),
+        room(gp.input.len() + gp.initializer.len() + outputs),
     );
     let gname = g.name.clone();
     let ctx = |e: String| format!("graph '{gname}': {e}");
