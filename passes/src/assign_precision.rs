@@ -105,7 +105,7 @@ impl Selector {
             None => (String::new(), s.to_string()),
         };
         let reg = registry();
-        if reg.versions(&domain, &op).is_empty() {
+        if !reg.knows(&domain, &op) {
             let mut valid: Vec<&str> = reg
                 .ops()
                 .filter(|(d, _)| *d == domain)
