@@ -687,20 +687,15 @@ fn retarget_attributes(
             } else {
                 n.name.clone()
             };
-            let conversion = match n
-                .attributes
-                .iter()
-                .find(|a| a.name == "value")
-                .map(|a| &a.value)
-            {
-                Some(AttrValue::Tensor(t)) if t.dtype == DType::F32 => match pre {
+            let conversion = match f32_value(n) {
+                Some(t) => match pre {
                     Some(c) => Some(c.tensor(t, target)),
                     None => convert_tensor(t, target),
                 },
-                None if n.op_type == "ConstantOfShape" => {
+                None if n.op_type == "ConstantOfShape" && n.attr("value").is_none() => {
                     convert_tensor(&Tensor::from_f32(vec![1], &[0.0]), target)
                 }
-                _ => None,
+                None => None,
             };
             if let Some((c, stats)) = conversion {
                 n.attributes.retain(|a| a.name != "value");
@@ -733,6 +728,14 @@ fn retarget_attributes(
             }
         }
         _ => {}
+    }
+}
+
+/// The f32 tensor of a node's `value` attribute (Constant, ConstantOfShape), if it has one.
+fn f32_value(n: &Node) -> Option<&Tensor> {
+    match n.attr("value").map(|a| &a.value) {
+        Some(AttrValue::Tensor(t)) if t.dtype == DType::F32 => Some(t),
+        _ => None,
     }
 }
 
@@ -844,12 +847,7 @@ fn process(
     let batch: Vec<Option<RawConversion>> = {
         let values: Vec<Option<&Tensor>> = constants
             .iter()
-            .map(
-                |&(id, _)| match g.node(id).attr("value").map(|a| &a.value) {
-                    Some(AttrValue::Tensor(t)) if t.dtype == DType::F32 => Some(t),
-                    _ => None,
-                },
-            )
+            .map(|&(id, _)| f32_value(g.node(id)))
             .collect();
         let pairs: Vec<(&Tensor, DType)> = values
             .iter()
@@ -995,49 +993,31 @@ fn process(
             }
             continue;
         }
-        // A value that one of the model's own casts made float32, now low, wanted as float32 again: the
-        // original computed it as Cast(x -> float32), so that is what its readers get, from `x` itself (read
-        // as it is when it is float32), not the rounded low value widened back.
-        if let Some(x) = original_float_source(g, v, d, orig) {
-            let src = if elem(g, x) == Some(DType::F32) {
-                x
-            } else {
-                let first = uses
-                    .iter()
-                    .map(|u| u.node())
-                    .min_by_key(|n| pos.get(n).copied().unwrap_or(usize::MAX))
-                    .expect("a use");
-                let cast_name = fresh(g, &mut out.taken, &format!("{}__{d}", g.value(v).name()));
-                let cv = retyped_value(g, v, d, cast_name.clone())?;
-                g.insert_node_before(first, cast_node(cast_name, d), &[Some(x)], &[Some(cv)])
-                    .map_err(|e| e.to_string())?;
-                out.casts += 1;
-                cv
-            };
-            for u in uses {
-                if let Use::Input(n, s) = u {
-                    g.set_input(n, s, Some(src));
-                }
-            }
-            out.cast_sources += 1;
-            continue;
-        }
-        // A Cast node before the first consumer.
-        let first = uses
-            .iter()
-            .map(|u| u.node())
-            .min_by_key(|n| pos.get(n).copied().unwrap_or(usize::MAX))
-            .expect("a use");
-        let name = g.value(v).name().to_string();
-        let cast_name = fresh(g, &mut out.taken, &format!("{name}__{d}"));
-        let cv = retyped_value(g, v, d, cast_name.clone())?;
-        let cast = cast_node(cast_name, d);
-        g.insert_node_before(first, cast, &[Some(v)], &[Some(cv)])
-            .map_err(|e| e.to_string())?;
-        out.casts += 1;
+        // What the readers get: one Cast of `v` to `d`, placed before the first of them. Except for a value
+        // that one of the model's own casts made float32, now low, wanted as float32 again: the original
+        // computed it as Cast(x -> float32), so that is what its readers get, from `x` itself (read as it is
+        // when it is float32), not the rounded low value widened back.
+        let source = original_float_source(g, v, d, orig);
+        let from = source.unwrap_or(v);
+        let src = if elem(g, from) == Some(d) {
+            from
+        } else {
+            let first = uses
+                .iter()
+                .map(|u| u.node())
+                .min_by_key(|n| pos.get(n).copied().unwrap_or(usize::MAX))
+                .expect("a use");
+            let cast_name = fresh(g, &mut out.taken, &format!("{}__{d}", g.value(v).name()));
+            let cv = retyped_value(g, v, d, cast_name.clone())?;
+            g.insert_node_before(first, cast_node(cast_name, d), &[Some(from)], &[Some(cv)])
+                .map_err(|e| e.to_string())?;
+            out.casts += 1;
+            cv
+        };
+        out.cast_sources += u64::from(source.is_some());
         for u in uses {
             if let Use::Input(n, s) = u {
-                g.set_input(n, s, Some(cv));
+                g.set_input(n, s, Some(src));
             }
         }
     }

@@ -438,14 +438,16 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     // the notes and the summary are formatted first and written at once: stderr is unbuffered, and
     // formatting straight into it made one write per piece (30 for the summary line)
+    use std::fmt::Write as _;
     let mut text = String::new();
     for r in &runs {
         for n in &r.outcome.notes {
-            text.push_str(&format!("note: {}: {n}\n", r.name));
+            let _ = writeln!(text, "note: {}: {n}", r.name);
         }
     }
-    text.push_str(&format!(
-        "converted {} -> {} ({}): {} nodes, {} {} / {} fp32 ({:.1}% of FLOPs low); casts {} -> {}; {} -> {} bytes; {:.3} s\n",
+    let _ = writeln!(
+        text,
+        "converted {} -> {} ({}): {} nodes, {} {} / {} fp32 ({:.1}% of FLOPs low); casts {} -> {}; {} -> {} bytes; {:.3} s",
         model_path.display(),
         output.display(),
         opts.precision.target,
@@ -467,7 +469,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         bytes_before,
         bytes_after,
         secs
-    ));
+    );
     eprint!("{text}");
     if let Some(report) = &a.report {
         let mut nodes = Vec::new();
