@@ -393,7 +393,7 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
             let num = |i: usize| -> Option<f64> {
                 v.cst(i)
                     .and_then(SymTensor::known)
-                    .map(|k| k[0] as f64)
+                    .and_then(|k| k.first().map(|&x| x as f64))
                     .or_else(|| v.floats.get(i)?.as_ref()?.first().copied())
             };
             first(Some(vec![match (num(0), num(1), num(2)) {
@@ -411,7 +411,7 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
                 let k = v
                     .cst(1)
                     .and_then(SymTensor::known)
-                    .map(|k| known(k[0]))
+                    .and_then(|k| k.first().map(|&k| known(k)))
                     .or_else(|| v.int("k").map(known));
                 let mut o = s.to_vec();
                 o[ax] = k.unwrap_or_else(unknown);
@@ -424,7 +424,8 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
             let depth = v
                 .cst(1)
                 .and_then(SymTensor::known)
-                .map_or_else(unknown, |d| known(d[0]));
+                .and_then(|d| d.first().map(|&d| known(d)))
+                .unwrap_or_else(unknown);
             let r = s.len() + 1;
             let ax = axis(v.int("axis").unwrap_or(-1), r).unwrap_or(r - 1);
             let mut o = s.to_vec();
@@ -432,20 +433,24 @@ pub(crate) fn shapes(v: &NodeView) -> Vec<Shape> {
             o
         })),
         "DepthToSpace" | "SpaceToDepth" => first(v.shape(0).and_then(|s| {
-            let b = v.int("blocksize")?;
+            let b = v.int("blocksize").filter(|&b| b > 0)?;
+            let bb = b.checked_mul(b)?;
             if s.len() != 4 {
                 return None;
             }
             let (c, h, w) = (&s[1].value, &s[2].value, &s[3].value);
             let scale = |d: &DimValue, up: bool| match d {
-                DimValue::Known(n) => known(if up { n * b } else { n / b }),
+                DimValue::Known(n) => {
+                    (if up { n.checked_mul(b) } else { Some(n / b) }).map_or_else(unknown, known)
+                }
                 _ => unknown(),
             };
             let d2s = op == "DepthToSpace";
             Some(vec![
                 s[0].clone(),
                 match c {
-                    DimValue::Known(n) => known(if d2s { n / (b * b) } else { n * b * b }),
+                    DimValue::Known(n) => (if d2s { Some(n / bb) } else { n.checked_mul(bb) })
+                        .map_or_else(unknown, known),
                     _ => unknown(),
                 },
                 scale(h, d2s),
@@ -552,6 +557,15 @@ fn gemm(v: &NodeView) -> Shape {
     Some(vec![m.clone(), n.clone()])
 }
 
+/// Whether a window op's `strides`, `dilations` (one positive entry per spatial axis) and `pads` (two per
+/// axis) can be used: an invalid model's attributes give no shape rather than an index or a division by 0.
+fn window_attrs_valid(sp: usize, strides: &[i64], dil: &[i64], pads: &[i64]) -> bool {
+    strides.len() == sp
+        && dil.len() == sp
+        && pads.len() == 2 * sp
+        && strides.iter().chain(dil).all(|&x| x > 0)
+}
+
 /// Spatial output size of a convolution or pooling window.
 fn window_out(input: &Dim, k: i64, stride: i64, dil: i64, pad_total: i64, ceil: bool) -> Dim {
     match input.value {
@@ -596,6 +610,9 @@ fn conv_pool(v: &NodeView) -> Shape {
     let ceil = v.int("ceil_mode").unwrap_or(0) != 0;
     let auto = v.string("auto_pad").unwrap_or_else(|| "NOTSET".into());
     let pads = v.ints("pads").unwrap_or_else(|| vec![0; 2 * sp]);
+    if !window_attrs_valid(sp, &strides, &dil, &pads) {
+        return None;
+    }
     let channels = if is_conv {
         v.shape(w_idx)
             .and_then(|w| w.first().cloned())
@@ -650,6 +667,9 @@ fn conv_transpose(v: &NodeView) -> Shape {
     let pads = v.ints("pads").unwrap_or_else(|| vec![0; 2 * sp]);
     let opad = v.ints("output_padding").unwrap_or_else(|| vec![0; sp]);
     let auto = v.string("auto_pad").unwrap_or_else(|| "NOTSET".into());
+    if kernel.len() != sp || opad.len() != sp || !window_attrs_valid(sp, &strides, &dil, &pads) {
+        return None;
+    }
     for i in 0..sp {
         out.push(match x[2 + i].value {
             DimValue::Known(n) if auto == "SAME_UPPER" || auto == "SAME_LOWER" => {
@@ -1158,7 +1178,8 @@ fn attention(v: &NodeView) -> Vec<Shape> {
         match s.len() {
             4 => Some((s[0].clone(), s[1].clone(), s[2].clone(), s[3].clone())),
             3 => {
-                let h = heads?;
+                // a head count of 0 or less is an invalid model, not a shape to divide by
+                let h = heads.filter(|&h| h > 0)?;
                 let hs = match s[2].value {
                     DimValue::Known(x) => known(x / h),
                     _ => unknown(),
@@ -1477,9 +1498,9 @@ pub(crate) fn fold(v: &NodeView) -> Option<SymTensor> {
         }
         "Range" => {
             let (a, b, c) = (
-                v.cst(0)?.known()?[0],
-                v.cst(1)?.known()?[0],
-                v.cst(2)?.known()?[0],
+                *v.cst(0)?.known()?.first()?,
+                *v.cst(1)?.known()?.first()?,
+                *v.cst(2)?.known()?.first()?,
             );
             if c == 0 {
                 return None;

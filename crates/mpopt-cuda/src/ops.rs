@@ -1100,7 +1100,7 @@ fn conv<B: Backend>(cx: &mut Cx<'_, '_, B>) -> R<Outs<B>> {
     if !(sx.len() == 3 || sx.len() == 4) || sw.len() != sx.len() {
         return Ok(None);
     }
-    let group = cx.ai("group", 1).max(1) as usize;
+    let group = mpopt_exec::geometry::group("group", cx.ai("group", 1))?;
     let (nb, c) = (sx[0], sx[1]);
     let m = sw[0];
     let spatial = sx[2..].to_vec();

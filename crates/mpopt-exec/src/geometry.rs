@@ -20,6 +20,33 @@ pub struct Window {
     pub out: Vec<usize>,
 }
 
+/// The longest padded spatial dim a window accepts (2^31): no real model comes near it, and a larger one is
+/// an attribute error that would otherwise allocate an output the size of the address space.
+const MAX_SPAN: usize = 1 << 31;
+
+/// A per-axis attribute (`strides`, `dilations`): `r` entries of at least 1, or 1 on every axis when the
+/// node has none. A wrong length or a 0 is an invalid model, reported rather than divided by.
+pub fn per_axis(name: &str, given: Option<Vec<i64>>, r: usize) -> Result<Vec<usize>, String> {
+    match given {
+        None => Ok(vec![1; r]),
+        Some(v) if v.len() == r && v.iter().all(|&x| x >= 1) => {
+            Ok(v.into_iter().map(|x| x as usize).collect())
+        }
+        Some(v) => Err(format!(
+            "{name} {v:?}: expected {r} values of at least 1, one per spatial dim"
+        )),
+    }
+}
+
+/// A convolution's `group` (`name`: the attribute): at least 1.
+pub fn group(name: &str, g: i64) -> Result<usize, String> {
+    if g >= 1 {
+        Ok(g as usize)
+    } else {
+        Err(format!("{name} {g}: must be at least 1"))
+    }
+}
+
 /// Resolves kernel, strides, dilations, pads (explicit or `auto_pad`) and output sizes. `ceil` rounds the
 /// output size up (pooling's `ceil_mode`).
 pub fn window(
@@ -34,13 +61,11 @@ pub fn window(
             "kernel {kernel:?} does not match spatial dims {input:?}"
         ));
     }
-    let get = |name: &str, d: usize| -> Vec<usize> {
-        node.attr_ints(name)
-            .map(|v| v.iter().map(|&x| x.max(0) as usize).collect())
-            .unwrap_or_else(|| vec![d; r])
-    };
-    let strides = get("strides", 1);
-    let dilations = get("dilations", 1);
+    if kernel.contains(&0) {
+        return Err(format!("kernel {kernel:?} has an empty dim"));
+    }
+    let strides = per_axis("strides", node.attr_ints("strides"), r)?;
+    let dilations = per_axis("dilations", node.attr_ints("dilations"), r)?;
     let auto = node
         .attr_string("auto_pad")
         .unwrap_or_else(|| "NOTSET".into());
@@ -48,11 +73,19 @@ pub fn window(
     let mut pad_end = vec![0; r];
     let mut out = vec![0; r];
     for i in 0..r {
-        let ek = (kernel[i] - 1) * dilations[i] + 1;
+        let ek = (kernel[i] - 1)
+            .checked_mul(dilations[i])
+            .filter(|&e| e < MAX_SPAN)
+            .ok_or_else(|| {
+                format!(
+                    "kernel {kernel:?} with dilations {dilations:?} spans more than 2^31 along dim {i}"
+                )
+            })?
+            + 1;
         match auto.as_str() {
             "SAME_UPPER" | "SAME_LOWER" => {
                 let o = input[i].div_ceil(strides[i]);
-                let total = ((o - 1) * strides[i] + ek).saturating_sub(input[i]);
+                let total = (o.saturating_sub(1) * strides[i] + ek).saturating_sub(input[i]);
                 let small = total / 2;
                 let (b, e) = if auto == "SAME_UPPER" {
                     (small, total - small)
@@ -75,9 +108,17 @@ pub fn window(
                 if pads.len() != 2 * r {
                     return Err(format!("pads {pads:?} do not match {r} spatial dims"));
                 }
-                pad_begin[i] = pads[i].max(0) as usize;
-                pad_end[i] = pads[i + r].max(0) as usize;
+                if pads.iter().any(|&p| p < 0) {
+                    return Err(format!("pads {pads:?} are negative"));
+                }
+                pad_begin[i] = pads[i] as usize;
+                pad_end[i] = pads[i + r] as usize;
                 let span = input[i] + pad_begin[i] + pad_end[i];
+                if span > MAX_SPAN {
+                    return Err(format!(
+                        "pads {pads:?} make spatial dim {i} {span} long (more than 2^31)"
+                    ));
+                }
                 if span < ek {
                     return Err(format!(
                         "kernel {kernel:?} is larger than the padded input {input:?}"

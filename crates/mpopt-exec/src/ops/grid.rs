@@ -282,8 +282,8 @@ pub(crate) fn deform_conv(ctx: &mut Ctx) -> R<Vec<Value>> {
         four(w, "weights")?,
         four(off, "offsets")?,
     );
-    let g = ctx.ai("group", 1).max(1) as usize;
-    let og = ctx.ai("offset_group", 1).max(1) as usize;
+    let g = crate::geometry::group("group", ctx.ai("group", 1))?;
+    let og = crate::geometry::group("offset_group", ctx.ai("offset_group", 1))?;
     let attr2 = |name: &str, default: i64| -> R<[usize; 2]> {
         match ctx.ais(name) {
             Some(v) if v.len() == 2 && v.iter().all(|&d| d >= 0) => {

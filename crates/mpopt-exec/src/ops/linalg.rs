@@ -5,6 +5,7 @@ use rayon::prelude::*;
 
 use super::elementwise::{bcast_offsets, broadcast_shape};
 use super::{Ctx, R, one};
+use crate::geometry::per_axis;
 use crate::{Data, Tensor, Value, numel};
 
 /// `dst (m x n) = lhs (m x k) * rhs (k x n)` (+ dst when `acc`), with element strides (row, column).
@@ -335,9 +336,9 @@ fn conv_window(ctx: &Ctx, xs: &[usize], ws: &[usize]) -> R<(Window, usize)> {
             "Conv shapes {xs:?} and {ws:?} are not N x C x spatial"
         ));
     }
-    let g = ctx.ai("group", 1).max(1) as usize;
+    let g = crate::geometry::group("group", ctx.ai("group", 1))?;
     let kernel: Vec<usize> = match ctx.ais("kernel_shape") {
-        Some(k) => k.iter().map(|&v| v as usize).collect(),
+        Some(k) => per_axis("kernel_shape", Some(k), xs.len() - 2)?,
         None => ws[2..].to_vec(),
     };
     let win = window(ctx, &xs[2..], kernel, false)?;
@@ -693,7 +694,7 @@ pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
             "ConvTranspose shapes {xs:?} and {ws:?} are not N x C x spatial"
         ));
     }
-    let g = ctx.ai("group", 1).max(1) as usize;
+    let g = crate::geometry::group("group", ctx.ai("group", 1))?;
     let (n, c) = (xs[0], xs[1]);
     let mg = ws[1];
     let m = mg * g;
@@ -701,23 +702,43 @@ pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
     let sp = &xs[2..];
     let r = sp.len();
     let kernel: Vec<usize> = match ctx.ais("kernel_shape") {
-        Some(k) => k.iter().map(|&v| v as usize).collect(),
+        Some(k) => per_axis("kernel_shape", Some(k), r)?,
         None => ws[2..].to_vec(),
     };
-    let get = |name: &str, d: usize| -> Vec<usize> {
-        ctx.ais(name)
-            .map(|v| v.iter().map(|&x| x.max(0) as usize).collect())
-            .unwrap_or_else(|| vec![d; r])
+    let strides = per_axis("strides", ctx.ais("strides"), r)?;
+    let dil = per_axis("dilations", ctx.ais("dilations"), r)?;
+    let opad: Vec<usize> = match ctx.ais("output_padding") {
+        None => vec![0; r],
+        Some(v) if v.len() == r && v.iter().all(|&x| x >= 0) => {
+            v.into_iter().map(|x| x as usize).collect()
+        }
+        Some(v) => {
+            return Err(format!(
+                "output_padding {v:?} does not fit {r} spatial dims"
+            ));
+        }
     };
-    let strides = get("strides", 1);
-    let dil = get("dilations", 1);
-    let opad = get("output_padding", 0);
     let mut pb = vec![0usize; r];
     let mut pe = vec![0usize; r];
     let mut out_sp = vec![0usize; r];
     let auto = ctx.as_str("auto_pad").unwrap_or_else(|| "NOTSET".into());
     let explicit = ctx.ais("pads");
+    if let Some(p) = &explicit
+        && (p.len() != 2 * r || p.iter().any(|&x| x < 0))
+    {
+        return Err(format!("pads {p:?} do not fit {r} spatial dims"));
+    }
     let out_shape_attr = ctx.ais("output_shape");
+    if let Some(os) = &out_shape_attr
+        && (os.len() < r || os.iter().any(|&x| x < 0))
+    {
+        return Err(format!("output_shape {os:?} does not fit {r} spatial dims"));
+    }
+    if sp.contains(&0) || kernel.contains(&0) {
+        return Err(format!(
+            "ConvTranspose of an empty input {xs:?} or kernel {kernel:?}"
+        ));
+    }
     for i in 0..r {
         let ek = (kernel[i] - 1) * dil[i] + 1;
         let full = strides[i] * (sp[i] - 1) + opad[i] + ek;
@@ -741,7 +762,12 @@ pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
                 pb[i] = p[i] as usize;
                 pe[i] = p[i + r] as usize;
             }
-            out_sp[i] = full - pb[i] - pe[i];
+            out_sp[i] = full.checked_sub(pb[i] + pe[i]).ok_or_else(|| {
+                format!(
+                    "pads {:?} trim more than the output's {full} along axis {i}",
+                    explicit
+                )
+            })?;
         }
     }
     let in_plane = numel(sp);

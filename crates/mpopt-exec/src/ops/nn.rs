@@ -400,13 +400,12 @@ fn pool(ctx: &Ctx, kind: PoolKind) -> R<Vec<Value>> {
     if x.rank() < 3 {
         return Err(format!("pooling takes N x C x spatial, got {:?}", x.shape));
     }
-    let kernel: Vec<usize> = ctx
-        .ais("kernel_shape")
-        .ok_or("kernel_shape is required")?
-        .iter()
-        .map(|&k| k as usize)
-        .collect();
     let sp = x.shape[2..].to_vec();
+    let kernel = crate::geometry::per_axis(
+        "kernel_shape",
+        Some(ctx.ais("kernel_shape").ok_or("kernel_shape is required")?),
+        sp.len(),
+    )?;
     let win = window(ctx, &sp, kernel, ctx.ai("ceil_mode", 0) != 0)?;
     let v = f32s(x)?;
     let r = sp.len();

@@ -128,13 +128,70 @@ fn common(ctx: &Ctx, gates: usize) -> R<Common> {
         _ => return Err(format!("X must be 3-D, got {:?}", xt.shape)),
     };
     let w = ctx.t(1)?;
-    let hidden = ctx.ai("hidden_size", (w.shape[1] / gates) as i64) as usize;
+    if w.rank() != 3 {
+        return Err(format!("W must be 3-D, got {:?}", w.shape));
+    }
+    let hidden = ctx.ai("hidden_size", (w.shape[1] / gates) as i64);
     let direction = ctx.as_str("direction").unwrap_or_else(|| "forward".into());
     let dirs = if direction == "bidirectional" { 2 } else { 1 };
-    let lens = match ctx.opt(4) {
-        Some(t) if !t.is_empty() => t.to_i64s()?.iter().map(|&l| l as usize).collect(),
+    // every weight's shape follows from hidden_size, the direction count and the input size; a model whose
+    // shapes disagree with its attributes is an error here, not an index past a buffer later
+    if hidden < 1 || w.shape != [dirs, gates * hidden as usize, input] {
+        return Err(format!(
+            "W {:?} does not match hidden_size {hidden}, {dirs} direction(s), {gates} gates and input size {input}",
+            w.shape
+        ));
+    }
+    let hidden = hidden as usize;
+    let r = ctx.t(2)?;
+    if r.shape != [dirs, gates * hidden, hidden] {
+        return Err(format!(
+            "R {:?} does not match hidden_size {hidden} and {dirs} direction(s)",
+            r.shape
+        ));
+    }
+    if let Some(b) = ctx.opt(3).filter(|t| !t.is_empty())
+        && b.shape != [dirs, 2 * gates * hidden]
+    {
+        return Err(format!(
+            "B {:?} does not match hidden_size {hidden} and {dirs} direction(s)",
+            b.shape
+        ));
+    }
+    let lens: Vec<usize> = match ctx.opt(4) {
+        Some(t) if !t.is_empty() => {
+            let l = t.to_i64s()?;
+            if l.len() != batch || l.iter().any(|&x| x < 0 || x as usize > seq) {
+                return Err(format!(
+                    "sequence_lens {l:?} must give one length in [0, {seq}] per batch entry ({batch})"
+                ));
+            }
+            l.iter().map(|&x| x as usize).collect()
+        }
         _ => vec![seq; batch],
     };
+    let state = if layout == 1 {
+        [batch, dirs, hidden]
+    } else {
+        [dirs, batch, hidden]
+    };
+    for (i, name) in [(5, "initial_h"), (6, "initial_c")] {
+        if let Some(t) = ctx.opt(i).filter(|t| !t.is_empty())
+            && t.shape != state
+        {
+            return Err(format!("{name} {:?} is not {state:?}", t.shape));
+        }
+    }
+    if let Some(p) = ctx.opt(7).filter(|t| !t.is_empty())
+        && gates == 4
+        && p.len() != dirs * 3 * hidden
+    {
+        return Err(format!(
+            "P {:?} does not hold {dirs} x {} values",
+            p.shape,
+            3 * hidden
+        ));
+    }
     let h0 = match ctx.opt(5) {
         Some(t) if !t.is_empty() => {
             let t = if layout == 1 {

@@ -303,8 +303,12 @@ pub(crate) fn transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
         Some(p) => p.iter().map(|&a| axis(a, t.rank())).collect::<R<_>>()?,
         None => (0..t.rank()).rev().collect(),
     };
-    if perm.len() != t.rank() {
-        return Err(format!("perm {perm:?} does not match rank {}", t.rank()));
+    let mut seen = vec![false; t.rank()];
+    if perm.len() != t.rank() || perm.iter().any(|&p| std::mem::replace(&mut seen[p], true)) {
+        return Err(format!(
+            "perm {perm:?} is not a permutation of the {} axes",
+            t.rank()
+        ));
     }
     one(transpose_t(t, &perm))
 }
@@ -374,13 +378,25 @@ pub(crate) fn split(ctx: &mut Ctx) -> R<Vec<Value>> {
     let ax = axis(ctx.ai("axis", 0), t.rank())?;
     let n_out = ctx.node.outputs().len();
     let dim = t.shape[ax];
-    let sizes: Vec<usize> = if let Some(s) = ctx.opt(1).filter(|_| ctx.opset >= 13) {
-        s.to_i64s()?.iter().map(|&x| x as usize).collect()
-    } else if let Some(s) = ctx.ais("split") {
+    let given = if let Some(s) = ctx.opt(1).filter(|_| ctx.opset >= 13) {
+        Some(s.to_i64s()?)
+    } else {
+        ctx.ais("split")
+    };
+    let sizes: Vec<usize> = if let Some(s) = given {
+        if s.iter().any(|&x| x < 0) {
+            return Err(format!("split sizes {s:?} are negative"));
+        }
         s.iter().map(|&x| x as usize).collect()
     } else {
         let parts = if ctx.has("num_outputs") {
-            ctx.ai("num_outputs", 1) as usize
+            let k = ctx.ai("num_outputs", 1);
+            if k < 1 || k as usize != n_out {
+                return Err(format!(
+                    "num_outputs {k} does not match the node's {n_out} outputs"
+                ));
+            }
+            k as usize
         } else {
             n_out
         };
@@ -540,9 +556,20 @@ pub(crate) fn gather_elements(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn gather_nd(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (t, ix) = (ctx.t(0)?, ctx.t(1)?);
-    let b = ctx.ai("batch_dims", 0) as usize;
     let idx = ix.to_i64s()?;
     let k = *ix.shape.last().ok_or("indices must have rank >= 1")?;
+    let b = ctx.ai("batch_dims", 0);
+    if b < 0
+        || b as usize >= ix.rank()
+        || b as usize + k > t.rank()
+        || t.shape[..b as usize] != ix.shape[..b as usize]
+    {
+        return Err(format!(
+            "GatherND batch_dims {b} with indices {:?} (last dim {k}) does not fit data {:?}",
+            ix.shape, t.shape
+        ));
+    }
+    let b = b as usize;
     let batch = numel(&t.shape[..b]);
     let inner = numel(&t.shape[b + k..]);
     let per_batch = numel(&t.shape[b..]);
@@ -1089,9 +1116,22 @@ pub(crate) fn max_unpool(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn reverse_sequence(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (t, lens) = (ctx.t(0)?, ctx.t(1)?);
-    let ba = ctx.ai("batch_axis", 1) as usize;
-    let ta = ctx.ai("time_axis", 0) as usize;
+    let (ba, ta) = (ctx.ai("batch_axis", 1), ctx.ai("time_axis", 0));
+    if t.rank() < 2 || !matches!((ba, ta), (0, 1) | (1, 0)) {
+        return Err(format!(
+            "ReverseSequence batch_axis {ba} and time_axis {ta} must be 0 and 1 of a tensor of rank 2 or more \
+             (input {:?})",
+            t.shape
+        ));
+    }
+    let (ba, ta) = (ba as usize, ta as usize);
     let lens = lens.to_i64s()?;
+    if lens.len() != t.shape[ba] || lens.iter().any(|&l| l < 0 || l as usize > t.shape[ta]) {
+        return Err(format!(
+            "ReverseSequence sequence_lens {lens:?} must give one length in [0, {}] per batch entry ({})",
+            t.shape[ta], t.shape[ba]
+        ));
+    }
     let st = strides(&t.shape);
     let mut coord = vec![0; t.rank()];
     let offs: Vec<usize> = (0..t.len())

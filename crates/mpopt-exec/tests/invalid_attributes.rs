@@ -1,0 +1,141 @@
+//! Window attributes no valid model has (found by fuzzing the node suite; each used to panic with a division
+//! by zero or an index out of bounds): every one must be an error that names the attribute.
+
+mod common;
+
+use common::run_text_err;
+use mpopt_exec::Tensor;
+
+/// Each case's model (run by `run`) must fail with an error that contains the case's text.
+fn expect_errors(cases: &[(&str, &str)], run: fn(&str) -> String) {
+    for &(model, want) in cases {
+        let e = run(model);
+        assert!(
+            e.contains(want),
+            "{model}: the error {e:?} does not say {want:?}"
+        );
+    }
+}
+
+/// Runs `body` (lines that define `%y` from the graph input `%x`, given as `x`) and returns the error.
+fn error_with(x: Tensor, body: &str) -> String {
+    let dims: Vec<String> = x.shape.iter().map(|d| d.to_string()).collect();
+    let src = format!(
+        r#"
+ir_version 10
+opset ai.onnx 18
+
+graph @g(%x: f32[{}]) -> (%y: ?) {{
+  {body}
+}}
+"#,
+        dims.join(",")
+    );
+    run_text_err(&src, vec![("x", x)])
+}
+
+/// Runs `node` (a line defining `%y` from `%x: f32[1,2,8,8]` and `%w: f32[2,2,3,3]`) and returns the error.
+fn error_of(node: &str) -> String {
+    let w = vec!["0.5"; 36].join(", ");
+    let x = Tensor::f32(vec![1, 2, 8, 8], vec![1.0; 128]);
+    error_with(x, &format!("%w = const f32[2,2,3,3] [{w}]\n  {node}"))
+}
+
+#[test]
+fn window_attributes_out_of_range_are_errors_that_name_them() {
+    let cases = [
+        ("%y = Conv(%x, %w) {strides = [0, 0]}", "strides [0, 0]"),
+        ("%y = Conv(%x, %w) {strides = [1]}", "strides [1]"),
+        ("%y = Conv(%x, %w) {dilations = [0, 1]}", "dilations [0, 1]"),
+        ("%y = Conv(%x, %w) {pads = [-5, -5, -5, -5]}", "negative"),
+        ("%y = Conv(%x, %w) {group = 0}", "group 0"),
+        (
+            "%y = Conv(%x, %w) {kernel_shape = [3, -3]}",
+            "kernel_shape [3, -3]",
+        ),
+        (
+            "%y = MaxPool(%x) {kernel_shape = [2, 2], strides = [2]}",
+            "strides [2]",
+        ),
+        (
+            "%y = MaxPool(%x) {kernel_shape = [0, 2]}",
+            "kernel_shape [0, 2]",
+        ),
+        (
+            "%y = AveragePool(%x) {kernel_shape = [2, 2], strides = [0, 1]}",
+            "strides [0, 1]",
+        ),
+        (
+            "%y = ConvTranspose(%x, %w) {kernel_shape = [3]}",
+            "kernel_shape [3]",
+        ),
+        (
+            "%y = ConvTranspose(%x, %w) {strides = [0, 0]}",
+            "strides [0, 0]",
+        ),
+        (
+            "%y = ConvTranspose(%x, %w) {output_padding = [1]}",
+            "output_padding [1]",
+        ),
+        (
+            "%y = ConvTranspose(%x, %w) {pads = [9, 9, 9, 9]}",
+            "trim more",
+        ),
+        (
+            "%y = ConvTranspose(%x, %w) {output_shape = [4]}",
+            "output_shape [4]",
+        ),
+    ];
+    expect_errors(&cases, error_of);
+}
+
+#[test]
+fn padding_past_two_to_the_31_is_an_error_not_an_allocation() {
+    let e = error_of("%y = MaxPool(%x) {kernel_shape = [2, 2], pads = [2, 2, 8589934592, 2]}");
+    assert!(e.contains("more than 2^31"), "{e}");
+}
+
+/// Runs `body` (lines that define `%y` from `%x: f32[2,3,4]`) and returns the error.
+fn error_of_3d(body: &str) -> String {
+    error_with(
+        Tensor::f32(vec![2, 3, 4], (0..24).map(|v| v as f32).collect()),
+        body,
+    )
+}
+
+#[test]
+fn axis_and_count_attributes_out_of_range_are_errors_that_name_them() {
+    let cases = [
+        // a perm that repeats an axis
+        ("%y = Transpose(%x) {perm = [0, 0, 1]}", "not a permutation"),
+        // more outputs asked for than the node has
+        (
+            "%y, %z = Split(%x) {axis = 2, num_outputs = -3}",
+            "num_outputs -3",
+        ),
+        (
+            "%s = const i64[2] [-1, 5]\n  %y, %z = Split(%x, %s) {axis = 2}",
+            "negative",
+        ),
+        // the time axis must be 0 or 1, and the lengths fit it
+        (
+            "%l = const i64[3] [1, 2, 3]\n  %y = ReverseSequence(%x, %l) {batch_axis = 1, time_axis = 2}",
+            "time_axis 2",
+        ),
+        (
+            "%l = const i64[3] [1, 2, 9]\n  %y = ReverseSequence(%x, %l) {batch_axis = 1, time_axis = 0}",
+            "sequence_lens [1, 2, 9]",
+        ),
+        // batch_dims past the indices' rank
+        (
+            "%i = const i64[2,1] [0, 1]\n  %y = GatherND(%x, %i) {batch_dims = 5}",
+            "batch_dims 5",
+        ),
+        // a hidden size the weights do not have
+        (
+            "%w = const f32[1,8,4] [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]\n  %r = const f32[1,8,2] [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]\n  %y = LSTM(%x, %w, %r) {hidden_size = 8589934592}",
+            "hidden_size 8589934592",
+        ),
+    ];
+    expect_errors(&cases, error_of_3d);
+}
