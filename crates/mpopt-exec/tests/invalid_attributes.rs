@@ -85,6 +85,18 @@ fn window_attributes_out_of_range_are_errors_that_name_them() {
             "%y = ConvTranspose(%x, %w) {output_shape = [4]}",
             "output_shape [4]",
         ),
+        (
+            "%y = ConvTranspose(%x, %w) {strides = [8589934592, 1]}",
+            "past 2^31",
+        ),
+        (
+            "%s = const f32[2] [3.0, 2.0]\n  %y = Resize(%x, _, %s) {mode = \"nearest\"}",
+            "Resize scales [3.0, 2.0]",
+        ),
+        (
+            "%s = const i64[4] [1, 2, -8, 8]\n  %y = Resize(%x, _, _, %s)",
+            "Resize sizes [1, 2, -8, 8]",
+        ),
     ];
     expect_errors(&cases, error_of);
 }

@@ -740,11 +740,18 @@ pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
         ));
     }
     for i in 0..r {
-        let ek = (kernel[i] - 1) * dil[i] + 1;
-        let full = strides[i] * (sp[i] - 1) + opad[i] + ek;
+        let full = (kernel[i] - 1)
+            .checked_mul(dil[i])
+            .zip(strides[i].checked_mul(sp[i] - 1))
+            .and_then(|(a, b)| a.checked_add(b)?.checked_add(opad[i] + 1))
+            .ok_or_else(|| {
+                format!("ConvTranspose strides {strides:?} and dilations {dil:?} overflow dim {i}")
+            })?;
         let target = match &out_shape_attr {
             Some(os) => Some(os[os.len() - r + i] as usize),
-            None if auto == "SAME_UPPER" || auto == "SAME_LOWER" => Some(sp[i] * strides[i]),
+            None if auto == "SAME_UPPER" || auto == "SAME_LOWER" => {
+                Some(sp[i].saturating_mul(strides[i]))
+            }
             None => None,
         };
         if let Some(want) = target {
@@ -769,6 +776,11 @@ pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
                 )
             })?;
         }
+    }
+    if out_sp.iter().any(|&d| d > 1 << 31) {
+        return Err(format!(
+            "ConvTranspose output dims {out_sp:?}: past 2^31 (strides {strides:?}, output_shape {out_shape_attr:?})"
+        ));
     }
     let in_plane = numel(sp);
     let out_plane = numel(&out_sp);

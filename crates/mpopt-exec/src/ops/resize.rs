@@ -305,6 +305,9 @@ fn spec(ctx: &Ctx) -> Spec {
     }
 }
 
+/// The largest output dim Resize makes (2^31): past it, `sizes` or `scales` is an error in the model.
+const MAX_DIM: i64 = 1 << 31;
+
 pub(crate) fn resize(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let r = x.rank();
@@ -330,6 +333,12 @@ pub(crate) fn resize(ctx: &mut Ctx) -> R<Vec<Value>> {
     let mut out = x.shape.clone();
     if let Some(s) = sizes_t.filter(|t| !t.is_empty()) {
         let s = s.to_i64s()?;
+        if s.len() != axes.len() || s.iter().any(|&d| !(0..=MAX_DIM).contains(&d)) {
+            return Err(format!(
+                "Resize sizes {s:?} must give one size in [0, 2^31] for each of the {} axes {axes:?}",
+                axes.len()
+            ));
+        }
         let policy = ctx
             .as_str("keep_aspect_ratio_policy")
             .unwrap_or_else(|| "stretch".into());
@@ -355,6 +364,17 @@ pub(crate) fn resize(ctx: &mut Ctx) -> R<Vec<Value>> {
         }
     } else if let Some(s) = scales_t.filter(|t| !t.is_empty()) {
         let s = s.to_f64s()?;
+        if s.len() != axes.len()
+            || s.iter()
+                .zip(&axes)
+                .any(|(&k, &a)| !(k > 0.0 && k * x.shape[a] as f64 <= MAX_DIM as f64))
+        {
+            return Err(format!(
+                "Resize scales {s:?} must give one positive scale for each of the {} axes {axes:?} \
+                 (and no output dim past 2^31)",
+                axes.len()
+            ));
+        }
         for (j, &a) in axes.iter().enumerate() {
             scales[a] = s[j];
             let span = if sp.coord == "tf_crop_and_resize" {
