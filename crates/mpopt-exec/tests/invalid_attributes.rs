@@ -143,6 +143,16 @@ fn axis_and_count_attributes_out_of_range_are_errors_that_name_them() {
             "%i = const i64[2,1] [0, 1]\n  %y = GatherND(%x, %i) {batch_dims = 5}",
             "batch_dims 5",
         ),
+        // a stride of 0 when folding columns back into an image
+        (
+            "%img = const i64[2] [2, 2]\n  %blk = const i64[2] [1, 1]\n  %y = Col2Im(%x, %img, %blk) {strides = [1, 0]}",
+            "strides [1, 0]",
+        ),
+        // 2^33 samples per bin: an error, not hours of sampling
+        (
+            "%z = const i64[1] [0]\n  %x4 = Unsqueeze(%x, %z)\n  %rois = const f32[1,4] [0.0, 0.0, 2.0, 2.0]\n  %bi = const i64[1] [0]\n  %y = RoiAlign(%x4, %rois, %bi) {sampling_ratio = 8589934592}",
+            "more than 2^26 samples",
+        ),
         // a hidden size the weights do not have
         (
             "%w = const f32[1,8,4] [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]\n  %r = const f32[1,8,2] [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]\n  %y = LSTM(%x, %w, %r) {hidden_size = 8589934592}",

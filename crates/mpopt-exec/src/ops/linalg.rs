@@ -1004,12 +1004,17 @@ pub(crate) fn col2im(ctx: &mut Ctx) -> R<Vec<Value>> {
             "image_shape {image:?} and block_shape {block:?} must have one length"
         ));
     }
-    let ones = vec![1i64; r];
-    let dil = ctx.ais("dilations").unwrap_or_else(|| ones.clone());
-    let strides = ctx.ais("strides").unwrap_or(ones);
+    let dil: Vec<i64> = per_axis("dilations", ctx.ais("dilations"), r)?
+        .into_iter()
+        .map(|d| d as i64)
+        .collect();
+    let strides: Vec<i64> = per_axis("strides", ctx.ais("strides"), r)?
+        .into_iter()
+        .map(|d| d as i64)
+        .collect();
     let pads = ctx.ais("pads").unwrap_or_else(|| vec![0; 2 * r]);
-    if dil.len() != r || strides.len() != r || pads.len() != 2 * r {
-        return Err("dilations, strides and pads must match the image's rank".into());
+    if pads.len() != 2 * r || pads.iter().any(|&p| p < 0) {
+        return Err(format!("pads {pads:?} do not fit an image of rank {r}"));
     }
     let [n, ck, l] = x.shape[..] else {
         return Err(format!(

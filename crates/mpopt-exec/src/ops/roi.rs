@@ -42,6 +42,9 @@ fn sample(h: usize, w: usize, y: f32, x: f32) -> Sample {
     }
 }
 
+/// The most bilinear samples one region may take (2^26): real models take thousands.
+const MAX_SAMPLES: usize = 1 << 26;
+
 pub(crate) fn roi_align(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (x, rois, idx) = (ctx.t(0)?, ctx.t(1)?, ctx.t(2)?);
     let [n, c, h, w] = x.shape[..] else {
@@ -79,6 +82,12 @@ pub(crate) fn roi_align(ctx: &mut Ctx) -> R<Vec<Value>> {
     );
     let ratio = ctx.ai("sampling_ratio", 0);
     let scale = ctx.af("spatial_scale", 1.0);
+    // an attribute error, not a run that allocates and samples for hours
+    if oh.checked_mul(ow).is_none_or(|bins| bins > MAX_SAMPLES) {
+        return Err(format!(
+            "output_height {oh} x output_width {ow}: more than 2^26 bins per region"
+        ));
+    }
     let (xv, rv) = (x.to_f32s()?, rois.to_f32s()?);
     let mut out = vec![0f32; k * c * oh * ow];
     let offset = if half_pixel { 0.5 } else { 0.0 };
@@ -103,6 +112,16 @@ pub(crate) fn roi_align(ctx: &mut Ctx) -> R<Vec<Value>> {
             }
         };
         let (gh, gw) = (grid(rh, oh), grid(rw, ow));
+        if (oh * ow)
+            .checked_mul(gh)
+            .and_then(|v| v.checked_mul(gw))
+            .is_none_or(|v| v > MAX_SAMPLES)
+        {
+            return Err(format!(
+                "roi {r}: {oh} x {ow} bins of {gh} x {gw} samples is more than 2^26 samples \
+                 (sampling_ratio {ratio}, spatial_scale {scale})"
+            ));
+        }
         let count = (gh * gw).max(1) as f32;
         // the samples of every bin, shared by the channels
         let mut samples = Vec::with_capacity(oh * ow * gh * gw);
