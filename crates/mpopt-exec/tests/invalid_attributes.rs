@@ -153,6 +153,11 @@ fn axis_and_count_attributes_out_of_range_are_errors_that_name_them() {
             "%z = const i64[1] [0]\n  %x4 = Unsqueeze(%x, %z)\n  %rois = const f32[1,4] [0.0, 0.0, 2.0, 2.0]\n  %bi = const i64[1] [0]\n  %y = RoiAlign(%x4, %rois, %bi) {sampling_ratio = 8589934592}",
             "more than 2^26 samples",
         ),
+        // head counts that split Q and K into different head sizes
+        (
+            "%y = Attention(%x, %x, %x) {q_num_heads = 2, kv_num_heads = 4}",
+            "do not agree",
+        ),
         // a hidden size the weights do not have
         (
             "%w = const f32[1,8,4] [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]\n  %r = const f32[1,8,2] [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]\n  %y = LSTM(%x, %w, %r) {hidden_size = 8589934592}",

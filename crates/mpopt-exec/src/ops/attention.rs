@@ -52,6 +52,13 @@ pub(crate) fn attention(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (b, hq, s, dh) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (hk, l) = (present_k.shape[1], present_k.shape[2]);
     let dv = present_v.shape[3];
+    let (ks, vs) = (&present_k.shape, &present_v.shape);
+    if ks[0] != b || vs[0] != b || ks[3] != dh || vs[1] != hk || vs[2] != l {
+        return Err(format!(
+            "Q {:?}, K {ks:?} and V {vs:?} (with the past) do not agree on batch, heads, length and head size",
+            q.shape
+        ));
+    }
     if hk == 0 || hq % hk != 0 {
         return Err(format!(
             "{hq} query heads do not group over {hk} key/value heads"
