@@ -596,10 +596,7 @@ fn conv_pool(v: &NodeView) -> Shape {
     let w_idx = if v.op() == "QLinearConv" { 3 } else { 1 };
     let kernel: Vec<i64> = match v.ints("kernel_shape") {
         Some(k) => k,
-        None if is_conv => {
-            let w = v.shape(w_idx)?;
-            known_dims(&w[2..])?
-        }
+        None if is_conv => known_dims(v.shape(w_idx)?.get(2..)?)?,
         None => return None,
     };
     if kernel.len() != sp {

@@ -244,6 +244,20 @@ pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// The most elements one tensor made from a model's *data* (a shape input, repeats, a range) may have:
+/// 2^32, 16 GiB of f32. Past it the data is an error in the model (a fuzzed shape of 4e9 x 4e9 asked for
+/// an allocation larger than the address space, and aborted the process).
+pub const MAX_ELEMENTS: usize = 1 << 32;
+
+/// `numel(shape)`, or an error naming the shape when the count overflows or passes [`MAX_ELEMENTS`].
+pub fn bounded_numel(shape: &[usize]) -> Result<usize, String> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or_else(|| format!("a tensor of shape {shape:?} has more than 2^32 elements"))
+}
+
 impl Tensor {
     /// A tensor; `data` must hold `numel(shape)` elements.
     pub fn new(shape: Vec<usize>, data: Data) -> Tensor {

@@ -89,6 +89,11 @@ fn window_attributes_out_of_range_are_errors_that_name_them() {
             "%y = ConvTranspose(%x, %w) {strides = [8589934592, 1]}",
             "past 2^31",
         ),
+        // weights whose channels are not the input's
+        (
+            "%w2 = const f32[3,2,1,1] [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]\n  %y = ConvTranspose(%x, %w2)",
+            "do not fit input",
+        ),
         (
             "%s = const f32[2] [3.0, 2.0]\n  %y = Resize(%x, _, %s) {mode = \"nearest\"}",
             "Resize scales [3.0, 2.0]",
@@ -157,6 +162,33 @@ fn axis_and_count_attributes_out_of_range_are_errors_that_name_them() {
         (
             "%y = Attention(%x, %x, %x) {q_num_heads = 2, kv_num_heads = 4}",
             "do not agree",
+        ),
+        // data that asks for more than 2^32 elements: an error, not an abort
+        (
+            "%s = const i64[3] [4294967295, 4294967295, 2]\n  %y = ConstantOfShape(%s)",
+            "more than 2^32 elements",
+        ),
+        (
+            "%a = const f32[] [0.0]\n  %b = const f32[] [1.0]\n  %d = const f32[] [1e-12]\n  %y = Range(%a, %b, %d)",
+            "more than 2^32",
+        ),
+        // a block size whose square overflows, a group count of 0, a scale that does not broadcast
+        (
+            "%z = const i64[1] [0]\n  %x4 = Unsqueeze(%x, %z)\n  %y = DepthToSpace(%x4) {blocksize = 8589934592}",
+            "blocksize",
+        ),
+        (
+            "%s = const f32[3] [1.0, 1.0, 1.0]\n  %y = GroupNormalization(%x, %s, %s) {num_groups = 0}",
+            "num_groups 0",
+        ),
+        (
+            "%s = const f32[3] [1.0, 1.0, 1.0]\n  %y = LayerNormalization(%x, %s) {axis = -1}",
+            "does not broadcast",
+        ),
+        // a scalar has no axis to gather along
+        (
+            "%c = const f32[] [1.0]\n  %i = const i64[] [0]\n  %y = Gather(%c, %i)",
+            "Gather of a scalar",
         ),
         // a hidden size the weights do not have
         (

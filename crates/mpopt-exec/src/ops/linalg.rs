@@ -782,6 +782,11 @@ pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
             "ConvTranspose output dims {out_sp:?}: past 2^31 (strides {strides:?}, output_shape {out_shape_attr:?})"
         ));
     }
+    if ws[0] != c || c % g != 0 || kernel.as_slice() != &ws[2..] {
+        return Err(format!(
+            "ConvTranspose weights {ws:?} do not fit input {xs:?} with group {g} and kernel {kernel:?}"
+        ));
+    }
     let in_plane = numel(sp);
     let out_plane = numel(&out_sp);
     let kk = numel(&kernel);

@@ -208,6 +208,21 @@ pub(crate) fn layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let eps = ctx.af("epsilon", 1e-5);
     let inner = numel(&x.shape[ax..]);
     let scale = ctx.t(1)?;
+    // scale and bias broadcast to the normalized dims, never past them
+    for (name, t) in [("scale", Some(scale)), ("bias", ctx.opt(2))] {
+        if let Some(t) = t
+            && super::elementwise::broadcast_shape(&t.shape, &x.shape[ax..])
+                .ok()
+                .as_deref()
+                != Some(&x.shape[ax..])
+        {
+            return Err(format!(
+                "{name} {:?} does not broadcast to the normalized dims {:?}",
+                t.shape,
+                &x.shape[ax..]
+            ));
+        }
+    }
     let sv = scale.to_f32s()?;
     let bv = ctx.opt(2).map(|b| b.to_f32s()).transpose()?;
     let soffs = super::elementwise::bcast_offsets(&scale.shape, &x.shape[ax..]);
@@ -240,10 +255,24 @@ pub(crate) fn layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn group_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
-    let g = ctx.ai("num_groups", 1) as usize;
+    let g = ctx.ai("num_groups", 1);
     let eps = ctx.af("epsilon", 1e-5);
     let (scale, bias) = (ctx.t(1)?.to_f32s()?, ctx.t(2)?.to_f32s()?);
-    let c = x.shape[1];
+    let c = *x
+        .shape
+        .get(1)
+        .ok_or("GroupNormalization takes N x C x ...")?;
+    if g < 1 || c % g as usize != 0 {
+        return Err(format!("num_groups {g} does not divide {c} channels"));
+    }
+    let g = g as usize;
+    if scale.len() != bias.len() || (scale.len() != c && scale.len() != g) {
+        return Err(format!(
+            "scale ({}) and bias ({}) must hold one value per channel ({c}) or per group ({g})",
+            scale.len(),
+            bias.len()
+        ));
+    }
     let plane = numel(&x.shape[2..]);
     let mut v = x.to_f32s()?;
     normalize_chunks(&mut v, c / g * plane, eps, None);

@@ -316,6 +316,12 @@ pub(crate) fn transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
 /// Concatenates along `ax`.
 pub(crate) fn concat_t(ts: &[&Tensor], ax: usize) -> R<Tensor> {
     let first = ts.first().ok_or("Concat needs inputs")?;
+    if ax >= first.rank() {
+        return Err(format!(
+            "axis {ax} is out of range for inputs of shape {:?}",
+            first.shape
+        ));
+    }
     let mut shape = first.shape.clone();
     shape[ax] = 0;
     for t in ts {
@@ -480,6 +486,9 @@ pub(crate) fn slice(ctx: &mut Ctx) -> R<Vec<Value>> {
 
 pub(crate) fn gather(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (t, ix) = (ctx.t(0)?, ctx.t(1)?);
+    if t.rank() == 0 {
+        return Err("Gather of a scalar: the data needs an axis".into());
+    }
     let ax = axis(ctx.ai("axis", 0), t.rank())?;
     let dim = t.shape[ax] as i64;
     let idx: Vec<usize> = ix
@@ -685,6 +694,8 @@ pub(crate) fn expand_to(t: &Tensor, shape: &[usize]) -> R<Tensor> {
 pub(crate) fn expand(ctx: &mut Ctx) -> R<Vec<Value>> {
     let t = ctx.t(0)?;
     let s: Vec<usize> = ints(ctx, 1)?.iter().map(|&d| d.max(0) as usize).collect();
+    let out = broadcast_shape(&t.shape, &s)?;
+    crate::tensor::bounded_numel(&out)?;
     one(expand_to(t, &s)?)
 }
 
@@ -698,8 +709,9 @@ pub(crate) fn tile(ctx: &mut Ctx) -> R<Vec<Value>> {
         .shape
         .iter()
         .zip(&reps)
-        .map(|(&d, &r)| d * r.max(0) as usize)
+        .map(|(&d, &r)| d.saturating_mul(r.max(0) as usize))
         .collect();
+    crate::tensor::bounded_numel(&shape)?;
     let st = strides(&t.shape);
     let mut coord = vec![0; shape.len()];
     let offs: Vec<usize> = (0..numel(&shape))
@@ -874,7 +886,7 @@ pub(crate) fn constant_of_shape(ctx: &mut Ctx) -> R<Vec<Value>> {
     if v.len() != 1 {
         return Err("value must hold one element".into());
     }
-    let n = numel(&s);
+    let n = crate::tensor::bounded_numel(&s)?;
     let data = map_data!(&v.data, x => vec![x[0].clone(); n]);
     one(Tensor::new(s, data))
 }
@@ -884,7 +896,14 @@ pub(crate) fn range(ctx: &mut Ctx) -> R<Vec<Value>> {
     let dt = s.dtype();
     if s.data.is_float() {
         let (a, b, c) = (s.scalar_f64()?, l.scalar_f64()?, d.scalar_f64()?);
-        let n = ((b - a) / c).ceil().max(0.0) as usize;
+        let n = ((b - a) / c).ceil().max(0.0);
+        // NaN (a NaN bound or delta) fails this too
+        if n.is_nan() || n > crate::tensor::MAX_ELEMENTS as f64 {
+            return Err(format!(
+                "Range({a}, {b}, {c}) has {n} elements: more than 2^32"
+            ));
+        }
+        let n = n as usize;
         let v: Vec<f64> = (0..n).map(|i| a + i as f64 * c).collect();
         if dt == DType::F32 {
             let (a, c) = (a as f32, c as f32);
@@ -899,12 +918,19 @@ pub(crate) fn range(ctx: &mut Ctx) -> R<Vec<Value>> {
     if c == 0 {
         return Err("Range delta is 0".into());
     }
+    let (a128, b128, c128) = (a as i128, b as i128, c as i128);
     let n = if (c > 0 && b > a) || (c < 0 && b < a) {
-        ((b - a).abs() + c.abs() - 1) / c.abs()
+        ((b128 - a128).abs() + c128.abs() - 1) / c128.abs()
     } else {
         0
     };
-    let v: Vec<i64> = (0..n).map(|i| a + i * c).collect();
+    if n > crate::tensor::MAX_ELEMENTS as i128 {
+        return Err(format!(
+            "Range({a}, {b}, {c}) has {n} elements: more than 2^32"
+        ));
+    }
+    let n = n as i64;
+    let v: Vec<i64> = (0..n).map(|i| a.wrapping_add(i.wrapping_mul(c))).collect();
     one(cast_tensor(&Tensor::i64(vec![n as usize], v), dt)?)
 }
 
@@ -1011,7 +1037,7 @@ pub(crate) fn depth_to_space(ctx: &mut Ctx) -> R<Vec<Value>> {
     let [n, c, h, w] = t.shape[..] else {
         return Err("DepthToSpace takes NCHW".into());
     };
-    if b == 0 || c % (b * b) != 0 {
+    if b == 0 || b.checked_mul(b).is_none_or(|bb| c % bb != 0) {
         return Err(format!(
             "DepthToSpace blocksize {b}: its square does not divide the {c} channels"
         ));
