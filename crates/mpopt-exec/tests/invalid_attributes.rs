@@ -185,6 +185,16 @@ fn axis_and_count_attributes_out_of_range_are_errors_that_name_them() {
             "%s = const f32[3] [1.0, 1.0, 1.0]\n  %y = LayerNormalization(%x, %s) {axis = -1}",
             "does not broadcast",
         ),
+        // a scalar has no axis to split along; a crop needs one size per axis
+        (
+            "%c = const f32[] [1.0]\n  %y = Split(%c) {num_outputs = 1}",
+            "Split of a scalar",
+        ),
+        (
+            "%s = const i64[1] [2]\n  %y = CenterCropPad(%x, %s)",
+            "CenterCropPad shape [2]",
+        ),
+        ("%c = const f32[] [1.0]\n  %y = ArgMax(%c)", "of a scalar"),
         // a scalar has no axis to gather along
         (
             "%c = const f32[] [1.0]\n  %i = const i64[] [0]\n  %y = Gather(%c, %i)",

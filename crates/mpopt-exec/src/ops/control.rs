@@ -478,7 +478,7 @@ pub(crate) fn concat_from_sequence(ctx: &mut Ctx) -> R<Vec<Value>> {
 }
 pub(crate) fn split_to_sequence(ctx: &mut Ctx) -> R<Vec<Value>> {
     let t = ctx.t(0)?;
-    let ax = axis(ctx.ai("axis", 0), t.rank())?;
+    let ax = super::dim_axis(ctx.ai("axis", 0), t.rank())?;
     let keep = ctx.ai("keepdims", 1) != 0;
     let dim = t.shape[ax];
     let mut parts = Vec::new();

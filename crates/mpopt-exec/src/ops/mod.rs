@@ -491,6 +491,16 @@ pub(crate) fn run(ctx: &mut Ctx) -> R<Vec<Arc<Value>>> {
 }
 
 /// Normalizes a possibly negative axis against `rank`.
+/// [`axis`] for an op that indexes the input's dims along it: a scalar (rank 0) has none.
+pub(crate) fn dim_axis(a: i64, rank: usize) -> R<usize> {
+    if rank == 0 {
+        return Err(format!(
+            "axis {a} of a scalar: the input needs at least one dim"
+        ));
+    }
+    axis(a, rank)
+}
+
 pub(crate) fn axis(a: i64, rank: usize) -> R<usize> {
     let r = rank as i64;
     let x = if a < 0 { a + r } else { a };

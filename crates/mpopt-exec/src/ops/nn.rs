@@ -202,6 +202,21 @@ pub(crate) fn instance_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     one(out_like(x, x.shape.clone(), v))
 }
 
+/// A normalization's `scale` or `bias` must broadcast to the normalized dims without growing them.
+fn fits_normalized(name: &str, shape: &[usize], dims: &[usize]) -> R<()> {
+    if super::elementwise::broadcast_shape(shape, dims)
+        .ok()
+        .as_deref()
+        == Some(dims)
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name} {shape:?} does not broadcast to the normalized dims {dims:?}"
+        ))
+    }
+}
+
 pub(crate) fn layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let ax = axis(ctx.ai("axis", -1), x.rank())?;
@@ -210,17 +225,8 @@ pub(crate) fn layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let scale = ctx.t(1)?;
     // scale and bias broadcast to the normalized dims, never past them
     for (name, t) in [("scale", Some(scale)), ("bias", ctx.opt(2))] {
-        if let Some(t) = t
-            && super::elementwise::broadcast_shape(&t.shape, &x.shape[ax..])
-                .ok()
-                .as_deref()
-                != Some(&x.shape[ax..])
-        {
-            return Err(format!(
-                "{name} {:?} does not broadcast to the normalized dims {:?}",
-                t.shape,
-                &x.shape[ax..]
-            ));
+        if let Some(t) = t {
+            fits_normalized(name, &t.shape, &x.shape[ax..])?;
         }
     }
     let sv = scale.to_f32s()?;
@@ -923,6 +929,7 @@ pub(crate) fn rms_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let eps = ctx.af("epsilon", 1e-5) as f64;
     let inner = numel(&x.shape[ax..]);
     let scale = ctx.t(1)?;
+    fits_normalized("scale", &scale.shape, &x.shape[ax..])?;
     let sv = scale.to_f64s()?;
     let soffs = super::elementwise::bcast_offsets(&scale.shape, &x.shape[ax..]);
     let mut v = x.to_f64s()?;

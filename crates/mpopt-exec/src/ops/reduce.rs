@@ -209,7 +209,7 @@ fn bool_reduce(ctx: &Ctx, any: bool) -> R<Vec<Value>> {
 
 fn arg(ctx: &Ctx, max: bool) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
-    let ax = axis(ctx.ai("axis", 0), x.rank())?;
+    let ax = super::dim_axis(ctx.ai("axis", 0), x.rank())?;
     let last = ctx.ai("select_last_index", 0) != 0;
     let v = x.to_f64s()?;
     let (outer, dim, inner) = (

@@ -381,6 +381,9 @@ pub(crate) fn narrow(t: &Tensor, ax: usize, start: usize, len: usize) -> Tensor 
 
 pub(crate) fn split(ctx: &mut Ctx) -> R<Vec<Value>> {
     let t = ctx.t(0)?;
+    if t.rank() == 0 {
+        return Err("Split of a scalar: the input needs an axis".into());
+    }
     let ax = axis(ctx.ai("axis", 0), t.rank())?;
     let n_out = ctx.node.outputs().len();
     let dim = t.shape[ax];
@@ -1236,7 +1239,7 @@ pub(crate) fn compress(ctx: &mut Ctx) -> R<Vec<Value>> {
     let (t, c) = (ctx.t(0)?, ctx.t(1)?);
     let cond: Vec<bool> = c.to_i64s()?.iter().map(|&x| x != 0).collect();
     let (t, ax) = if ctx.has("axis") {
-        (t.clone(), axis(ctx.ai("axis", 0), t.rank())?)
+        (t.clone(), super::dim_axis(ctx.ai("axis", 0), t.rank())?)
     } else {
         let n = t.len();
         (t.clone().reshaped(vec![n]), 0)
@@ -1271,6 +1274,11 @@ pub(crate) fn center_crop_pad(ctx: &mut Ctx) -> R<Vec<Value>> {
         Some(a) => a.iter().map(|&x| axis(x, t.rank())).collect::<R<_>>()?,
         None => (0..t.rank()).collect(),
     };
+    if target.len() != axes.len() || target.iter().any(|&d| !(0..=1 << 31).contains(&d)) {
+        return Err(format!(
+            "CenterCropPad shape {target:?} must give one size in [0, 2^31] for each of the axes {axes:?}"
+        ));
+    }
     let mut cur = t.clone();
     for (k, &a) in axes.iter().enumerate() {
         let want = target[k] as usize;
@@ -1391,7 +1399,7 @@ pub(crate) fn unique(ctx: &mut Ctx) -> R<Vec<Value>> {
     let t = ctx.t(0)?;
     let sorted = ctx.ai("sorted", 1) != 0;
     let (t, ax) = if ctx.has("axis") {
-        (t.clone(), axis(ctx.ai("axis", 0), t.rank())?)
+        (t.clone(), super::dim_axis(ctx.ai("axis", 0), t.rank())?)
     } else {
         let n = t.len();
         (t.clone().reshaped(vec![n]), 0)
