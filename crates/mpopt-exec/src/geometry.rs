@@ -113,7 +113,9 @@ pub fn window(
                 }
                 pad_begin[i] = pads[i] as usize;
                 pad_end[i] = pads[i + r] as usize;
-                let span = input[i] + pad_begin[i] + pad_end[i];
+                let span = input[i]
+                    .saturating_add(pad_begin[i])
+                    .saturating_add(pad_end[i]);
                 if span > MAX_SPAN {
                     return Err(format!(
                         "pads {pads:?} make spatial dim {i} {span} long (more than 2^31)"

@@ -110,6 +110,11 @@ fn window_attributes_out_of_range_are_errors_that_name_them() {
 fn padding_past_two_to_the_31_is_an_error_not_an_allocation() {
     let e = error_of("%y = MaxPool(%x) {kernel_shape = [2, 2], pads = [2, 2, 8589934592, 2]}");
     assert!(e.contains("more than 2^31"), "{e}");
+    // pads whose sum overflows
+    let e = error_of(
+        "%y = MaxPool(%x) {kernel_shape = [2, 2], pads = [9223372036854775807, 0, 9223372036854775807, 0]}",
+    );
+    assert!(e.contains("more than 2^31"), "{e}");
 }
 
 /// Runs `body` (lines that define `%y` from `%x: f32[2,3,4]`) and returns the error.
