@@ -20,10 +20,6 @@ pub struct Window {
     pub out: Vec<usize>,
 }
 
-/// The longest padded spatial dim a window accepts (2^31): no real model comes near it, and a larger one is
-/// an attribute error that would otherwise allocate an output the size of the address space.
-const MAX_SPAN: usize = 1 << 31;
-
 /// A per-axis attribute (`strides`, `dilations`): `r` entries of at least 1, or 1 on every axis when the
 /// node has none. A wrong length or a 0 is an invalid model, reported rather than divided by.
 pub fn per_axis(name: &str, given: Option<Vec<i64>>, r: usize) -> Result<Vec<usize>, String> {
@@ -75,7 +71,7 @@ pub fn window(
     for i in 0..r {
         let ek = (kernel[i] - 1)
             .checked_mul(dilations[i])
-            .filter(|&e| e < MAX_SPAN)
+            .filter(|&e| e < crate::tensor::MAX_DIM)
             .ok_or_else(|| {
                 format!(
                     "kernel {kernel:?} with dilations {dilations:?} spans more than 2^31 along dim {i}"
@@ -116,7 +112,7 @@ pub fn window(
                 let span = input[i]
                     .saturating_add(pad_begin[i])
                     .saturating_add(pad_end[i]);
-                if span > MAX_SPAN {
+                if span > crate::tensor::MAX_DIM {
                     return Err(format!(
                         "pads {pads:?} make spatial dim {i} {span} long (more than 2^31)"
                     ));

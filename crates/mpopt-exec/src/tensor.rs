@@ -244,6 +244,11 @@ pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// The longest dim an op derives from a model's attributes or data (2^31): padded window dims, Resize,
+/// ConvTranspose and CenterCropPad outputs. No real model comes near it; past it the attribute is an error
+/// that would otherwise allocate an output the size of the address space.
+pub const MAX_DIM: usize = 1 << 31;
+
 /// The most elements one tensor made from a model's *data* (a shape input, repeats, a range) may have:
 /// 2^32, 16 GiB of f32. Past it the data is an error in the model (a fuzzed shape of 4e9 x 4e9 asked for
 /// an allocation larger than the address space, and aborted the process).

@@ -777,7 +777,7 @@ pub(crate) fn conv_transpose(ctx: &mut Ctx) -> R<Vec<Value>> {
             })?;
         }
     }
-    if out_sp.iter().any(|&d| d > 1 << 31) {
+    if out_sp.iter().any(|&d| d > crate::tensor::MAX_DIM) {
         return Err(format!(
             "ConvTranspose output dims {out_sp:?}: past 2^31 (strides {strides:?}, output_shape {out_shape_attr:?})"
         ));

@@ -2,6 +2,7 @@
 //! coordinate transformation mode of opset 19, and antialiased downsampling (opset 18's `antialias`).
 
 use super::{Ctx, R, axis, one};
+use crate::tensor::MAX_DIM;
 use crate::{Data, Tensor, Value, map_data, numel};
 
 struct Spec {
@@ -305,9 +306,6 @@ fn spec(ctx: &Ctx) -> Spec {
     }
 }
 
-/// The largest output dim Resize makes (2^31): past it, `sizes` or `scales` is an error in the model.
-const MAX_DIM: i64 = 1 << 31;
-
 pub(crate) fn resize(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let r = x.rank();
@@ -333,7 +331,7 @@ pub(crate) fn resize(ctx: &mut Ctx) -> R<Vec<Value>> {
     let mut out = x.shape.clone();
     if let Some(s) = sizes_t.filter(|t| !t.is_empty()) {
         let s = s.to_i64s()?;
-        if s.len() != axes.len() || s.iter().any(|&d| !(0..=MAX_DIM).contains(&d)) {
+        if s.len() != axes.len() || s.iter().any(|&d| !(0..=MAX_DIM as i64).contains(&d)) {
             return Err(format!(
                 "Resize sizes {s:?} must give one size in [0, 2^31] for each of the {} axes {axes:?}",
                 axes.len()

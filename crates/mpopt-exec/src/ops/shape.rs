@@ -1274,7 +1274,11 @@ pub(crate) fn center_crop_pad(ctx: &mut Ctx) -> R<Vec<Value>> {
         Some(a) => a.iter().map(|&x| axis(x, t.rank())).collect::<R<_>>()?,
         None => (0..t.rank()).collect(),
     };
-    if target.len() != axes.len() || target.iter().any(|&d| !(0..=1 << 31).contains(&d)) {
+    if target.len() != axes.len()
+        || target
+            .iter()
+            .any(|&d| !(0..=crate::tensor::MAX_DIM as i64).contains(&d))
+    {
         return Err(format!(
             "CenterCropPad shape {target:?} must give one size in [0, 2^31] for each of the axes {axes:?}"
         ));
