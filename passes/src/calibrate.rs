@@ -28,6 +28,30 @@ use crate::{Pass, PassError, PassOutcome};
 /// One calibration input set: (graph input name, value).
 pub type InputSet = Vec<(String, Value)>;
 
+/// A note for each float input of a set that holds NaN: NaN has no range, so calibration learns nothing from
+/// those elements, and a search judges nothing where the reference is NaN. Calibration data with NaN is
+/// usually a mistake (an unfilled buffer, a failed preprocessing step), worth saying.
+pub(crate) fn nan_inputs(sets: &[InputSet]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (k, set) in sets.iter().enumerate() {
+        for (name, v) in set {
+            let Ok(t) = v.tensor() else { continue };
+            if !t.dtype().is_float() {
+                continue;
+            }
+            let Ok(x) = t.to_f64s() else { continue };
+            let nan = x.iter().filter(|x| x.is_nan()).count();
+            if nan > 0 {
+                notes.push(format!(
+                    "input set {k}: input '{name}' holds {nan} NaN of {} values",
+                    x.len()
+                ));
+            }
+        }
+    }
+    notes
+}
+
 /// The pass.
 pub struct Calibrate {
     sets: Vec<InputSet>,
@@ -298,13 +322,14 @@ impl Pass for Calibrate {
             }
         }
         let recorded = obs.store(model);
+        let notes = nan_inputs(&self.sets);
         Ok(PassOutcome {
             changed: recorded > 0,
             counters: vec![
                 ("input sets", self.sets.len() as u64),
                 ("values observed", recorded),
             ],
-            notes: Vec::new(),
+            notes,
             records: Vec::new(),
         })
     }
@@ -312,7 +337,32 @@ impl Pass for Calibrate {
 
 #[cfg(test)]
 mod tests {
-    use super::{Part, underflows};
+    use super::{Part, nan_inputs, underflows};
+    use mpopt_exec::{Tensor, Value};
+
+    #[test]
+    fn nan_inputs_are_said() {
+        let sets = vec![
+            vec![
+                (
+                    "x".to_string(),
+                    Value::Tensor(Tensor::f32(vec![3], vec![1.0, f32::NAN, 2.0])),
+                ),
+                (
+                    "ids".to_string(),
+                    Value::Tensor(Tensor::i64(vec![2], vec![1, 2])),
+                ),
+            ],
+            vec![(
+                "x".to_string(),
+                Value::Tensor(Tensor::f32(vec![2], vec![0.5, 1.0])),
+            )],
+        ];
+        assert_eq!(
+            nan_inputs(&sets),
+            ["input set 0: input 'x' holds 1 NaN of 3 values"]
+        );
+    }
 
     /// The statistics element by element, with branches: what the eight-lane version must equal.
     fn reference(xs: &[f32], normal: f32) -> Part {

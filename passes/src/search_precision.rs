@@ -316,6 +316,53 @@ fn judge(tols: &[Tolerance], ms: &[OutputMetrics]) -> Result<Verdict, String> {
     Ok(v)
 }
 
+/// What the fp32 reference gives the budgets to judge, before any check is run. A budgeted output with no
+/// element to judge (an empty batch, or NaN throughout: a budget would hold vacuously, or top-1 fail on 0
+/// rows) is an error naming it; reference NaNs elsewhere are a note, as those elements are not judged.
+fn judgeable(tols: &[Tolerance], refs: &[Outputs]) -> Result<Vec<String>, String> {
+    // per tensor output, over every set: (elements, NaNs, classifier-shaped)
+    let mut seen: Vec<(&str, usize, usize, bool)> = Vec::new();
+    for (name, v) in refs.iter().flatten() {
+        let Ok(t) = v.tensor() else { continue };
+        let nan = f32s(t).map_or(0, |x| x.iter().filter(|x| x.is_nan()).count());
+        let classifier = t.shape.len() >= 2 && t.shape.last().is_some_and(|&d| d > 1);
+        match seen.iter_mut().find(|s| s.0 == name) {
+            Some(s) => {
+                s.1 += t.len();
+                s.2 += nan;
+                s.3 &= classifier;
+            }
+            None => seen.push((name, t.len(), nan, classifier)),
+        }
+    }
+    let mut notes = Vec::new();
+    for &(name, n, nan, classifier) in &seen {
+        let budgeted = tols.iter().any(|t| {
+            t.output.as_deref().is_none_or(|o| o == name)
+                && (t.metric != Metric::Top1 || t.output.is_some() || classifier)
+        });
+        if !budgeted {
+            continue;
+        }
+        if n == 0 {
+            return Err(format!(
+                "output '{name}' has no elements on the calibration inputs (an empty batch?): there is nothing to judge its budget on"
+            ));
+        }
+        if nan == n {
+            return Err(format!(
+                "the fp32 model gives only NaN at output '{name}' on the calibration inputs: there is nothing to judge its budget on (are the inputs valid?)"
+            ));
+        }
+        if nan > 0 {
+            notes.push(format!(
+                "output '{name}': {nan} of {n} reference elements are NaN in the fp32 model itself; they are not judged"
+            ));
+        }
+    }
+    Ok(notes)
+}
+
 /// The decisions, node by node, subgraphs included.
 type Signature = Vec<Option<DType>>;
 
@@ -882,6 +929,21 @@ impl Pass for SearchPrecision {
                 "no input sets to measure on (mpopt: --calib FILE.npz with --tolerance)".into(),
             ));
         }
+        // a budget naming no output of the model is an error now, not after the reference run
+        let g = &model.graph;
+        let outputs: Vec<&str> = g.outputs().iter().map(|&v| g.value(v).name()).collect();
+        if let Some(t) = opts
+            .tolerances
+            .iter()
+            .find(|t| t.output.as_deref().is_some_and(|o| !outputs.contains(&o)))
+        {
+            return Err(fail(format!(
+                "tolerance {}: the model has no output '{}'; its outputs are: {}",
+                t.text(),
+                t.output.as_deref().unwrap_or_default(),
+                outputs.join(", ")
+            )));
+        }
         let mut records = Vec::new();
         let mut notes = Vec::new();
 
@@ -963,6 +1025,8 @@ impl Pass for SearchPrecision {
             }),
         )?;
         measure_pending(&mut pending, &mut streamed);
+        notes.extend(crate::calibrate::nan_inputs(&opts.sets));
+        notes.extend(judgeable(&opts.tolerances, &refs).map_err(fail)?);
         // the run's stage is over, short of its total when a branch not taken showed none of its nodes
         if streamed.len() != run_total.get() {
             report("per-node", streamed.len(), streamed.len());
@@ -1275,6 +1339,50 @@ mod tests {
         let t = |x| Value::Tensor(mpopt_exec::Tensor::f32(shape.clone(), x));
         m.add(&t(r), &t(c), 0.0, 0.0);
         m
+    }
+
+    #[test]
+    fn an_output_with_nothing_to_judge_is_an_error() {
+        let t = |shape: Vec<usize>, x: Vec<f32>| Value::Tensor(mpopt_exec::Tensor::f32(shape, x));
+        let top1 = Tolerance::parse("top1=1").unwrap();
+        let cos = Tolerance::parse("cosine@emb=0.999").unwrap();
+        // an empty batch: top-1 would fail on 0 rows, cosine hold on nothing
+        let empty = vec![vec![("probs".to_string(), t(vec![0, 2], vec![]))]];
+        let e = judgeable(std::slice::from_ref(&top1), &empty).unwrap_err();
+        assert!(e.contains("'probs' has no elements"), "{e}");
+        // NaN throughout, in every set
+        let nan = |n| vec![("emb".to_string(), t(vec![1, 4], vec![f32::NAN; n]))];
+        let e = judgeable(std::slice::from_ref(&cos), &[nan(4), nan(4)]).unwrap_err();
+        assert!(e.contains("only NaN at output 'emb'"), "{e}");
+        // some NaN: judged on the rest, and said
+        let some = vec![(
+            "emb".to_string(),
+            t(vec![1, 4], vec![1.0, f32::NAN, 2.0, 3.0]),
+        )];
+        let notes = judgeable(std::slice::from_ref(&cos), &[some, nan(4)]).unwrap();
+        assert_eq!(
+            notes,
+            [
+                "output 'emb': 5 of 8 reference elements are NaN in the fp32 model itself; they are not judged"
+            ]
+        );
+        // outputs no budget names are not judged: an empty one is no error
+        let two = vec![
+            ("emb".to_string(), t(vec![1, 2], vec![1.0, 2.0])),
+            ("aux".to_string(), t(vec![0], vec![])),
+        ];
+        assert!(
+            judgeable(std::slice::from_ref(&cos), &[two])
+                .unwrap()
+                .is_empty()
+        );
+        // nor are outputs top-1 does not apply to (not classifier-shaped)
+        let flat = vec![("score".to_string(), t(vec![3], vec![f32::NAN; 3]))];
+        assert!(
+            judgeable(std::slice::from_ref(&top1), &[flat])
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -242,6 +242,9 @@ fn tolerance_errors_name_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("low.onnx");
     let calib = inputs(dir.path(), "x", 2);
+    let empty_dir = dir.path().join("empty");
+    std::fs::create_dir(&empty_dir).unwrap();
+    let empty = inputs(&empty_dir, "x", 0);
     for (args, want) in [
         (vec!["--tolerance", "cosine=0.99"], "needs inputs"),
         (
@@ -259,7 +262,16 @@ fn tolerance_errors_name_the_problem() {
                 "--tolerance",
                 "cosine@logits=0.99",
             ],
-            "the outputs are: y",
+            "has no output 'logits'; its outputs are: y",
+        ),
+        // an empty batch: nothing to judge (top-1 would fail on 0 rows, cosine hold on nothing)
+        (
+            vec!["--calib", empty.as_str(), "--tolerance", "top1=1"],
+            "output 'y' has no elements on the calibration inputs",
+        ),
+        (
+            vec!["--calib", empty.as_str(), "--tolerance", "cosine=0.99"],
+            "output 'y' has no elements on the calibration inputs",
         ),
     ] {
         let mut all = vec!["testdata/models/tiny_mlp.onnx", "-o", out.to_str().unwrap()];
