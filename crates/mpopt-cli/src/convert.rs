@@ -350,7 +350,17 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             "convert a model with `mpopt MODEL -o OUT`, or run a subcommand (see --help)".into()
         ));
     };
-    crate::check_output(&model_path, &output)?;
+    let mut reads: Vec<(&str, &Path)> = vec![("the input model", &model_path)];
+    reads.extend(
+        a.ranges
+            .calib
+            .iter()
+            .map(|p| ("a calibration file", p.as_path())),
+    );
+    reads.extend(a.policy.iter().map(|p| ("the policy file", p.as_path())));
+    let mut writes: Vec<(&str, &Path)> = vec![("output", &output)];
+    writes.extend(a.report.iter().map(|p| ("report", p.as_path())));
+    crate::check_writes(&reads, &writes)?;
     let start = Instant::now();
     let mut opts = options(&a)?;
     let mut m = crate::load(&model_path)?;

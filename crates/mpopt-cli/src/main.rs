@@ -47,7 +47,7 @@ fn no_transparent_huge_pages() {
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// mpopt: a mixed-precision graph optimizer for ONNX models.
@@ -175,16 +175,54 @@ fn emit(text: &str) -> Result<()> {
 
 /// Refuses an output that is the input (or the same file under another name).
 pub(crate) fn check_output(input: &Path, output: &Path) -> Result<()> {
-    let same = match (input.canonicalize(), output.canonicalize()) {
+    check_writes(&[("the input model", input)], &[("output", output)])
+}
+
+/// Two paths naming one file (under any name, when both exist).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
         (Ok(a), Ok(b)) => a == b,
-        _ => input == output,
-    };
-    if same {
-        return Err(Usage(format!(
-            "the output '{}' is the input model; choose another output path",
-            output.display()
-        ))
-        .into());
+        _ => a == b,
+    }
+}
+
+/// Checks, before any work, every file a command will write: none is a file it reads (`reads`: what each
+/// is, and its path), none is
+/// written twice, none is a folder, and each one's folder exists. A mistake in a path then costs nothing: no
+/// input is overwritten, and a long conversion or search never ends in "cannot write".
+pub(crate) fn check_writes(reads: &[(&str, &Path)], writes: &[(&str, &Path)]) -> Result<()> {
+    for (i, &(what, w)) in writes.iter().enumerate() {
+        let shown = w.display();
+        if let Some((read, _)) = reads.iter().find(|(_, r)| same_file(r, w)) {
+            return Err(Usage(if *read == "the input model" {
+                format!("the {what} '{shown}' is the input model; choose another {what} path")
+            } else {
+                format!(
+                    "the {what} '{shown}' is {read}, which this command reads; choose another path"
+                )
+            })
+            .into());
+        }
+        if let Some((other, _)) = writes[..i].iter().find(|(_, o)| same_file(o, w)) {
+            return Err(Usage(format!(
+                "the {what} '{shown}' is also the {other}; give them different paths"
+            ))
+            .into());
+        }
+        // (not usage errors: the paths are well formed, the file system says no)
+        if w.is_dir() {
+            bail!("cannot write the {what} '{shown}': it is a folder");
+        }
+        let folder = match w.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !folder.is_dir() {
+            bail!(
+                "cannot write the {what} '{shown}': the folder '{}' does not exist",
+                folder.display()
+            );
+        }
     }
     Ok(())
 }

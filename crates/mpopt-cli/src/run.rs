@@ -332,7 +332,13 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     set_threads(a.threads)?;
     let model = crate::load(&a.model)?;
     if let Some(o) = &a.output {
-        crate::check_output(&a.model, o)?;
+        crate::check_writes(
+            &[
+                ("the input model", &a.model),
+                ("the inputs file", &a.inputs),
+            ],
+            &[("output", o)],
+        )?;
     }
     let sets = load_inputs(&a.inputs, &model)?;
     let set = sets
@@ -421,6 +427,16 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
 
 pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     set_threads(a.threads)?;
+    if let Some(j) = &a.json {
+        crate::check_writes(
+            &[
+                ("the reference model", &a.reference),
+                ("the candidate model", &a.candidate),
+                ("the inputs file", &a.inputs),
+            ],
+            &[("JSON metrics file", j)],
+        )?;
+    }
     let rm = crate::load(&a.reference)?;
     let cm = crate::load(&a.candidate)?;
     if a.device != Device::Cpu && a.per_node {

@@ -204,6 +204,63 @@ fn output_equal_to_input_is_a_usage_error_and_leaves_the_input_alone() {
 }
 
 #[test]
+fn no_written_file_may_be_one_the_command_reads_or_writes_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m.onnx");
+    std::fs::copy(root().join("testdata/models/tiny_mlp.onnx"), &m).unwrap();
+    let before = std::fs::read(&m).unwrap();
+    let inputs = dir.path().join("in.npz");
+    let x = mpopt_exec::Tensor::f32(vec![2, 16], vec![0.5; 32]);
+    mpopt_exec::io::write_npz(&inputs, &[("x".to_string(), &x)]).unwrap();
+    let inputs_before = std::fs::read(&inputs).unwrap();
+    let out = dir.path().join("out.onnx");
+    let (m_, i_, o_) = (
+        m.to_str().unwrap(),
+        inputs.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    for (args, want) in [
+        (
+            vec![m_, "-o", o_, "--report", m_],
+            format!("the report '{m_}' is the input model; choose another report path"),
+        ),
+        (
+            vec![m_, "-o", o_, "--report", o_],
+            format!("the report '{o_}' is also the output; give them different paths"),
+        ),
+        (
+            vec![m_, "-o", i_, "--calib", i_],
+            format!("the output '{i_}' is a calibration file, which this command reads"),
+        ),
+        (
+            vec!["run", m_, "--inputs", i_, "-o", i_],
+            format!("the output '{i_}' is the inputs file, which this command reads"),
+        ),
+        (
+            vec!["compare", m_, m_, "--inputs", i_, "--json", m_],
+            format!(
+                "the JSON metrics file '{m_}' is the reference model, which this command reads"
+            ),
+        ),
+    ] {
+        let (code, _, stderr) = mpopt(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(&want), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?}: nothing is written");
+    }
+    assert_eq!(std::fs::read(&m).unwrap(), before);
+    assert_eq!(std::fs::read(&inputs).unwrap(), inputs_before);
+    // a report whose folder does not exist is found before the conversion runs, not after
+    let (code, _, stderr) = mpopt(&[m_, "-o", o_, "--report", "/nonexistent-dir/r.json"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stderr,
+        "error: cannot write the report '/nonexistent-dir/r.json': the folder '/nonexistent-dir' does not exist\n"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
 fn an_existing_output_is_replaced_whole_and_no_temporary_file_is_left() {
     let dir = tempfile::tempdir().unwrap();
     let src = root().join("testdata/models/tiny_mlp.onnx");
@@ -271,7 +328,7 @@ fn unwritable_output_names_the_path() {
     assert_eq!(code, 1);
     assert_eq!(
         stderr,
-        "error: cannot save the copy: /nonexistent-dir/out.onnx: No such file or directory (os error 2)\n"
+        "error: cannot write the output '/nonexistent-dir/out.onnx': the folder '/nonexistent-dir' does not exist\n"
     );
 }
 
