@@ -1,4 +1,4 @@
-//! The executor's fast kernels (2-D pooling, 2-D ConvTranspose col2im, constant Pad with merged trailing
+//! The executor's fast kernels (integer and bool Casts, 2-D pooling, 2-D ConvTranspose col2im, constant Pad with merged trailing
 //! dims, parallel broadcasting, nearest Resize, batch-1 Transpose) against brute-force loops written here,
 //! on pseudo-random shapes and attributes. Sizes reach past the parallel chunk size (32768 elements), so the
 //! multi-threaded paths run too.
@@ -437,4 +437,108 @@ fn nearest_resize_and_transpose_match_brute_force() {
     same_bits(&nhwc, &[1, oh, ow, c], &want_t, "Transpose to NHWC");
     let back = run1("  %y = Transpose(%x) {perm = [0, 3, 1, 2]}", &nhwc, None);
     same_bits(&back, &[1, c, oh, ow], &want, "Transpose back to NCHW");
+}
+
+/// Integer and bool casts take `as` paths by source type (bool, u64 through i128, the rest through i64);
+/// each must give what converting one element at a time through i128 gives (the general path).
+#[test]
+fn integer_and_bool_casts_match_the_wide_path() {
+    use mpopt_exec::{Data, cast_tensor};
+    use mpopt_ir::DType;
+    let targets = [
+        DType::F32,
+        DType::F64,
+        DType::F16,
+        DType::BF16,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+        DType::U16,
+        DType::U32,
+        DType::U64,
+        DType::Bool,
+    ];
+    let wide: Vec<i128> = vec![
+        0,
+        1,
+        -1,
+        127,
+        128,
+        -129,
+        255,
+        256,
+        65_504,
+        65_520,
+        2049,
+        (1 << 24) + 1,
+        i64::MAX as i128,
+        i64::MIN as i128,
+        u64::MAX as i128,
+        (1u64 << 63) as i128 + 12_345,
+    ];
+    let n = wide.len();
+    let sources: Vec<(Data, Vec<i128>)> = vec![
+        (
+            Data::Bool(wide.iter().map(|&x| x & 1 == 1).collect()),
+            wide.iter().map(|&x| x & 1).collect(),
+        ),
+        (
+            Data::U64(wide.iter().map(|&x| x as u64).collect()),
+            wide.iter().map(|&x| x as u64 as i128).collect(),
+        ),
+        (
+            Data::I64(wide.iter().map(|&x| x as i64).collect()),
+            wide.iter().map(|&x| x as i64 as i128).collect(),
+        ),
+        (
+            Data::I32(wide.iter().map(|&x| x as i32).collect()),
+            wide.iter().map(|&x| x as i32 as i128).collect(),
+        ),
+        (
+            Data::U8(wide.iter().map(|&x| x as u8).collect()),
+            wide.iter().map(|&x| x as u8 as i128).collect(),
+        ),
+    ];
+    for (data, values) in sources {
+        let from = data.dtype();
+        let t = Tensor::new(vec![n], data);
+        for to in targets {
+            let got = cast_tensor(&t, to).unwrap();
+            let want: Vec<String> = values
+                .iter()
+                .map(|&x| match to {
+                    DType::F32 => format!("{:?}", (x as f32).to_bits()),
+                    DType::F64 => format!("{:?}", (x as f64).to_bits()),
+                    DType::F16 => format!("{:?}", half::f16::from_f64(x as f64).to_bits()),
+                    DType::BF16 => format!("{:?}", half::bf16::from_f64(x as f64).to_bits()),
+                    DType::I8 => (x as i8).to_string(),
+                    DType::I16 => (x as i16).to_string(),
+                    DType::I32 => (x as i32).to_string(),
+                    DType::I64 => (x as i64).to_string(),
+                    DType::U8 => (x as u8).to_string(),
+                    DType::U16 => (x as u16).to_string(),
+                    DType::U32 => (x as u32).to_string(),
+                    DType::U64 => (x as u64).to_string(),
+                    _ => (x != 0).to_string(),
+                })
+                .collect();
+            let shown: Vec<String> = match &got.data {
+                Data::F32(v) => v.iter().map(|x| format!("{:?}", x.to_bits())).collect(),
+                Data::F64(v) => v.iter().map(|x| format!("{:?}", x.to_bits())).collect(),
+                Data::F16(v) => v.iter().map(|x| format!("{:?}", x.to_bits())).collect(),
+                Data::BF16(v) => v.iter().map(|x| format!("{:?}", x.to_bits())).collect(),
+                Data::Bool(v) => v.iter().map(|x| x.to_string()).collect(),
+                Data::U64(v) => v.iter().map(|x| x.to_string()).collect(),
+                _ => got
+                    .to_i64s()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect(),
+            };
+            assert_eq!(shown, want, "{from} -> {to}");
+        }
+    }
 }
