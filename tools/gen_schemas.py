@@ -3,7 +3,9 @@
 
 Sources (pinned; the script refuses other versions):
   onnx 1.23.2        onnx.defs.get_all_schemas_with_history()  (ai.onnx, ai.onnx.ml, ai.onnx.preview*)
-  onnxruntime 1.32.0 get_all_operator_schema(), domain com.microsoft only (the contrib ops)
+  onnxruntime 1.32.0 get_all_operator_schema(), domain com.microsoft (the contrib ops), and the two contrib ops
+                     onnxruntime registers in the default domain and its optimizers write there at any opset:
+                     LayerNormalization 1 (ONNX's own is 17) and SimplifiedLayerNormalization 1
 
     .venv/bin/python tools/gen_schemas.py
 
@@ -28,6 +30,7 @@ import onnx.defs
 from onnx import AttributeProto, helper
 
 EXPECT = {"onnx": "1.23.2", "onnxruntime": "1.32.0"}
+ORT_DEFAULT_DOMAIN = {"LayerNormalization", "SimplifiedLayerNormalization"}
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates", "mpopt-ir", "src", "schema", "ops.txt")
 
 KIND = {
@@ -166,12 +169,21 @@ def main():
     schemas = sorted(onnx.defs.get_all_schemas_with_history(), key=lambda s: (s.domain, s.name, s.since_version))
     for s in schemas:
         lines += schema_lines(s)
+    # onnxruntime's default-domain contrib ops that its optimizers emit (an ORT-optimized model at opset 12 has
+    # LayerNormalization nodes); they go with the default domain's schemas, which ONNX's own versions outrank
+    known = {(s.domain, s.name, s.since_version) for s in schemas}
+    ort_default = sorted((s for s in C.get_all_operator_schema() if s.domain == "" and s.name in ORT_DEFAULT_DOMAIN
+                          and (s.domain, s.name, s.since_version) not in known),
+                         key=lambda s: (s.name, s.since_version))
+    for s in ort_default:
+        lines += schema_lines(s, ort=True)
     contrib = sorted((s for s in C.get_all_operator_schema() if s.domain == "com.microsoft"), key=lambda s: (s.name, s.since_version))
     for s in contrib:
         lines += schema_lines(s, ort=True)
     with open(OUT, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {OUT}: {len(schemas)} onnx schemas, {len(contrib)} com.microsoft schemas, {os.path.getsize(OUT)} bytes")
+    print(f"wrote {OUT}: {len(schemas)} onnx schemas, {len(ort_default)} onnxruntime default-domain schemas, "
+          f"{len(contrib)} com.microsoft schemas, {os.path.getsize(OUT)} bytes")
 
 
 if __name__ == "__main__":

@@ -1225,6 +1225,39 @@ fn decide_graph(
             color[id.index()] = Color::Fp32;
             continue;
         }
+        // Gate: a value bound to a data parameter whose element type is unknown (its producer has no type
+        // rule: an op without a schema at this opset, another domain's op). Lowered, the node would read it
+        // uncast beside its low operands: onnxruntime's optimizer writes LayerNormalization in the default
+        // domain at opsets before 17, and a MatMul reading it was lowered to an invalid model.
+        let ins = node
+            .inputs()
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (*v, schema.input_type_param(i)));
+        let outs = node
+            .outputs()
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (*v, schema.output_type_param(i)));
+        let untyped = ins.chain(outs).find_map(|(v, p)| {
+            let (v, p) = (v?, p?);
+            (g.value(v).elem().is_none() && params.iter().any(|x| x == p)).then_some(v)
+        });
+        if let Some(v) = untyped {
+            let from = g
+                .producer(v)
+                .map_or("a graph input".into(), |(p, _)| mpopt_ir::node_label(g, p));
+            fp32(
+                &mut why,
+                "type: unknown".into(),
+                format!(
+                    "value '{}' (from {from}) has no known element type: a cast to {target} could not be placed",
+                    g.value(v).name()
+                ),
+            );
+            color[id.index()] = Color::Fp32;
+            continue;
+        }
         // Gate: constant data beyond the target's range, or flushing to zero where it matters.
         let mut data_gate = None;
         let mut overflow = false;

@@ -295,6 +295,8 @@ pub const DEFAULT_DOMAIN: &[(&str, OpClass, &str)] = &[
     ("Shrink", Infer, ACTIVATION),
     ("Sigmoid", Infer, ACTIVATION),
     ("Sign", Infer, ELEMENTWISE),
+    // onnxruntime registers it in the default domain (its optimizers write it there): RMS normalization
+    ("SimplifiedLayerNormalization", Infer, FUSED_NORM),
     ("Sin", Infer, ACTIVATION),
     ("Sinh", Deny, EXP_LIKE),
     ("Size", Clear, SHAPE),
@@ -367,7 +369,6 @@ pub const COM_MICROSOFT: &[(&str, OpClass, &str)] = &[
         Infer,
         "rotation by precomputed sin/cos: elementwise",
     ),
-    ("SimplifiedLayerNormalization", Infer, FUSED_NORM),
     ("SkipLayerNormalization", Infer, FUSED_NORM),
     ("SkipSimplifiedLayerNormalization", Infer, FUSED_NORM),
     ("Gelu", Infer, ACTIVATION),
