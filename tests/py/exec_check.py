@@ -5,8 +5,10 @@ written); every output must match within 1e-4 relative and 1e-6 absolute.
 Deep convolutional models amplify last-bit differences of summation order (onnxruntime's MLAS kernels against
 ours): onnxruntime disagrees with itself between its optimization levels on ppocrv4_det (1,082 elements past
 1e-4/1e-6, max abs 2.0e-4) and ddddocr_det_yolox (8 elements). So an output also passes when at most 1 in
-10,000 elements is past the tolerance and its max abs error is within 4x onnxruntime's own spread between
-optimization levels (measured here, printed beside it). Exits 1 on any other miss."""
+10,000 elements (or no more than onnxruntime's own count) is past the tolerance and its max abs error is
+within 4x onnxruntime's own spread between optimization levels (measured here, printed beside it). Exits 1 on
+any other miss. The count matters for onnxruntime-optimized models (tests/py/ort_optimized.py), whose fused
+ops onnxruntime computes with approximations (QuickGelu's vectorized sigmoid) that its unfused graph does not."""
 from __future__ import annotations
 
 import argparse
@@ -89,7 +91,7 @@ def main():
                             note = (f"set {k} output {names[j]}: {n} of {w.size} elements past rtol {RTOL}/atol "
                                     f"{ATOL} (max abs {float(d.max()):.3e}); onnxruntime's own spread: {n_self} "
                                     f"elements, max abs {spread:.3e}")
-                            if n <= w.size / 10000 and float(d.max()) <= 4 * spread:
+                            if n <= max(w.size / 10000, n_self) and float(d.max()) <= 4 * spread:
                                 spread_notes.append(note)
                             else:
                                 bad.append(note)

@@ -20,6 +20,7 @@ mod control;
 mod elementwise;
 mod grid;
 pub(crate) mod linalg;
+mod microsoft;
 mod ml;
 pub(crate) mod nn;
 mod qlinear;
@@ -327,6 +328,12 @@ const OPS: &[(&str, Kernel, Low)] = {
         ("NegativeLogLikelihoodLoss", nn::nll_loss, C),
         ("SoftmaxCrossEntropyLoss", nn::softmax_cross_entropy_loss, C),
         ("RMSNormalization", nn::rms_norm, C),
+        // onnxruntime's, in the default domain (its optimizers write it there)
+        (
+            "SimplifiedLayerNormalization",
+            microsoft::simplified_layer_norm,
+            C,
+        ),
         ("LRN", nn::lrn, C),
         ("TopK", nn::topk, C),
         // reductions
@@ -402,6 +409,26 @@ const TRAINING_OPS: &[(&str, Kernel, Low)] = &[
 const PREVIEW_OPS: &[(&str, Kernel, Low)] =
     &[("FlexAttention", attention::flex_attention, Low::Native)];
 
+/// com.microsoft ops: the fused ops onnxruntime's graph optimizer writes.
+const MS_OPS: &[(&str, Kernel, Low)] = &[
+    ("FusedConv", microsoft::fused_conv, Low::Compute),
+    ("FusedMatMul", microsoft::fused_matmul, Low::Compute),
+    ("QuickGelu", microsoft::quick_gelu, Low::Compute),
+    ("BiasGelu", microsoft::bias_gelu, Low::Compute),
+    ("Gelu", microsoft::gelu, Low::Compute),
+    ("FastGelu", microsoft::fast_gelu, Low::Compute),
+    (
+        "SkipLayerNormalization",
+        microsoft::skip_layer_norm,
+        Low::Compute,
+    ),
+    (
+        "SkipSimplifiedLayerNormalization",
+        microsoft::skip_simplified_layer_norm,
+        Low::Compute,
+    ),
+];
+
 fn lookup(domain: &str, op: &str) -> Option<(Kernel, Low)> {
     let in_table = |t: &[(&str, Kernel, Low)]| t.iter().find(|o| o.0 == op).map(|o| (o.1, o.2));
     match domain {
@@ -409,6 +436,7 @@ fn lookup(domain: &str, op: &str) -> Option<(Kernel, Low)> {
         "ai.onnx.ml" => in_table(ML_OPS),
         "ai.onnx.preview.training" => in_table(TRAINING_OPS),
         "ai.onnx.preview" => in_table(PREVIEW_OPS),
+        "com.microsoft" => in_table(MS_OPS),
         _ => None,
     }
 }
@@ -428,7 +456,12 @@ pub fn supported_ops() -> Vec<&'static str> {
 /// Outputs kept in f32 by their schema even when the op runs on half data (LayerNormalization's mean and
 /// inverse standard deviation use `stash_type`).
 fn stays_f32(op: &str, slot: usize) -> bool {
-    op == "LayerNormalization" && slot > 0
+    match op {
+        "LayerNormalization" | "SimplifiedLayerNormalization" => slot > 0,
+        // (the fourth output, the sum, has the input's type)
+        "SkipLayerNormalization" | "SkipSimplifiedLayerNormalization" => slot == 1 || slot == 2,
+        _ => false,
+    }
 }
 
 /// Runs the node's kernel with the low-precision rule.

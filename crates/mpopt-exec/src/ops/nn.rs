@@ -203,7 +203,7 @@ pub(crate) fn instance_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
 }
 
 /// A normalization's `scale` or `bias` must broadcast to the normalized dims without growing them.
-fn fits_normalized(name: &str, shape: &[usize], dims: &[usize]) -> R<()> {
+pub(crate) fn fits_normalized(name: &str, shape: &[usize], dims: &[usize]) -> R<()> {
     if super::elementwise::broadcast_shape(shape, dims)
         .ok()
         .as_deref()
