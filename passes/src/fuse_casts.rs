@@ -14,6 +14,11 @@
 //!   here exactly as at run time: float to float (the same rounding) and integer or bool data whose every
 //!   value the target holds exactly (widenings, an int64 flag of 0 or 1 to f16). The Cast's output becomes the initializer, keeping its
 //!   name and uses; the source is removed when nothing else reads it.
+//! - *captured*: Casts of a value that a control-flow node's bodies read from the enclosing graph move there,
+//!   one per (value, dtype), when that saves a cast: two or more bodies (or body casts) cast it alike (the two
+//!   branches of an `If`), the enclosing graph already casts it so, or the body is a `Loop` or `Scan`'s (the
+//!   cast ran every iteration). The bodies read the enclosing graph's cast instead. Same values: the Cast is
+//!   the same, only where it runs changes. A body cast that is the body's output stays.
 //!
 //! **Invariants.**
 //! - Never changes a value that the graph computes.
@@ -26,9 +31,11 @@
 //!         %y = Relu(%b)
 //! ```
 
+use std::collections::{HashMap, HashSet};
+
 use mpopt_ir::{AttrValue, DType, Def, Graph, Model, Node, NodeId, ValueId};
 
-use crate::insert_casts::convert_tensor;
+use crate::insert_casts::{all_names, cast_node, convert_tensor, fresh};
 use crate::{Pass, PassError, PassOutcome};
 
 /// The pass.
@@ -83,6 +90,7 @@ struct Counts {
     chains: u64,
     duplicates: u64,
     folded: u64,
+    hoisted: u64,
 }
 
 impl Pass for FuseCasts {
@@ -92,12 +100,19 @@ impl Pass for FuseCasts {
 
     fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
         let mut c = Counts::default();
-        fuse_graph(&mut model.graph, self.unsafe_narrow_widen, &mut c);
+        let mut names = all_names(&model.graph);
+        fuse_graph(
+            &mut model.graph,
+            self.unsafe_narrow_widen,
+            &mut names,
+            &mut c,
+        );
         Ok(PassOutcome::rewrites(vec![
             ("no-op casts removed", c.noop),
             ("cast chains shortened", c.chains),
             ("duplicate casts merged", c.duplicates),
             ("casts folded into constants", c.folded),
+            ("casts hoisted out of subgraphs", c.hoisted),
         ]))
     }
 }
@@ -246,10 +261,15 @@ fn cast_nodes(g: &Graph) -> Vec<NodeId> {
         .collect()
 }
 
-fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
-    g.for_each_subgraph_mut(|_, _, sg| fuse_graph(sg, unsafe_nw, c));
+fn fuse_graph(g: &mut Graph, unsafe_nw: bool, names: &mut HashSet<String>, c: &mut Counts) {
+    g.for_each_subgraph_mut(|_, _, sg| fuse_graph(sg, unsafe_nw, names, c));
+    let mut hoist = true;
     loop {
         let mut changed = false;
+        // (once: what it brings here, the rules below then fuse with this graph's own casts)
+        if std::mem::take(&mut hoist) && hoist_captured_casts(g, names, c) {
+            changed = true;
+        }
         let casts = cast_nodes(g);
         for id in casts {
             if !g.is_live(id) {
@@ -331,4 +351,133 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, c: &mut Counts) {
             break;
         }
     }
+}
+
+/// The *captured* rule: for each node with bodies, the Casts of a value captured from `g` move into `g`, one per
+/// (value, dtype), placed before the node, where that saves a cast (see the module doc). Returns whether any
+/// moved.
+fn hoist_captured_casts(g: &mut Graph, names: &mut HashSet<String>, c: &mut Counts) -> bool {
+    let owners: Vec<NodeId> = g
+        .nodes()
+        .filter(|(_, n)| n.has_subgraphs())
+        .map(|(id, _)| id)
+        .collect();
+    // schedule positions (x2, so that a node moved just before another fits between): one walk, not one per
+    // question
+    let mut pos: HashMap<NodeId, i64> = g
+        .nodes()
+        .enumerate()
+        .map(|(i, (id, _))| (id, 2 * i as i64))
+        .collect();
+    let mut any = false;
+    for n in owners {
+        let looped =
+            matches!(g.node(n).op_type.as_str(), "Loop" | "Scan") && g.node(n).in_default_domain();
+        // (captured name, dtype) -> body casts of it, over all the node's bodies
+        let mut groups: HashMap<(String, DType), usize> = HashMap::new();
+        for (_, sg) in g.node(n).subgraphs() {
+            for id in cast_nodes(sg) {
+                if let Some(key) = captured_cast(sg, id) {
+                    *groups.entry(key).or_default() += 1;
+                }
+            }
+        }
+        let mut keys: Vec<(String, DType)> = groups.keys().cloned().collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.code().cmp(&b.1.code())));
+        let mut moved = false;
+        for (name, to) in keys {
+            let Some(v) = g.value_by_name(&name) else {
+                continue;
+            };
+            // a Cast of `v` to `to` that `g` already has
+            let existing = g.uses(v).iter().find_map(|u| match *u {
+                mpopt_ir::Use::Input(p, 0) if cast_to(g.node(p)) == Some(to) => Some(p),
+                _ => None,
+            });
+            if existing.is_none() && groups[&(name.clone(), to)] < 2 && !looped {
+                continue;
+            }
+            // the cast's type: the captured value's shape in `to`
+            let ty = match g.value(v).ty.as_ref().map(|t| &t.ty) {
+                Some(mpopt_ir::Type::Tensor { shape, .. }) => {
+                    Some(mpopt_ir::TypeInfo::tensor(to, shape.clone()))
+                }
+                _ => None,
+            };
+            let out = match existing {
+                Some(p) => {
+                    // before the node, so that its bodies can read it (its input is defined before the node)
+                    if pos[&p] > pos[&n] {
+                        g.move_before(p, n);
+                        pos.insert(p, pos[&n] - 1);
+                    }
+                    g.node(p).outputs()[0]
+                }
+                None => {
+                    let new_name = fresh(g, names, &format!("{name}__{to}"));
+                    let Ok(o) = g.add_value(new_name.clone(), ty.clone()) else {
+                        continue;
+                    };
+                    if g.insert_node_before(n, cast_node(new_name, to), &[Some(v)], &[Some(o)])
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    Some(o)
+                }
+            };
+            let Some(out) = out else { continue };
+            let out_name = g.value(out).name().to_string();
+            let mut attrs = std::mem::take(&mut g.node_mut(n).attributes);
+            for a in &mut attrs {
+                for sg in a.value.graphs_mut() {
+                    for id in cast_nodes(sg) {
+                        if captured_cast(sg, id) != Some((name.clone(), to)) {
+                            continue;
+                        }
+                        let (Some(inner), Some(x)) =
+                            (sg.node(id).outputs()[0], sg.node(id).inputs()[0])
+                        else {
+                            continue;
+                        };
+                        let cap = match sg.value_by_name(&out_name) {
+                            Some(cap) => cap,
+                            None => match sg.add_capture(out_name.clone()) {
+                                Ok(cap) => cap,
+                                Err(_) => continue,
+                            },
+                        };
+                        sg.value_mut(cap).ty = sg.value(inner).ty.clone().or(ty.clone());
+                        if bypass(sg, id, cap) {
+                            sg.remove_capture(x);
+                            c.hoisted += 1;
+                            moved = true;
+                        }
+                    }
+                }
+            }
+            g.node_mut(n).attributes = attrs;
+        }
+        if moved {
+            // the node's implicit inputs: the names its bodies now capture, as `g` resolves them
+            let vs: Vec<ValueId> = g
+                .node(n)
+                .captured_names()
+                .iter()
+                .filter_map(|nm| g.value_by_name(nm))
+                .collect();
+            g.set_implicit_inputs(n, vs);
+            any = true;
+        }
+    }
+    any
+}
+
+/// (captured name, dtype) of a body Cast that reads a value captured from the enclosing graph and whose output
+/// is not a body output.
+fn captured_cast(sg: &Graph, id: NodeId) -> Option<(String, DType)> {
+    let (to, x) = cast_parts(sg, id)?;
+    let out = sg.node(id).outputs()[0]?;
+    (sg.value(x).def() == Def::Capture && !sg.outputs().contains(&out))
+        .then(|| (sg.value(x).name().to_string(), to))
 }

@@ -121,7 +121,7 @@ fn retyped_value(g: &mut Graph, v: ValueId, d: DType, name: String) -> Result<Va
 }
 
 /// A Cast to `d` named `name`, undecided (it is not a node of the model's).
-fn cast_node(name: String, d: DType) -> Node {
+pub(crate) fn cast_node(name: String, d: DType) -> Node {
     let mut cast = Node::new("Cast");
     cast.name = name;
     cast.attributes
@@ -554,7 +554,7 @@ impl Pass for InsertCasts {
 }
 
 /// Every value name of a graph and of the graphs nested in it.
-fn all_names(g: &Graph) -> HashSet<String> {
+pub(crate) fn all_names(g: &Graph) -> HashSet<String> {
     let mut out = HashSet::new();
     fn walk(g: &Graph, out: &mut HashSet<String>) {
         for v in g.value_ids() {
@@ -571,7 +571,7 @@ fn all_names(g: &Graph) -> HashSet<String> {
 }
 
 /// A new value name for `g` made from `base`, used nowhere in the model (`taken`), then taken.
-fn fresh(g: &Graph, taken: &mut HashSet<String>, base: &str) -> String {
+pub(crate) fn fresh(g: &Graph, taken: &mut HashSet<String>, base: &str) -> String {
     let mut name = g.fresh_name(base);
     let mut k = 1;
     while taken.contains(&name) {

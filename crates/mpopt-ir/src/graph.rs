@@ -439,6 +439,18 @@ impl Graph {
         Ok(v)
     }
 
+    /// Stops reading `v` from the enclosing scope when nothing here reads it any more (its last reader moved
+    /// out, or reads another value). Returns whether it was dropped; the name stays taken.
+    pub fn remove_capture(&mut self, v: ValueId) -> bool {
+        let val = &self.values[v.index()];
+        if val.def != Def::Capture || !val.uses.is_empty() || self.outputs.contains(&v) {
+            return false;
+        }
+        self.captures.retain(|&x| x != v);
+        self.values[v.index()].def = Def::Detached;
+        true
+    }
+
     /// The value.
     pub fn value(&self, v: ValueId) -> &Value {
         &self.values[v.index()]
