@@ -1133,6 +1133,15 @@ fn decide_graph(
     let masks = additive_masks(g, target);
     let saturated = crate::saturation::saturated_overflow(g, target, opts.range_margin);
     let checks = constant_checks(g, target);
+    // whether the model's default-domain Cast can make a dtype (a model without that import gets a new one, at
+    // an opset that can: insert-casts)
+    let cast_allows = |d: DType| {
+        opsets.version("").is_none_or(|v| {
+            registry()
+                .get("", "Cast", v)
+                .is_some_and(|s| s.input_allows(0, d))
+        })
+    };
 
     for &id in &order {
         if !touches_f32(g, id) {
@@ -1198,7 +1207,8 @@ fn decide_graph(
                     .is_some_and(|c| c.allowed.iter().any(|t| t.tensor_elem() == Some(d)))
             })
         };
-        bf16_ok[id.index()] = opts.auto_bf16 && !params.is_empty() && allows(DType::BF16);
+        bf16_ok[id.index()] =
+            opts.auto_bf16 && !params.is_empty() && allows(DType::BF16) && cast_allows(DType::BF16);
         let blocked: Vec<&String> = params
             .iter()
             .filter(|p| {
@@ -1220,6 +1230,21 @@ fn decide_graph(
                         .map(|s| s.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
+                ),
+            );
+            color[id.index()] = Color::Fp32;
+            continue;
+        }
+        // Gate: the casts to and from the target must exist at the model's opset (Cast has bf16 from opset
+        // 13). Only onnxruntime's default-domain LayerNormalization allows bf16 earlier: lowered at opset
+        // 12, it got casts onnxruntime refuses.
+        if !params.is_empty() && !cast_allows(target) {
+            fp32(
+                &mut why,
+                "schema".into(),
+                format!(
+                    "Cast at opset {} cannot make {target}: no cast to it could be placed",
+                    opsets.version("").unwrap_or_default()
                 ),
             );
             color[id.index()] = Color::Fp32;

@@ -1,7 +1,7 @@
 //! Pass fixtures: every `testdata/passes/<pass>/*.mpir` file names the passes to run on its first line
 //! (`; RUN: infer-types`), is parsed, run through those passes with the verifier after each, and snapshotted as
 //! the full-context diff between the IR before and after, followed by the passes' notes. `; INPUT-RANGE:
-//! NAME=LO:HI` lines declare input ranges for `analyze-ranges`; `; TO: auto` runs `assign-precision` with bf16
+//! NAME=LO:HI` lines declare input ranges for `analyze-ranges`; `; TO: bf16` converts to bf16; `; TO: auto` runs `assign-precision` with bf16
 //! where fp16's range is the only problem; `; IO: low` runs `insert-casts` with `--io-types low`. `; CALIB: NAME=LO:HI` lines make one calibration input set (the
 //! input's elements spread over [LO, HI] by the golden ratio) for `calibrate` and `search-precision`, and
 //! `; TOLERANCE: METRIC=VALUE` lines give the search its budget. A fixture whose name
@@ -36,6 +36,8 @@ fn run_fixture(path: &Path) -> String {
     };
     // `; TO: auto` converts to fp16 with bf16 where fp16's range is the only problem.
     let auto = src.lines().any(|l| l.trim() == "; TO: auto");
+    // `; TO: bf16` converts to bf16.
+    let bf16 = src.lines().any(|l| l.trim() == "; TO: bf16");
     // `; IO: low` converts float32 graph inputs and outputs too (`--io-types low`).
     let io_low = src.lines().any(|l| l.trim() == "; IO: low");
     let mut model =
@@ -82,6 +84,14 @@ fn run_fixture(path: &Path) -> String {
                 auto_bf16: true,
                 ..PrecisionOptions::default()
             })),
+            "assign-precision" if bf16 => Box::new(AssignPrecision::new(PrecisionOptions {
+                target: mpopt_ir::DType::BF16,
+                ..PrecisionOptions::default()
+            })),
+            "insert-casts" if bf16 => Box::new(InsertCasts::new(
+                mpopt_ir::DType::BF16,
+                mpopt_passes::insert_casts::IoTypes::Keep,
+            )),
             "calibrate" => Box::new(Calibrate::new(vec![calib.clone()], mpopt_ir::DType::F16)),
             "insert-casts" if io_low => Box::new(InsertCasts::new(
                 mpopt_ir::DType::F16,
