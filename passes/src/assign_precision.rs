@@ -1250,6 +1250,30 @@ fn decide_graph(
             color[id.index()] = Color::Fp32;
             continue;
         }
+        // Gate: a node reading a DequantizeLinear output belongs to a QDQ group (DQ -> op -> Q): the runtime
+        // fuses the group into an int8 kernel (QLinearConv, QLinearMatMul, ...), and a cast between DQ and the
+        // op prevents it. Kept fp32, the node runs in int8 where it is fused, as the quantized model meant.
+        if let Some(dq) = node.inputs().iter().enumerate().find_map(|(i, v)| {
+            let v = (*v)?;
+            let p = schema.input_type_param(i)?;
+            let (prod, _) = g.producer(v)?;
+            let pn = g.node(prod);
+            (params.iter().any(|x| x == p)
+                && pn.op_type == "DequantizeLinear"
+                && pn.in_default_domain())
+            .then_some(prod)
+        }) {
+            fp32(
+                &mut why,
+                "qdq".into(),
+                format!(
+                    "reads {}: part of a quantized (QDQ) group that runtimes fuse into an int8 kernel, which a cast would prevent",
+                    mpopt_ir::node_label(g, dq)
+                ),
+            );
+            color[id.index()] = Color::Fp32;
+            continue;
+        }
         // Gate: a value bound to a data parameter whose element type is unknown (its producer has no type
         // rule: an op without a schema at this opset, another domain's op). Lowered, the node would read it
         // uncast beside its low operands: onnxruntime's optimizer writes LayerNormalization in the default
