@@ -18,7 +18,8 @@
 //!   one per (value, dtype), when that saves a cast: two or more bodies (or body casts) cast it alike (the two
 //!   branches of an `If`), the enclosing graph already casts it so, or the body is a `Loop` or `Scan`'s (the
 //!   cast ran every iteration). The bodies read the enclosing graph's cast instead. Same values: the Cast is
-//!   the same, only where it runs changes. A body cast that is the body's output stays.
+//!   the same, only where it runs changes. A body cast that is the body's output, or that a nested subgraph
+//!   reads by name, stays.
 //!
 //! **Invariants.**
 //! - Never changes a value that the graph computes.
@@ -117,12 +118,17 @@ impl Pass for FuseCasts {
     }
 }
 
-/// Replaces the Cast `n`'s output by `with` everywhere and removes the Cast; refuses graph outputs.
+/// Replaces the Cast `n`'s output by `with` everywhere and removes the Cast; refuses graph outputs, and outputs
+/// that a subgraph reads by name (its body would still name the Cast's output; the v6 search's nested `If`s).
 fn bypass(g: &mut Graph, n: NodeId, with: ValueId) -> bool {
     let Some(out) = g.node(n).outputs()[0] else {
         return false;
     };
-    if g.outputs().contains(&out) {
+    if g.outputs().contains(&out)
+        || g.uses(out)
+            .iter()
+            .any(|u| matches!(u, mpopt_ir::Use::Implicit(..)))
+    {
         return false;
     }
     g.replace_all_uses(out, with);
@@ -474,10 +480,14 @@ fn hoist_captured_casts(g: &mut Graph, names: &mut HashSet<String>, c: &mut Coun
 }
 
 /// (captured name, dtype) of a body Cast that reads a value captured from the enclosing graph and whose output
-/// is not a body output.
+/// is neither a body output nor read by a nested subgraph (which names it: [`bypass`] refuses those).
 fn captured_cast(sg: &Graph, id: NodeId) -> Option<(String, DType)> {
     let (to, x) = cast_parts(sg, id)?;
     let out = sg.node(id).outputs()[0]?;
-    (sg.value(x).def() == Def::Capture && !sg.outputs().contains(&out))
+    let plain = sg
+        .uses(out)
+        .iter()
+        .all(|u| matches!(u, mpopt_ir::Use::Input(..)));
+    (sg.value(x).def() == Def::Capture && !sg.outputs().contains(&out) && plain)
         .then(|| (sg.value(x).name().to_string(), to))
 }
