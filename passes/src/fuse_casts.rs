@@ -413,7 +413,7 @@ fn hoist_captured_casts(g: &mut Graph, names: &mut HashSet<String>, c: &mut Coun
             let out = match existing {
                 Some(p) => {
                     // before the node, so that its bodies can read it (its input is defined before the node)
-                    if pos[&p] > pos[&n] {
+                    if pos.get(&p).is_none_or(|&at| at > pos[&n]) {
                         g.move_before(p, n);
                         pos.insert(p, pos[&n] - 1);
                     }
@@ -424,11 +424,13 @@ fn hoist_captured_casts(g: &mut Graph, names: &mut HashSet<String>, c: &mut Coun
                     let Ok(o) = g.add_value(new_name.clone(), ty.clone()) else {
                         continue;
                     };
-                    if g.insert_node_before(n, cast_node(new_name, to), &[Some(v)], &[Some(o)])
-                        .is_err()
-                    {
+                    let Ok(id) =
+                        g.insert_node_before(n, cast_node(new_name, to), &[Some(v)], &[Some(o)])
+                    else {
                         continue;
-                    }
+                    };
+                    // (a later node's bodies may reuse it)
+                    pos.insert(id, pos[&n] - 1);
                     Some(o)
                 }
             };
