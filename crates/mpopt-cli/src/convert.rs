@@ -537,7 +537,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             "search": search,
         });
         let text = serde_json::to_string_pretty(&doc)?;
-        std::fs::write(report, text)
+        crate::write_whole(report, text.as_bytes())
             .with_context(|| format!("cannot write the report {}", report.display()))?;
     }
     // The process ends next, and the OS takes its memory back at once: freeing the model's nodes, values

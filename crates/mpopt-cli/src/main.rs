@@ -178,6 +178,22 @@ pub(crate) fn check_output(input: &Path, output: &Path) -> Result<()> {
     check_writes(&[("the input model", input)], &[("output", output)])
 }
 
+/// Writes `data` to `path` whole or not at all: into a temporary file beside it, then renamed over it. A
+/// failed write (a full disk) leaves no partial report and keeps an older file at `path` as it was.
+pub(crate) fn write_whole(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|s| s.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.mpopt-tmp-{}", std::process::id()));
+    let result = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Two paths naming one file (under any name, when both exist).
 fn same_file(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
@@ -340,6 +356,27 @@ fn run(cli: Cli) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_file_is_written_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        std::fs::write(&p, b"old, longer contents").unwrap();
+        super::write_whole(&p, b"new").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        // a target that cannot be replaced (a folder): an error, and no temporary file left behind
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("keep"), b"x").unwrap();
+        assert!(super::write_whole(&sub, b"data").is_err());
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["r.json", "sub"]);
+    }
+
     /// The option's position is written down by hand (the bindings do not name it): it must still be the
     /// purge delay, whose default in the bundled mimalloc v3 is 1000 ms, and setting it must hold.
     #[test]

@@ -562,7 +562,8 @@ pub(crate) fn compare(a: CompareArgs) -> Result<()> {
     }
     if let Some(j) = &a.json {
         let text = serde_json::to_string_pretty(&metrics)?;
-        std::fs::write(j, text).with_context(|| format!("cannot write {}", j.display()))?;
+        crate::write_whole(j, text.as_bytes())
+            .with_context(|| format!("cannot write {}", j.display()))?;
     }
     if !all_ok {
         bail!("the candidate's outputs differ from the reference past the tolerances");
