@@ -503,6 +503,26 @@ fn data_values(g: &Graph, n: NodeId, schema: &OpSchema, params: &[String]) -> Ve
     out
 }
 
+/// The values a node binds to its data parameters `params`, whatever their type: (value, is an output), inputs
+/// first. (`data_values` is the float32 part of these, constants left out.)
+fn bound_to(node: &mpopt_ir::Node, schema: &OpSchema, params: &[String]) -> Vec<(ValueId, bool)> {
+    let ins = node
+        .inputs()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (*v, schema.input_type_param(i), false));
+    let outs = node
+        .outputs()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (*v, schema.output_type_param(i), true));
+    ins.chain(outs)
+        .filter_map(|(v, p, out)| {
+            (params.iter().any(|x| Some(x.as_str()) == p)).then_some((v?, out))
+        })
+        .collect()
+}
+
 /// A magnitude bound for a value: proven (finite) or observed times the margin, with how it was found.
 pub(crate) fn magnitude(g: &Graph, v: ValueId, margin: f64) -> Option<(f64, String)> {
     let r = g.value(v).range.as_deref()?;
@@ -1133,8 +1153,8 @@ fn decide_graph(
     let masks = additive_masks(g, target);
     let saturated = crate::saturation::saturated_overflow(g, target, opts.range_margin);
     let checks = constant_checks(g, target);
-    // whether the model's default-domain Cast can make a dtype (a model without that import gets a new one, at
-    // an opset that can: insert-casts)
+    // whether the model's default-domain Cast can make the target and bf16 (a model without that import gets
+    // a new one, at an opset that can: insert-casts)
     let cast_allows = |d: DType| {
         opsets.version("").is_none_or(|v| {
             registry()
@@ -1142,6 +1162,7 @@ fn decide_graph(
                 .is_some_and(|s| s.input_allows(0, d))
         })
     };
+    let (cast_target, cast_bf16) = (cast_allows(target), cast_allows(DType::BF16));
 
     for &id in &order {
         if !touches_f32(g, id) {
@@ -1208,7 +1229,7 @@ fn decide_graph(
             })
         };
         bf16_ok[id.index()] =
-            opts.auto_bf16 && !params.is_empty() && allows(DType::BF16) && cast_allows(DType::BF16);
+            opts.auto_bf16 && !params.is_empty() && allows(DType::BF16) && cast_bf16;
         let blocked: Vec<&String> = params
             .iter()
             .filter(|p| {
@@ -1238,7 +1259,7 @@ fn decide_graph(
         // Gate: the casts to and from the target must exist at the model's opset (Cast has bf16 from opset
         // 13). Only onnxruntime's default-domain LayerNormalization allows bf16 earlier: lowered at opset
         // 12, it got casts onnxruntime refuses.
-        if !params.is_empty() && !cast_allows(target) {
+        if !params.is_empty() && !cast_target {
             fp32(
                 &mut why,
                 "schema".into(),
@@ -1250,18 +1271,15 @@ fn decide_graph(
             color[id.index()] = Color::Fp32;
             continue;
         }
+        // the values bound to its data parameters, inputs first
+        let bound = bound_to(node, schema, &params);
         // Gate: a node reading a DequantizeLinear output belongs to a QDQ group (DQ -> op -> Q): the runtime
         // fuses the group into an int8 kernel (QLinearConv, QLinearMatMul, ...), and a cast between DQ and the
         // op prevents it. Kept fp32, the node runs in int8 where it is fused, as the quantized model meant.
-        if let Some(dq) = node.inputs().iter().enumerate().find_map(|(i, v)| {
-            let v = (*v)?;
-            let p = schema.input_type_param(i)?;
+        if let Some(dq) = bound.iter().filter(|b| !b.1).find_map(|&(v, _)| {
             let (prod, _) = g.producer(v)?;
             let pn = g.node(prod);
-            (params.iter().any(|x| x == p)
-                && pn.op_type == "DequantizeLinear"
-                && pn.in_default_domain())
-            .then_some(prod)
+            (pn.op_type == "DequantizeLinear" && pn.in_default_domain()).then_some(prod)
         }) {
             fp32(
                 &mut why,
@@ -1278,21 +1296,7 @@ fn decide_graph(
         // rule: an op without a schema at this opset, another domain's op). Lowered, the node would read it
         // uncast beside its low operands: onnxruntime's optimizer writes LayerNormalization in the default
         // domain at opsets before 17, and a MatMul reading it was lowered to an invalid model.
-        let ins = node
-            .inputs()
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (*v, schema.input_type_param(i)));
-        let outs = node
-            .outputs()
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (*v, schema.output_type_param(i)));
-        let untyped = ins.chain(outs).find_map(|(v, p)| {
-            let (v, p) = (v?, p?);
-            (g.value(v).elem().is_none() && params.iter().any(|x| x == p)).then_some(v)
-        });
-        if let Some(v) = untyped {
+        if let Some(&(v, _)) = bound.iter().find(|b| g.value(b.0).elem().is_none()) {
             let from = g
                 .producer(v)
                 .map_or("a graph input".into(), |(p, _)| mpopt_ir::node_label(g, p));

@@ -36,15 +36,11 @@ pub(crate) fn nan_inputs(sets: &[InputSet]) -> Vec<String> {
     for (k, set) in sets.iter().enumerate() {
         for (name, v) in set {
             let Ok(t) = v.tensor() else { continue };
-            if !t.dtype().is_float() {
-                continue;
-            }
-            let Ok(x) = t.to_f64s() else { continue };
-            let nan = x.iter().filter(|x| x.is_nan()).count();
+            let nan = crate::search_precision::nan_count(t);
             if nan > 0 {
                 notes.push(format!(
                     "input set {k}: input '{name}' holds {nan} NaN of {} values",
-                    x.len()
+                    t.len()
                 ));
             }
         }

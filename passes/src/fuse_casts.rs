@@ -32,7 +32,7 @@
 //!         %y = Relu(%b)
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use mpopt_ir::{AttrValue, DType, Def, Graph, Model, Node, NodeId, ValueId};
 
@@ -118,17 +118,21 @@ impl Pass for FuseCasts {
     }
 }
 
-/// Replaces the Cast `n`'s output by `with` everywhere and removes the Cast; refuses graph outputs, and outputs
-/// that a subgraph reads by name (its body would still name the Cast's output; the v6 search's nested `If`s).
+/// Can a Cast's output be replaced by another value? Not a graph output (its name is the interface), and not
+/// a value a subgraph reads by name (its body would still name it: the v6 search's nested `If`s).
+fn replaceable(g: &Graph, out: ValueId) -> bool {
+    !g.outputs().contains(&out)
+        && g.uses(out)
+            .iter()
+            .all(|u| matches!(u, mpopt_ir::Use::Input(..)))
+}
+
+/// Replaces the Cast `n`'s output by `with` everywhere and removes the Cast, where it is [`replaceable`].
 fn bypass(g: &mut Graph, n: NodeId, with: ValueId) -> bool {
     let Some(out) = g.node(n).outputs()[0] else {
         return false;
     };
-    if g.outputs().contains(&out)
-        || g.uses(out)
-            .iter()
-            .any(|u| matches!(u, mpopt_ir::Use::Implicit(..)))
-    {
+    if !replaceable(g, out) {
         return false;
     }
     g.replace_all_uses(out, with);
@@ -359,6 +363,9 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, names: &mut HashSet<String>, c: &m
     }
 }
 
+/// A Cast in a node's bodies: (attribute index, body index in it, the Cast).
+type BodyCast = (usize, usize, NodeId);
+
 /// The *captured* rule: for each node with bodies, the Casts of a value captured from `g` move into `g`, one per
 /// (value, dtype), placed before the node, where that saves a cast (see the module doc). Returns whether any
 /// moved.
@@ -379,20 +386,23 @@ fn hoist_captured_casts(g: &mut Graph, names: &mut HashSet<String>, c: &mut Coun
     for n in owners {
         let looped =
             matches!(g.node(n).op_type.as_str(), "Loop" | "Scan") && g.node(n).in_default_domain();
-        // (captured name, dtype) -> body casts of it, over all the node's bodies
-        let mut groups: HashMap<(String, DType), usize> = HashMap::new();
-        for (_, sg) in g.node(n).subgraphs() {
-            for id in cast_nodes(sg) {
-                if let Some(key) = captured_cast(sg, id) {
-                    *groups.entry(key).or_default() += 1;
+        // (captured name, dtype code) -> its body casts, as (attribute, body, cast), over all the node's bodies
+        let mut plan: BTreeMap<(String, i32), Vec<BodyCast>> = BTreeMap::new();
+        for (ai, a) in g.node(n).attributes.iter().enumerate() {
+            for (gi, sg) in a.value.graphs().iter().enumerate() {
+                for id in cast_nodes(sg) {
+                    if let Some((name, to)) = captured_cast(sg, id) {
+                        plan.entry((name, to.code()))
+                            .or_default()
+                            .push((ai, gi, id));
+                    }
                 }
             }
         }
-        let mut keys: Vec<(String, DType)> = groups.keys().cloned().collect();
-        keys.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.code().cmp(&b.1.code())));
-        let mut moved = false;
-        for (name, to) in keys {
-            let Some(v) = g.value_by_name(&name) else {
+        // what moves: the body casts, and the name and type of the enclosing graph's Cast they read instead
+        let mut moves = Vec::new();
+        for ((name, code), casts) in plan {
+            let (Some(v), Some(to)) = (g.value_by_name(&name), DType::from_code(code)) else {
                 continue;
             };
             // a Cast of `v` to `to` that `g` already has
@@ -400,7 +410,7 @@ fn hoist_captured_casts(g: &mut Graph, names: &mut HashSet<String>, c: &mut Coun
                 mpopt_ir::Use::Input(p, 0) if cast_to(g.node(p)) == Some(to) => Some(p),
                 _ => None,
             });
-            if existing.is_none() && groups[&(name.clone(), to)] < 2 && !looped {
+            if existing.is_none() && casts.len() < 2 && !looped {
                 continue;
             }
             // the cast's type: the captured value's shape in `to`
@@ -434,62 +444,55 @@ fn hoist_captured_casts(g: &mut Graph, names: &mut HashSet<String>, c: &mut Coun
                     Some(o)
                 }
             };
-            let Some(out) = out else { continue };
-            let out_name = g.value(out).name().to_string();
-            let mut attrs = std::mem::take(&mut g.node_mut(n).attributes);
-            for a in &mut attrs {
-                for sg in a.value.graphs_mut() {
-                    for id in cast_nodes(sg) {
-                        if captured_cast(sg, id) != Some((name.clone(), to)) {
-                            continue;
-                        }
-                        let (Some(inner), Some(x)) =
-                            (sg.node(id).outputs()[0], sg.node(id).inputs()[0])
-                        else {
-                            continue;
-                        };
-                        let cap = match sg.value_by_name(&out_name) {
-                            Some(cap) => cap,
-                            None => match sg.add_capture(out_name.clone()) {
-                                Ok(cap) => cap,
-                                Err(_) => continue,
-                            },
-                        };
-                        sg.value_mut(cap).ty = sg.value(inner).ty.clone().or(ty.clone());
-                        if bypass(sg, id, cap) {
-                            sg.remove_capture(x);
-                            c.hoisted += 1;
-                            moved = true;
-                        }
-                    }
+            if let Some(out) = out {
+                moves.push((casts, g.value(out).name().to_string(), ty));
+            }
+        }
+        if moves.is_empty() {
+            continue;
+        }
+        // the bodies read the enclosing graph's Casts
+        let mut attrs = std::mem::take(&mut g.node_mut(n).attributes);
+        for (casts, out_name, ty) in moves {
+            for (ai, gi, id) in casts {
+                let sg = &mut attrs[ai].value.graphs_mut()[gi];
+                let (Some(inner), Some(x)) = (sg.node(id).outputs()[0], sg.node(id).inputs()[0])
+                else {
+                    continue;
+                };
+                let cap = match sg.value_by_name(&out_name) {
+                    Some(cap) => cap,
+                    None => match sg.add_capture(out_name.clone()) {
+                        Ok(cap) => cap,
+                        Err(_) => continue,
+                    },
+                };
+                sg.value_mut(cap).ty = sg.value(inner).ty.clone().or(ty.clone());
+                if bypass(sg, id, cap) {
+                    sg.remove_capture(x);
+                    c.hoisted += 1;
+                    any = true;
                 }
             }
-            g.node_mut(n).attributes = attrs;
         }
-        if moved {
-            // the node's implicit inputs: the names its bodies now capture, as `g` resolves them
-            let vs: Vec<ValueId> = g
-                .node(n)
-                .captured_names()
-                .iter()
-                .filter_map(|nm| g.value_by_name(nm))
-                .collect();
-            g.set_implicit_inputs(n, vs);
-            any = true;
-        }
+        g.node_mut(n).attributes = attrs;
+        // the node's implicit inputs: the names its bodies now capture, as `g` resolves them
+        let vs: Vec<ValueId> = g
+            .node(n)
+            .captured_names()
+            .iter()
+            .filter_map(|nm| g.value_by_name(nm))
+            .collect();
+        g.set_implicit_inputs(n, vs);
     }
     any
 }
 
 /// (captured name, dtype) of a body Cast that reads a value captured from the enclosing graph and whose output
-/// is neither a body output nor read by a nested subgraph (which names it: [`bypass`] refuses those).
+/// is [`replaceable`].
 fn captured_cast(sg: &Graph, id: NodeId) -> Option<(String, DType)> {
     let (to, x) = cast_parts(sg, id)?;
     let out = sg.node(id).outputs()[0]?;
-    let plain = sg
-        .uses(out)
-        .iter()
-        .all(|u| matches!(u, mpopt_ir::Use::Input(..)));
-    (sg.value(x).def() == Def::Capture && !sg.outputs().contains(&out) && plain)
+    (sg.value(x).def() == Def::Capture && replaceable(sg, out))
         .then(|| (sg.value(x).name().to_string(), to))
 }

@@ -324,7 +324,7 @@ fn judgeable(tols: &[Tolerance], refs: &[Outputs]) -> Result<Vec<String>, String
     let mut seen: Vec<(&str, usize, usize, bool)> = Vec::new();
     for (name, v) in refs.iter().flatten() {
         let Ok(t) = v.tensor() else { continue };
-        let nan = f32s(t).map_or(0, |x| x.iter().filter(|x| x.is_nan()).count());
+        let nan = nan_count(t);
         let classifier = t.shape.len() >= 2 && t.shape.last().is_some_and(|&d| d > 1);
         match seen.iter_mut().find(|s| s.0 == name) {
             Some(s) => {
@@ -567,6 +567,14 @@ pub(crate) fn check(
         }
     }
     Ok(ms)
+}
+
+/// The NaN elements of a tensor (none in a non-float one).
+pub(crate) fn nan_count(t: &mpopt_exec::Tensor) -> usize {
+    if !t.data.is_float() {
+        return 0;
+    }
+    f32s(t).map_or(0, |x| x.iter().filter(|x| x.is_nan()).count())
 }
 
 /// A float tensor's values as f32, borrowed when they are f32 already.

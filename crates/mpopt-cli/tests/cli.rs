@@ -184,12 +184,18 @@ fn truncated_empty_and_garbage_files_are_rejected() {
     }
 }
 
+/// A copy of the tiny test model in `dir` (`m.onnx`), and its bytes, to check it is left alone.
+fn tiny_model_in(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    let m = dir.join("m.onnx");
+    std::fs::copy(root().join("testdata/models/tiny_mlp.onnx"), &m).unwrap();
+    let bytes = std::fs::read(&m).unwrap();
+    (m, bytes)
+}
+
 #[test]
 fn output_equal_to_input_is_a_usage_error_and_leaves_the_input_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m.onnx");
-    std::fs::copy(root().join("testdata/models/tiny_mlp.onnx"), &m).unwrap();
-    let before = std::fs::read(&m).unwrap();
+    let (m, before) = tiny_model_in(dir.path());
     let same = dir.path().join(".").join("m.onnx");
     let (code, _, stderr) = mpopt(&["copy", m.to_str().unwrap(), "-o", same.to_str().unwrap()]);
     assert_eq!(code, 2);
@@ -206,9 +212,7 @@ fn output_equal_to_input_is_a_usage_error_and_leaves_the_input_alone() {
 #[test]
 fn no_written_file_may_be_one_the_command_reads_or_writes_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m.onnx");
-    std::fs::copy(root().join("testdata/models/tiny_mlp.onnx"), &m).unwrap();
-    let before = std::fs::read(&m).unwrap();
+    let (m, before) = tiny_model_in(dir.path());
     let inputs = dir.path().join("in.npz");
     let x = mpopt_exec::Tensor::f32(vec![2, 16], vec![0.5; 32]);
     mpopt_exec::io::write_npz(&inputs, &[("x".to_string(), &x)]).unwrap();

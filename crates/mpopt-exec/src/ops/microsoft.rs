@@ -11,12 +11,12 @@
 //!   `input + skip (+ bias)`, which is also the last output.
 //! - `SimplifiedLayerNormalization` (default domain): RMSNorm from `axis`.
 //!
-//! Normalization statistics are computed in f64 and the outputs rounded once, as the other normalizations here.
+//! The normalizations are the executor's own LayerNormalization and RMSNormalization (`nn::layer_norm_of`,
+//! `nn::rms_norm_of`) applied to the sum.
 
 use std::sync::Arc;
 
-use super::{Ctx, R, linalg, one};
-use crate::tensor::numel;
+use super::{Ctx, R, linalg, nn, one};
 use crate::{Data, Tensor, Value};
 
 /// `ctx`'s node (its attributes) with other inputs: to run a standard kernel on part of a fused op.
@@ -46,11 +46,17 @@ fn add(ctx: &Ctx, a: Tensor, b: Arc<Value>) -> R<Tensor> {
     tensor_of(super::elementwise::add(&mut c)?)
 }
 
-/// Applies `f` to every element of a float tensor (f32 or f64), in place.
+/// Applies `f` to every element of a float tensor (f32 or f64), in place, in parallel chunks as the
+/// elementwise kernels do.
 fn map_float(t: &mut Tensor, f: impl Fn(f64) -> f64 + Sync) -> R<()> {
+    use rayon::prelude::*;
+    const MIN: usize = super::elementwise::PAR_MIN;
     match &mut t.data {
-        Data::F32(v) => v.iter_mut().for_each(|x| *x = f(*x as f64) as f32),
-        Data::F64(v) => v.iter_mut().for_each(|x| *x = f(*x)),
+        Data::F32(v) => v
+            .par_iter_mut()
+            .with_min_len(MIN)
+            .for_each(|x| *x = f(*x as f64) as f32),
+        Data::F64(v) => v.par_iter_mut().with_min_len(MIN).for_each(|x| *x = f(*x)),
         d => return Err(format!("expected a float tensor, got {}", d.dtype())),
     }
     Ok(())
@@ -173,56 +179,9 @@ pub(crate) fn fast_gelu(ctx: &mut Ctx) -> R<Vec<Value>> {
     one(y)
 }
 
-/// Normalizes every run of `inner` elements of `x` (LayerNorm, or RMSNorm when `rms`), then scales by `gamma`
-/// and shifts by `beta` (each broadcast to the normalized dims). Returns the result and, per run, the mean and
-/// the inverse standard deviation.
-fn normalize(
-    x: &Tensor,
-    inner: usize,
-    eps: f64,
-    rms: bool,
-    gamma: &Tensor,
-    beta: Option<&Tensor>,
-    norm_shape: &[usize],
-) -> R<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-    for (name, t) in [("scale", Some(gamma)), ("bias", beta)] {
-        if let Some(t) = t {
-            super::nn::fits_normalized(name, &t.shape, norm_shape)?;
-        }
-    }
-    let g = gamma.to_f64s()?;
-    let go = super::elementwise::bcast_offsets(&gamma.shape, norm_shape);
-    let b = beta.map(|b| b.to_f64s()).transpose()?;
-    let bo = beta.map(|b| super::elementwise::bcast_offsets(&b.shape, norm_shape));
-    let mut v = x.to_f64s()?;
-    let (mut means, mut invs) = (Vec::new(), Vec::new());
-    for p in v.chunks_mut(inner.max(1)) {
-        let n = p.len().max(1) as f64;
-        let mean = if rms { 0.0 } else { p.iter().sum::<f64>() / n };
-        let var = p.iter().map(|e| (e - mean) * (e - mean)).sum::<f64>() / n;
-        let inv = 1.0 / (var + eps).sqrt();
-        for (k, e) in p.iter_mut().enumerate() {
-            *e = (*e - mean) * inv * g[go[k]];
-            if let (Some(b), Some(bo)) = (&b, &bo) {
-                *e += b[bo[k]];
-            }
-        }
-        means.push(mean);
-        invs.push(inv);
-    }
-    Ok((v, means, invs))
-}
-
-/// A float result in `like`'s dtype (f64 stays f64, anything else f32: half inputs were widened by `run`).
-fn float_like(like: &Tensor, shape: Vec<usize>, v: Vec<f64>) -> Tensor {
-    match like.data {
-        Data::F64(_) => Tensor::new(shape, Data::F64(v)),
-        _ => Tensor::f32(shape, v.iter().map(|&x| x as f32).collect()),
-    }
-}
-
-/// `SkipLayerNormalization` (`rms` false) and `SkipSimplifiedLayerNormalization` (`rms` true): outputs the
-/// normalized sum, the mean and inverse standard deviation (f32, one per row), and the sum itself.
+/// `SkipLayerNormalization` (`rms` false) and `SkipSimplifiedLayerNormalization` (`rms` true): the
+/// LayerNormalization (RMSNormalization) of `input + skip (+ bias)` over its last axis, its mean (zeros for
+/// RMS) and inverse standard deviation (f32, one per row), and the sum itself.
 fn skip_norm(ctx: &mut Ctx, rms: bool) -> R<Vec<Value>> {
     let x = ctx.t(0)?.clone();
     let skip = input(ctx, 1).ok_or("input 1 (skip) is required")?;
@@ -236,20 +195,24 @@ fn skip_norm(ctx: &mut Ctx, rms: bool) -> R<Vec<Value>> {
         return Err("the input needs at least one dim".into());
     }
     let ax = sum.rank() - 1;
-    let inner = sum.shape[ax];
-    let eps = ctx.af("epsilon", 1e-12) as f64;
+    let eps = ctx.af("epsilon", 1e-12);
     let gamma = ctx.t(2)?;
-    let beta = if rms { None } else { ctx.opt(3) };
-    let (y, means, invs) = normalize(&sum, inner, eps, rms, gamma, beta, &sum.shape[ax..])?;
-    let mut sshape = sum.shape.clone();
-    sshape[ax] = 1;
-    let f32s = |v: Vec<f64>| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
-    Ok(vec![
-        Value::Tensor(float_like(&sum, sum.shape.clone(), y)),
-        Value::Tensor(Tensor::f32(sshape.clone(), f32s(means))),
-        Value::Tensor(Tensor::f32(sshape, f32s(invs))),
-        Value::Tensor(sum),
-    ])
+    let mut outs = if rms {
+        let (y, invs) = nn::rms_norm_of(&sum, gamma, ax, eps as f64)?;
+        let sshape = nn::stats_shape(&sum.shape, ax);
+        vec![
+            Value::Tensor(y),
+            Value::Tensor(Tensor::f32(sshape.clone(), vec![0.0; invs.len()])),
+            Value::Tensor(Tensor::f32(
+                sshape,
+                invs.iter().map(|&v| v as f32).collect(),
+            )),
+        ]
+    } else {
+        nn::layer_norm_of(&sum, gamma, ctx.opt(3), ax, eps)?
+    };
+    outs.push(Value::Tensor(sum));
+    Ok(outs)
 }
 
 pub(crate) fn skip_layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
@@ -265,17 +228,11 @@ pub(crate) fn skip_simplified_layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
 pub(crate) fn simplified_layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let ax = super::dim_axis(ctx.ai("axis", -1), x.rank())?;
-    let inner = numel(&x.shape[ax..]);
-    let eps = ctx.af("epsilon", 1e-5) as f64;
-    let (y, _, invs) = normalize(x, inner, eps, true, ctx.t(1)?, None, &x.shape[ax..])?;
-    let mut sshape = x.shape.clone();
-    for d in sshape.iter_mut().skip(ax) {
-        *d = 1;
-    }
+    let (y, invs) = nn::rms_norm_of(x, ctx.t(1)?, ax, ctx.af("epsilon", 1e-5) as f64)?;
     Ok(vec![
-        Value::Tensor(float_like(x, x.shape.clone(), y)),
+        Value::Tensor(y),
         Value::Tensor(Tensor::f32(
-            sshape,
+            nn::stats_shape(&x.shape, ax),
             invs.iter().map(|&v| v as f32).collect(),
         )),
     ])

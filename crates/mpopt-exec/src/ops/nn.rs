@@ -220,21 +220,38 @@ pub(crate) fn fits_normalized(name: &str, shape: &[usize], dims: &[usize]) -> R<
 pub(crate) fn layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let ax = axis(ctx.ai("axis", -1), x.rank())?;
-    let eps = ctx.af("epsilon", 1e-5);
+    layer_norm_of(x, ctx.t(1)?, ctx.opt(2), ax, ctx.af("epsilon", 1e-5))
+}
+
+/// The shape of a normalization's per-row statistics: `shape` with the normalized dims (from `ax`) set to 1.
+pub(crate) fn stats_shape(shape: &[usize], ax: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    for d in s.iter_mut().skip(ax) {
+        *d = 1;
+    }
+    s
+}
+
+/// LayerNormalization of `x` over the dims from `ax`: `[normalized * scale + bias, mean, inverse standard
+/// deviation]`, the statistics f32 with one per row (also onnxruntime's SkipLayerNormalization's core).
+pub(crate) fn layer_norm_of(
+    x: &Tensor,
+    scale: &Tensor,
+    bias: Option<&Tensor>,
+    ax: usize,
+    eps: f32,
+) -> R<Vec<Value>> {
     let inner = numel(&x.shape[ax..]);
-    let scale = ctx.t(1)?;
     // scale and bias broadcast to the normalized dims, never past them
-    for (name, t) in [("scale", Some(scale)), ("bias", ctx.opt(2))] {
+    for (name, t) in [("scale", Some(scale)), ("bias", bias)] {
         if let Some(t) = t {
             fits_normalized(name, &t.shape, &x.shape[ax..])?;
         }
     }
     let sv = scale.to_f32s()?;
-    let bv = ctx.opt(2).map(|b| b.to_f32s()).transpose()?;
+    let bv = bias.map(|b| b.to_f32s()).transpose()?;
     let soffs = super::elementwise::bcast_offsets(&scale.shape, &x.shape[ax..]);
-    let boffs = ctx
-        .opt(2)
-        .map(|b| super::elementwise::bcast_offsets(&b.shape, &x.shape[ax..]));
+    let boffs = bias.map(|b| super::elementwise::bcast_offsets(&b.shape, &x.shape[ax..]));
     let mut v = x.to_f32s()?;
     let mut stats = Vec::new();
     normalize_chunks(&mut v, inner, eps, Some(&mut stats));
@@ -246,10 +263,7 @@ pub(crate) fn layer_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
             }
         }
     });
-    let mut sshape = x.shape.clone();
-    for d in sshape.iter_mut().skip(ax) {
-        *d = 1;
-    }
+    let sshape = stats_shape(&x.shape, ax);
     let mean: Vec<f32> = stats.iter().map(|s| s.0).collect();
     let inv: Vec<f32> = stats.iter().map(|s| s.1).collect();
     Ok(vec![
@@ -926,24 +940,36 @@ pub(crate) fn softmax_cross_entropy_loss(ctx: &mut Ctx) -> R<Vec<Value>> {
 pub(crate) fn rms_norm(ctx: &mut Ctx) -> R<Vec<Value>> {
     let x = ctx.t(0)?;
     let ax = axis(ctx.ai("axis", -1), x.rank())?;
-    let eps = ctx.af("epsilon", 1e-5) as f64;
+    let (y, _) = rms_norm_of(x, ctx.t(1)?, ax, ctx.af("epsilon", 1e-5) as f64)?;
+    one(y)
+}
+
+/// RMS normalization of `x` over the dims from `ax`, times `scale`, computed in f64: the result in `x`'s dtype,
+/// and each row's inverse RMS (also onnxruntime's SimplifiedLayerNormalization's and
+/// SkipSimplifiedLayerNormalization's core).
+pub(crate) fn rms_norm_of(
+    x: &Tensor,
+    scale: &Tensor,
+    ax: usize,
+    eps: f64,
+) -> R<(Tensor, Vec<f64>)> {
     let inner = numel(&x.shape[ax..]);
-    let scale = ctx.t(1)?;
     fits_normalized("scale", &scale.shape, &x.shape[ax..])?;
     let sv = scale.to_f64s()?;
     let soffs = super::elementwise::bcast_offsets(&scale.shape, &x.shape[ax..]);
     let mut v = x.to_f64s()?;
+    let mut invs = Vec::new();
     for p in v.chunks_mut(inner.max(1)) {
         let ms = p.iter().map(|e| e * e).sum::<f64>() / inner as f64;
         let inv = 1.0 / (ms + eps).sqrt();
         for (k, e) in p.iter_mut().enumerate() {
             *e = *e * inv * sv[soffs[k]];
         }
+        invs.push(inv);
     }
-    one(super::elementwise::cast_tensor(
-        &Tensor::new(x.shape.clone(), Data::F64(v)),
-        x.dtype(),
-    )?)
+    let y =
+        super::elementwise::cast_tensor(&Tensor::new(x.shape.clone(), Data::F64(v)), x.dtype())?;
+    Ok((y, invs))
 }
 
 pub(crate) fn lrn(ctx: &mut Ctx) -> R<Vec<Value>> {
