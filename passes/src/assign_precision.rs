@@ -1587,6 +1587,34 @@ fn decide_graph(
         }
     }
 
+    // --to auto: which fp32 nodes run bf16 instead, fp16's range being their only problem. A clear node
+    // computes nothing, so bf16 only helps it beside other low nodes: between fp32 nodes it would only add
+    // casts (and re-converting the result would lower the Cast added for its fp32 readers, renaming it
+    // each time). Such clear nodes follow the low nodes next to them, as clear nodes do.
+    let auto_bf16 = {
+        let eligible = |id: NodeId| {
+            color[id.index()] == Color::Fp32 && range_only[id.index()] && bf16_ok[id.index()]
+        };
+        let mut bf16 = vec![false; bound];
+        let mut q: VecDeque<NodeId> = VecDeque::new();
+        for &id in &order {
+            if eligible(id) && class[id.index()] != OpClass::Clear {
+                bf16[id.index()] = true;
+                q.push_back(id);
+            } else if color[id.index()] == Color::Low {
+                q.push_back(id);
+            }
+        }
+        while let Some(n) = q.pop_front() {
+            for m in succ(g, n).into_iter().chain(pred(g, n)) {
+                if !bf16[m.index()] && eligible(m) && class[m.index()] == OpClass::Clear {
+                    bf16[m.index()] = true;
+                    q.push_back(m);
+                }
+            }
+        }
+        bf16
+    };
     for &id in &order {
         let c = color[id.index()];
         if c == Color::None {
@@ -1595,7 +1623,7 @@ fn decide_graph(
         let (rule, evidence) = why[id.index()].take().unwrap_or_default();
         let (dtype, rule) = match c {
             Color::Low => (target, rule),
-            Color::Fp32 if range_only[id.index()] && bf16_ok[id.index()] => (
+            Color::Fp32 if auto_bf16[id.index()] => (
                 DType::BF16,
                 format!("auto: bf16, fp16's range is the only problem ({rule})"),
             ),

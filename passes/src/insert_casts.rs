@@ -6,7 +6,10 @@
 //!   for a node that made float32 (a model's own Cast to f16 or f64 keeps its `to`).
 //! - Every input then gets the dtype its node needs:
 //!   - the target for the data type parameters of a low node;
-//!   - the original dtype otherwise (shape-like and fixed-float32 inputs, fp32 nodes).
+//!   - the original dtype otherwise (shape-like and fixed-float32 inputs, fp32 nodes);
+//!   - except that a parameter only inputs name (Shape, ArgMax, IsNaN, Equal, ...) reads a low value as it
+//!     is (widening it would change nothing), unless onnx ties the output's type to it or the input's dtype
+//!     is the result (`TYPE_TIED_INPUTS`: BitCast, RMSNormalization, ...).
 //! - Where a value's dtype differs from what a consumer needs:
 //!   - an initializer or Constant is converted once: in place when every use wants the new dtype, copied when
 //!     fp32 and low consumers both need it. Clamping and flushing are reported per tensor, never silent;
@@ -18,7 +21,8 @@
 //! - Graph outputs keep their original dtype and name (a Cast back, under the original name). Subgraph outputs
 //!   always do, since If/Loop/Scan interfaces are unchanged; with `--io-types low`, the top graph's inputs
 //!   and outputs become the target type instead: each lowered input feeds one Cast back to float32 that its
-//!   readers take (`fuse-casts` cancels it before low readers), each float32 output gets a Cast to the target.
+//!   readers take (`fuse-casts` cancels it before low readers; a low node's slot whose parameter only inputs
+//!   name reads the input itself), each float32 output gets a Cast to the target.
 //! - A model with no default-domain import (ai.onnx.ml only) that now has Casts imports it.
 //!
 //! **Invariants.**
@@ -502,20 +506,26 @@ impl Pass for InsertCasts {
         // consumer's Cast back to the target type is cancelled by fuse-casts: f16 -> f32 -> f16 is exact).
         out.taken = all_names(&model.graph);
         let inputs: Vec<ValueId> = model.graph.inputs().to_vec();
+        let mut copies: HashMap<ValueId, ValueId> = HashMap::new();
         for v in inputs {
             if elem(&model.graph, v) == Some(DType::F32)
                 && model.graph.value(v).initializer.is_none()
                 && io_low(model.graph.value(v).name())
             {
-                low_input(&mut model.graph, v, self.target, &mut out.taken).map_err(|m| {
-                    PassError::Failed {
-                        pass: "insert-casts".into(),
-                        message: m,
-                    }
-                })?;
-                out.casts += 1;
+                let copy =
+                    low_input(&mut model.graph, v, self.target, &mut out.taken).map_err(|m| {
+                        PassError::Failed {
+                            pass: "insert-casts".into(),
+                            message: m,
+                        }
+                    })?;
+                if let Some(copy) = copy {
+                    copies.insert(copy, v);
+                    out.casts += 1;
+                }
             }
         }
+        out.casts -= read_lowered_inputs_as_they_are(&mut model.graph, &copies, &opsets);
         let orig = original_dtypes(&model.graph);
         let keep_output = |name: &str| !io_low(name);
         process(
@@ -625,7 +635,7 @@ fn low_input(
     v: ValueId,
     low: DType,
     taken: &mut HashSet<String>,
-) -> Result<(), String> {
+) -> Result<Option<ValueId>, String> {
     let readers: Vec<(NodeId, u32)> = g
         .uses(v)
         .iter()
@@ -636,7 +646,7 @@ fn low_input(
         .collect();
     set_elem(g, v, low);
     if readers.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let name = fresh(g, taken, &format!("{}__f32", g.value(v).name()));
     let wide = retyped_value(g, v, DType::F32, name.clone())?;
@@ -647,7 +657,72 @@ fn low_input(
     for (n, s) in readers {
         g.set_input(n, s, Some(wide));
     }
-    Ok(())
+    Ok(Some(wide))
+}
+
+/// `--io-types`: a low node whose data slot has an input-only type parameter (no output uses it:
+/// Attention's mask, ...) reads a lowered graph input as it is, not its float32 copy (`copies`: copy ->
+/// input), as `process` lets such slots read low values: widening first would be exact and change nothing.
+/// Every input bound to the parameter must then be low (or a copy). Without this, a second conversion of the
+/// result lowered the copy's Cast (a clear node beside a low one), and the slot read the input directly:
+/// not idempotent. Copies left unread are removed; returns how many.
+fn read_lowered_inputs_as_they_are(
+    g: &mut Graph,
+    copies: &HashMap<ValueId, ValueId>,
+    opsets: &Opsets,
+) -> u64 {
+    let mut repoint: Vec<(NodeId, u32, ValueId)> = Vec::new();
+    let mut seen: HashSet<NodeId> = HashSet::new();
+    // the copies in schedule order, so that the rewrite is deterministic
+    let mut ordered: Vec<(ValueId, ValueId)> = copies.iter().map(|(&c, &x)| (c, x)).collect();
+    ordered.sort_by_key(|&(c, _)| c.index());
+    for &(copy, _) in &ordered {
+        for u in g.uses(copy) {
+            let Use::Input(n, _) = *u else { continue };
+            if !seen.insert(n) {
+                continue;
+            }
+            let node = g.node(n);
+            // only for a node decided low: the next conversion lowers the copy's Cast beside it (a clear
+            // node next to a low one), and the slot then reads the low input; an fp32 node keeps the copy
+            if !node
+                .precision
+                .as_ref()
+                .is_some_and(|d| matches!(d.dtype, DType::F16 | DType::BF16))
+            {
+                continue;
+            }
+            let Some(s) = schema_of(node, opsets) else {
+                continue;
+            };
+            for (i, w) in node.inputs().iter().enumerate() {
+                let Some(w) = *w else { continue };
+                let Some(&x) = copies.get(&w) else { continue };
+                let input_only = elem(g, x).is_some_and(|have| {
+                    reads_low_as_it_is(node, s, i, have, |w| match copies.get(&w) {
+                        Some(&x) => elem(g, x),
+                        None => elem(g, w),
+                    })
+                });
+                if input_only {
+                    repoint.push((n, i as u32, x));
+                }
+            }
+        }
+    }
+    for (n, i, x) in repoint {
+        g.set_input(n, i, Some(x));
+    }
+    let mut removed = 0;
+    for (copy, _) in ordered {
+        if g.uses(copy).is_empty()
+            && let Some((p, _)) = g.producer(copy)
+        {
+            g.remove_node(p);
+            removed += 1;
+        }
+    }
+    removed
 }
 
 fn original_dtypes(g: &Graph) -> Vec<Option<DType>> {
@@ -770,6 +845,70 @@ fn initializer_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
 }
 
 /// Makes one graph agree with its decisions; then its subgraphs.
+/// A node's schema at the model's opset for its domain.
+fn schema_of(node: &Node, opsets: &Opsets) -> Option<&'static mpopt_ir::schema::OpSchema> {
+    let dom = if node.domain == "ai.onnx" {
+        ""
+    } else {
+        node.domain.as_str()
+    };
+    registry().get(dom, &node.op_type, opsets.version(dom).unwrap_or(1))
+}
+
+/// Ops whose outputs' types follow an input whose type parameter only inputs name, or whose meaning is that
+/// input's dtype: such an input is never read as a low value in place of the float32 one. Found by
+/// onnx.checker (onnx 1.23) on models where that input was f16 and the rest f32:
+/// - `BitCast` reinterprets the input's bits: its width is the result;
+/// - `RMSNormalization`: onnx's type inference gives Y the type of X (the schema says V, the scale's);
+/// - `EyeLike`, `RandomNormalLike`, `RandomUniformLike`, `Bernoulli`: without `dtype`, the output has the
+///   input's type;
+/// - sequence and optional constructors: the container's element type is the input's.
+const TYPE_TIED_INPUTS: &[&str] = &[
+    "BitCast",
+    "RMSNormalization",
+    "EyeLike",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Bernoulli",
+    "SequenceConstruct",
+    "SequenceInsert",
+    "SplitToSequence",
+    "SequenceMap",
+    "Optional",
+    "OptionalGetElement",
+    "OptionalHasElement",
+];
+
+/// Whether input `i` of `node`, now of dtype `have`, is read as it is: its type parameter types only inputs
+/// (Shape, Size, ArgMax, IsNaN, Equal, Attention's mask, ...), every input bound to it has that dtype
+/// (`dtype_of`), the schema allows it, and it is not fixed to float32. Widening first would be exact and
+/// change nothing. Never for [`TYPE_TIED_INPUTS`].
+fn reads_low_as_it_is(
+    node: &Node,
+    s: &mpopt_ir::schema::OpSchema,
+    i: usize,
+    have: DType,
+    dtype_of: impl Fn(ValueId) -> Option<DType>,
+) -> bool {
+    if node.in_default_domain() && TYPE_TIED_INPUTS.contains(&node.op_type.as_str()) {
+        return false;
+    }
+    if s.input_fixed_f32(i) {
+        return false;
+    }
+    let Some(p) = s.input_type_param(i) else {
+        return false;
+    };
+    // no formal output uses the parameter, present or not
+    !s.outputs
+        .iter()
+        .any(|o| o.ty == TypeSpec::Param(p.to_string()))
+        && node.inputs().iter().enumerate().all(|(j, w)| {
+            s.input_type_param(j) != Some(p) || w.is_none_or(|w| dtype_of(w) == Some(have))
+        })
+        && s.input_allows(i, have)
+}
+
 fn process(
     g: &mut Graph,
     target: DType,
@@ -797,13 +936,7 @@ fn process(
         if !matches!(low, DType::F16 | DType::BF16) {
             continue;
         }
-        let dom = if node.domain == "ai.onnx" {
-            ""
-        } else {
-            node.domain.as_str()
-        };
-        let Some(schema) = registry().get(dom, &node.op_type, opsets.version(dom).unwrap_or(1))
-        else {
+        let Some(schema) = schema_of(node, opsets) else {
             continue;
         };
         let params = data_params(g, id, schema);
@@ -865,12 +998,7 @@ fn process(
     }
     for &id in &order {
         let node = g.node(id);
-        let dom = if node.domain == "ai.onnx" {
-            ""
-        } else {
-            node.domain.as_str()
-        };
-        let schema = registry().get(dom, &node.op_type, opsets.version(dom).unwrap_or(1));
+        let schema = schema_of(node, opsets);
         let params = low_params.get(&id);
         for (i, v) in node.inputs().iter().enumerate() {
             let Some(v) = *v else { continue };
@@ -879,19 +1007,8 @@ fn process(
             };
             // A parameter that types only inputs (Shape, Size, ArgMax, IsNaN, ...): the node reads low values as
             // they are, since widening them first would be exact and change nothing.
-            let input_only = schema.is_some_and(|s| {
-                s.input_type_param(i).is_some_and(|p| {
-                    // no formal output uses the parameter, present or not
-                    !s.outputs
-                        .iter()
-                        .any(|o| o.ty == TypeSpec::Param(p.to_string()))
-                        && node.inputs().iter().enumerate().all(|(j, w)| {
-                            s.input_type_param(j) != Some(p)
-                                || w.is_none_or(|w| elem(g, w) == Some(have))
-                        })
-                        && s.input_allows(i, have)
-                })
-            });
+            let input_only =
+                schema.is_some_and(|s| reads_low_as_it_is(node, s, i, have, |w| elem(g, w)));
             if input_only {
                 continue;
             }

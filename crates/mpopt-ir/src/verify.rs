@@ -414,8 +414,52 @@ impl Cx {
         }
     }
 
+    /// Dtype ties that onnx's type inference enforces beyond the schema's type parameters (onnx.checker
+    /// refuses a model that breaks one): BitCast keeps the bit width; RMSNormalization's Y has X's type;
+    /// EyeLike, RandomNormalLike, RandomUniformLike and Bernoulli without `dtype` make the input's type.
+    fn inferred_ties(&mut self, g: &Graph, n: NodeId, scope: &str) {
+        let node = g.node(n);
+        if !node.in_default_domain() {
+            return;
+        }
+        let elem = |v: Option<&Option<crate::ValueId>>| {
+            v.copied()
+                .flatten()
+                .and_then(|v| g.value(v).ty.as_ref().and_then(|t| t.tensor_elem()))
+        };
+        let (input, output) = (elem(node.inputs().first()), elem(node.outputs().first()));
+        let problem = match node.op_type.as_str() {
+            "BitCast" => match (input, output) {
+                (Some(i), Some(o)) if i.bits() != o.bits() => Some(format!(
+                    "BitCast from {i} ({} bits) to {o} ({} bits): the widths must be equal",
+                    i.bits(),
+                    o.bits()
+                )),
+                _ => None,
+            },
+            "RMSNormalization" | "EyeLike" | "RandomNormalLike" | "RandomUniformLike"
+            | "Bernoulli"
+                if node.op_type == "RMSNormalization" || node.attr("dtype").is_none() =>
+            {
+                match (input, output) {
+                    (Some(i), Some(o)) if i != o => Some(format!(
+                        "{} reads {i} but its output is {o}: onnx's type inference gives the output \
+                         the input's type",
+                        node.op_type
+                    )),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if let Some(p) = problem {
+            self.push(scope, format!("node {}: {p}", node_label(g, n)));
+        }
+    }
+
     fn node_types(&mut self, g: &Graph, n: NodeId, scope: &str) {
         self.type_params(g, n, scope);
+        self.inferred_ties(g, n, scope);
         let node = g.node(n);
         if node.op_type == "Cast" && (node.domain.is_empty() || node.domain == "ai.onnx") {
             let to = node.attr("to").and_then(|a| match a.value {
@@ -560,5 +604,35 @@ mod tests {
             e.to_string(),
             "graph 'main': initializer 'w' holds f32 but is declared f16"
         );
+    }
+
+    #[test]
+    fn reports_the_dtype_ties_of_onnx_type_inference() {
+        // one node reading %y: f16 and writing %z
+        let verdict = |z: &str, node: &str| {
+            let src = format!(
+                "ir_version 13\nopset ai.onnx 26\n\ngraph @g(%y: f16[2]) -> (%z: {z}) {{\n  \
+                 %s = const f32[2] [1.0, 1.0]\n  %z = {node}\n}}"
+            );
+            verify_model(&crate::text::parse_model(&src).unwrap()).map_err(|e| e.to_string())
+        };
+        let e = verdict("i32[2]", "BitCast(%y) {to = 6}").unwrap_err();
+        assert!(
+            e.contains("BitCast from f16 (16 bits) to i32 (32 bits)"),
+            "{e}"
+        );
+        let e = verdict("f32[2]", "RMSNormalization(%y, %s)").unwrap_err();
+        assert!(
+            e.contains("RMSNormalization reads f16 but its output is f32"),
+            "{e}"
+        );
+        let e = verdict("f32[2]", "RandomNormalLike(%y)").unwrap_err();
+        assert!(
+            e.contains("RandomNormalLike reads f16 but its output is f32"),
+            "{e}"
+        );
+        // the same widths, or a `dtype` that says the output's type: valid
+        verdict("i16[2]", "BitCast(%y) {to = 5}").unwrap();
+        verdict("f32[2]", "RandomNormalLike(%y) {dtype = 1}").unwrap();
     }
 }
