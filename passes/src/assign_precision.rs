@@ -7,9 +7,12 @@
 //! schema and data checks ONNX needs.
 //!
 //! **Algorithm**, per graph (subgraphs are decided on their own; control-flow nodes keep their interface):
-//! 1. Classify each node by the policy table (`policy.rs`), with user class overrides.
+//! 1. Classify each node by the policy table (`policy.rs`), with user class overrides; a ScatterElements or
+//!    ScatterND with a `reduction` is deny (it accumulates, and onnxruntime has no f16 kernel for it).
 //! 2. Gates that keep a node fp32 whatever its class:
 //!    - its schema allows no target-precision type for its data at the model's opset;
+//!    - it reads or writes a sequence or optional (no Cast converts a container, and onnx ties its element
+//!      type to the node's tensors);
 //!    - a float initializer or Constant feeding its data holds values beyond the target's finite range, or
 //!      small non-zero values that would flush to zero where that matters: any in a constant of at most 16
 //!      elements (epsilons, masks, scales); in a larger one, more than 1% of its values, except for the
@@ -372,6 +375,15 @@ pub(crate) fn data_params(g: &Graph, n: NodeId, schema: &OpSchema) -> Vec<String
         {
             add(schema.input_type_param(i));
         }
+    }
+    // The statistics outputs of a normalization with `stash_type` (LayerNormalization's Mean and InvStdDev,
+    // U) have the type that attribute names, whatever the data's: lowered to bf16 (which U allows),
+    // onnx.checker refused them. A parameter that only outputs name is not data there.
+    if schema.attribute("stash_type").is_some() {
+        ps.retain(|p| {
+            (0..node.inputs().len().max(schema.inputs.len()))
+                .any(|i| schema.input_type_param(i) == Some(p.as_str()))
+        });
     }
     // A parameter that also types a shape-like input (Resize roi, BatchNormalization-15 statistics) is not data.
     ps.retain(|p| {
@@ -1177,6 +1189,19 @@ fn decide_graph(
         };
         let (mut c, reason) = class_of(dom, &node.op_type);
         let mut evidence = format!("{}: {reason}", c.name());
+        // A scatter with a reduction combines what it writes (add and mul accumulate the updates of repeated
+        // indices, which fp16 rounds at each step), and onnxruntime's CPU provider has no f16 kernel for
+        // any reduction: it refused the lowered node at run time.
+        if dom.is_empty()
+            && matches!(node.op_type.as_str(), "ScatterElements" | "ScatterND")
+            && let Some(r) = node.attr_string("reduction").filter(|r| r != "none")
+        {
+            c = OpClass::Deny;
+            evidence = format!(
+                "deny: scatter with reduction '{r}': it accumulates repeated indices, and onnxruntime's \
+                 CPU provider has no f16 kernel for it"
+            );
+        }
         if let Some((_, _, oc)) = opts
             .classes
             .iter()
@@ -1266,6 +1291,34 @@ fn decide_graph(
                 format!(
                     "Cast at opset {} cannot make {target}: no cast to it could be placed",
                     opsets.version("").unwrap_or_default()
+                ),
+            );
+            color[id.index()] = Color::Fp32;
+            continue;
+        }
+        // Gate: a node that reads or writes a sequence or an optional. No Cast converts a container, and
+        // onnx ties its element type to the tensors the node reads or writes (SplitToSequence's input,
+        // SequenceAt's output): lowered, such a node gave models onnx.checker refused once a low node fed
+        // it. Its tensors get Casts instead; the container keeps its element type.
+        if let Some(v) = node
+            .inputs()
+            .iter()
+            .chain(node.outputs())
+            .flatten()
+            .find(|&&v| {
+                g.value(v)
+                    .ty
+                    .as_ref()
+                    .is_some_and(|t| !matches!(t.ty, mpopt_ir::Type::Tensor { .. }))
+            })
+        {
+            fp32(
+                &mut why,
+                "container".into(),
+                format!(
+                    "'{}' is a sequence or optional: no Cast converts it, and its element type is tied to \
+                     the node's tensors",
+                    g.value(*v).name()
                 ),
             );
             color[id.index()] = Color::Fp32;

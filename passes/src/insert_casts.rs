@@ -923,23 +923,35 @@ fn process(
 
     // Phase 1: final output dtypes of low nodes; which inputs need which dtype.
     let mut needs: Vec<(ValueId, DType, Use)> = Vec::new();
+    // Each low node's data parameters (and its low type), read before any output is retyped: they are the
+    // parameters bound to float32 data as `assign-precision` decided, and a producer retyped first would
+    // hide an input-only binding (Attention's V, T2, after a low MatMul: V was cast back to f32 beside an
+    // f16 Q, which onnxruntime refuses).
     let mut low_params: HashMap<NodeId, (Vec<String>, DType)> = HashMap::new();
-    // low Constant and ConstantOfShape nodes that made float32, retargeted after the loop
-    let mut constants: Vec<(NodeId, DType)> = Vec::new();
     for &id in &order {
         let node = g.node(id);
-        let Some(d) = node.precision.as_ref() else {
+        let Some(low) = node.precision.as_ref().map(|d| d.dtype) else {
             continue;
         };
         // the node's own low type: the target, or bf16 where `--to auto` chose it
-        let low = d.dtype;
         if !matches!(low, DType::F16 | DType::BF16) {
             continue;
         }
+        if let Some(schema) = schema_of(node, opsets) {
+            low_params.insert(id, (data_params(g, id, schema), low));
+        }
+    }
+    // low Constant and ConstantOfShape nodes that made float32, retargeted after the loop
+    let mut constants: Vec<(NodeId, DType)> = Vec::new();
+    for &id in &order {
+        let Some((params, low)) = low_params.get(&id) else {
+            continue;
+        };
+        let (params, low) = (params.clone(), *low);
+        let node = g.node(id);
         let Some(schema) = schema_of(node, opsets) else {
             continue;
         };
-        let params = data_params(g, id, schema);
         let outs: Vec<(usize, ValueId)> = node
             .outputs()
             .iter()
@@ -955,7 +967,6 @@ fn process(
                 set_elem(g, v, low);
             }
         }
-        low_params.insert(id, (params, low));
         // only a node that made float32 now makes the low type: a Cast to f16 (or f64) in a model that
         // is already mixed keeps its `to`, which its consumers were built for
         let made_f32 = g
