@@ -156,6 +156,7 @@ impl Selector {
         match self {
             Selector::Op { domain, op } if domain.is_empty() => op.clone(),
             Selector::Op { domain, op } => format!("{domain}::{op}"),
+            Selector::Domain(d) if d.is_empty() => "domain:ai.onnx".into(),
             Selector::Domain(d) => format!("domain:{d}"),
             Selector::NodeName(re) => format!("node:{}", re.as_str()),
         }
@@ -1479,7 +1480,12 @@ fn decide_graph(
                 opts.target
             );
         }
-        if let Some(sel) = opts.force_low.iter().find(|s| s.matches(node)) {
+        // (not a control-flow node: its interface stays as it is, and the selector reaches its bodies' nodes;
+        // not BitCast, whose input's bit width is its meaning: lowered, it made a model the verifier refused)
+        if c != OpClass::Keep
+            && !(dom.is_empty() && node.op_type == "BitCast")
+            && let Some(sel) = opts.force_low.iter().find(|s| s.matches(node))
+        {
             why[id.index()] = Some((format!("user: --force-low {}", sel.text()), evidence));
             color[id.index()] = Color::Low;
             continue;

@@ -2,8 +2,9 @@
 //!
 //! **What.**
 //! - A node decided low has its float32 data outputs retyped to the target. Its dtype-carrying attributes
-//!   follow: Cast `to`, ConstantOfShape `value`, Random* and EyeLike `dtype`, and a Constant's `value`; only
-//!   for a node that made float32 (a model's own Cast to f16 or f64 keeps its `to`).
+//!   follow: Cast `to`, ConstantOfShape `value`, Random*, EyeLike and Bernoulli `dtype`, the windows' and
+//!   MelWeightMatrix's `output_datatype`, and a Constant's `value`; only for a node that made float32 (a
+//!   model's own Cast to f16 or f64 keeps its `to`).
 //! - Every input then gets the dtype its node needs:
 //!   - the target for the data type parameters of a low node;
 //!   - the original dtype otherwise (shape-like and fixed-float32 inputs, fp32 nodes);
@@ -753,8 +754,10 @@ fn retarget_attributes(
     };
     match n.op_type.as_str() {
         "Cast" => set_int(n, "to"),
-        "RandomNormal" | "RandomUniform" | "RandomNormalLike" | "RandomUniformLike" | "EyeLike" => {
-            set_int(n, "dtype")
+        "RandomNormal" | "RandomUniform" | "RandomNormalLike" | "RandomUniformLike" | "EyeLike"
+        | "Bernoulli" => set_int(n, "dtype"),
+        "HannWindow" | "HammingWindow" | "BlackmanWindow" | "MelWeightMatrix" => {
+            set_int(n, "output_datatype")
         }
         "ConstantOfShape" | "Constant" => {
             let label = if n.name.is_empty() {

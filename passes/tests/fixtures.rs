@@ -2,7 +2,8 @@
 //! (`; RUN: infer-types`), is parsed, run through those passes with the verifier after each, and snapshotted as
 //! the full-context diff between the IR before and after, followed by the passes' notes. `; INPUT-RANGE:
 //! NAME=LO:HI` lines declare input ranges for `analyze-ranges`; `; TO: bf16` converts to bf16; `; TO: auto` runs `assign-precision` with bf16
-//! where fp16's range is the only problem; `; IO: low` runs `insert-casts` with `--io-types low`. `; CALIB: NAME=LO:HI` lines make one calibration input set (the
+//! where fp16's range is the only problem; `; IO: low` runs `insert-casts` with `--io-types low`; `; FORCE-LOW:
+//! SELECTOR` lines are `--force-low` selectors. `; CALIB: NAME=LO:HI` lines make one calibration input set (the
 //! input's elements spread over [LO, HI] by the golden ratio) for `calibrate` and `search-precision`, and
 //! `; TOLERANCE: METRIC=VALUE` lines give the search its budget. A fixture whose name
 //! starts with `no_` is negative: it must come out unchanged, and the passes must say they changed nothing.
@@ -10,7 +11,7 @@
 use std::path::Path;
 
 use mpopt_passes::analyze_ranges::{AnalyzeRanges, RangeOptions};
-use mpopt_passes::assign_precision::{AssignPrecision, PrecisionOptions};
+use mpopt_passes::assign_precision::{AssignPrecision, PrecisionOptions, Selector};
 use mpopt_passes::calibrate::{Calibrate, InputSet};
 use mpopt_passes::insert_casts::InsertCasts;
 use mpopt_passes::measure_gates::MeasureGates;
@@ -40,6 +41,12 @@ fn run_fixture(path: &Path) -> String {
     let bf16 = src.lines().any(|l| l.trim() == "; TO: bf16");
     // `; IO: low` converts float32 graph inputs and outputs too (`--io-types low`).
     let io_low = src.lines().any(|l| l.trim() == "; IO: low");
+    // `; FORCE-LOW: SELECTOR` lines are `--force-low` selectors.
+    let force_low: Vec<Selector> = src
+        .lines()
+        .filter_map(|l| l.strip_prefix("; FORCE-LOW:"))
+        .map(|sel| Selector::parse(sel.trim()).unwrap())
+        .collect();
     let mut model =
         mpopt_ir::text::parse_model(&src).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let calib: InputSet = src
@@ -80,12 +87,14 @@ fn run_fixture(path: &Path) -> String {
         .split(',')
         .map(|n| match n.trim() {
             "analyze-ranges" => Box::new(AnalyzeRanges::new(ranges.clone())) as Box<dyn Pass>,
-            "assign-precision" if auto => Box::new(AssignPrecision::new(PrecisionOptions {
-                auto_bf16: true,
-                ..PrecisionOptions::default()
-            })),
-            "assign-precision" if bf16 => Box::new(AssignPrecision::new(PrecisionOptions {
-                target: mpopt_ir::DType::BF16,
+            "assign-precision" => Box::new(AssignPrecision::new(PrecisionOptions {
+                target: if bf16 {
+                    mpopt_ir::DType::BF16
+                } else {
+                    mpopt_ir::DType::F16
+                },
+                auto_bf16: auto,
+                force_low: force_low.clone(),
                 ..PrecisionOptions::default()
             })),
             "insert-casts" if bf16 => Box::new(InsertCasts::new(
