@@ -3,7 +3,8 @@
 
     python3 testdata/make_models.py
 
-models/      valid models used by snapshot tests, the README's example and the round-trip tests
+models/      valid models used by snapshot tests, the README's example and the round-trip tests (and
+             out_of_order.onnx, valid but for its node order, which mpopt repairs when it loads)
 bad/         deliberately broken models for the bad-input tests (each one breaks exactly one rule)
 """
 from __future__ import annotations
@@ -180,6 +181,16 @@ def external(folder, location, truncate=None):
             f.write(bytes(data))
 
 
+def out_of_order():
+    """tiny_mlp with its nodes listed last to first, as onnxruntime's float16 converter lists casts after their
+    readers: onnx.checker refuses the order, onnxruntime sorts it, and mpopt sorts it when it loads."""
+    m = tiny_mlp()
+    nodes = list(m.graph.node)[::-1]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    return m
+
+
 def bad_models():
     m = tiny_mlp()
     # A cycle: fc1 reads the output of act, which depends on fc1.
@@ -215,6 +226,7 @@ def main():
     save(if_outer(), "models", "if_outer.onnx")
     save(loop_carried(), "models", "loop_carried.onnx")
     save(with_function(), "models", "with_function.onnx")
+    save(out_of_order(), "models", "out_of_order.onnx", check=False)
     external("models/external", "weights.bin")
     onnx.checker.check_model(os.path.join(HERE, "models/external/model.onnx"), full_check=True)
     bad_models()

@@ -127,13 +127,42 @@ fn replaceable(g: &Graph, out: ValueId) -> bool {
             .all(|u| matches!(u, mpopt_ir::Use::Input(..)))
 }
 
-/// Replaces the Cast `n`'s output by `with` everywhere and removes the Cast, where it is [`replaceable`].
+/// Replaces the Cast `n`'s output by `with` (a value of the same dtype) everywhere and removes the Cast. Not
+/// for a graph output (its name is the interface). Subgraphs that read the output by name are made to read
+/// `with`'s name instead (their captures renamed), unless one of them already has a value of that name:
+/// then the Cast stays. Before, any such Cast stayed, so a model's own Cast made a no-op by the decisions
+/// (onnxruntime's float16 converter's input casts, read by the branches of silero_vad_v6's `If`) was left.
 fn bypass(g: &mut Graph, n: NodeId, with: ValueId) -> bool {
     let Some(out) = g.node(n).outputs()[0] else {
         return false;
     };
-    if !replaceable(g, out) {
+    if g.outputs().contains(&out) {
         return false;
+    }
+    let mut readers: Vec<NodeId> = g
+        .uses(out)
+        .iter()
+        .filter_map(|u| match *u {
+            mpopt_ir::Use::Implicit(m, _) => Some(m),
+            mpopt_ir::Use::Input(..) => None,
+        })
+        .collect();
+    readers.dedup();
+    if !readers.is_empty() {
+        let (old, new) = (
+            g.value(out).name().to_string(),
+            g.value(with).name().to_string(),
+        );
+        if readers.iter().any(|&m| {
+            g.node(m)
+                .subgraphs()
+                .any(|(_, sg)| all_names(sg).contains(&new))
+        }) {
+            return false;
+        }
+        for m in readers {
+            g.rename_captures(m, &old, &new);
+        }
     }
     g.replace_all_uses(out, with);
     g.remove_node(n);

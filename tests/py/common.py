@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -128,3 +129,13 @@ def suite_parser(doc, json_help):
     ap.add_argument("--json", help=json_help)
     ap.add_argument("roots", nargs="+")
     return ap
+
+
+def report_copies(what, made, skipped, why):
+    """Prints what a copy generator wrote and skipped (with `why` the skipped could not be made); exits
+    non-zero when it wrote nothing, so that CI does not check an empty folder."""
+    for s in skipped:
+        print(f"skipped {s}")
+    print(f"{what}: {made} written, {len(skipped)} {why}")
+    if made == 0:
+        sys.exit(f"{what}: none written")

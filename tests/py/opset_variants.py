@@ -21,6 +21,9 @@ import sys
 
 import onnx
 import onnxruntime as ort
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import report_copies  # noqa: E402
 from onnx import version_converter
 
 TARGETS = (13, 17, 21)
@@ -58,11 +61,7 @@ def main():
                     shutil.copy(os.path.join(src, f), dst)
             made += 1
             print(f"{tag}: from opset {current}")
-    for s in skipped:
-        print(f"skipped {s}")
-    print(f"opset variants: {made} written, {len(skipped)} the converter cannot make")
-    if made == 0:
-        sys.exit("no variant written")
+    report_copies("opset variants", made, skipped, "the converter cannot make")
 
 
 if __name__ == "__main__":

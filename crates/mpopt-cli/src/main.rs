@@ -149,8 +149,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads a model; what loading repaired (a schedule put in topological order) is said on stderr.
 pub(crate) fn load(path: &Path) -> Result<mpopt_ir::Model> {
-    Ok(mpopt_onnx::load(path)?)
+    let (m, notes) = mpopt_onnx::load_with_notes(path)?;
+    if !notes.is_empty() {
+        let text: String = notes
+            .iter()
+            .map(|n| format!("note: {}: {n}\n", path.display()))
+            .collect();
+        eprint!("{text}");
+    }
+    Ok(m)
 }
 
 /// Runs `infer-types` on the model.

@@ -137,6 +137,27 @@ fn converting_a_converted_model_changes_nothing() {
 }
 
 #[test]
+fn a_model_out_of_topological_order_is_sorted_with_a_note() {
+    // tiny_mlp with its nodes listed last to first (onnxruntime's float16 converter appends input casts so)
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+    let (code, _, err) = mpopt(&["testdata/models/out_of_order.onnx", "-o", s(&a)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("not in topological order (4 node(s) read a value produced later); sorted"),
+        "{err}"
+    );
+    // the result is the conversion of the model in order
+    let (code, _, err) = mpopt(&[MLP, "-o", s(&b)]);
+    assert_eq!(code, 0, "{err}");
+    let (_, pa, _) = mpopt(&["print", s(&a)]);
+    let (_, pb, _) = mpopt(&["print", s(&b)]);
+    assert_eq!(pa, pb);
+    // a model in order gets no note
+    assert!(!err.contains("topological"), "{err}");
+}
+
+#[test]
 fn io_types_low_and_bf16() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("low.onnx");

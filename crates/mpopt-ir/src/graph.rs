@@ -719,6 +719,62 @@ impl Graph {
         }
     }
 
+    /// Puts the schedule in topological order when it is not (a node reading a value that a later node
+    /// produces; onnxruntime's float16 converter appends its input casts at the end of the node list). The
+    /// order is the stable one: among the nodes whose inputs are ready, the earliest in the old schedule
+    /// goes first, so a schedule already in order is unchanged. Returns how many nodes read a value that a
+    /// later node produced (0 when the schedule was in order, and is left as it is), or `None` when the
+    /// graph has a cycle (left as it is, for the verifier to name). O(N log N). Subgraphs are not visited:
+    /// call it on each.
+    pub fn sort_topologically(&mut self) -> Option<usize> {
+        let old: Vec<NodeId> = self.nodes().map(|(id, _)| id).collect();
+        let mut pos = vec![usize::MAX; self.node_bound()];
+        for (i, &n) in old.iter().enumerate() {
+            pos[n.index()] = i;
+        }
+        // the producers each node waits for (a value read twice counts twice, and is released twice)
+        let mut waiting = vec![0usize; self.node_bound()];
+        let mut early = 0;
+        for &n in &old {
+            let node = self.node(n);
+            let mut reads_later = false;
+            for &v in node.inputs().iter().flatten().chain(node.implicit_inputs()) {
+                if let Some((p, _)) = self.producer(v) {
+                    waiting[n.index()] += 1;
+                    reads_later |= pos[p.index()] >= pos[n.index()];
+                }
+            }
+            early += usize::from(reads_later);
+        }
+        if early == 0 {
+            return Some(0);
+        }
+        let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = old
+            .iter()
+            .filter(|n| waiting[n.index()] == 0)
+            .map(|n| std::cmp::Reverse(pos[n.index()]))
+            .collect();
+        let mut order = Vec::with_capacity(old.len());
+        while let Some(std::cmp::Reverse(i)) = ready.pop() {
+            let n = old[i];
+            order.push(n);
+            for v in self.node(n).outputs().iter().flatten() {
+                for u in self.uses(*v) {
+                    let m = u.node();
+                    waiting[m.index()] -= 1;
+                    if waiting[m.index()] == 0 {
+                        ready.push(std::cmp::Reverse(pos[m.index()]));
+                    }
+                }
+            }
+        }
+        if order.len() != old.len() {
+            return None;
+        }
+        self.set_order(&order);
+        Some(early)
+    }
+
     fn unuse(&mut self, v: ValueId, u: Use) {
         let uses = &mut self.values[v.index()].uses;
         if let Some(pos) = uses.iter().position(|&x| x == u) {
@@ -894,6 +950,47 @@ mod tests {
 
     fn f32_ty() -> Option<TypeInfo> {
         Some(TypeInfo::tensor(DType::F32, None))
+    }
+
+    #[test]
+    fn sorts_a_schedule_out_of_order_stably() {
+        // c reads b's output and a's, b reads the cast appended last (as onnxruntime's float16 converter
+        // writes it); d depends on nothing and keeps its place among the ready nodes
+        let mut g = Graph::new("g");
+        let x = g.add_input("x", f32_ty()).unwrap();
+        let [h, y, z, w] = ["h", "y", "z", "w"].map(|n| g.add_value(n, None).unwrap());
+        let a = g
+            .add_node(Node::new("Relu"), &[Some(x)], &[Some(y)])
+            .unwrap();
+        let b = g
+            .add_node(Node::new("Neg"), &[Some(h)], &[Some(z)])
+            .unwrap();
+        let d = g
+            .add_node(Node::new("Abs"), &[Some(x)], &[Some(w)])
+            .unwrap();
+        let cast = g
+            .add_node(Node::new("Cast"), &[Some(x)], &[Some(h)])
+            .unwrap();
+        let order = |g: &Graph| g.nodes().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(
+            g.sort_topologically(),
+            Some(1),
+            "one node read a later value"
+        );
+        assert_eq!(order(&g), vec![a, d, cast, b]);
+        // in order now: nothing moves
+        assert_eq!(g.sort_topologically(), Some(0));
+        assert_eq!(order(&g), vec![a, d, cast, b]);
+        // a cycle is left for the verifier
+        let mut c = Graph::new("c");
+        let [p, q] = ["p", "q"].map(|n| c.add_value(n, None).unwrap());
+        c.add_node(Node::new("Neg"), &[Some(q)], &[Some(p)])
+            .unwrap();
+        c.add_node(Node::new("Neg"), &[Some(p)], &[Some(q)])
+            .unwrap();
+        let before = order(&c);
+        assert_eq!(c.sort_topologically(), None);
+        assert_eq!(order(&c), before);
     }
 
     #[test]

@@ -59,17 +59,44 @@ pub struct SaveSummary {
 
 /// Loads a model file, reading external data relative to its folder, and verifies the result.
 pub fn load(path: &Path) -> Result<Model, OnnxError> {
+    load_with_notes(path).map(|(m, _)| m)
+}
+
+/// [`load`], with what loading repaired: a graph whose nodes were not in topological order is put in
+/// order (onnxruntime's float16 converter appends the casts of graph inputs at the end of the node list;
+/// onnxruntime sorts such a model, onnx.checker refuses it). Each note names the graph and how many of its
+/// nodes read a value produced later.
+pub fn load_with_notes(path: &Path) -> Result<(Model, Vec<String>), OnnxError> {
     let file = std::fs::File::open(path).map_err(|e| OnnxError::io(path, e))?;
     // SAFETY: the map is read-only; mpopt never writes to its inputs (saves go to a new file and refuse to
     // replace an input), so the only hazard is another process truncating the file while we read it.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| OnnxError::io(path, e))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let model = decode_with_base(Bytes::from_owner(map), path, Some(&base))?;
+    let mut model = decode_with_base(Bytes::from_owner(map), path, Some(&base))?;
+    let notes = put_in_order(&mut model.graph);
     mpopt_ir::verify_model(&model).map_err(|e| OnnxError::Invalid {
         path: path.to_path_buf(),
         problems: e,
     })?;
-    Ok(model)
+    Ok((model, notes))
+}
+
+/// Sorts `g` and every graph nested in it topologically where they are not
+/// ([`mpopt_ir::Graph::sort_topologically`]); one note per graph reordered. A cycle is left for the verifier
+/// to name.
+fn put_in_order(g: &mut mpopt_ir::Graph) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(early) = g.sort_topologically()
+        && early > 0
+    {
+        notes.push(format!(
+            "graph '{}': not in topological order ({early} node(s) read a value produced later); sorted, \
+             values and names unchanged",
+            g.name
+        ));
+    }
+    g.for_each_subgraph_mut(|_, _, sg| notes.extend(put_in_order(sg)));
+    notes
 }
 
 /// Decodes a model from bytes. External data is refused (there is no folder to read it from).
