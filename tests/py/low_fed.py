@@ -56,7 +56,8 @@ def low_fed(model: onnx.ModelProto) -> bool:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("suite", help="a folder of node-suite tests (model.onnx and test_data_set_*)")
+    ap.add_argument("suite", help="a folder of node-suite tests (model.onnx and test_data_set_*), or of corpus-style "
+                                  "model folders (model.onnx and inputs.npz)")
     ap.add_argument("out")
     a = ap.parse_args()
     made = 0
@@ -70,6 +71,9 @@ def main():
         onnx.save(model, os.path.join(dst, "model.onnx"))
         for data in glob.glob(os.path.join(src, "test_data_set_*")):
             shutil.copytree(data, os.path.join(dst, os.path.basename(data)), dirs_exist_ok=True)
+        # corpus-style folders: their inputs (the metric floors are for the original's numerics: not copied)
+        if os.path.exists(os.path.join(src, "inputs.npz")):
+            shutil.copy(os.path.join(src, "inputs.npz"), dst)
         made += 1
     print(f"low-fed copies: {made}")
     if made == 0:
