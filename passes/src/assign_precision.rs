@@ -1183,11 +1183,7 @@ fn decide_graph(
         }
         let node = g.node(id);
         color[id.index()] = Color::Open;
-        let dom = if node.domain == "ai.onnx" {
-            ""
-        } else {
-            node.domain.as_str()
-        };
+        let dom = mpopt_ir::canonical_domain(&node.domain);
         let (mut c, reason) = class_of(dom, &node.op_type);
         let mut evidence = format!("{}: {reason}", c.name());
         // A scatter with a reduction combines what it writes (add and mul accumulate the updates of repeated

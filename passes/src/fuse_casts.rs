@@ -139,7 +139,8 @@ fn bypass(g: &mut Graph, n: NodeId, with: ValueId) -> bool {
     if g.outputs().contains(&out) {
         return false;
     }
-    let mut readers: Vec<NodeId> = g
+    // (a node lists each name it captures once among its implicit inputs)
+    let readers: Vec<NodeId> = g
         .uses(out)
         .iter()
         .filter_map(|u| match *u {
@@ -147,7 +148,6 @@ fn bypass(g: &mut Graph, n: NodeId, with: ValueId) -> bool {
             mpopt_ir::Use::Input(..) => None,
         })
         .collect();
-    readers.dedup();
     if !readers.is_empty() {
         let (old, new) = (
             g.value(out).name().to_string(),

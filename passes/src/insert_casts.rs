@@ -10,7 +10,7 @@
 //!   - the original dtype otherwise (shape-like and fixed-float32 inputs, fp32 nodes);
 //!   - except that a parameter only inputs name (Shape, ArgMax, IsNaN, Equal, ...) reads a low value as it
 //!     is (widening it would change nothing), unless onnx ties the output's type to it or the input's dtype
-//!     is the result (`TYPE_TIED_INPUTS`: BitCast, RMSNormalization, ...).
+//!     is the result (`type_tied`: BitCast, RMSNormalization, ...).
 //! - Where a value's dtype differs from what a consumer needs:
 //!   - an initializer or Constant is converted once: in place when every use wants the new dtype, copied when
 //!     fp32 and low consumers both need it. Clamping and flushing are reported per tensor, never silent;
@@ -674,7 +674,7 @@ fn read_lowered_inputs_as_they_are(
 ) -> u64 {
     let mut repoint: Vec<(NodeId, u32, ValueId)> = Vec::new();
     let mut seen: HashSet<NodeId> = HashSet::new();
-    // the copies in schedule order, so that the rewrite is deterministic
+    // the copies in value order, so that the rewrite is deterministic
     let mut ordered: Vec<(ValueId, ValueId)> = copies.iter().map(|(&c, &x)| (c, x)).collect();
     ordered.sort_by_key(|&(c, _)| c.index());
     for &(copy, _) in &ordered {
@@ -693,7 +693,7 @@ fn read_lowered_inputs_as_they_are(
             {
                 continue;
             }
-            let Some(s) = schema_of(node, opsets) else {
+            let Some(s) = registry().for_node(node, opsets) else {
                 continue;
             };
             for (i, w) in node.inputs().iter().enumerate() {
@@ -848,44 +848,29 @@ fn initializer_data(g: &Graph, v: ValueId) -> Option<&Tensor> {
 }
 
 /// Makes one graph agree with its decisions; then its subgraphs.
-/// A node's schema at the model's opset for its domain.
-fn schema_of(node: &Node, opsets: &Opsets) -> Option<&'static mpopt_ir::schema::OpSchema> {
-    let dom = if node.domain == "ai.onnx" {
-        ""
-    } else {
-        node.domain.as_str()
-    };
-    registry().get(dom, &node.op_type, opsets.version(dom).unwrap_or(1))
+/// Inputs never read as a low value in place of the float32 one: those of the ops whose output's dtype
+/// onnx's type inference ties to their input ([`mpopt_ir::schema::INFERENCE_TIES`]: BitCast, RMSNormalization,
+/// the `*Like` ops without `dtype`, ...), and of the sequence and optional constructors, whose container's
+/// element type is the input's. Found by onnx.checker (onnx 1.23) on models where that input was f16 and the
+/// rest f32.
+fn type_tied(op: &str) -> bool {
+    mpopt_ir::schema::INFERENCE_TIES.contains(&op)
+        || matches!(
+            op,
+            "SequenceConstruct"
+                | "SequenceInsert"
+                | "SplitToSequence"
+                | "SequenceMap"
+                | "Optional"
+                | "OptionalGetElement"
+                | "OptionalHasElement"
+        )
 }
-
-/// Ops whose outputs' types follow an input whose type parameter only inputs name, or whose meaning is that
-/// input's dtype: such an input is never read as a low value in place of the float32 one. Found by
-/// onnx.checker (onnx 1.23) on models where that input was f16 and the rest f32:
-/// - `BitCast` reinterprets the input's bits: its width is the result;
-/// - `RMSNormalization`: onnx's type inference gives Y the type of X (the schema says V, the scale's);
-/// - `EyeLike`, `RandomNormalLike`, `RandomUniformLike`, `Bernoulli`: without `dtype`, the output has the
-///   input's type;
-/// - sequence and optional constructors: the container's element type is the input's.
-const TYPE_TIED_INPUTS: &[&str] = &[
-    "BitCast",
-    "RMSNormalization",
-    "EyeLike",
-    "RandomNormalLike",
-    "RandomUniformLike",
-    "Bernoulli",
-    "SequenceConstruct",
-    "SequenceInsert",
-    "SplitToSequence",
-    "SequenceMap",
-    "Optional",
-    "OptionalGetElement",
-    "OptionalHasElement",
-];
 
 /// Whether input `i` of `node`, now of dtype `have`, is read as it is: its type parameter types only inputs
 /// (Shape, Size, ArgMax, IsNaN, Equal, Attention's mask, ...), every input bound to it has that dtype
 /// (`dtype_of`), the schema allows it, and it is not fixed to float32. Widening first would be exact and
-/// change nothing. Never for [`TYPE_TIED_INPUTS`].
+/// change nothing. Never for the ops [`type_tied`] names.
 fn reads_low_as_it_is(
     node: &Node,
     s: &mpopt_ir::schema::OpSchema,
@@ -893,7 +878,7 @@ fn reads_low_as_it_is(
     have: DType,
     dtype_of: impl Fn(ValueId) -> Option<DType>,
 ) -> bool {
-    if node.in_default_domain() && TYPE_TIED_INPUTS.contains(&node.op_type.as_str()) {
+    if node.in_default_domain() && type_tied(&node.op_type) {
         return false;
     }
     if s.input_fixed_f32(i) {
@@ -930,7 +915,8 @@ fn process(
     // parameters bound to float32 data as `assign-precision` decided, and a producer retyped first would
     // hide an input-only binding (Attention's V, T2, after a low MatMul: V was cast back to f32 beside an
     // f16 Q, which onnxruntime refuses).
-    let mut low_params: HashMap<NodeId, (Vec<String>, DType)> = HashMap::new();
+    let mut low_params: HashMap<NodeId, (Vec<String>, DType, &mpopt_ir::schema::OpSchema)> =
+        HashMap::new();
     for &id in &order {
         let node = g.node(id);
         let Some(low) = node.precision.as_ref().map(|d| d.dtype) else {
@@ -940,21 +926,17 @@ fn process(
         if !matches!(low, DType::F16 | DType::BF16) {
             continue;
         }
-        if let Some(schema) = schema_of(node, opsets) {
-            low_params.insert(id, (data_params(g, id, schema), low));
+        if let Some(schema) = registry().for_node(node, opsets) {
+            low_params.insert(id, (data_params(g, id, schema), low, schema));
         }
     }
     // low Constant and ConstantOfShape nodes that made float32, retargeted after the loop
     let mut constants: Vec<(NodeId, DType)> = Vec::new();
     for &id in &order {
-        let Some((params, low)) = low_params.get(&id) else {
+        let Some(&(ref params, low, schema)) = low_params.get(&id) else {
             continue;
         };
-        let (params, low) = (params.clone(), *low);
         let node = g.node(id);
-        let Some(schema) = schema_of(node, opsets) else {
-            continue;
-        };
         let outs: Vec<(usize, ValueId)> = node
             .outputs()
             .iter()
@@ -1012,8 +994,8 @@ fn process(
     }
     for &id in &order {
         let node = g.node(id);
-        let schema = schema_of(node, opsets);
-        let params = low_params.get(&id);
+        let schema = registry().for_node(node, opsets);
+        let params = low_params.get(&id).map(|(ps, low, _)| (ps, low));
         for (i, v) in node.inputs().iter().enumerate() {
             let Some(v) = *v else { continue };
             let (Some(have), Some(was)) = (elem(g, v), orig[v.index()]) else {

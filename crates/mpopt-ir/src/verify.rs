@@ -356,11 +356,7 @@ impl Cx {
     /// Every homogeneous type parameter of the node's schema binds one dtype (where dtypes are known).
     fn type_params(&mut self, g: &Graph, n: NodeId, scope: &str) {
         let node = g.node(n);
-        let dom = if node.domain == "ai.onnx" {
-            ""
-        } else {
-            node.domain.as_str()
-        };
+        let dom = crate::canonical_domain(&node.domain);
         let Some(opset) = self.opsets.version(dom) else {
             return;
         };
@@ -414,9 +410,9 @@ impl Cx {
         }
     }
 
-    /// Dtype ties that onnx's type inference enforces beyond the schema's type parameters (onnx.checker
-    /// refuses a model that breaks one): BitCast keeps the bit width; RMSNormalization's Y has X's type;
-    /// EyeLike, RandomNormalLike, RandomUniformLike and Bernoulli without `dtype` make the input's type.
+    /// Dtype ties that onnx's type inference enforces beyond the schema's type parameters
+    /// ([`crate::schema::INFERENCE_TIES`]; onnx.checker refuses a model that breaks one): BitCast keeps the
+    /// bit width; the others' first output has their first input's type.
     fn inferred_ties(&mut self, g: &Graph, n: NodeId, scope: &str) {
         let node = g.node(n);
         if !node.in_default_domain() {
@@ -437,9 +433,8 @@ impl Cx {
                 )),
                 _ => None,
             },
-            "RMSNormalization" | "EyeLike" | "RandomNormalLike" | "RandomUniformLike"
-            | "Bernoulli"
-                if node.op_type == "RMSNormalization" || node.attr("dtype").is_none() =>
+            op if crate::schema::INFERENCE_TIES.contains(&op)
+                && (op == "RMSNormalization" || node.attr("dtype").is_none()) =>
             {
                 match (input, output) {
                     (Some(i), Some(o)) if i != o => Some(format!(

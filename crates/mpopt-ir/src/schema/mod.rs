@@ -254,11 +254,34 @@ impl Block {
     }
 }
 
-fn norm_domain(d: &str) -> &str {
-    if d == "ai.onnx" { "" } else { d }
-}
+use crate::canonical_domain as norm_domain;
+
+/// Default-domain ops whose first output's dtype onnx's type inference ties to their first input's, beyond
+/// what the schema's type parameters say (onnx.checker refuses a model that breaks the tie): BitCast keeps
+/// the bit width (checked apart), RMSNormalization's Y has X's type (the schema says the scale's), and
+/// EyeLike, RandomNormalLike, RandomUniformLike and Bernoulli without `dtype` make their input's type. The
+/// verifier checks these ties, and `insert-casts` never gives such an input a low value in place of its
+/// float32 one.
+pub const INFERENCE_TIES: &[&str] = &[
+    "BitCast",
+    "RMSNormalization",
+    "EyeLike",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Bernoulli",
+];
 
 impl Registry {
+    /// The schema of `node` at the opset its model or function imports for its domain (version 1 when it
+    /// imports none).
+    pub fn for_node(&self, node: &crate::Node, opsets: &crate::Opsets) -> Option<&OpSchema> {
+        self.get(
+            &node.domain,
+            &node.op_type,
+            opsets.version(&node.domain).unwrap_or(1),
+        )
+    }
+
     /// The version of `domain::op` in force at `opset` (the newest with `since_version <= opset`).
     pub fn get(&self, domain: &str, op: &str, opset: i64) -> Option<&OpSchema> {
         let entry = self.by_op.get(norm_domain(domain))?.get(op)?;
