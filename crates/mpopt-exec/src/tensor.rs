@@ -340,9 +340,7 @@ impl Tensor {
     pub fn to_f32s(&self) -> Result<Vec<f32>, String> {
         Ok(match &self.data {
             Data::F32(v) => v.clone(),
-            Data::F16(v) => convert_blocks(v, |h, f| {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, f)
-            }),
+            Data::F16(v) => convert_blocks(v, mpopt_ir::halfconv::f16_to_f32),
             Data::BF16(v) => convert_blocks(v, |h, f| {
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, f)
             }),
@@ -503,9 +501,7 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 
 /// Converts f32 values to f16 with IEEE round-to-nearest-even (overflow to +-inf, gradual underflow).
 pub fn round_f16(v: &[f32]) -> Vec<f16> {
-    convert_blocks(v, |f, h| {
-        half::slice::HalfFloatSliceExt::convert_from_f32_slice(h, f)
-    })
+    convert_blocks(v, mpopt_ir::halfconv::f32_to_f16)
 }
 
 /// Converts f32 values to bf16 with round-to-nearest-even.

@@ -10,6 +10,7 @@
 mod attr;
 mod dtype;
 mod graph;
+pub mod halfconv;
 mod model;
 pub mod pattern;
 mod range;
