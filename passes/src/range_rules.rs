@@ -398,23 +398,51 @@ pub(crate) fn const_scan(t: &Tensor) -> (Option<Interval>, Option<mpopt_ir::Cons
         let ((max16, tiny16), (maxb, tinyb)) = (limit(DType::F16), limit(DType::BF16));
         // the common case, read in place, in eight lanes of selects so that the loop vectorizes (a NaN
         // compares false and is only counted)
-        let init = (
-            [f32::INFINITY; 8],
-            [f32::NEG_INFINITY; 8],
-            [0u32; 8],
-            [[0u32; 8]; 4],
-        );
-        let (los, his, nans, counts) = d.lanes(init, |(los, his, nans, c), j, x| {
-            nans[j] += x.is_nan() as u32;
-            los[j] = if x < los[j] { x } else { los[j] };
-            his[j] = if x > his[j] { x } else { his[j] };
-            let a = x.abs();
-            let (finite, nonzero) = (a < f32::INFINITY, a != 0.0);
-            c[0][j] += (finite & (a > max16)) as u32;
-            c[1][j] += (nonzero & (a < tiny16)) as u32;
-            c[2][j] += (finite & (a > maxb)) as u32;
-            c[3][j] += (nonzero & (a < tinyb)) as u32;
-        });
+        type Scan = ([f32; 8], [f32; 8], [u32; 8], [[u64; 8]; 4]);
+        let scan = |d: F32Data| -> Scan {
+            let init = (
+                [f32::INFINITY; 8],
+                [f32::NEG_INFINITY; 8],
+                [0u32; 8],
+                [[0u32; 8]; 4],
+            );
+            let (los, his, nans, c) = d.lanes(init, |(los, his, nans, c), j, x| {
+                nans[j] += x.is_nan() as u32;
+                los[j] = if x < los[j] { x } else { los[j] };
+                his[j] = if x > his[j] { x } else { his[j] };
+                let a = x.abs();
+                let (finite, nonzero) = (a < f32::INFINITY, a != 0.0);
+                c[0][j] += (finite & (a > max16)) as u32;
+                c[1][j] += (nonzero & (a < tiny16)) as u32;
+                c[2][j] += (finite & (a > maxb)) as u32;
+                c[3][j] += (nonzero & (a < tinyb)) as u32;
+            });
+            (los, his, nans, c.map(|k| k.map(u64::from)))
+        };
+        let merge = |(mut l, mut h, mut n, mut c): Scan, (l2, h2, n2, c2): Scan| -> Scan {
+            for j in 0..8 {
+                l[j] = l[j].min(l2[j]);
+                h[j] = h[j].max(h2[j]);
+                n[j] = n[j].saturating_add(n2[j]);
+                for k in 0..4 {
+                    c[k][j] += c2[k][j];
+                }
+            }
+            (l, h, n, c)
+        };
+        // a big constant (an embedding table: 47 MB in paraphrase_minilm) in parallel pieces, so that one
+        // tensor does not keep the other cores waiting; the lanes' u32 counts stay within a piece
+        const PIECE: usize = 1 << 20;
+        let (los, his, nans, counts) = if d.len() > 2 * PIECE {
+            use rayon::prelude::*;
+            (0..d.len().div_ceil(PIECE))
+                .into_par_iter()
+                .map(|i| scan(d.range(i * PIECE, PIECE.min(d.len() - i * PIECE))))
+                .reduce_with(merge)
+                .expect("at least one piece")
+        } else {
+            scan(d)
+        };
         let lo = los.iter().fold(f32::INFINITY, |a, &b| a.min(b));
         let hi = his.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let nan = nans.iter().any(|&n| n > 0);
@@ -422,7 +450,7 @@ pub(crate) fn const_scan(t: &Tensor) -> (Option<Interval>, Option<mpopt_ir::Cons
             (false, _) => (None, None),
             (true, true) => (Some(Interval::TOP), None),
             (true, false) => {
-                let total = |k: usize| counts[k].iter().map(|&c| c as u64).sum::<u64>();
+                let total = |k: usize| counts[k].iter().sum::<u64>();
                 let beyond = [(total(0), total(1)), (total(2), total(3))];
                 let facts = (t.numel() == Some(d.len()) && d.len() >= FACTS_MIN_ELEMENTS)
                     .then(|| mpopt_ir::ConstantFacts::new(t, lo, hi, beyond))
@@ -2280,5 +2308,32 @@ mod tests {
                 assert_eq!(a, Some(Interval::new(lo, hi)), "n={n}");
             }
         }
+    }
+
+    /// A constant scanned in parallel pieces gives what one sequential pass over it gives: extremes and the
+    /// counts beyond f16's and bf16's ranges placed in different pieces, and in the last, partial one.
+    #[test]
+    fn a_big_constant_scans_in_pieces_as_in_one_pass() {
+        let n = (5 << 20) + 12_345;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut v: Vec<f32> = (0..n).map(|_| (rng.next() * 2.0 - 1.0) as f32).collect();
+        v[3] = -7.0e4; // beyond f16, first piece
+        v[(1 << 20) + 5] = 9.0e4; // beyond f16, second piece
+        v[n - 1] = 1.0e-9; // flushes in f16, the partial last piece
+        v[n / 2] = 0.0;
+        v[(3 << 20) + 7] = 1.0e39_f64 as f32; // inf: not finite, not counted beyond
+        let t = Tensor::from_f32(vec![n as i64], &v);
+        let (iv, facts) = const_scan(&t);
+        let finite = v.iter().filter(|x| x.is_finite());
+        let lo = finite.clone().fold(f32::INFINITY, |a, &b| a.min(b));
+        assert_eq!(iv, Some(Interval::new(lo as f64, f64::INFINITY)));
+        let facts = facts.expect("facts for f32 raw data");
+        assert_eq!((facts.min, facts.max), (lo, f32::INFINITY));
+        let count = |f: &dyn Fn(f32) -> bool| v.iter().filter(|&&x| f(x)).count() as u64;
+        let beyond16 = count(&|x| x.is_finite() && x.abs() > 65504.0);
+        let tiny16 = count(&|x| x != 0.0 && x.abs() < 2.0f32.powi(-25));
+        assert_eq!(facts.beyond[0], (beyond16, tiny16));
+        assert!(beyond16 >= 2 && tiny16 >= 1, "{beyond16} {tiny16}");
+        assert_eq!(facts.beyond[1].0, 0);
     }
 }
