@@ -340,8 +340,8 @@ impl Tensor {
     pub fn to_f32s(&self) -> Result<Vec<f32>, String> {
         Ok(match &self.data {
             Data::F32(v) => v.clone(),
-            Data::F16(v) => convert_blocks(v, mpopt_ir::halfconv::f16_to_f32),
-            Data::BF16(v) => convert_blocks(v, |h, f| {
+            Data::F16(v) => mpopt_ir::halfconv::f16_to_f32_vec(v),
+            Data::BF16(v) => mpopt_ir::halfconv::blocks(v, |h, f| {
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, f)
             }),
             _ => self.to_f64s()?.into_iter().map(|x| x as f32).collect(),
@@ -501,31 +501,14 @@ pub fn strides(shape: &[usize]) -> Vec<usize> {
 
 /// Converts f32 values to f16 with IEEE round-to-nearest-even (overflow to +-inf, gradual underflow).
 pub fn round_f16(v: &[f32]) -> Vec<f16> {
-    convert_blocks(v, mpopt_ir::halfconv::f32_to_f16)
+    mpopt_ir::halfconv::f32_to_f16_vec(v)
 }
 
 /// Converts f32 values to bf16 with round-to-nearest-even.
 pub fn round_bf16(v: &[f32]) -> Vec<bf16> {
-    convert_blocks(v, |f, h| {
+    mpopt_ir::halfconv::blocks(v, |f, h| {
         half::slice::HalfFloatSliceExt::convert_from_f32_slice(h, f)
     })
-}
-
-/// A slice converted element-wise by `convert` (a `half` slice conversion) into a new vector, through a
-/// block on the stack: the vector is written once, never zero-filled first. Zero-filling reused memory
-/// (a `memset` per conversion) cost as much as the conversion on the search's per-node pass.
-fn convert_blocks<S: Copy, D: Copy + Default>(
-    src: &[S],
-    convert: impl Fn(&[S], &mut [D]),
-) -> Vec<D> {
-    const BLOCK: usize = 1024;
-    let mut out = Vec::with_capacity(src.len());
-    let mut buf = [D::default(); BLOCK];
-    for c in src.chunks(BLOCK) {
-        convert(c, &mut buf[..c.len()]);
-        out.extend_from_slice(&buf[..c.len()]);
-    }
-    out
 }
 
 /// Reserves room for `n` more elements.

@@ -30,8 +30,8 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
     assert_eq!(src.len(), dst.len(), "f32_to_f16: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if f16c() {
-        // SAFETY: the CPU has AVX and F16C (checked just above); the lengths are equal
-        unsafe { x86::to_f16(src, dst) };
+        // SAFETY: the CPU has AVX and F16C (checked just above); both slices hold `src.len()` elements
+        unsafe { x86::to_f16(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
         return;
     }
     half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
@@ -45,11 +45,57 @@ pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len(), "f16_to_f32: lengths differ");
     #[cfg(target_arch = "x86_64")]
     if f16c() {
-        // SAFETY: the CPU has AVX and F16C (checked just above); the lengths are equal
-        unsafe { x86::to_f32(src, dst) };
+        // SAFETY: the CPU has AVX and F16C (checked just above); both slices hold `src.len()` elements
+        unsafe { x86::to_f32(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
         return;
     }
     half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
+}
+
+/// [`f32_to_f16`] into a new vector, written once (never zero-filled first).
+pub fn f32_to_f16_vec(src: &[f32]) -> Vec<f16> {
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        let mut v = Vec::with_capacity(src.len());
+        // SAFETY: the CPU has AVX and F16C; the capacity holds `src.len()` elements, all written before
+        // the length is set
+        unsafe {
+            x86::to_f16(src.as_ptr(), v.as_mut_ptr(), src.len());
+            v.set_len(src.len());
+        }
+        return v;
+    }
+    blocks(src, f32_to_f16)
+}
+
+/// [`f16_to_f32`] into a new vector, written once (never zero-filled first).
+pub fn f16_to_f32_vec(src: &[f16]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        let mut v = Vec::with_capacity(src.len());
+        // SAFETY: the CPU has AVX and F16C; the capacity holds `src.len()` elements, all written before
+        // the length is set
+        unsafe {
+            x86::to_f32(src.as_ptr(), v.as_mut_ptr(), src.len());
+            v.set_len(src.len());
+        }
+        return v;
+    }
+    blocks(src, f16_to_f32)
+}
+
+/// A slice converted by `convert` (a slice conversion: `half`'s bf16 ones, or one of these) into a new
+/// vector, through a block on the stack: the vector is written once, never zero-filled first (that
+/// `memset` cost as much as the conversion on the accuracy search's per-node pass).
+pub fn blocks<S: Copy, D: Copy + Default>(src: &[S], convert: impl Fn(&[S], &mut [D])) -> Vec<D> {
+    const BLOCK: usize = 1024;
+    let mut out = Vec::with_capacity(src.len());
+    let mut buf = [D::default(); BLOCK];
+    for c in src.chunks(BLOCK) {
+        convert(c, &mut buf[..c.len()]);
+        out.extend_from_slice(&buf[..c.len()]);
+    }
+    out
 }
 
 /// Whether the CPU converts with F16C (the check is cached by the standard library: one atomic load).
@@ -66,53 +112,62 @@ mod x86 {
         _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps,
     };
 
+    /// Rounds `n` f32 at `src` to f16 at `dst`, 8 a step; the tail through a padded step.
+    ///
     /// # Safety
-    /// The CPU has AVX and F16C, and `src.len() == dst.len()`.
+    /// The CPU has AVX and F16C; `src` is readable and `dst` writable for `n` elements, and they do not
+    /// overlap (`dst` may be uninitialized).
     #[target_feature(enable = "avx,f16c")]
-    pub(super) unsafe fn to_f16(src: &[f32], dst: &mut [f16]) {
-        let (sc, sr) = src.as_chunks::<8>();
-        let (dc, dr) = dst.as_chunks_mut::<8>();
-        for (s, d) in sc.iter().zip(dc) {
-            // SAFETY: `s` holds 8 f32 and `d` 8 f16 (16 bytes); unaligned loads and stores
+    pub(super) unsafe fn to_f16(src: *const f32, dst: *mut f16, n: usize) {
+        let step = |s: *const f32, d: *mut f16| {
+            // SAFETY: 8 readable f32 at `s`, 8 writable f16 (16 bytes) at `d`; unaligned access
             unsafe {
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
-                _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s));
+                _mm_storeu_si128(d.cast::<__m128i>(), h);
             }
+        };
+        let whole = n / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: `i + 8 <= n`
+            step(unsafe { src.add(i) }, unsafe { dst.add(i) });
         }
-        if !sr.is_empty() {
+        if whole < n {
             let (mut s, mut d) = ([0f32; 8], [f16::ZERO; 8]);
-            s[..sr.len()].copy_from_slice(sr);
-            // SAFETY: as above, on the padded tail
+            // SAFETY: the `n - whole` (< 8) elements from `whole` are within both buffers
             unsafe {
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
-                _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
+                std::ptr::copy_nonoverlapping(src.add(whole), s.as_mut_ptr(), n - whole);
+                step(s.as_ptr(), d.as_mut_ptr());
+                std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(whole), n - whole);
             }
-            dr.copy_from_slice(&d[..dr.len()]);
         }
     }
 
+    /// Widens `n` f16 at `src` to f32 at `dst`, 8 a step; the tail through a padded step.
+    ///
     /// # Safety
-    /// The CPU has AVX and F16C, and `src.len() == dst.len()`.
+    /// As [`to_f16`].
     #[target_feature(enable = "avx,f16c")]
-    pub(super) unsafe fn to_f32(src: &[f16], dst: &mut [f32]) {
-        let (sc, sr) = src.as_chunks::<8>();
-        let (dc, dr) = dst.as_chunks_mut::<8>();
-        for (s, d) in sc.iter().zip(dc) {
-            // SAFETY: `s` holds 8 f16 (16 bytes) and `d` 8 f32; unaligned loads and stores
+    pub(super) unsafe fn to_f32(src: *const f16, dst: *mut f32, n: usize) {
+        let step = |s: *const f16, d: *mut f32| {
+            // SAFETY: 8 readable f16 (16 bytes) at `s`, 8 writable f32 at `d`; unaligned access
             unsafe {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast::<__m128i>()));
-                _mm256_storeu_ps(d.as_mut_ptr(), x);
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(s.cast::<__m128i>()));
+                _mm256_storeu_ps(d, x);
             }
+        };
+        let whole = n / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: `i + 8 <= n`
+            step(unsafe { src.add(i) }, unsafe { dst.add(i) });
         }
-        if !sr.is_empty() {
+        if whole < n {
             let (mut s, mut d) = ([f16::ZERO; 8], [0f32; 8]);
-            s[..sr.len()].copy_from_slice(sr);
-            // SAFETY: as above, on the padded tail
+            // SAFETY: the `n - whole` (< 8) elements from `whole` are within both buffers
             unsafe {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast::<__m128i>()));
-                _mm256_storeu_ps(d.as_mut_ptr(), x);
+                std::ptr::copy_nonoverlapping(src.add(whole), s.as_mut_ptr(), n - whole);
+                step(s.as_ptr(), d.as_mut_ptr());
+                std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(whole), n - whole);
             }
-            dr.copy_from_slice(&d[..dr.len()]);
         }
     }
 }
@@ -181,6 +236,8 @@ mod tests {
                 assert_eq!(h[i], f16::from_f32(x[i]), "length {n}, element {i}");
                 assert_eq!(w[i], h[i].to_f32());
             }
+            assert_eq!(f32_to_f16_vec(&x), h);
+            assert_eq!(f16_to_f32_vec(&h), w);
         }
     }
 }
