@@ -27,14 +27,7 @@ use half::f16;
 /// # Panics
 /// When the slices' lengths differ.
 pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
-    assert_eq!(src.len(), dst.len(), "f32_to_f16: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if f16c() {
-        // SAFETY: the CPU has AVX and F16C (checked just above); both slices hold `src.len()` elements
-        unsafe { x86::to_f16(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
-        return;
-    }
-    half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
+    convert(src, dst)
 }
 
 /// Widens `src` to f32 into `dst` (exact), element by element.
@@ -42,46 +35,17 @@ pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
 /// # Panics
 /// When the slices' lengths differ.
 pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-    assert_eq!(src.len(), dst.len(), "f16_to_f32: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if f16c() {
-        // SAFETY: the CPU has AVX and F16C (checked just above); both slices hold `src.len()` elements
-        unsafe { x86::to_f32(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
-        return;
-    }
-    half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
+    convert(src, dst)
 }
 
 /// [`f32_to_f16`] into a new vector, written once (never zero-filled first).
 pub fn f32_to_f16_vec(src: &[f32]) -> Vec<f16> {
-    #[cfg(target_arch = "x86_64")]
-    if f16c() {
-        let mut v = Vec::with_capacity(src.len());
-        // SAFETY: the CPU has AVX and F16C; the capacity holds `src.len()` elements, all written before
-        // the length is set
-        unsafe {
-            x86::to_f16(src.as_ptr(), v.as_mut_ptr(), src.len());
-            v.set_len(src.len());
-        }
-        return v;
-    }
-    blocks(src, f32_to_f16)
+    convert_vec(src)
 }
 
 /// [`f16_to_f32`] into a new vector, written once (never zero-filled first).
 pub fn f16_to_f32_vec(src: &[f16]) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if f16c() {
-        let mut v = Vec::with_capacity(src.len());
-        // SAFETY: the CPU has AVX and F16C; the capacity holds `src.len()` elements, all written before
-        // the length is set
-        unsafe {
-            x86::to_f32(src.as_ptr(), v.as_mut_ptr(), src.len());
-            v.set_len(src.len());
-        }
-        return v;
-    }
-    blocks(src, f16_to_f32)
+    convert_vec(src)
 }
 
 /// A slice converted by `convert` (a slice conversion: `half`'s bf16 ones, or one of these) into a new
@@ -98,6 +62,70 @@ pub fn blocks<S: Copy, D: Copy + Default>(src: &[S], convert: impl Fn(&[S], &mut
     out
 }
 
+/// One direction of conversion: F16C's loop where the CPU has it, `half`'s slice conversion elsewhere.
+trait Direction: Copy + Default {
+    type To: Copy + Default;
+    /// `half`'s conversion.
+    fn fallback(src: &[Self], dst: &mut [Self::To]);
+    /// F16C's loop.
+    ///
+    /// # Safety
+    /// The CPU has AVX and F16C; `src` is readable and `dst` writable for `n` elements, and they do not
+    /// overlap (`dst` may be uninitialized).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn f16c(src: *const Self, dst: *mut Self::To, n: usize);
+}
+
+impl Direction for f32 {
+    type To = f16;
+    fn fallback(src: &[f32], dst: &mut [f16]) {
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn f16c(src: *const f32, dst: *mut f16, n: usize) {
+        // SAFETY: the caller's contract
+        unsafe { x86::to_f16(src, dst, n) }
+    }
+}
+
+impl Direction for f16 {
+    type To = f32;
+    fn fallback(src: &[f16], dst: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst)
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn f16c(src: *const f16, dst: *mut f32, n: usize) {
+        // SAFETY: the caller's contract
+        unsafe { x86::to_f32(src, dst, n) }
+    }
+}
+
+fn convert<S: Direction>(src: &[S], dst: &mut [S::To]) {
+    assert_eq!(src.len(), dst.len(), "halfconv: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        // SAFETY: the CPU has AVX and F16C (checked just above); both slices hold `src.len()` elements
+        unsafe { S::f16c(src.as_ptr(), dst.as_mut_ptr(), src.len()) };
+        return;
+    }
+    S::fallback(src, dst)
+}
+
+fn convert_vec<S: Direction>(src: &[S]) -> Vec<S::To> {
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        let mut v = Vec::with_capacity(src.len());
+        // SAFETY: the CPU has AVX and F16C; the capacity holds `src.len()` elements, all written before
+        // the length is set
+        unsafe {
+            S::f16c(src.as_ptr(), v.as_mut_ptr(), src.len());
+            v.set_len(src.len());
+        }
+        return v;
+    }
+    blocks(src, S::fallback)
+}
+
 /// Whether the CPU converts with F16C (the check is cached by the standard library: one atomic load).
 #[cfg(target_arch = "x86_64")]
 fn f16c() -> bool {
@@ -112,27 +140,24 @@ mod x86 {
         _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps,
     };
 
-    /// Rounds `n` f32 at `src` to f16 at `dst`, 8 a step; the tail through a padded step.
+    /// `step` (8 elements from `s` to `d`) over `n` elements, the tail through a padded step.
     ///
     /// # Safety
-    /// The CPU has AVX and F16C; `src` is readable and `dst` writable for `n` elements, and they do not
-    /// overlap (`dst` may be uninitialized).
-    #[target_feature(enable = "avx,f16c")]
-    pub(super) unsafe fn to_f16(src: *const f32, dst: *mut f16, n: usize) {
-        let step = |s: *const f32, d: *mut f16| {
-            // SAFETY: 8 readable f32 at `s`, 8 writable f16 (16 bytes) at `d`; unaligned access
-            unsafe {
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s));
-                _mm_storeu_si128(d.cast::<__m128i>(), h);
-            }
-        };
+    /// As [`super::Direction::f16c`]; `step` reads 8 elements at `s` and writes 8 at `d`.
+    #[inline(always)]
+    unsafe fn steps<S: Copy + Default, D: Copy + Default>(
+        src: *const S,
+        dst: *mut D,
+        n: usize,
+        step: impl Fn(*const S, *mut D),
+    ) {
         let whole = n / 8 * 8;
         for i in (0..whole).step_by(8) {
             // SAFETY: `i + 8 <= n`
             step(unsafe { src.add(i) }, unsafe { dst.add(i) });
         }
         if whole < n {
-            let (mut s, mut d) = ([0f32; 8], [f16::ZERO; 8]);
+            let (mut s, mut d) = ([S::default(); 8], [D::default(); 8]);
             // SAFETY: the `n - whole` (< 8) elements from `whole` are within both buffers
             unsafe {
                 std::ptr::copy_nonoverlapping(src.add(whole), s.as_mut_ptr(), n - whole);
@@ -142,32 +167,32 @@ mod x86 {
         }
     }
 
-    /// Widens `n` f16 at `src` to f32 at `dst`, 8 a step; the tail through a padded step.
+    /// Rounds `n` f32 at `src` to f16 at `dst`.
     ///
     /// # Safety
-    /// As [`to_f16`].
+    /// As [`super::Direction::f16c`].
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn to_f16(src: *const f32, dst: *mut f16, n: usize) {
+        // SAFETY: the caller's contract; each step reads 8 f32 and writes 8 f16 (16 bytes), unaligned
+        unsafe {
+            steps(src, dst, n, |s, d| {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s));
+                _mm_storeu_si128(d.cast::<__m128i>(), h);
+            })
+        }
+    }
+
+    /// Widens `n` f16 at `src` to f32 at `dst`.
+    ///
+    /// # Safety
+    /// As [`super::Direction::f16c`].
     #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn to_f32(src: *const f16, dst: *mut f32, n: usize) {
-        let step = |s: *const f16, d: *mut f32| {
-            // SAFETY: 8 readable f16 (16 bytes) at `s`, 8 writable f32 at `d`; unaligned access
-            unsafe {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(s.cast::<__m128i>()));
-                _mm256_storeu_ps(d, x);
-            }
-        };
-        let whole = n / 8 * 8;
-        for i in (0..whole).step_by(8) {
-            // SAFETY: `i + 8 <= n`
-            step(unsafe { src.add(i) }, unsafe { dst.add(i) });
-        }
-        if whole < n {
-            let (mut s, mut d) = ([f16::ZERO; 8], [0f32; 8]);
-            // SAFETY: the `n - whole` (< 8) elements from `whole` are within both buffers
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.add(whole), s.as_mut_ptr(), n - whole);
-                step(s.as_ptr(), d.as_mut_ptr());
-                std::ptr::copy_nonoverlapping(d.as_ptr(), dst.add(whole), n - whole);
-            }
+        // SAFETY: the caller's contract; each step reads 8 f16 (16 bytes) and writes 8 f32, unaligned
+        unsafe {
+            steps(src, dst, n, |s, d| {
+                _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(s.cast::<__m128i>())));
+            })
         }
     }
 }
