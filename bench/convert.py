@@ -6,9 +6,9 @@ onnxruntime 1.32 `transformers.float16` (same call, ort). Also times mpopt on a 
     bench/convert.sh            (builds mpopt, installs the pinned peer, runs this)
     .venv/bin/python bench/convert.py --mpopt target/release/mpopt ../shared/corpus
 
-Times are the median of 7 whole-process runs after one untimed run (wall clock around the process; the peak RSS
-comes from one more run under `/usr/bin/time`), python start-up and imports included for the peers as for mpopt's
-process start: what a user waits for.
+Times are the median of 7 whole-process runs after one untimed run, the tools' runs interleaved (one of each per
+round; wall clock around the process; the peak RSS comes from one more run under `/usr/bin/time`), python
+start-up and imports included for the peers as for mpopt's process start: what a user waits for.
 """
 from __future__ import annotations
 
@@ -39,26 +39,44 @@ PEER = {
 }
 
 
-def timed(cmd, tmp, reps=7):
-    """Median wall time of `reps` runs, and the peak RSS of one more. The wall clock is read around the
-    process itself (microseconds: `/usr/bin/time`'s %e steps by 10 ms, which made the small models' ratios
-    noise). The peak RSS comes from a separate run under `/usr/bin/time` (the child's own rusage would include
-    this Python process, copied at fork): timing the runs under it added its own start, 1-3 ms, to every
-    tool's time."""
-    times = []
+def timed_all(cmds, tmp, reps=7):
+    """{tool: (median wall time, peak RSS, error)} for one model's commands.
+
+    The tools' runs are interleaved, one of each per round, so that every tool meets the same machine: timed
+    one tool after another, a burst of load from elsewhere on this shared VM fell on a few milliseconds of
+    mpopt's runs and made its median 2-4x too slow in one run of the script and not the next (silero_16k: 3.8
+    against 15 ms). The wall clock is read around each process (microseconds: `/usr/bin/time`'s %e steps by
+    10 ms). The peak RSS comes from one more run under `/usr/bin/time` (the child's own rusage would include
+    this Python process, copied at fork; timing the runs under it added its own start, 1-3 ms, to every
+    tool's time)."""
+    times = {tool: [] for tool in cmds}
+    errors = {}
     # one untimed run first: the binaries and the model in the page cache, for every tool alike
-    subprocess.run(cmd, capture_output=True)
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    for tool, cmd in cmds.items():
         r = subprocess.run(cmd, capture_output=True, text=True)
-        dt = time.perf_counter() - t0
         if r.returncode != 0:
-            return None, None, r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else "failed"
-        times.append(dt)
-    tf = os.path.join(tmp, "time.txt")
-    r = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf, *cmd], capture_output=True, text=True)
-    rss = int(open(tf).read().split()[-1]) / 1024 if r.returncode == 0 else None
-    return statistics.median(times), rss, None
+            errors[tool] = r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else "failed"
+    for _ in range(reps):
+        for tool, cmd in cmds.items():
+            if tool in errors:
+                continue
+            t0 = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            dt = time.perf_counter() - t0
+            if r.returncode != 0:
+                errors[tool] = r.stderr.strip().splitlines()[-1][:200] if r.stderr.strip() else "failed"
+                continue
+            times[tool].append(dt)
+    out = {}
+    for tool, cmd in cmds.items():
+        if tool in errors:
+            out[tool] = (None, None, errors[tool])
+            continue
+        tf = os.path.join(tmp, "time.txt")
+        r = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf, *cmd], capture_output=True, text=True)
+        rss = int(open(tf).read().split()[-1]) / 1024 if r.returncode == 0 else None
+        out[tool] = (statistics.median(times[tool]), rss, None)
+    return out
 
 
 # data movement computes nothing
@@ -147,7 +165,7 @@ def main():
             refs = [run_ort(path, s) for s in sets]
             kind = json.load(open(os.path.join(os.path.dirname(path), "meta.json"))).get("metric")
             casts0 = count_casts(model.graph)
-            res, outs = {}, {}
+            res, outs, cmds = {}, {}, {}
             # every tool is timed before any output is evaluated: onnxruntime's evaluation runs here, in this
             # process, and would share the two cores with the next timed process
             for tool in TOOLS:
@@ -162,7 +180,10 @@ def main():
                         f"m = f.convert_float_to_float16(onnx.load({path!r}), keep_io_types=True); onnx.save(m, {out!r})"
                     )
                     cmd = [a.python, "-c", code]
-                outs[tool] = (out, *timed(cmd, tmp))
+                cmds[tool] = cmd
+                outs[tool] = out
+            timings = timed_all(cmds, tmp)
+            outs = {tool: (outs[tool], *timings[tool]) for tool in TOOLS}
             for tool, (out, t, rss, err) in outs.items():
                 if err:
                     res[tool] = {"s": None, "rss": None, "casts": None, "valid": "conversion failed", "metric": None,
@@ -178,7 +199,7 @@ def main():
         big_t = None
         if os.path.exists(gen):
             subprocess.run([gen, big, "50000", "8"], check=True, capture_output=True)
-            big_t, big_rss, _ = timed([a.mpopt, big, "-o", os.path.join(tmp, "big16.onnx")], tmp)
+            big_t, big_rss, _ = timed_all({"mpopt": [a.mpopt, big, "-o", os.path.join(tmp, "big16.onnx")]}, tmp)["mpopt"]
     print(f"{'model':30} {'tool':9} {'s':>7} {'speedup':>8} {'RSS MB':>7} {'casts':>6} {'low FLOPs':>9}  {'valid':10} metric")
     for name, res in rows:
         base = res["occ"]["s"]
