@@ -48,6 +48,23 @@ pub fn f16_to_f32_vec(src: &[f16]) -> Vec<f32> {
     convert_vec(src)
 }
 
+/// [`f32_to_f16`] into uninitialized memory (a piece of a vector's spare capacity, written in parallel by
+/// the caller); every element of `dst` is written.
+///
+/// # Panics
+/// When the slices' lengths differ.
+pub fn f32_to_f16_uninit(src: &[f32], dst: &mut [std::mem::MaybeUninit<f16>]) {
+    convert_uninit(src, dst)
+}
+
+/// [`f16_to_f32`] into uninitialized memory; every element of `dst` is written.
+///
+/// # Panics
+/// When the slices' lengths differ.
+pub fn f16_to_f32_uninit(src: &[f16], dst: &mut [std::mem::MaybeUninit<f32>]) {
+    convert_uninit(src, dst)
+}
+
 /// A slice converted by `convert` (a slice conversion: `half`'s bf16 ones, or one of these) into a new
 /// vector, through a block on the stack: the vector is written once, never zero-filled first (that
 /// `memset` cost as much as the conversion on the accuracy search's per-node pass).
@@ -124,6 +141,25 @@ fn convert_vec<S: Direction>(src: &[S]) -> Vec<S::To> {
         return v;
     }
     blocks(src, S::fallback)
+}
+
+fn convert_uninit<S: Direction>(src: &[S], dst: &mut [std::mem::MaybeUninit<S::To>]) {
+    assert_eq!(src.len(), dst.len(), "halfconv: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if f16c() {
+        // SAFETY: the CPU has AVX and F16C; `dst` holds `src.len()` writable elements (uninitialized is
+        // allowed: the loop only writes them)
+        unsafe { S::f16c(src.as_ptr(), dst.as_mut_ptr().cast(), src.len()) };
+        return;
+    }
+    const BLOCK: usize = 1024;
+    let mut buf = [S::To::default(); BLOCK];
+    for (s, d) in src.chunks(BLOCK).zip(dst.chunks_mut(BLOCK)) {
+        S::fallback(s, &mut buf[..s.len()]);
+        for (o, &v) in d.iter_mut().zip(&buf[..s.len()]) {
+            o.write(v);
+        }
+    }
 }
 
 /// Whether the CPU converts with F16C (the check is cached by the standard library: one atomic load).
@@ -263,6 +299,18 @@ mod tests {
             }
             assert_eq!(f32_to_f16_vec(&x), h);
             assert_eq!(f16_to_f32_vec(&h), w);
+            let mut hu = vec![std::mem::MaybeUninit::new(f16::NAN); n];
+            f32_to_f16_uninit(&x, &mut hu);
+            let mut wu = vec![std::mem::MaybeUninit::new(f32::NAN); n];
+            f16_to_f32_uninit(&h, &mut wu);
+            for i in 0..n {
+                // SAFETY: initialized with NaN above, and overwritten by the conversions
+                let (hi, wi) = unsafe { (hu[i].assume_init(), wu[i].assume_init()) };
+                assert_eq!(
+                    (hi.to_bits(), wi.to_bits()),
+                    (h[i].to_bits(), w[i].to_bits())
+                );
+            }
         }
     }
 }

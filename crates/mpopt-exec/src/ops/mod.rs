@@ -17,7 +17,7 @@ use crate::{Data, Tensor, Value};
 
 mod attention;
 mod control;
-mod elementwise;
+pub(crate) mod elementwise;
 mod grid;
 pub(crate) mod linalg;
 mod microsoft;
