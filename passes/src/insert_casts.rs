@@ -292,9 +292,7 @@ fn f16_measured(dst: &mut [half::f16], src: &[f32]) -> (usize, f32, usize) {
         // SAFETY: the CPU has AVX2 and F16C (checked just above); the slices have the same length
         return unsafe { f16_measured_x86(dst, src) };
     }
-    half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, src);
-    let back = mpopt_ir::halfconv::f16_to_f32_vec(dst);
-    change_stats(src, &back)
+    measured_in_passes(dst, src)
 }
 
 /// [`f16_measured`] with AVX2 and F16C, eight lanes a step; the tail is padded with zeros (no change).
@@ -558,12 +556,21 @@ trait HalfBits: bytemuck::Pod {
     fn bits(self) -> u16;
     /// `from_f32s`, and [`change_stats`] between `src` and the result.
     fn convert_measured(dst: &mut [Self], src: &[f32]) -> (usize, f32, usize) {
-        Self::from_f32s(dst, src);
-        let mut back = [0f32; CHUNK];
-        let back = &mut back[..src.len()];
-        Self::to_f32s(dst, back);
-        change_stats(src, back)
+        measured_in_passes(dst, src)
     }
+}
+
+/// [`HalfBits::convert_measured`] as three passes per [`CHUNK`]: round, widen into a buffer, compare.
+fn measured_in_passes<T: HalfBits>(dst: &mut [T], src: &[f32]) -> (usize, f32, usize) {
+    let mut back = [0f32; CHUNK];
+    let (mut flushed, mut rel, mut over) = (0, 0f32, 0);
+    for (d, s) in dst.chunks_mut(CHUNK).zip(src.chunks(CHUNK)) {
+        T::from_f32s(d, s);
+        T::to_f32s(d, &mut back[..s.len()]);
+        let (f, r, o) = change_stats(s, &back[..s.len()]);
+        (flushed, rel, over) = (flushed + f, rel.max(r), over + o);
+    }
+    (flushed, rel, over)
 }
 
 macro_rules! half_bits {

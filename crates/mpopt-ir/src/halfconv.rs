@@ -129,18 +129,11 @@ fn convert<S: Direction>(src: &[S], dst: &mut [S::To]) {
 }
 
 fn convert_vec<S: Direction>(src: &[S]) -> Vec<S::To> {
-    #[cfg(target_arch = "x86_64")]
-    if f16c() {
-        let mut v = Vec::with_capacity(src.len());
-        // SAFETY: the CPU has AVX and F16C; the capacity holds `src.len()` elements, all written before
-        // the length is set
-        unsafe {
-            S::f16c(src.as_ptr(), v.as_mut_ptr(), src.len());
-            v.set_len(src.len());
-        }
-        return v;
-    }
-    blocks(src, S::fallback)
+    let mut v = Vec::with_capacity(src.len());
+    convert_uninit(src, &mut v.spare_capacity_mut()[..src.len()]);
+    // SAFETY: `convert_uninit` wrote all `src.len()` elements
+    unsafe { v.set_len(src.len()) };
+    v
 }
 
 fn convert_uninit<S: Direction>(src: &[S], dst: &mut [std::mem::MaybeUninit<S::To>]) {
