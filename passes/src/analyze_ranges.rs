@@ -29,7 +29,7 @@ use mpopt_ir::{
     AttrValue, ConstantFacts, DType, Graph, Interval, Model, NodeId, ValueId, ValueRange,
 };
 
-use crate::range_rules::{In, const_interval, const_scan, constant_of, dtype_interval, transfer};
+use crate::range_rules::{In, const_scan, constant_of, dtype_interval, transfer};
 use crate::{Pass, PassError, PassOutcome};
 
 /// Declared ranges of graph inputs.
@@ -143,25 +143,38 @@ pub(crate) fn static_shape(g: &Graph, v: ValueId) -> Option<Vec<i64>> {
     )
 }
 
-/// The interval of a Constant node's output.
-fn constant_node(n: &mpopt_ir::Node) -> Option<Interval> {
-    let a = n.attributes.iter().find(|a| a.ref_attr_name.is_none())?;
-    match &a.value {
-        AttrValue::Tensor(t) => const_interval(t),
+/// Puts a scan's facts on a value, or clears facts left by an earlier run when there are none now.
+fn set_constant_facts(range: &mut Option<Box<ValueRange>>, facts: Option<ConstantFacts>) {
+    match facts {
+        Some(f) => {
+            range
+                .get_or_insert_with(Box::<ValueRange>::default)
+                .constant = Some(f)
+        }
+        None => {
+            if let Some(r) = range {
+                r.constant = None;
+            }
+        }
+    }
+}
+
+/// The interval of a Constant node's output, and for a float32 tensor the facts of its scan (see
+/// [`const_scan`]), which assign-precision's range checks reuse instead of reading the data again.
+fn constant_node(n: &mpopt_ir::Node) -> (Option<Interval>, Option<ConstantFacts>) {
+    let Some(a) = n.attributes.iter().find(|a| a.ref_attr_name.is_none()) else {
+        return (None, None);
+    };
+    let hull = |it: &mut dyn Iterator<Item = f64>| it.map(Interval::point).reduce(Interval::hull);
+    let iv = match &a.value {
+        AttrValue::Tensor(t) => return const_scan(t),
         AttrValue::Float(f) => Some(Interval::point(*f as f64)),
         AttrValue::Int(i) => Some(Interval::point(*i as f64)),
-        AttrValue::Floats(v) if !v.is_empty() => Some(
-            v.iter()
-                .map(|&f| Interval::point(f as f64))
-                .reduce(Interval::hull)?,
-        ),
-        AttrValue::Ints(v) if !v.is_empty() => Some(
-            v.iter()
-                .map(|&f| Interval::point(f as f64))
-                .reduce(Interval::hull)?,
-        ),
+        AttrValue::Floats(v) => hull(&mut v.iter().map(|&f| f as f64)),
+        AttrValue::Ints(v) => hull(&mut v.iter().map(|&i| i as f64)),
         _ => None,
-    }
+    };
+    (iv, None)
 }
 
 /// Analyzes a graph given its inputs' intervals and the outer values it may capture; writes every float
@@ -193,15 +206,7 @@ fn analyze(
     };
     for (v, iv, facts) in scanned {
         env[v.index()] = iv;
-        let r = &mut g.value_mut(v).range;
-        match facts {
-            Some(f) => r.get_or_insert_with(Box::<ValueRange>::default).constant = Some(f),
-            None => {
-                if let Some(r) = r {
-                    r.constant = None;
-                }
-            }
-        }
+        set_constant_facts(&mut g.value_mut(v).range, facts);
     }
     for (&i, iv) in g.inputs().iter().zip(inputs) {
         env[i.index()] = Some(*iv);
@@ -215,7 +220,7 @@ fn analyze(
         );
     }
     // the Constant nodes' values too, in parallel: Paddle's exporter keeps every weight in one
-    let constants: HashMap<NodeId, Option<Interval>> = {
+    let mut constants: HashMap<NodeId, (Option<Interval>, Option<ConstantFacts>)> = {
         use rayon::prelude::*;
         let nodes: Vec<(NodeId, &mpopt_ir::Node)> = g
             .nodes()
@@ -229,7 +234,11 @@ fn analyze(
     let order: Vec<NodeId> = g.nodes().map(|(id, _)| id).collect();
     for id in order {
         let node = g.node(id);
-        let outs: Vec<Interval> = if let Some(iv) = constants.get(&id) {
+        let outs: Vec<Interval> = if let Some((iv, facts)) = constants.remove(&id) {
+            // the facts go on the output (and stale ones from an earlier run go)
+            if let Some(o) = node.outputs().first().copied().flatten() {
+                set_constant_facts(&mut g.value_mut(o).range, facts);
+            }
             vec![iv.unwrap_or(Interval::TOP)]
         } else if node.has_subgraphs() {
             control(g, id, &env, opset, stats)
@@ -426,4 +435,107 @@ fn fixed_point(
         }
     }
     unreachable!()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assign_precision::{AssignPrecision, PrecisionOptions};
+    use crate::insert_casts::{InsertCasts, IoTypes};
+
+    /// A Constant node's weights get the same facts as an initializer's, in a subgraph too (silero_vad_v6
+    /// keeps every weight in Constants inside an If): assign-precision's range checks then read them
+    /// instead of scanning the data again, and insert-casts drops them with the f32 data they describe.
+    #[test]
+    fn a_constant_nodes_scan_leaves_its_facts_on_its_output() {
+        let src = "ir_version 8
+opset ai.onnx 17
+
+graph @t(%x: f32[1,4096], %b: bool[]) -> (%y: f32[1,1]) {
+  %y = If(%b) {else_branch = graph @else() -> (%e: f32[1,1]) captures (%x: f32[1,4096]) {
+    %e = ReduceMax(%x) {keepdims = 1, axes = [1]}
+  }, then_branch = graph @then() -> (%t: f32[1,1]) captures (%x: f32[1,4096]) {
+    %w = Constant() {value = tensor f32[1] [1]}
+    %t = MatMul(%x, %w)
+  }}
+}
+";
+        let mut m = mpopt_ir::text::parse_model(src).unwrap();
+        let n = crate::range_rules::FACTS_MIN_ELEMENTS;
+        // weights big enough for facts, one beyond f16's range
+        let mut xs: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        xs[9] = 7.0e4;
+        let weights = mpopt_ir::Tensor::from_f32(vec![n as i64, 1], &xs);
+        fn body(m: &mut Model) -> &mut Graph {
+            let (id, _) = m.graph.nodes().next().unwrap();
+            let node = m.graph.node_mut(id);
+            let a = node.attributes.iter_mut().find(|a| a.name == "then_branch");
+            &mut a.unwrap().value.graphs_mut()[0]
+        }
+        let facts = |m: &mut Model| {
+            let g = body(m);
+            let w = g.value_by_name("w").unwrap();
+            g.value(w).range.as_ref().and_then(|r| r.constant.clone())
+        };
+        {
+            let g = body(&mut m);
+            let (id, _) = g.nodes().next().unwrap();
+            g.node_mut(id).attributes[0].value = AttrValue::Tensor(weights.clone());
+        }
+        crate::infer_types::InferTypes::default()
+            .run(&mut m)
+            .unwrap();
+        AnalyzeRanges::default().run(&mut m).unwrap();
+        let f = facts(&mut m).expect("the Constant's output has the scan's facts");
+        let lo = xs.iter().copied().fold(f32::INFINITY, f32::min);
+        assert_eq!((f.min, f.max), (lo, 7.0e4));
+        assert_eq!(f.beyond[0].0, 1, "one value beyond f16");
+        {
+            let g = body(&mut m);
+            let (_, node) = g.nodes().next().unwrap();
+            let AttrValue::Tensor(t) = &node.attr("value").unwrap().value else {
+                panic!("a tensor")
+            };
+            assert!(f.describes(t), "the facts describe the node's own data");
+        }
+        // assign-precision keeps the MatMul fp32 for that value (from the facts; a scan would agree)
+        AssignPrecision::new(PrecisionOptions::default())
+            .run(&mut m)
+            .unwrap();
+        let mul = |m: &mut Model| {
+            let g = body(m);
+            let (_, n) = g.nodes().find(|(_, n)| n.op_type == "MatMul").unwrap();
+            let p = n.precision.as_ref().unwrap();
+            (p.dtype, p.rule.clone())
+        };
+        assert_eq!(mul(&mut m), (DType::F32, "initializer range".into()));
+        // without the overflowing value the Constant goes low, and the conversion drops the facts
+        let mut m = mpopt_ir::text::parse_model(src).unwrap();
+        xs[9] = 0.5;
+        {
+            let g = body(&mut m);
+            let (id, _) = g.nodes().next().unwrap();
+            g.node_mut(id).attributes[0].value =
+                AttrValue::Tensor(mpopt_ir::Tensor::from_f32(vec![n as i64, 1], &xs));
+        }
+        crate::infer_types::InferTypes::default()
+            .run(&mut m)
+            .unwrap();
+        AnalyzeRanges::default().run(&mut m).unwrap();
+        assert!(facts(&mut m).is_some());
+        AssignPrecision::new(PrecisionOptions::default())
+            .run(&mut m)
+            .unwrap();
+        assert_eq!(mul(&mut m).0, DType::F16);
+        InsertCasts::new(DType::F16, IoTypes::Keep)
+            .run(&mut m)
+            .unwrap();
+        let g = body(&mut m);
+        let w = g.value_by_name("w").unwrap();
+        assert_eq!(g.value(w).elem(), Some(DType::F16));
+        assert!(
+            facts(&mut m).is_none(),
+            "no facts about data the node no longer holds"
+        );
+    }
 }

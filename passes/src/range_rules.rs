@@ -259,17 +259,27 @@ impl<'a> F32Data<'a> {
         }
     }
 
-    /// Copies the elements `at..at + xs.len()` into `xs`.
-    pub(crate) fn fill(self, at: usize, xs: &mut [f32]) {
+    /// Copies the elements `at..at + xs.len()` into `xs` and returns them. `xs` need not be initialized:
+    /// a block buffer zeroed first cost a memset as big as the copy, per block.
+    pub(crate) fn fill(self, at: usize, xs: &mut [std::mem::MaybeUninit<f32>]) -> &[f32] {
+        let n = xs.len();
         match self {
             F32Data::Bytes(b) => {
-                let bytes = &b[at * 4..(at + xs.len()) * 4];
+                let bytes = &b[at * 4..(at + n) * 4];
                 for (x, c) in xs.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    x.write(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
                 }
             }
-            F32Data::Floats(v) => xs.copy_from_slice(&v[at..at + xs.len()]),
+            F32Data::Floats(v) => {
+                for (x, &y) in xs.iter_mut().zip(&v[at..at + n]) {
+                    x.write(y);
+                }
+            }
         }
+        // SAFETY: every element of `xs` was written just above (the byte range holds `4 * xs.len()` bytes
+        // and `v`'s range `xs.len()` values, or the slicing panicked), and `MaybeUninit<f32>` has `f32`'s
+        // layout
+        unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<f32>(), xs.len()) }
     }
 
     /// Calls `f(j, x)` for the elements `start + j`, `j < len`, in order.

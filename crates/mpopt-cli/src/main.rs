@@ -26,17 +26,17 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
-/// No transparent huge pages for this process (`prctl(PR_SET_THP_DISABLE)`; Linux only, a no-op elsewhere).
+/// No transparent huge pages for this process (`prctl(PR_SET_THP_DISABLE)`; Linux only).
 /// mimalloc asks for them on its arenas (`madvise(MADV_HUGEPAGE)`), and a process that converts one model
 /// touches 20-70 MB. Where memory is virtualised with free-page reporting (cloud VMs with a balloon device,
 /// such as the one the benchmarks ran on), a fresh 2 MiB page often has to be backed by the host first:
 /// conversions started after a pause of 2.5 s took, with huge pages and without (median of 12,
 /// 2026-11-30): ppocrv4_det 64.7 -> 16.8 ms, vit_tiny 85.2 -> 29.8 ms, ppocrv4_rec 40.3 -> 20.4 ms.
 /// Back-to-back runs were faster with them (det 12.2 against 15.4 ms) but 1 in 5 of those took 60-75 ms.
-/// With 4 KiB pages the time is steady. The flag is checked at each fault, so it also covers the arena
-/// mimalloc reserved before `main`.
+/// With 4 KiB pages the time is steady. The flag is checked at each fault, but a page already faulted in
+/// stays huge: hence the call before `main` ([`NO_HUGE_PAGES_BEFORE_MAIN`]).
+#[cfg(target_os = "linux")]
 fn no_transparent_huge_pages() {
-    #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes one integer argument and only sets a flag on this process; a kernel
     // without it returns EINVAL, which is harmless (the process then behaves as before).
     unsafe {
@@ -132,9 +132,23 @@ impl std::fmt::Display for Usage {
 }
 impl std::error::Error for Usage {}
 
+/// [`no_transparent_huge_pages`] before anything allocates: from the executable's `.init_array`, which the C
+/// runtime calls before `main` and before Rust's runtime starts. Called first thing in `main`, it came after
+/// the runtime's own first allocations (the main thread's name), for which mimalloc had already reserved its
+/// first arena and asked for huge pages on it: perf showed that first 2 MiB page zeroed by the kernel in
+/// every run (2% of converting vit_tiny), and after a pause the host may have to back it first.
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static NO_HUGE_PAGES_BEFORE_MAIN: extern "C" fn() = {
+    extern "C" fn before_main() {
+        no_transparent_huge_pages();
+    }
+    before_main
+};
+
 fn main() -> ExitCode {
     keep_freed_memory();
-    no_transparent_huge_pages();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -405,11 +419,12 @@ mod tests {
         assert_eq!(after, -1);
     }
 
-    /// The process must end up without transparent huge pages: the kernel reports the flag back.
+    /// The process runs without transparent huge pages from before `main`: this test binary has the same
+    /// `.init_array` entry as the program, and nothing here turns them off otherwise. The kernel reports
+    /// the flag back.
     #[cfg(target_os = "linux")]
     #[test]
-    fn transparent_huge_pages_are_off_for_the_process() {
-        super::no_transparent_huge_pages();
+    fn transparent_huge_pages_are_off_before_main() {
         // SAFETY: PR_GET_THP_DISABLE takes no argument and only reads the flag.
         let flag = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
         assert_eq!(flag, 1, "PR_GET_THP_DISABLE");

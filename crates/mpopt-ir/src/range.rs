@@ -132,7 +132,8 @@ pub struct ValueRange {
     pub proven: Option<Interval>,
     /// Observed by calibration.
     pub observed: Option<Observed>,
-    /// Of an initializer: what the analysis's scan of its data found (not printed).
+    /// Of an initializer or a Constant node's output: what the analysis's scan of its data found (not
+    /// printed).
     pub constant: Option<ConstantFacts>,
 }
 
