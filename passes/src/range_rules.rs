@@ -1124,7 +1124,7 @@ impl<'a> Elems<'a> {
 
 /// The sums of the positive and of the negative weights of one output column: `sum_k x_k w_k` for `x` in
 /// `[lo, hi]` lies in `[P lo + N hi, P hi + N lo]`.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct SignSums {
     pos: f64,
     neg: f64,
@@ -1203,18 +1203,24 @@ fn row_major_columns(w: &Elems, start: usize, k: usize, cols: usize) -> Vec<Sign
         .into_par_iter()
         .map(|p| {
             let (mut pos, mut neg) = (vec![0f64; cols], vec![0f64; cols]);
-            for i in p * rows..((p + 1) * rows).min(k) {
-                let at = start + i * cols;
-                match w {
-                    Elems::F32(d) => sign_sums_row(&mut pos, &mut neg, d.range(at, cols)),
-                    Elems::Wide(_) => w.each(at, cols, |c, x| {
-                        let mut s = SignSums {
-                            pos: pos[c],
-                            neg: neg[c],
-                        };
-                        s.add(x);
-                        (pos[c], neg[c]) = (s.pos, s.neg);
-                    }),
+            let (first, end) = (p * rows, ((p + 1) * rows).min(k));
+            match w {
+                Elems::F32(d) => sign_sums_rows(
+                    &mut pos,
+                    &mut neg,
+                    d.range(start + first * cols, (end - first) * cols),
+                ),
+                Elems::Wide(_) => {
+                    for i in first..end {
+                        w.each(start + i * cols, cols, |c, x| {
+                            let mut s = SignSums {
+                                pos: pos[c],
+                                neg: neg[c],
+                            };
+                            s.add(x);
+                            (pos[c], neg[c]) = (s.pos, s.neg);
+                        })
+                    }
                 }
             }
             (pos, neg)
@@ -1240,10 +1246,13 @@ fn row_pieces(k: usize, cols: usize) -> usize {
     by_size.max(k.div_ceil(ROW_PIECES)).max(1)
 }
 
-/// Adds one row of f32 weights to the columns' positive and negative sums ([`SignSums::add`] for each), with
-/// AVX2 where the CPU has it: the binary targets baseline x86-64, and the closures that `pulp`'s dispatch
-/// was given here were compiled without it (two f64 lanes; 21% of vit's conversion).
-fn sign_sums_row(pos: &mut [f64], neg: &mut [f64], row: F32Data) {
+/// Adds rows of f32 weights (row-major, `pos.len()` columns each) to the columns' positive and negative sums
+/// ([`SignSums::add`] for each), four rows per sweep over the columns: a column's sums stay in registers
+/// across the four, added to in row order as one row at a time would (the same bits). One row a sweep, the
+/// loop spent its time loading and storing the sums (perf: the f64 adds from memory and the stores were
+/// three quarters of its samples on vit_tiny). With AVX2 where the CPU has it: the binary targets baseline
+/// x86-64, and closures given to `pulp`'s dispatch here were compiled without it.
+fn sign_sums_rows(pos: &mut [f64], neg: &mut [f64], rows: F32Data) {
     #[inline(always)]
     fn add(p: &mut f64, q: &mut f64, x: f32) {
         let x = x as f64;
@@ -1251,33 +1260,69 @@ fn sign_sums_row(pos: &mut [f64], neg: &mut [f64], row: F32Data) {
         *q += (if x < 0.0 { x } else { 0.0 }) + x * 0.0;
     }
     #[inline(always)]
-    fn each(pos: &mut [f64], neg: &mut [f64], row: F32Data) {
-        let sums = pos.iter_mut().zip(neg.iter_mut());
-        match row {
-            F32Data::Bytes(b) => {
-                for ((p, q), c) in sums.zip(b.chunks_exact(4)) {
-                    add(p, q, f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    fn x(c: &[u8]) -> f32 {
+        f32::from_le_bytes([c[0], c[1], c[2], c[3]])
+    }
+    /// `rows` as little-endian bytes, `pos.len()` f32 a row.
+    #[inline(always)]
+    fn sweeps(pos: &mut [f64], neg: &mut [f64], rows: &[u8]) {
+        let w = pos.len() * 4;
+        if w == 0 {
+            return;
+        }
+        let mut fours = rows.chunks_exact(4 * w);
+        for four in &mut fours {
+            let (r0, rest) = four.split_at(w);
+            let (r1, rest) = rest.split_at(w);
+            let (r2, r3) = rest.split_at(w);
+            let ws = r0
+                .chunks_exact(4)
+                .zip(r1.chunks_exact(4))
+                .zip(r2.chunks_exact(4).zip(r3.chunks_exact(4)));
+            for ((p, q), ((a, b), (c, d))) in pos.iter_mut().zip(neg.iter_mut()).zip(ws) {
+                let (mut sp, mut sq) = (*p, *q);
+                for v in [a, b, c, d] {
+                    add(&mut sp, &mut sq, x(v));
                 }
+                (*p, *q) = (sp, sq);
             }
-            F32Data::Floats(v) => {
-                for ((p, q), &x) in sums.zip(v) {
-                    add(p, q, x);
-                }
+        }
+        for row in fours.remainder().chunks_exact(w) {
+            for ((p, q), v) in pos.iter_mut().zip(neg.iter_mut()).zip(row.chunks_exact(4)) {
+                add(p, q, x(v));
             }
         }
     }
+    assert_eq!(
+        rows.len() % pos.len().max(1),
+        0,
+        "sign_sums_rows: a partial row"
+    );
+    let bytes: &[u8] = match rows {
+        F32Data::Bytes(b) => b,
+        F32Data::Floats(v) if cfg!(target_endian = "little") => bytemuck::cast_slice(v),
+        F32Data::Floats(v) => {
+            // big-endian float_data: one value at a time
+            for row in v.chunks_exact(pos.len().max(1)) {
+                for ((p, q), &y) in pos.iter_mut().zip(neg.iter_mut()).zip(row) {
+                    add(p, q, y);
+                }
+            }
+            return;
+        }
+    };
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2(pos: &mut [f64], neg: &mut [f64], row: F32Data) {
-            each(pos, neg, row)
+        unsafe fn avx2(pos: &mut [f64], neg: &mut [f64], rows: &[u8]) {
+            sweeps(pos, neg, rows)
         }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above)
-            return unsafe { avx2(pos, neg, row) };
+            return unsafe { avx2(pos, neg, bytes) };
         }
     }
-    each(pos, neg, row)
+    sweeps(pos, neg, bytes)
 }
 
 /// True when `sum_k x_k w_k`, for every `x_k` within `x` and constant weights whose exact min and max are
@@ -2294,6 +2339,62 @@ mod tests {
                 let pos: f64 = col.clone().filter(|&x| x > 0.0).sum();
                 let neg: f64 = col.filter(|&x| x < 0.0).sum();
                 assert_eq!((s.pos, s.neg), (pos, neg), "k {k} cols {cols} column {c}");
+            }
+        }
+    }
+
+    #[test]
+    fn column_sums_add_each_pieces_rows_in_order() {
+        // inexact values (so the order of the additions shows in the bits), with a NaN and an infinity in
+        // some shapes, as float_data, aligned raw_data and unaligned raw_data: each piece adds its rows in
+        // order, one row at a time, and the pieces are added in order
+        let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for (k, cols, special) in [
+            (7usize, 5usize, false),
+            (3, 9, true),
+            (4099, 17, false),
+            (1031, 64, true),
+        ] {
+            let mut w: Vec<f32> = (0..k * cols)
+                .map(|i| (i as f32 * 0.6173).sin() * 10f32.powi((i % 9) as i32 - 4))
+                .collect();
+            if special {
+                w[cols + 1] = f32::NAN;
+                w[2 * cols - 1] = f32::NEG_INFINITY;
+            }
+            let rows = row_pieces(k, cols);
+            let mut want = vec![SignSums::default(); cols];
+            for first in (0..k).step_by(rows) {
+                let mut piece = vec![SignSums::default(); cols];
+                for i in first..(first + rows).min(k) {
+                    for (c, s) in piece.iter_mut().enumerate() {
+                        s.add(w[i * cols + c] as f64);
+                    }
+                }
+                for (t, p) in want.iter_mut().zip(piece) {
+                    t.pos += p.pos;
+                    t.neg += p.neg;
+                }
+            }
+            let aligned = Tensor::from_f32(vec![k as i64, cols as i64], &w);
+            let mut listed = aligned.clone();
+            listed.data = mpopt_ir::TensorData::Floats(w.clone());
+            let mut unaligned = aligned.clone();
+            let mut buf = vec![0u8];
+            buf.extend(w.iter().flat_map(|x| x.to_le_bytes()));
+            unaligned.data = mpopt_ir::TensorData::Raw(bytes::Bytes::from(buf).slice(1..));
+            for (how, t) in [
+                ("raw", &aligned),
+                ("float_data", &listed),
+                ("unaligned", &unaligned),
+            ] {
+                let got = row_major_columns(&Elems::of(t).unwrap(), 0, k, cols);
+                for (c, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        same(g.pos, e.pos) && same(g.neg, e.neg),
+                        "{how} k {k} cols {cols} column {c}: {g:?} against {e:?}"
+                    );
+                }
             }
         }
     }
