@@ -6,14 +6,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufWriter;
 use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
 use mpopt_ir::{ExternalOrigin, Graph, Model};
 use prost::Message;
 
-use crate::stream::StreamBuf;
+use crate::stream::{StreamBuf, stream_to};
 use crate::{EXTERNAL_THRESHOLD, ExternalData, OnnxError, PROTOBUF_LIMIT, SaveSummary, export};
 
 pub(crate) struct Reader {
@@ -154,15 +153,12 @@ fn tmp_path(target: &Path) -> PathBuf {
 /// Writes through `write` into a temporary file beside `target`; the caller renames it into place.
 fn write_tmp(
     target: &Path,
-    write: impl FnOnce(&mut StreamBuf<BufWriter<File>>),
+    write: impl FnOnce(&mut StreamBuf),
 ) -> Result<(PathBuf, u64), OnnxError> {
     let tmp = tmp_path(target);
     let result = (|| {
         let f = File::create(&tmp)?;
-        let mut sb = StreamBuf::new(BufWriter::with_capacity(1 << 16, f));
-        write(&mut sb);
-        let (w, n) = sb.finish()?;
-        w.into_inner().map_err(|e| e.into_error())?;
+        let (_, n) = stream_to(f, write)?;
         Ok(n)
     })();
     match result {
