@@ -26,10 +26,12 @@
 use std::collections::HashMap;
 
 use mpopt_ir::{
-    AttrValue, ConstantFacts, DType, Graph, Interval, Model, NodeId, ValueId, ValueRange,
+    AttrValue, ConstantFacts, DType, Graph, Interval, Model, NodeId, Use, ValueId, ValueRange,
 };
 
-use crate::range_rules::{In, const_scan, constant_of, dtype_interval, transfer};
+use crate::range_rules::{
+    Columns, In, const_scan, constant_of, dtype_interval, transfer, uses_columns, weight_columns,
+};
 use crate::{Pass, PassError, PassOutcome};
 
 /// Declared ranges of graph inputs.
@@ -159,6 +161,14 @@ fn set_constant_facts(range: &mut Option<Box<ValueRange>>, facts: Option<Constan
     }
 }
 
+/// True when a node reads `v` as a weight whose [`Columns`] its rule uses.
+fn read_by_rows(g: &Graph, v: ValueId) -> bool {
+    g.uses(v).iter().any(|u| match *u {
+        Use::Input(n, slot) => uses_columns(g.node(n), slot),
+        Use::Implicit(..) => false,
+    })
+}
+
 /// The interval of a Constant node's output, and for a float32 tensor the facts of its scan (see
 /// [`const_scan`]), which assign-precision's range checks reuse instead of reading the data again.
 fn constant_node(n: &mpopt_ir::Node) -> (Option<Interval>, Option<ConstantFacts>) {
@@ -190,7 +200,15 @@ fn analyze(
     // every initializer is scanned once; the scans are independent, and on the big models they are a third of
     // the pass (vit_tiny's 22 MB of weights)
     // (and the facts of each scan go on the initializer, for assign-precision's range checks to reuse)
-    let scanned: Vec<(ValueId, Option<Interval>, Option<ConstantFacts>)> = {
+    // (and a weight that a MatMul or Gemm reads row by row gets its column sums in the same task, while its
+    // data is in cache: see `range_rules::weight_columns`)
+    type Scanned = (
+        ValueId,
+        Option<Interval>,
+        Option<ConstantFacts>,
+        Option<Columns>,
+    );
+    let scanned: Vec<Scanned> = {
         use rayon::prelude::*;
         let gr: &Graph = g;
         gr.initializers()
@@ -198,15 +216,20 @@ fn analyze(
             .map(|&v| match gr.value(v).initializer.as_deref() {
                 Some(t) => {
                     let (iv, facts) = const_scan(t);
-                    (v, iv, facts)
+                    let columns = read_by_rows(gr, v).then(|| weight_columns(t)).flatten();
+                    (v, iv, facts, columns)
                 }
-                None => (v, None, None),
+                None => (v, None, None, None),
             })
             .collect()
     };
-    for (v, iv, facts) in scanned {
+    let mut columns: HashMap<ValueId, Columns> = HashMap::new();
+    for (v, iv, facts, cols) in scanned {
         env[v.index()] = iv;
         set_constant_facts(&mut g.value_mut(v).range, facts);
+        if let Some(c) = cols {
+            columns.insert(v, c);
+        }
     }
     for (&i, iv) in g.inputs().iter().zip(inputs) {
         env[i.index()] = Some(*iv);
@@ -251,12 +274,9 @@ fn analyze(
                         iv: Some(env[v.index()].unwrap_or(Interval::TOP)),
                         konst: constant_of(g, *v),
                         shape: static_shape(g, *v),
+                        columns: columns.get(v),
                     },
-                    None => In {
-                        iv: None,
-                        konst: None,
-                        shape: None,
-                    },
+                    None => In::default(),
                 })
                 .collect();
             transfer(g, node, &ins, opset)

@@ -12,6 +12,7 @@ use mpopt_ir::{AttrValue, DType, Graph, Interval, Node, Tensor, ValueId};
 const U32: f64 = 1.0 / 16777216.0;
 
 /// What a transfer function sees of one input.
+#[derive(Clone, Default)]
 pub(crate) struct In<'a> {
     /// The input's interval (TOP when unknown; absent optional inputs are None).
     pub iv: Option<Interval>,
@@ -19,6 +20,8 @@ pub(crate) struct In<'a> {
     pub konst: Option<&'a Tensor>,
     /// Its static shape when the rank is known; unknown dims are -1.
     pub shape: Option<Vec<i64>>,
+    /// The column sums of `konst` read row by row ([`weight_columns`]), when the caller computed them.
+    pub columns: Option<&'a Columns>,
 }
 
 impl In<'_> {
@@ -1189,6 +1192,30 @@ fn contiguous_columns(w: &Elems, start: usize, cols: usize, k: usize) -> Vec<Sig
         .collect()
 }
 
+/// The column sums of a rank-2 weight read row by row: what `MatMul` with a constant B and `Gemm` with a
+/// constant B and `transB = 0` bound their outputs with.
+pub(crate) struct Columns(Vec<SignSums>);
+
+/// True when node `n`'s rule bounds it with the [`Columns`] of its input `slot` (when constant and rank 2):
+/// input B of a `MatMul`, or of a `Gemm` without `transB`.
+pub(crate) fn uses_columns(n: &Node, slot: u32) -> bool {
+    slot == 1
+        && n.in_default_domain()
+        && (n.op_type == "MatMul"
+            || (n.op_type == "Gemm" && int_attr(n, "transB").unwrap_or(0) != 1))
+}
+
+/// [`Columns`] of a rank-2 constant (None for other ranks, empty ones and unreadable data). analyze-ranges
+/// computes them in the task that has just scanned the weight for its interval, while its data is still in
+/// cache: computed later, when the rule runs, they read the weight from memory a second time (vit_tiny's
+/// 22 MB of MatMul weights are bigger than the L3 cache, and the sums' loop waited on those reads).
+pub(crate) fn weight_columns(t: &Tensor) -> Option<Columns> {
+    let [k, nn] = t.dims[..] else { return None };
+    let (k, nn) = (usize::try_from(k).ok()?, usize::try_from(nn).ok()?);
+    let w = Elems::of(t)?;
+    (k * nn > 0 && w.len() == k * nn).then(|| Columns(row_major_columns(&w, 0, k, nn)))
+}
+
 /// Sign sums of the `cols` columns of a row-major `[k, cols]` block from element `start`.
 ///
 /// The rows are split into at most [`ROW_PIECES`] pieces of at least 64K weights, summed in parallel, each a
@@ -1372,6 +1399,9 @@ fn matmul(ins: &[In]) -> Interval {
             return Interval::TOP;
         }
         let (k, nn) = (s[s.len() - 2] as usize, s[s.len() - 1] as usize);
+        if let Some(Columns(sums)) = b.columns {
+            return columns_bound(a.iv(), sums, k);
+        }
         return per_batch(w.len(), k * nn, |bt| {
             columns_bound(a.iv(), &row_major_columns(&w, bt * k * nn, k, nn), k)
         });
@@ -1434,12 +1464,12 @@ fn gemm(n: &Node, ins: &[In]) -> Interval {
                 } else {
                     (s[0] as usize, s[1] as usize)
                 };
-                let sums = if tb {
-                    contiguous_columns(&w, 0, nn, k)
-                } else {
-                    row_major_columns(&w, 0, k, nn)
-                };
-                columns_bound(a.iv(), &sums, k)
+                let bound = |sums: &[SignSums]| columns_bound(a.iv(), sums, k);
+                match b.columns {
+                    Some(Columns(sums)) if !tb => bound(sums),
+                    _ if tb => bound(&contiguous_columns(&w, 0, nn, k)),
+                    _ => bound(&row_major_columns(&w, 0, k, nn)),
+                }
             }
             None => Interval::TOP,
         },
@@ -1780,6 +1810,7 @@ mod tests {
             iv: Some(i),
             konst: None,
             shape: None,
+            columns: None,
         }
     }
 
@@ -1817,6 +1848,7 @@ mod tests {
             iv: const_interval(t),
             konst: Some(t),
             shape: Some(t.dims.clone()),
+            columns: None,
         }
     }
 
@@ -1835,6 +1867,7 @@ mod tests {
                         iv: Some(xi),
                         konst: None,
                         shape: Some(vec![2, 4]),
+                        columns: None,
                     },
                     konst(&wt),
                 ],
@@ -1856,6 +1889,7 @@ mod tests {
                         iv: Some(xi),
                         konst: None,
                         shape: Some(vec![1, 2, 5]),
+                        columns: None,
                     },
                     konst(&cw),
                 ],
@@ -1887,6 +1921,7 @@ mod tests {
                         iv: Some(xi),
                         konst: None,
                         shape: Some(vec![2, 6]),
+                        columns: None,
                     },
                     konst(&scale),
                     konst(&bias),
@@ -1927,6 +1962,7 @@ mod tests {
                         iv: Some(xi),
                         konst: None,
                         shape: shape.clone(),
+                        columns: None,
                     },
                     konst(&axes),
                 ],
@@ -1943,6 +1979,7 @@ mod tests {
             iv: Some(i),
             konst: None,
             shape: Some(shape),
+            columns: None,
         }
     }
 
@@ -2061,6 +2098,69 @@ mod tests {
                 assert!(ct.contains(y), "conv transpose {y} outside {ct}");
             }
         }
+    }
+
+    #[test]
+    fn precomputed_columns_give_the_rules_own_bound() {
+        // analyze-ranges hands MatMul and Gemm (no transB) the sums it computed after the weight's scan: the
+        // bound must be the one the rule computes from the weight itself, to the bit
+        let mut r = Rng(11);
+        let w: Vec<f32> = (0..64 * 37)
+            .map(|_| ((r.next() * 2.0 - 1.0) * 10f64.powi((r.next() * 6.0) as i32 - 3)) as f32)
+            .collect();
+        let wt = Tensor::from_f32(vec![64, 37], &w);
+        let cols = weight_columns(&wt).expect("a rank-2 f32 weight has columns");
+        let with = In {
+            columns: Some(&cols),
+            ..konst(&wt)
+        };
+        for &(lo, hi) in CASES {
+            let xi = Interval::new(lo, hi);
+            for (op, attrs, a) in [
+                ("MatMul", vec![], var(xi, vec![5, 64])),
+                (
+                    "Gemm",
+                    vec![("alpha", AttrValue::Float(0.5))],
+                    var(xi, vec![5, 64]),
+                ),
+                (
+                    "Gemm",
+                    vec![("transB", AttrValue::Int(0))],
+                    var(xi, vec![5, 64]),
+                ),
+                // transposed B is read by columns: sums by rows would be wrong, and are not used
+                (
+                    "Gemm",
+                    vec![("transB", AttrValue::Int(1))],
+                    var(xi, vec![5, 37]),
+                ),
+            ] {
+                let own = node_bound(op, &attrs, vec![a.clone(), konst(&wt)]);
+                let given = node_bound(op, &attrs, vec![a, with.clone()]);
+                assert_eq!(
+                    (own.lo.to_bits(), own.hi.to_bits()),
+                    (given.lo.to_bits(), given.hi.to_bits()),
+                    "{op} {attrs:?} with x in {xi}: {own} against {given}"
+                );
+            }
+        }
+        // which inputs get them; not a Gemm's transposed B (read by columns), not other ranks
+        let node = |op: &str, tb: Option<i64>| {
+            let mut n = Node::new(op);
+            if let Some(t) = tb {
+                n.attributes
+                    .push(mpopt_ir::Attribute::new("transB", AttrValue::Int(t)));
+            }
+            n
+        };
+        assert!(uses_columns(&node("MatMul", None), 1));
+        assert!(!uses_columns(&node("MatMul", None), 0));
+        assert!(uses_columns(&node("Gemm", None), 1));
+        assert!(uses_columns(&node("Gemm", Some(0)), 1));
+        assert!(!uses_columns(&node("Gemm", Some(1)), 1));
+        assert!(!uses_columns(&node("Conv", None), 1));
+        assert!(weight_columns(&Tensor::from_f32(vec![2, 3, 4], &[0.5; 24])).is_none());
+        assert!(weight_columns(&Tensor::from_f32(vec![0, 3], &[])).is_none());
     }
 
     #[test]
@@ -2190,11 +2290,13 @@ mod tests {
                         .or_else(|| constant_of(g, *v).and_then(const_interval)),
                     konst: constant_of(g, *v),
                     shape: crate::analyze_ranges::static_shape(g, *v),
+                    columns: None,
                 },
                 None => In {
                     iv: None,
                     konst: None,
                     shape: None,
+                    columns: None,
                 },
             })
             .collect();
