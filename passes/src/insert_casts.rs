@@ -1166,10 +1166,8 @@ fn process(
     for ((id, low), pre) in constants.into_iter().zip(batch) {
         retarget_attributes(g.node_mut(id), low, out, scope, pre);
         // the analysis's facts were about the f32 value (and hold its data)
-        if let Some(o) = g.node(id).outputs().first().copied().flatten()
-            && let Some(r) = g.value_mut(o).range.as_deref_mut()
-        {
-            r.constant = None;
+        if let Some(o) = g.node(id).outputs().first().copied().flatten() {
+            g.value_mut(o).set_constant_facts(None);
         }
     }
     for &id in &order {
@@ -1245,9 +1243,7 @@ fn process(
                 conv.name = name.clone();
                 g.replace_initializer(v, conv);
                 // the analysis's facts were about the f32 data (and hold it)
-                if let Some(r) = g.value_mut(v).range.as_deref_mut() {
-                    r.constant = None;
-                }
+                g.value_mut(v).set_constant_facts(None);
                 set_elem(g, v, d);
                 out.converted += 1;
                 v

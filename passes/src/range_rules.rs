@@ -1280,20 +1280,46 @@ fn row_pieces(k: usize, cols: usize) -> usize {
 /// three quarters of its samples on vit_tiny). With AVX2 where the CPU has it: the binary targets baseline
 /// x86-64, and closures given to `pulp`'s dispatch here were compiled without it.
 fn sign_sums_rows(pos: &mut [f64], neg: &mut [f64], rows: F32Data) {
+    assert_eq!(
+        rows.len() % pos.len().max(1),
+        0,
+        "sign_sums_rows: a partial row"
+    );
+    match rows {
+        F32Data::Bytes(b) => sign_sums_dispatch(pos, neg, b.as_chunks::<4>().0),
+        F32Data::Floats(v) => sign_sums_dispatch(pos, neg, v),
+    }
+}
+
+/// One f32 weight as a tensor holds it: in `float_data`, or as four little-endian bytes of `raw_data`.
+trait WeightElem {
+    fn value(&self) -> f32;
+}
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn value(&self) -> f32 {
+        *self
+    }
+}
+impl WeightElem for [u8; 4] {
+    #[inline(always)]
+    fn value(&self) -> f32 {
+        f32::from_le_bytes(*self)
+    }
+}
+
+/// [`sign_sums_rows`]' loop, with AVX2 where the CPU has it.
+fn sign_sums_dispatch<E: WeightElem>(pos: &mut [f64], neg: &mut [f64], rows: &[E]) {
     #[inline(always)]
     fn add(p: &mut f64, q: &mut f64, x: f32) {
         let x = x as f64;
         *p += if x > 0.0 { x } else { 0.0 };
         *q += (if x < 0.0 { x } else { 0.0 }) + x * 0.0;
     }
+    /// `rows` of `pos.len()` elements each: four a sweep, then the rest one at a time.
     #[inline(always)]
-    fn x(c: &[u8]) -> f32 {
-        f32::from_le_bytes([c[0], c[1], c[2], c[3]])
-    }
-    /// `rows` as little-endian bytes, `pos.len()` f32 a row.
-    #[inline(always)]
-    fn sweeps(pos: &mut [f64], neg: &mut [f64], rows: &[u8]) {
-        let w = pos.len() * 4;
+    fn sweeps<E: WeightElem>(pos: &mut [f64], neg: &mut [f64], rows: &[E]) {
+        let w = pos.len();
         if w == 0 {
             return;
         }
@@ -1302,54 +1328,33 @@ fn sign_sums_rows(pos: &mut [f64], neg: &mut [f64], rows: F32Data) {
             let (r0, rest) = four.split_at(w);
             let (r1, rest) = rest.split_at(w);
             let (r2, r3) = rest.split_at(w);
-            let ws = r0
-                .chunks_exact(4)
-                .zip(r1.chunks_exact(4))
-                .zip(r2.chunks_exact(4).zip(r3.chunks_exact(4)));
+            let ws = r0.iter().zip(r1).zip(r2.iter().zip(r3));
             for ((p, q), ((a, b), (c, d))) in pos.iter_mut().zip(neg.iter_mut()).zip(ws) {
                 let (mut sp, mut sq) = (*p, *q);
                 for v in [a, b, c, d] {
-                    add(&mut sp, &mut sq, x(v));
+                    add(&mut sp, &mut sq, v.value());
                 }
                 (*p, *q) = (sp, sq);
             }
         }
         for row in fours.remainder().chunks_exact(w) {
-            for ((p, q), v) in pos.iter_mut().zip(neg.iter_mut()).zip(row.chunks_exact(4)) {
-                add(p, q, x(v));
+            for ((p, q), v) in pos.iter_mut().zip(neg.iter_mut()).zip(row) {
+                add(p, q, v.value());
             }
         }
     }
-    assert_eq!(
-        rows.len() % pos.len().max(1),
-        0,
-        "sign_sums_rows: a partial row"
-    );
-    let bytes: &[u8] = match rows {
-        F32Data::Bytes(b) => b,
-        F32Data::Floats(v) if cfg!(target_endian = "little") => bytemuck::cast_slice(v),
-        F32Data::Floats(v) => {
-            // big-endian float_data: one value at a time
-            for row in v.chunks_exact(pos.len().max(1)) {
-                for ((p, q), &y) in pos.iter_mut().zip(neg.iter_mut()).zip(row) {
-                    add(p, q, y);
-                }
-            }
-            return;
-        }
-    };
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2(pos: &mut [f64], neg: &mut [f64], rows: &[u8]) {
+        unsafe fn avx2<E: WeightElem>(pos: &mut [f64], neg: &mut [f64], rows: &[E]) {
             sweeps(pos, neg, rows)
         }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above)
-            return unsafe { avx2(pos, neg, bytes) };
+            return unsafe { avx2(pos, neg, rows) };
         }
     }
-    sweeps(pos, neg, bytes)
+    sweeps(pos, neg, rows)
 }
 
 /// True when `sum_k x_k w_k`, for every `x_k` within `x` and constant weights whose exact min and max are
@@ -1465,10 +1470,11 @@ fn gemm(n: &Node, ins: &[In]) -> Interval {
                     (s[0] as usize, s[1] as usize)
                 };
                 let bound = |sums: &[SignSums]| columns_bound(a.iv(), sums, k);
-                match b.columns {
-                    Some(Columns(sums)) if !tb => bound(sums),
-                    _ if tb => bound(&contiguous_columns(&w, 0, nn, k)),
-                    _ => bound(&row_major_columns(&w, 0, k, nn)),
+                // precomputed sums are by rows: a transposed B is read by columns
+                match (tb, b.columns) {
+                    (true, _) => bound(&contiguous_columns(&w, 0, nn, k)),
+                    (false, Some(Columns(sums))) => bound(sums),
+                    (false, None) => bound(&row_major_columns(&w, 0, k, nn)),
                 }
             }
             None => Interval::TOP,

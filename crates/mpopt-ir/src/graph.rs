@@ -113,6 +113,22 @@ impl Value {
     pub fn uses(&self) -> &[Use] {
         &self.uses
     }
+    /// Sets the facts of a scan of this value's constant data ([`crate::ValueRange::constant`]), or clears
+    /// them (`None`: the data changed, or a new scan found none), leaving the other range facts as they are.
+    pub fn set_constant_facts(&mut self, facts: Option<crate::ConstantFacts>) {
+        match facts {
+            Some(f) => {
+                self.range
+                    .get_or_insert_with(Box::<crate::ValueRange>::default)
+                    .constant = Some(f)
+            }
+            None => {
+                if let Some(r) = &mut self.range {
+                    r.constant = None;
+                }
+            }
+        }
+    }
 }
 
 /// An operator application.

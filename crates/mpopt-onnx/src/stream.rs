@@ -87,25 +87,21 @@ impl StreamBuf {
             self.buf.clear();
             return;
         };
-        let next = match self.empty.try_recv() {
+        if full.send(std::mem::take(&mut self.buf)).is_err() {
+            self.full = None;
+        }
+        self.buf = match self.empty.try_recv() {
             Ok(b) => b,
             Err(_) if self.made < BUFFERS => {
                 self.made += 1;
                 Vec::with_capacity(CAP)
             }
-            Err(_) => Vec::new(),
-        };
-        let buf = std::mem::replace(&mut self.buf, next);
-        if full.send(buf).is_err() {
-            self.full = None;
-        }
-        if self.buf.capacity() == 0 {
-            // wait for one back; none comes when the writer has stopped
-            self.buf = self.empty.recv().unwrap_or_else(|_| {
+            // none comes back when the writer has stopped
+            Err(_) => self.empty.recv().unwrap_or_else(|_| {
                 self.full = None;
                 Vec::with_capacity(CAP)
-            });
-        }
+            }),
+        };
     }
 }
 
