@@ -110,6 +110,69 @@ pub fn arch_name(major: i32, minor: i32) -> &'static str {
     }
 }
 
+/// The NVRTC options every module is compiled with (besides the architecture); part of the cache key.
+pub fn nvrtc_options() -> Vec<String> {
+    vec!["--std=c++17".into()]
+}
+
+/// Compiles one kernel module with NVRTC for a virtual architecture (`compute_90`, see [`arch_name`]), as
+/// [`Cuda`] does on first use. Needs only the NVRTC library, no driver or GPU; call [`nvrtc_present`] first
+/// (cudarc panics when the library is missing).
+pub fn compile(m: Module, arch: &'static str) -> BResult<Ptx> {
+    let opts = CompileOptions {
+        arch: Some(arch),
+        options: nvrtc_options(),
+        name: Some(format!("{}.cu", m.name())),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(m.source(), opts)
+        .map_err(|e| format!("NVRTC could not compile {}.cu for {arch}: {e:?}", m.name()))
+}
+
+/// NVRTC's version, (major, minor). The library must load ([`nvrtc_present`]).
+pub fn nvrtc_version() -> BResult<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-pointers to live ints; cudarc loads the library (present: probed by the callers)
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(format!("nvrtcVersion failed: {r:?}"));
+    }
+    Ok((major, minor))
+}
+
+/// The CUDA version the driver supports, as `cuDriverGetVersion` gives it (1000 * major + 10 * minor).
+fn driver_version() -> BResult<i32> {
+    let mut v = 0;
+    // SAFETY: one out-pointer to a live int; the driver library was probed
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        return Err(format!("cuDriverGetVersion failed: {r:?}"));
+    }
+    Ok(v)
+}
+
+/// PTX loads only on a driver at least as new as the NVRTC that wrote it (NVRTC 12.9 writes PTX ISA 8.8,
+/// which a 12.4 driver rejects with `CUDA_ERROR_UNSUPPORTED_PTX_VERSION` when the first kernel loads).
+/// Checked when the GPU opens, so the error says what to change.
+pub fn nvrtc_fits_driver(nvrtc: (i32, i32), driver: i32) -> Result<(), String> {
+    let (dmaj, dmin) = (driver / 1000, driver % 1000 / 10);
+    if nvrtc > (dmaj, dmin) {
+        return Err(format!(
+            "NVRTC {}.{} is newer than the CUDA driver ({dmaj}.{dmin}): the driver cannot load the PTX it \
+             writes; install NVRTC {dmaj}.{dmin} or older (for example nvidia-cuda-nvrtc-cu{dmaj}=={dmaj}.{dmin}.*), \
+             or update the driver",
+            nvrtc.0, nvrtc.1
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the NVRTC library can be loaded (without calling into it).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: this only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
 /// A device buffer from the pool.
 pub type CudaBuf = Arc<Pooled<CudaSlice<u8>>>;
 
@@ -119,6 +182,8 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     arch: &'static str,
+    /// NVRTC's (major, minor): part of the PTX cache key.
+    nvrtc: (i32, i32),
     name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
@@ -142,6 +207,9 @@ impl Cuda {
                 "GPU {ordinal} requested, the driver reports {count}"
             )));
         }
+        let nvrtc = nvrtc_version().map_err(CudaError::Driver)?;
+        let driver = driver_version().map_err(CudaError::Driver)?;
+        nvrtc_fits_driver(nvrtc, driver).map_err(CudaError::NoDriver)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| CudaError::Driver(drv(e)))?;
         // One stream, in order: cudarc's per-buffer events are not needed.
         // SAFETY: no buffer exists yet, and this executor never creates a second stream.
@@ -158,6 +226,7 @@ impl Cuda {
             stream,
             blas,
             arch: arch_name(major, minor),
+            nvrtc,
             name,
             modules: Mutex::default(),
             funcs: Mutex::default(),
@@ -170,19 +239,15 @@ impl Cuda {
             return Ok(x.clone());
         }
         let src = m.source();
-        let options: Vec<String> = vec!["--std=c++17".into()];
-        let file = cache_dir().join(cache_key(m.name(), &src, self.arch, &options));
+        // PTX from one NVRTC stays cached when another is installed: the version is part of the key, so that
+        // going back to an older NVRTC (one the driver accepts) does not load the newer one's PTX
+        let mut key = nvrtc_options();
+        key.push(format!("nvrtc {}.{}", self.nvrtc.0, self.nvrtc.1));
+        let file = cache_dir().join(cache_key(m.name(), &src, self.arch, &key));
         let ptx = match std::fs::read_to_string(&file) {
             Ok(text) if text.contains(".entry") => Ptx::from_src(text),
             _ => {
-                let opts = CompileOptions {
-                    arch: Some(self.arch),
-                    options,
-                    name: Some(format!("{}.cu", m.name())),
-                    ..Default::default()
-                };
-                let ptx = cudarc::nvrtc::compile_ptx_with_opts(&src, opts)
-                    .map_err(|e| format!("NVRTC could not compile {}.cu: {e:?}", m.name()))?;
+                let ptx = compile(m, self.arch)?;
                 // a cache that cannot be written only costs a recompile next time
                 if let Some(dir) = file.parent() {
                     let _ = std::fs::create_dir_all(dir);
@@ -400,10 +465,150 @@ mod tests {
     }
 
     #[test]
+    fn nvrtc_newer_than_the_driver_is_refused() {
+        assert!(nvrtc_fits_driver((12, 4), 12040).is_ok());
+        assert!(nvrtc_fits_driver((12, 4), 12090).is_ok());
+        assert!(nvrtc_fits_driver((11, 8), 12000).is_ok());
+        let e = nvrtc_fits_driver((12, 9), 12040).unwrap_err();
+        assert!(
+            e.contains("NVRTC 12.9") && e.contains("driver (12.4)"),
+            "{e}"
+        );
+        assert!(nvrtc_fits_driver((13, 0), 12090).is_err());
+    }
+
+    #[test]
     fn architectures() {
         assert_eq!(arch_name(9, 0), "compute_90");
         assert_eq!(arch_name(8, 0), "compute_80");
         assert_eq!(arch_name(8, 9), "compute_89");
+    }
+
+    /// One `.param` of a PTX entry: its PTX type (`.u64`, `.u32`, `.f32`, or `.b8` for a struct), byte size
+    /// and alignment.
+    fn ptx_params(ptx: &str, entry: &str) -> Option<Vec<(String, usize, usize)>> {
+        let head = format!(".visible .entry {entry}(");
+        let start = ptx.find(&head)? + head.len();
+        let body = &ptx[start..start + ptx[start..].find(')')?];
+        let params = body
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with(".param"))
+            .map(|l| {
+                let words: Vec<&str> = l.trim_end_matches(',').split_whitespace().collect();
+                let ty = words
+                    .iter()
+                    .find(|w| [".u64", ".u32", ".f32", ".b8"].contains(w))
+                    .unwrap_or_else(|| panic!("{entry}: unexpected PTX parameter '{l}'"));
+                let align = words
+                    .iter()
+                    .position(|w| *w == ".align")
+                    .map(|i| words[i + 1].parse().expect("alignment"));
+                let size = match *ty {
+                    ".u64" => 8,
+                    ".u32" | ".f32" => 4,
+                    _ => {
+                        let name = words.last().expect("a name");
+                        let n = &name[name.find('[').expect("an array") + 1..name.len() - 1];
+                        n.parse().expect("array length")
+                    }
+                };
+                (ty.to_string(), size, align.unwrap_or(size))
+            })
+            .collect();
+        Some(params)
+    }
+
+    /// What the launch side passes for each C parameter kind: PTX type, size and alignment of the Rust value.
+    fn launched(p: crate::backend::Param) -> (&'static str, usize, usize) {
+        use crate::backend::Param;
+        use std::mem::{align_of, size_of};
+        match p {
+            Param::Ptr | Param::U64 => (".u64", size_of::<u64>(), align_of::<u64>()),
+            Param::I64 => (".u64", size_of::<i64>(), align_of::<i64>()),
+            Param::I32 => (".u32", size_of::<i32>(), align_of::<i32>()),
+            Param::F32 => (".f32", size_of::<f32>(), align_of::<f32>()),
+            Param::Strides => (".b8", size_of::<Strides3>(), align_of::<Strides3>()),
+        }
+    }
+
+    /// `ptxas` from `$MPOPT_PTXAS` or the `PATH`, if it runs.
+    fn ptxas() -> Option<PathBuf> {
+        let p = std::env::var_os("MPOPT_PTXAS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("ptxas"));
+        let ok = std::process::Command::new(&p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then_some(p)
+    }
+
+    /// The kernels as a GPU gets them, checked without one: NVRTC compiles every module for Ampere and Hopper
+    /// with the options [`Cuda`] uses, every typed kernel is an entry point whose parameters have the size
+    /// and alignment of the values the launch side passes (its C signature as `backend::signature` parses
+    /// it), and `ptxas` assembles the PTX for the real architecture, as the driver's JIT will. Runs where the
+    /// NVRTC library loads (CI installs NVIDIA's `nvidia-cuda-nvrtc-cu12` and `nvidia-cuda-nvcc-cu12` wheels
+    /// and sets `MPOPT_REQUIRE_NVRTC=1`, which turns a missing NVRTC or ptxas into a failure).
+    #[test]
+    fn kernels_compile_with_nvrtc_and_match_their_launches() {
+        let required = std::env::var_os("MPOPT_REQUIRE_NVRTC").is_some();
+        if !nvrtc_present() {
+            assert!(
+                !required,
+                "MPOPT_REQUIRE_NVRTC is set but libnvrtc.so does not load"
+            );
+            eprintln!("SKIP: NVRTC (libnvrtc.so) not found");
+            return;
+        }
+        let ptxas = ptxas();
+        assert!(
+            ptxas.is_some() || !required,
+            "MPOPT_REQUIRE_NVRTC is set but ptxas does not run (set MPOPT_PTXAS)"
+        );
+        let dir = std::env::temp_dir().join(format!("mpopt-ptxas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary folder");
+        for arch in ["compute_80", "compute_90"] {
+            for m in Module::ALL {
+                let ptx = compile(m, arch).unwrap_or_else(|e| panic!("{e}"));
+                let text = ptx.to_src();
+                for k in m.kernels() {
+                    let got = ptx_params(&text, k.name).unwrap_or_else(|| {
+                        panic!("{arch}: {} is not an entry of {}.cu", k.name, m.name())
+                    });
+                    let want: Vec<(String, usize, usize)> = crate::backend::signature(k)
+                        .iter()
+                        .map(|&p| {
+                            let (t, s, a) = launched(p);
+                            (t.to_string(), s, a)
+                        })
+                        .collect();
+                    assert_eq!(got, want, "{arch}: parameters of {}", k.name);
+                }
+                if let Some(ptxas) = &ptxas {
+                    let sm = arch.replace("compute_", "sm_");
+                    let src = dir.join(format!("{}-{arch}.ptx", m.name()));
+                    std::fs::write(&src, &text).expect("write PTX");
+                    let out = std::process::Command::new(ptxas)
+                        .arg(format!("-arch={sm}"))
+                        .arg(&src)
+                        .arg("-o")
+                        .arg(src.with_extension("cubin"))
+                        .output()
+                        .expect("run ptxas");
+                    assert!(
+                        out.status.success(),
+                        "ptxas -arch={sm} rejects {}.cu: {}",
+                        m.name(),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        if ptxas.is_none() {
+            eprintln!("NVRTC checked; ptxas not found: PTX not assembled");
+        }
     }
 
     #[test]
