@@ -345,18 +345,27 @@ fn node_suite_on_gpu_devices() {
         tally.1 += r.stats.fallback_nodes();
         Ok(r.outputs)
     }
-    let mut devices: Vec<(&str, Box<Runner<'_>>)> = vec![(
-        "emulator",
-        Box::new(|m: &Model, inputs| {
-            let mut c = counts.borrow_mut();
-            on(
-                m,
-                mpopt_cuda::Emu::new(),
-                inputs,
-                c.entry("emulator").or_default(),
-            )
-        }),
-    )];
+    // MPOPT_GPU_ONLY (bench/gpu-device.sh on a GPU machine): the GPU alone, which must be there
+    let gpu_only = std::env::var_os("MPOPT_GPU_ONLY").is_some();
+    assert!(
+        cuda_ok || !gpu_only,
+        "MPOPT_GPU_ONLY is set but CUDA does not open"
+    );
+    let mut devices: Vec<(&str, Box<Runner<'_>>)> = Vec::new();
+    if !gpu_only {
+        devices.push((
+            "emulator",
+            Box::new(|m: &Model, inputs| {
+                let mut c = counts.borrow_mut();
+                on(
+                    m,
+                    mpopt_cuda::Emu::new(),
+                    inputs,
+                    c.entry("emulator").or_default(),
+                )
+            }),
+        ));
+    }
     if cuda_ok {
         devices.push((
             "cuda",
