@@ -548,8 +548,9 @@ mod tests {
     /// with the options [`Cuda`] uses, every typed kernel is an entry point whose parameters have the size
     /// and alignment of the values the launch side passes (its C signature as `backend::signature` parses
     /// it), and `ptxas` assembles the PTX for the real architecture, as the driver's JIT will. Runs where the
-    /// NVRTC library loads (CI installs NVIDIA's `nvidia-cuda-nvrtc-cu12` and `nvidia-cuda-nvcc-cu12` wheels
-    /// and sets `MPOPT_REQUIRE_NVRTC=1`, which turns a missing NVRTC or ptxas into a failure).
+    /// NVRTC library loads (CI installs NVIDIA's NVRTC and nvcc wheels for CUDA 12.9 and 13.0 and sets
+    /// `MPOPT_REQUIRE_NVRTC=1`, which turns a missing NVRTC or ptxas into a failure, and
+    /// `MPOPT_EXPECT_NVRTC`, the version that must have loaded).
     #[test]
     fn kernels_compile_with_nvrtc_and_match_their_launches() {
         let required = std::env::var_os("MPOPT_REQUIRE_NVRTC").is_some();
@@ -560,6 +561,12 @@ mod tests {
             );
             eprintln!("SKIP: NVRTC (libnvrtc.so) not found");
             return;
+        }
+        let (major, minor) = nvrtc_version().expect("NVRTC's version");
+        eprintln!("NVRTC {major}.{minor}");
+        // MPOPT_EXPECT_NVRTC=13.0: CI's check that the library it means to test is the one loaded
+        if let Ok(want) = std::env::var("MPOPT_EXPECT_NVRTC") {
+            assert_eq!(format!("{major}.{minor}"), want, "the NVRTC loaded");
         }
         let ptxas = ptxas();
         assert!(
