@@ -12,6 +12,9 @@
 #      fp16 networks amplify that: docs/cuda.md has the emulator's figures.)
 # 2. Benchmark: each corpus model, fp32 and mixed, on the GPU at a batch that fills it (inputs tiled along
 #    their first axis where the model allows), the median of 20 runs after a warm-up; a Markdown table.
+# 3. The GEMM path: the mixed paraphrase, open_nsfw and vit models' GEMMs timed shape by shape
+#    (`mpopt run --gemm-profile`) against torch.matmul (cuBLAS's own heuristics) on the same shapes, where
+#    python3 has a CUDA PyTorch (bench/gpu_gemm_peak.py; target: at least 60% of cuBLAS's best).
 #
 # Without a GPU every `--device cuda` step fails with "CUDA driver library (libcuda.so) not found".
 set -uo pipefail
@@ -98,6 +101,31 @@ for m in "$CORPUS"/*/; do
   place=$(grep -h "nodes on the device" "$OUT/$n.b.mixed.txt" | sed 's/.*: \([0-9]* nodes on the device\).*\(no CPU fallback\|CPU fallback: [^;]*\).*/\1, \2/' | tail -1)
   echo "| $n | x$b | ${f:-failed} | ${h:-failed} | $sp | ${place:-?} |"
 done
+echo
+echo "== The GEMM path against cuBLAS's best for the same shapes (mixed models, the benchmark's batch)"
+profiles=()
+for n in paraphrase_minilm_l3_v2 open_nsfw_resnet50 vit_tiny_patch16_224_random; do
+  m=$CORPUS/$n
+  [ -f "$OUT/$n.mixed.onnx" ] || continue
+  b=$(batch_of "$n")
+  if "$MPOPT" run "$OUT/$n.mixed.onnx" --inputs "$m/inputs.npz" --device "$DEVICE" --batch "$b" \
+      --gemm-profile "$OUT/$n.gemm.json" > "$OUT/$n.gemm.txt" 2>&1 ||
+     "$MPOPT" run "$OUT/$n.mixed.onnx" --inputs "$m/inputs.npz" --device "$DEVICE" \
+      --gemm-profile "$OUT/$n.gemm.json" > "$OUT/$n.gemm.txt" 2>&1; then
+    grep -h "^GEMMs:" "$OUT/$n.gemm.txt"
+    profiles+=("$OUT/$n.gemm.json")
+  else
+    echo "FAIL $n: GEMM timing run"; tail -3 "$OUT/$n.gemm.txt"; fail=1
+  fi
+done
+if [ ${#profiles[@]} -gt 0 ]; then
+  if [ "$DEVICE" = cuda ] && python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+    python3 bench/gpu_gemm_peak.py "${profiles[@]}" || echo "(the GEMM path is under 60% of cuBLAS's best on some model)"
+  else
+    echo "(no CUDA PyTorch here: cuBLAS's own times not measured)"
+  fi
+fi
+
 echo
 [ "$fail" = 0 ] && echo "gpu.sh: all GPU checks passed" || echo "gpu.sh: some GPU checks FAILED"
 exit "$fail"

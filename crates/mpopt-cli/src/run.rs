@@ -25,8 +25,14 @@ pub(crate) enum Device {
 /// A model prepared for a device.
 enum Engine<'m> {
     Cpu(Executor<'m>),
-    Cuda(mpopt_cuda::GpuExecutor<'m, mpopt_cuda::Cuda>),
-    Emu(mpopt_cuda::GpuExecutor<'m, mpopt_cuda::Emu>),
+    Cuda(
+        mpopt_cuda::GpuExecutor<'m, mpopt_cuda::Profiled<mpopt_cuda::Cuda>>,
+        mpopt_cuda::GemmLog,
+    ),
+    Emu(
+        mpopt_cuda::GpuExecutor<'m, mpopt_cuda::Profiled<mpopt_cuda::Emu>>,
+        mpopt_cuda::GemmLog,
+    ),
 }
 
 impl<'m> Engine<'m> {
@@ -36,12 +42,28 @@ impl<'m> Engine<'m> {
             Device::Cpu => Engine::Cpu(Executor::new(model).with_context(ctx)?),
             Device::Cuda => {
                 let gpu = mpopt_cuda::Cuda::open(0).context("--device cuda")?;
-                Engine::Cuda(mpopt_cuda::GpuExecutor::new(model, gpu).with_context(ctx)?)
+                let (gpu, log) = mpopt_cuda::Profiled::new(gpu);
+                Engine::Cuda(
+                    mpopt_cuda::GpuExecutor::new(model, gpu).with_context(ctx)?,
+                    log,
+                )
             }
-            Device::Emu => Engine::Emu(
-                mpopt_cuda::GpuExecutor::new(model, mpopt_cuda::Emu::new()).with_context(ctx)?,
-            ),
+            Device::Emu => {
+                let (emu, log) = mpopt_cuda::Profiled::new(mpopt_cuda::Emu::new());
+                Engine::Emu(
+                    mpopt_cuda::GpuExecutor::new(model, emu).with_context(ctx)?,
+                    log,
+                )
+            }
         })
+    }
+
+    /// The GEMM timing of a GPU engine (None on the CPU).
+    fn gemm_log(&self) -> Option<&mpopt_cuda::GemmLog> {
+        match self {
+            Engine::Cpu(_) => None,
+            Engine::Cuda(_, l) | Engine::Emu(_, l) => Some(l),
+        }
     }
 
     /// Runs; the GPU engines also return their placement statistics.
@@ -62,8 +84,8 @@ impl<'m> Engine<'m> {
         };
         Ok(match self {
             Engine::Cpu(e) => (e.run(inputs, opts)?, None),
-            Engine::Cuda(e) => gpu(e.run(inputs)?),
-            Engine::Emu(e) => gpu(e.run(inputs)?),
+            Engine::Cuda(e, _) => gpu(e.run(inputs)?),
+            Engine::Emu(e, _) => gpu(e.run(inputs)?),
         })
     }
 }
@@ -130,6 +152,38 @@ pub(crate) struct RunArgs {
     /// model's first input dimension must be free).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// With --device cuda (or emu): after the runs, one more in which every GEMM is timed (synchronized,
+    /// repeated), written to this JSON file per shape (bench/gpu_gemm_peak.py compares it with cuBLAS's
+    /// best for the same shapes). The reported run time excludes that run.
+    #[arg(long)]
+    gemm_profile: Option<PathBuf>,
+}
+
+/// The GEMM timing as JSON: `{"model", "device", "gemms": [{type, trans_a, trans_b, m, n, k, batch, calls,
+/// ms, tflops}], "total_ms", "tflops"}` (`ms` per call; the totals over every call of the run).
+fn gemm_json(model: &Path, device: &str, log: &mpopt_cuda::GemmLog) -> serde_json::Value {
+    let (mut ms, mut flops) = (0.0, 0.0);
+    let gemms: Vec<serde_json::Value> = log
+        .rows()
+        .iter()
+        .map(|(s, calls, secs)| {
+            ms += secs * 1e3 * *calls as f64;
+            flops += s.flops() * *calls as f64;
+            serde_json::json!({
+                "type": s.ty, "trans_a": s.trans_a, "trans_b": s.trans_b,
+                "m": s.m, "n": s.n, "k": s.k, "batch": s.batch,
+                "calls": calls, "ms": secs * 1e3,
+                "tflops": s.flops() / secs.max(1e-12) / 1e12,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "model": model.display().to_string(),
+        "device": device,
+        "gemms": gemms,
+        "total_ms": ms,
+        "tflops": if ms > 0.0 { flops / (ms / 1e3) / 1e12 } else { 0.0 },
+    })
 }
 
 /// Every tensor repeated `n` times along axis 0.
@@ -349,6 +403,18 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     if a.device != Device::Cpu && (a.all_values || a.profile) {
         bail!("--all-values and --profile need --device cpu");
     }
+    if a.device == Device::Cpu && a.gemm_profile.is_some() {
+        bail!("--gemm-profile needs --device cuda (or emu)");
+    }
+    if let Some(g) = &a.gemm_profile {
+        crate::check_writes(
+            &[
+                ("the input model", &a.model),
+                ("the inputs file", &a.inputs),
+            ],
+            &[("--gemm-profile", g)],
+        )?;
+    }
     let exec = Engine::new(&model, a.device, &a.model)?;
     let opts = RunOptions {
         keep_all: a.all_values,
@@ -372,6 +438,24 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     let (out, stats) = last.expect("ran at least once");
     if let Some(s) = &stats {
         eprintln!("{}", describe_stats(s));
+    }
+    if let (Some(path), Some(log)) = (&a.gemm_profile, exec.gemm_log()) {
+        log.set_on(true);
+        let timed = exec.run(values.clone(), &opts);
+        log.set_on(false);
+        timed.with_context(|| format!("{} (the GEMM-timing run)", a.model.display()))?;
+        let device = stats.as_ref().map(|s| s.device.clone()).unwrap_or_default();
+        let j = gemm_json(&a.model, &device, log);
+        eprintln!(
+            "GEMMs: {} shapes, {:.3} ms in all, {:.1} TFLOP/s -> {}",
+            log.rows().len(),
+            j["total_ms"].as_f64().unwrap_or(0.0),
+            j["tflops"].as_f64().unwrap_or(0.0),
+            path.display()
+        );
+        let text = serde_json::to_string_pretty(&j).context("GEMM timing as JSON")?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     times.sort();
     let dt = times[times.len() / 2];

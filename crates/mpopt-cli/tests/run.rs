@@ -362,3 +362,51 @@ fn mpopt_cuda_present() -> bool {
             .unwrap_or(false)
     })
 }
+
+#[test]
+fn gemm_profile_times_the_device_gemms_per_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    // rows enough that the products run on the (emulated) device, not as small host nodes
+    let input = inputs(dir.path(), "x", 2048);
+    let json = dir.path().join("gemm.json");
+    let (code, _, err) = mpopt(&[
+        "run",
+        "testdata/models/tiny_mlp.onnx",
+        "--inputs",
+        &input,
+        "--device",
+        "emu",
+        "--gemm-profile",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("GEMMs: 2 shapes"), "{err}");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let mut shapes: Vec<(u64, u64, u64, u64)> = j["gemms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            assert_eq!(g["type"], "f32");
+            assert!(g["ms"].as_f64().unwrap() > 0.0 && g["tflops"].as_f64().unwrap() > 0.0);
+            let u = |k: &str| g[k].as_u64().unwrap();
+            (u("m"), u("n"), u("k"), u("calls"))
+        })
+        .collect();
+    shapes.sort();
+    // x[2048,16] @ w1[16,32] and h[2048,32] @ w2[32,4], in cuBLAS's column-major terms, once each
+    assert_eq!(shapes, [(4, 2048, 32, 1), (32, 2048, 16, 1)], "{j}");
+    assert!(j["total_ms"].as_f64().unwrap() > 0.0);
+    // the CPU has no GEMM path to time
+    let (code, _, err) = mpopt(&[
+        "run",
+        "testdata/models/tiny_mlp.onnx",
+        "--inputs",
+        &input,
+        "--gemm-profile",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--gemm-profile needs --device cuda"), "{err}");
+}

@@ -31,6 +31,7 @@ pub mod backend;
 pub mod cuda;
 pub mod emu;
 mod exec;
+pub mod gemm_profile;
 mod ops;
 pub mod pool;
 
@@ -38,6 +39,7 @@ pub use backend::Backend;
 pub use cuda::Cuda;
 pub use emu::Emu;
 pub use exec::{DevTensor, GpuExecutor, GpuRun, HOST_LIMIT, RunStats, gpu_ops};
+pub use gemm_profile::{GemmLog, GemmShape, Profiled};
 
 /// What can go wrong on a GPU.
 #[derive(Debug, thiserror::Error)]
