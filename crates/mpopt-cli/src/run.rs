@@ -385,15 +385,18 @@ fn nan_inf(t: &Tensor) -> (usize, usize) {
 pub(crate) fn run(a: RunArgs) -> Result<()> {
     set_threads(a.threads)?;
     let model = crate::load(&a.model)?;
-    if let Some(o) = &a.output {
-        crate::check_writes(
-            &[
-                ("the input model", &a.model),
-                ("the inputs file", &a.inputs),
-            ],
-            &[("output", o)],
-        )?;
-    }
+    // the files written: neither an input nor each other
+    let writes: Vec<(&str, &Path)> = [("output", &a.output), ("GEMM profile", &a.gemm_profile)]
+        .into_iter()
+        .filter_map(|(what, p)| p.as_deref().map(|p| (what, p)))
+        .collect();
+    crate::check_writes(
+        &[
+            ("the input model", &a.model),
+            ("the inputs file", &a.inputs),
+        ],
+        &writes,
+    )?;
     let sets = load_inputs(&a.inputs, &model)?;
     let set = sets
         .into_iter()
@@ -405,15 +408,6 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
     }
     if a.device == Device::Cpu && a.gemm_profile.is_some() {
         bail!("--gemm-profile needs --device cuda (or emu)");
-    }
-    if let Some(g) = &a.gemm_profile {
-        crate::check_writes(
-            &[
-                ("the input model", &a.model),
-                ("the inputs file", &a.inputs),
-            ],
-            &[("--gemm-profile", g)],
-        )?;
     }
     let exec = Engine::new(&model, a.device, &a.model)?;
     let opts = RunOptions {
