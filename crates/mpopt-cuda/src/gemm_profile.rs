@@ -10,6 +10,7 @@
 //! times of whole calls, launches included: what the executor's GEMMs cost, not a kernel's alone.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -49,18 +50,18 @@ impl GemmShape {
 /// Calls and seconds per shape.
 #[derive(Clone, Default)]
 pub struct GemmLog {
-    on: Arc<Mutex<bool>>,
+    on: Arc<AtomicBool>,
     times: Arc<Mutex<BTreeMap<GemmShape, (usize, f64)>>>,
 }
 
 impl GemmLog {
     /// Turns the timing on or off.
     pub fn set_on(&self, on: bool) {
-        *self.on.lock().unwrap_or_else(|e| e.into_inner()) = on;
+        self.on.store(on, Ordering::Relaxed);
     }
 
     fn is_on(&self) -> bool {
-        *self.on.lock().unwrap_or_else(|e| e.into_inner())
+        self.on.load(Ordering::Relaxed)
     }
 
     /// Every shape timed so far: (shape, calls, seconds per call).
