@@ -167,8 +167,18 @@ mod tests {
 
     #[test]
     fn times_every_gemm_shape_without_changing_the_outputs() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../testdata/models/tiny_mlp.onnx");
+        // the source tree this was built from, else the working folder (the test binary run from the
+        // repository's root on another machine: bench/gpu-device.sh)
+        let rel = "testdata/models/tiny_mlp.onnx";
+        let path = [
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(rel),
+            std::path::PathBuf::from(rel),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("testdata/models/tiny_mlp.onnx (run from the repository's root)");
         let model = mpopt_onnx::load(&path).expect("tiny_mlp loads");
         let (dev, log) = Profiled::new(Emu::new());
         let mut ex = GpuExecutor::new(&model, dev).expect("executor");
