@@ -30,6 +30,7 @@ fi
 eval "$(python3 bench/gpu_libs.py "$R/lib")"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
 "$R/mpopt" --version
+echo "binaries packed from $(cat .gpu/a/REVISION 2> /dev/null || echo '?'); this tree: $(git rev-parse --short HEAD 2> /dev/null || echo '?')"
 
 fail=0
 case "$part" in
@@ -54,6 +55,12 @@ case "$part" in
         { echo "gpu-device: parts c1 and c2 are not both here"; exit 2; }
       mkdir -p "$src/$m"
       cat .gpu/c1/corpus/$m/model.onnx.part1 .gpu/c2/corpus/$m/model.onnx.part2 > "$src/$m/model.onnx"
+      if ! python3 -c 'import hashlib, sys; h = hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest()
+sys.exit(h != open(sys.argv[2]).read().strip())' "$src/$m/model.onnx" .gpu/c2/corpus/$m/model.onnx.sha256; then
+        echo "gpu-device: the joined $m differs from the packed one (pack c1 and c2 from the same corpus)"
+        rm -f "$src/$m/model.onnx"
+        exit 2
+      fi
       cp .gpu/c2/corpus/$m/inputs.npz .gpu/c2/corpus/$m/meta.json "$src/$m/"
     fi
     ;;

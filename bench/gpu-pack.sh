@@ -62,6 +62,8 @@ for part in "${parts[@]}"; do
   case "$part" in
     a)
       cargo build -q --release -p mpopt-cli
+      # what the binaries were built from, printed there
+      echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+uncommitted changes')" > "$dir/REVISION"
       pack_binary target/release/mpopt mpopt "$dir"
       pack_binary "$(test_binary -p mpopt-cuda --lib)" mpopt_cuda_tests "$dir"
       pack_binary "$(test_binary -p mpopt-e2e --test exec_suite)" exec_suite "$dir"
@@ -77,6 +79,8 @@ for part in "${parts[@]}"; do
         head -c $((40 * 1024 * 1024)) "$CORPUS/$m/model.onnx" > "$dir/corpus/$m/model.onnx.part1"
       else
         tail -c +$((40 * 1024 * 1024 + 1)) "$CORPUS/$m/model.onnx" > "$dir/corpus/$m/model.onnx.part2"
+        # the joined file is checked against this there
+        sha256sum "$CORPUS/$m/model.onnx" | cut -d' ' -f1 > "$dir/corpus/$m/model.onnx.sha256"
         cp "$CORPUS/$m/inputs.npz" "$CORPUS/$m/meta.json" "$dir/corpus/$m/"
       fi
       ;;
