@@ -43,6 +43,8 @@ batch_of() {
 }
 
 fail=0
+# the batch each model's benchmark ran at (its batch_of, or 1 where that did not run)
+declare -A batch_used
 echo "== GPU tests"
 if [ "$DEVICE" = cuda ] && command -v cargo > /dev/null && [ -f Cargo.toml ]; then
   cargo test -q --release -p mpopt-cuda -- --nocapture 2>&1 | grep -E "GPU present|SKIP|test result|FAILED|panicked" || fail=1
@@ -95,6 +97,7 @@ for m in "$CORPUS"/*/; do
     run "$m/model.onnx" 1 "$OUT/$n.b.fp32.txt"
   fi
   run "$OUT/$n.mixed.onnx" "$b" "$OUT/$n.b.mixed.txt"
+  batch_used[$n]=$b
   f=$(median_ms "$OUT/$n.b.fp32.txt")
   h=$(median_ms "$OUT/$n.b.mixed.txt")
   sp=$(awk -v f="${f:-0}" -v h="${h:-0}" 'BEGIN { if (h > 0) printf "%.2fx", f / h; else print "-" }')
@@ -107,10 +110,7 @@ profiles=()
 for n in paraphrase_minilm_l3_v2 open_nsfw_resnet50 vit_tiny_patch16_224_random; do
   m=$CORPUS/$n
   [ -f "$OUT/$n.mixed.onnx" ] || continue
-  b=$(batch_of "$n")
-  if "$MPOPT" run "$OUT/$n.mixed.onnx" --inputs "$m/inputs.npz" --device "$DEVICE" --batch "$b" \
-      --gemm-profile "$OUT/$n.gemm.json" > "$OUT/$n.gemm.txt" 2>&1 ||
-     "$MPOPT" run "$OUT/$n.mixed.onnx" --inputs "$m/inputs.npz" --device "$DEVICE" \
+  if "$MPOPT" run "$OUT/$n.mixed.onnx" --inputs "$m/inputs.npz" --device "$DEVICE" --batch "${batch_used[$n]:-1}" \
       --gemm-profile "$OUT/$n.gemm.json" > "$OUT/$n.gemm.txt" 2>&1; then
     grep -h "^GEMMs:" "$OUT/$n.gemm.txt"
     profiles+=("$OUT/$n.gemm.json")

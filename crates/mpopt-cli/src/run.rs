@@ -161,10 +161,13 @@ pub(crate) struct RunArgs {
 
 /// The GEMM timing as JSON: `{"model", "device", "gemms": [{type, trans_a, trans_b, m, n, k, batch, calls,
 /// ms, tflops}], "total_ms", "tflops"}` (`ms` per call; the totals over every call of the run).
-fn gemm_json(model: &Path, device: &str, log: &mpopt_cuda::GemmLog) -> serde_json::Value {
+fn gemm_json(
+    model: &Path,
+    device: &str,
+    rows: &[(mpopt_cuda::GemmShape, usize, f64)],
+) -> serde_json::Value {
     let (mut ms, mut flops) = (0.0, 0.0);
-    let gemms: Vec<serde_json::Value> = log
-        .rows()
+    let gemms: Vec<serde_json::Value> = rows
         .iter()
         .map(|(s, calls, secs)| {
             ms += secs * 1e3 * *calls as f64;
@@ -439,10 +442,11 @@ pub(crate) fn run(a: RunArgs) -> Result<()> {
         log.set_on(false);
         timed.with_context(|| format!("{} (the GEMM-timing run)", a.model.display()))?;
         let device = stats.as_ref().map(|s| s.device.clone()).unwrap_or_default();
-        let j = gemm_json(&a.model, &device, log);
+        let rows = log.rows();
+        let j = gemm_json(&a.model, &device, &rows);
         eprintln!(
             "GEMMs: {} shapes, {:.3} ms in all, {:.1} TFLOP/s -> {}",
-            log.rows().len(),
+            rows.len(),
             j["total_ms"].as_f64().unwrap_or(0.0),
             j["tflops"].as_f64().unwrap_or(0.0),
             path.display()

@@ -5,6 +5,13 @@ mod common;
 use common::{mpopt, root};
 use mpopt_exec::Tensor;
 
+/// `mpopt run` on testdata's tiny_mlp with these inputs and further arguments.
+fn run_mlp(inputs: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["run", "testdata/models/tiny_mlp.onnx", "--inputs", inputs];
+    args.extend_from_slice(extra);
+    mpopt(&args)
+}
+
 fn inputs(dir: &std::path::Path, name: &str, rows: usize) -> String {
     let x: Vec<f32> = (0..rows * 16)
         .map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0)
@@ -20,14 +27,7 @@ fn run_writes_outputs_that_a_user_can_check() {
     let dir = tempfile::tempdir().unwrap();
     let input = inputs(dir.path(), "x", 3);
     let out = dir.path().join("out.npz");
-    let (code, _, err) = mpopt(&[
-        "run",
-        "testdata/models/tiny_mlp.onnx",
-        "--inputs",
-        &input,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, err) = run_mlp(&input, &["-o", out.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("y: f32[3, 4] nan=0 inf=0"), "{err}");
     let back = mpopt_exec::io::read_npz(&out).unwrap();
@@ -91,19 +91,14 @@ fn compare_passes_within_tolerance_and_fails_past_it() {
 fn bad_inputs_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let wrong = inputs(dir.path(), "z", 2);
-    let (code, _, err) = mpopt(&["run", "testdata/models/tiny_mlp.onnx", "--inputs", &wrong]);
+    let (code, _, err) = run_mlp(&wrong, &[]);
     assert_eq!(code, 1);
     assert!(
         err.contains("unknown input 'z'") && err.contains("'x' f32[N,16]"),
         "{err}"
     );
     let missing = dir.path().join("nope.npz");
-    let (code, _, err) = mpopt(&[
-        "run",
-        "testdata/models/tiny_mlp.onnx",
-        "--inputs",
-        missing.to_str().unwrap(),
-    ]);
+    let (code, _, err) = run_mlp(missing.to_str().unwrap(), &[]);
     assert_eq!(code, 1);
     assert!(
         err.contains("nope.npz") && err.contains("cannot open"),
@@ -112,14 +107,7 @@ fn bad_inputs_get_clear_errors() {
     // Writing the outputs over the model is refused.
     let input = inputs(dir.path(), "x", 2);
     let model = root().join("testdata/models/tiny_mlp.onnx");
-    let (code, _, err) = mpopt(&[
-        "run",
-        "testdata/models/tiny_mlp.onnx",
-        "--inputs",
-        &input,
-        "-o",
-        model.to_str().unwrap(),
-    ]);
+    let (code, _, err) = run_mlp(&input, &["-o", model.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
 }
 
@@ -314,16 +302,7 @@ fn the_device_path_matches_the_cpu_on_fp32_and_mixed_models() {
         assert!(dev >= 4, "{out}");
     }
     // --batch tiles the inputs: 3 x 512 rows
-    let (code, _, err) = mpopt(&[
-        "run",
-        "testdata/models/tiny_mlp.onnx",
-        "--inputs",
-        &input,
-        "--device",
-        "emu",
-        "--batch",
-        "3",
-    ]);
+    let (code, _, err) = run_mlp(&input, &["--device", "emu", "--batch", "3"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("y: f32[1536, 4]"), "{err}");
 }
@@ -336,14 +315,7 @@ fn cuda_without_a_driver_is_a_clear_error() {
     }
     let dir = tempfile::tempdir().unwrap();
     let input = inputs(dir.path(), "x", 2);
-    let (code, _, err) = mpopt(&[
-        "run",
-        "testdata/models/tiny_mlp.onnx",
-        "--inputs",
-        &input,
-        "--device",
-        "cuda",
-    ]);
+    let (code, _, err) = run_mlp(&input, &["--device", "cuda"]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("--device cuda") && err.contains("libcuda.so") && !err.contains("panicked"),
@@ -369,16 +341,10 @@ fn gemm_profile_times_the_device_gemms_per_shape() {
     // rows enough that the products run on the (emulated) device, not as small host nodes
     let input = inputs(dir.path(), "x", 2048);
     let json = dir.path().join("gemm.json");
-    let (code, _, err) = mpopt(&[
-        "run",
-        "testdata/models/tiny_mlp.onnx",
-        "--inputs",
+    let (code, _, err) = run_mlp(
         &input,
-        "--device",
-        "emu",
-        "--gemm-profile",
-        json.to_str().unwrap(),
-    ]);
+        &["--device", "emu", "--gemm-profile", json.to_str().unwrap()],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("GEMMs: 2 shapes"), "{err}");
     let j: serde_json::Value =
@@ -399,14 +365,7 @@ fn gemm_profile_times_the_device_gemms_per_shape() {
     assert_eq!(shapes, [(4, 2048, 32, 1), (32, 2048, 16, 1)], "{j}");
     assert!(j["total_ms"].as_f64().unwrap() > 0.0);
     // the CPU has no GEMM path to time
-    let (code, _, err) = mpopt(&[
-        "run",
-        "testdata/models/tiny_mlp.onnx",
-        "--inputs",
-        &input,
-        "--gemm-profile",
-        json.to_str().unwrap(),
-    ]);
+    let (code, _, err) = run_mlp(&input, &["--gemm-profile", json.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--gemm-profile needs --device cuda"), "{err}");
 }

@@ -486,7 +486,7 @@ mod tests {
 
     /// One `.param` of a PTX entry: its PTX type (`.u64`, `.u32`, `.f32`, or `.b8` for a struct), byte size
     /// and alignment.
-    fn ptx_params(ptx: &str, entry: &str) -> Option<Vec<(String, usize, usize)>> {
+    fn ptx_params<'p>(ptx: &'p str, entry: &str) -> Option<Vec<(&'p str, usize, usize)>> {
         let head = format!(".visible .entry {entry}(");
         let start = ptx.find(&head)? + head.len();
         let body = &ptx[start..start + ptx[start..].find(')')?];
@@ -513,7 +513,7 @@ mod tests {
                         n.parse().expect("array length")
                     }
                 };
-                (ty.to_string(), size, align.unwrap_or(size))
+                (*ty, size, align.unwrap_or(size))
             })
             .collect();
         Some(params)
@@ -524,8 +524,7 @@ mod tests {
         use crate::backend::Param;
         use std::mem::{align_of, size_of};
         match p {
-            Param::Ptr | Param::U64 => (".u64", size_of::<u64>(), align_of::<u64>()),
-            Param::I64 => (".u64", size_of::<i64>(), align_of::<i64>()),
+            Param::Ptr | Param::U64 | Param::I64 => (".u64", size_of::<u64>(), align_of::<u64>()),
             Param::I32 => (".u32", size_of::<i32>(), align_of::<i32>()),
             Param::F32 => (".f32", size_of::<f32>(), align_of::<f32>()),
             Param::Strides => (".b8", size_of::<Strides3>(), align_of::<Strides3>()),
@@ -583,12 +582,9 @@ mod tests {
                     let got = ptx_params(&text, k.name).unwrap_or_else(|| {
                         panic!("{arch}: {} is not an entry of {}.cu", k.name, m.name())
                     });
-                    let want: Vec<(String, usize, usize)> = crate::backend::signature(k)
+                    let want: Vec<(&str, usize, usize)> = crate::backend::signature(k)
                         .iter()
-                        .map(|&p| {
-                            let (t, s, a) = launched(p);
-                            (t.to_string(), s, a)
-                        })
+                        .map(|&p| launched(p))
                         .collect();
                     assert_eq!(got, want, "{arch}: parameters of {}", k.name);
                 }
