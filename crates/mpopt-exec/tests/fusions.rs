@@ -3,7 +3,8 @@
 //! (`keep_all`) never fuses. Chains must agree bit for bit; a convolution sums its terms in another order,
 //! so it agrees to f32 rounding. A profile shows which steps ran fused.
 
-use mpopt_exec::{Executor, RunOptions, Tensor, Value};
+use half::{bf16, f16};
+use mpopt_exec::{Data, Executor, RunOptions, Tensor, Value};
 use mpopt_ir::text::parse_model;
 
 mod common;
@@ -119,19 +120,33 @@ fn conv_whose_transposed_input_has_other_readers_is_not_fused() {
 /// shape, the running value on either side), `BatchNormalization`, `Clip` with two and one bound, `Relu`,
 /// `Identity` and `Cast(to=FLOAT)`.
 fn chain_src(shape: &[usize], extra: &str, rng: &mut Rng) -> String {
+    typed_chain_src(shape, extra, "f32", true, rng)
+}
+
+/// [`chain_src`] with the head's values of type `t` (`f32`, `f16` or `bf16`; BatchNormalization's mean and
+/// variance stay f32, as its schema allows). `cast`: the `Cast(to=FLOAT)` makes the rest of the chain f32;
+/// otherwise it is an `Identity` and the whole chain, output included, has type `t`.
+fn typed_chain_src(shape: &[usize], extra: &str, t: &str, cast: bool, rng: &mut Rng) -> String {
     let c = shape[1];
     let last = *shape.last().unwrap();
+    let tail = if cast { "f32" } else { t };
+    let widen = if cast {
+        "Cast(%a5) {to = 1}"
+    } else {
+        "Identity(%a5)"
+    };
     format!(
-        "ir_version 8\nopset ai.onnx 19\n\ngraph @g(%x: f32[{s}], %r: f32[{s}], %e: f32[{extra}]) -> (%y: f32[...]) {{\n\
-         \x20 %c = const f32[{c},1,1] [{}]\n\
-         \x20 %v = const f32[{last}] [{}]\n\
-         \x20 %k = const f32[] [0.75]\n\
-         \x20 %sc = const f32[{c}] [{}]\n\
-         \x20 %bi = const f32[{c}] [{}]\n\
+        "ir_version 8\nopset ai.onnx 19\n\ngraph @g(%x: {t}[{s}], %r: {tail}[{s}], %e: {tail}[{extra}]) -> (%y: {tail}[...]) {{\n\
+         \x20 %c = const {t}[{c},1,1] [{c1}]\n\
+         \x20 %ct = const {tail}[{c},1,1] [{c1}]\n\
+         \x20 %v = const {t}[{last}] [{}]\n\
+         \x20 %k = const {t}[] [0.75]\n\
+         \x20 %sc = const {t}[{c}] [{}]\n\
+         \x20 %bi = const {t}[{c}] [{}]\n\
          \x20 %me = const f32[{c}] [{}]\n\
          \x20 %va = const f32[{c}] [{}]\n\
-         \x20 %lo = const f32[] [-0.5]\n\
-         \x20 %hi = const f32[] [3.0]\n\
+         \x20 %lo = const {t}[] [-0.5]\n\
+         \x20 %hi = const {t}[] [3.0]\n\
          \x20 %a0 = BatchNormalization(%x, %sc, %bi, %me, %va) {{epsilon = 0.001}}\n\
          \x20 %a1 = Add(%a0, %c)\n\
          \x20 %a2 = Sub(%v, %a1)\n\
@@ -140,12 +155,11 @@ fn chain_src(shape: &[usize], extra: &str, rng: &mut Rng) -> String {
          \x20 %a3d = Clip(%a3c, %lo)\n\
          \x20 %a4 = Relu(%a3d)\n\
          \x20 %a5 = Div(%k, %a4)\n\
-         \x20 %a6 = Cast(%a5) {{to = 1}}\n\
+         \x20 %a6 = {widen}\n\
          \x20 %a7 = Identity(%a6)\n\
          \x20 %a8 = Add(%r, %a7)\n\
-         \x20 %a9 = Div(%a8, %c)\n\
+         \x20 %a9 = Div(%a8, %ct)\n\
          \x20 %y = Mul(%a9, %e)\n}}\n",
-        list(&rng.vals(c)),
         list(&rng.vals(last)),
         list(&rng.vals(c)),
         list(&rng.vals(c)),
@@ -156,6 +170,7 @@ fn chain_src(shape: &[usize], extra: &str, rng: &mut Rng) -> String {
                 .map(|v| v.abs() + 0.1)
                 .collect::<Vec<_>>()
         ),
+        c1 = list(&rng.vals(c)),
         s = dims(shape),
     )
 }
@@ -214,4 +229,85 @@ fn chains_whose_operands_do_not_fit_run_node_by_node() {
     let (fast, plain, _) = both(&src, &[("x", x), ("r", r), ("e", e)]);
     assert_eq!(fast.shape, [3, 2, 3, 5, 7]);
     same_bits(&fast, &plain, "broadcast up");
+}
+
+/// A tensor of `t` (`f32`, `f16` or `bf16`) holding `v` rounded to it.
+fn typed(t: &str, shape: &[usize], v: Vec<f32>) -> Tensor {
+    let data = match t {
+        "f32" => Data::F32(v),
+        "f16" => Data::F16(v.into_iter().map(f16::from_f32).collect()),
+        "bf16" => Data::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        _ => unreachable!("{t}"),
+    };
+    Tensor::new(shape.to_vec(), data)
+}
+
+#[test]
+fn half_chains_are_bit_identical_to_their_nodes() {
+    // The GPU-faithful mode rounds every node's result to its half type: the fused chain must round after
+    // each op exactly as the nodes do, and widen for good at a Cast(to=FLOAT).
+    let mut rng = Rng(21);
+    let shape = [2, 3, 37, 101];
+    let n: usize = shape.iter().product();
+    for t in ["f16", "bf16"] {
+        for cast in [true, false] {
+            let tail = if cast { "f32" } else { t };
+            let src = typed_chain_src(&shape, "1", t, cast, &mut rng);
+            let x = typed(t, &shape, rng.vals(n));
+            // Values near the half range's top, so that the rounding after an op overflows to infinity
+            // somewhere, as it would in the unfused chain.
+            let mut rv = rng.vals(n);
+            rv.iter_mut().step_by(7).for_each(|v| *v *= 16000.0);
+            let r = typed(tail, &shape, rv);
+            let e = typed(tail, &[1], vec![-1.25]);
+            let (fast, plain, steps) = both(&src, &[("x", x), ("r", r), ("e", e)]);
+            let what = format!("{t} chain, cast {cast}");
+            assert_eq!(steps.len(), 1, "{what}: {steps:?}");
+            assert!(
+                steps[0].starts_with("elementwise chain"),
+                "{what}: {steps:?}"
+            );
+            assert_eq!(fast.dtype(), plain.dtype(), "{what}");
+            assert_eq!(fast.dtype().short_name(), tail, "{what}");
+            same_bits(&fast, &plain, &what);
+        }
+    }
+}
+
+#[test]
+fn half_chains_with_an_operand_of_another_type_run_node_by_node() {
+    // An f16 chain whose scalar operand is f32 (a model the checker rejects, which the executor still
+    // runs): the fused kernel leaves it to the nodes, which say what they make of it.
+    let src = "ir_version 8\nopset ai.onnx 19\n\ngraph @g(%x: f16[4], %k: f32[]) -> (%y: f16[...]) {\n\
+               \x20 %a = Relu(%x)\n\
+               \x20 %y = Mul(%a, %k)\n}\n";
+    let m = parse_model(src).unwrap();
+    let exec = Executor::new(&m).unwrap();
+    let ins = vec![
+        (
+            "x".to_string(),
+            Value::Tensor(typed("f16", &[4], vec![1.0, -2.0, 3.0, 4.0])),
+        ),
+        (
+            "k".to_string(),
+            Value::Tensor(Tensor::f32(vec![], vec![0.5])),
+        ),
+    ];
+    let fused = exec.run(ins.clone(), &RunOptions::default());
+    let plain = exec.run(
+        ins,
+        &RunOptions {
+            keep_all: true,
+            ..Default::default()
+        },
+    );
+    match (fused, plain) {
+        (Ok(a), Ok(b)) => same_bits(
+            a.outputs[0].1.tensor().unwrap(),
+            b.outputs[0].1.tensor().unwrap(),
+            "mixed operand",
+        ),
+        (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+        (a, b) => panic!("fused {:?}, unfused {:?}", a.is_ok(), b.is_ok()),
+    }
 }
