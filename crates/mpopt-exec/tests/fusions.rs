@@ -53,54 +53,67 @@ fn both(src: &str, inputs: &[(&str, Tensor)]) -> (Tensor, Tensor, Vec<String>) {
 
 #[test]
 fn channels_last_conv_matches_transpose_conv_transpose() {
-    let mut rng = Rng(11);
-    let mut fused_runs = 0;
-    for case in 0..24 {
-        let (n, c, m) = (1 + rng.below(2), 1 + rng.below(6), 1 + rng.below(7));
-        let (h, w) = (3 + rng.below(12), 3 + rng.below(12));
-        let (k, s, d, p) = rng.window2(3);
-        if h + p[0] + p[2] < (k[0] - 1) * d[0] + 1 || w + p[1] + p[3] < (k[1] - 1) * d[1] + 1 {
-            continue;
-        }
-        let wv = rng.vals(m * c * k[0] * k[1]);
-        let bias = case % 2 == 0;
-        let b_line = if bias {
-            format!("  %b = const f32[{m}] [{}]\n", list(&rng.vals(m)))
-        } else {
-            String::new()
-        };
-        let src = format!(
-            "ir_version 8\nopset ai.onnx 19\n\ngraph @g(%x: f32[{n},{h},{w},{c}]) -> (%y: f32[...]) {{\n\
-             \x20 %w = const f32[{m},{c},{},{}] [{}]\n{b_line}\
-             \x20 %t = Transpose(%x) {{perm = [0, 3, 1, 2]}}\n\
-             \x20 %o = Conv(%t, %w{}) {{strides = [{}], dilations = [{}], pads = [{}]}}\n\
-             \x20 %y = Transpose(%o) {{perm = [0, 2, 3, 1]}}\n}}\n",
-            k[0],
-            k[1],
-            list(&wv),
-            if bias { ", %b" } else { "" },
-            dims(&s),
-            dims(&d),
-            dims(&p),
-        );
-        let x = Tensor::f32(vec![n, h, w, c], rng.vals(n * h * w * c));
-        let (fast, plain, steps) = both(&src, &[("x", x)]);
-        assert_eq!(fast.shape, plain.shape, "case {case}");
-        assert!(
-            steps.iter().any(|s| s.starts_with("Conv (channels-last")),
-            "case {case}: not fused: {steps:?}"
-        );
-        assert!(!steps.iter().any(|s| s == "Transpose"), "case {case}");
-        fused_runs += 1;
-        let (a, b) = (fast.to_f32s().unwrap(), plain.to_f32s().unwrap());
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!(
-                (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
-                "case {case} element {i}: fused {x}, unfused {y}"
+    // In f32, and in f16 and bf16 as a converted model runs in the GPU-faithful mode (the weight widened
+    // once at plan time, the input widened, the result rounded once, as the unfused Conv does).
+    for (t, tol) in [
+        ("f32", 1e-5),
+        ("f16", 2f32.powi(-10)),
+        ("bf16", 2f32.powi(-7)),
+    ] {
+        let mut rng = Rng(11);
+        let mut fused_runs = 0;
+        for case in 0..24 {
+            let (n, c, m) = (1 + rng.below(2), 1 + rng.below(6), 1 + rng.below(7));
+            let (h, w) = (3 + rng.below(12), 3 + rng.below(12));
+            let (k, s, d, p) = rng.window2(3);
+            if h + p[0] + p[2] < (k[0] - 1) * d[0] + 1 || w + p[1] + p[3] < (k[1] - 1) * d[1] + 1 {
+                continue;
+            }
+            let wv = rng.vals(m * c * k[0] * k[1]);
+            let bias = case % 2 == 0;
+            let b_line = if bias {
+                format!("  %b = const {t}[{m}] [{}]\n", list(&rng.vals(m)))
+            } else {
+                String::new()
+            };
+            let src = format!(
+                "ir_version 8\nopset ai.onnx 19\n\ngraph @g(%x: {t}[{n},{h},{w},{c}]) -> (%y: {t}[...]) {{\n\
+                 \x20 %w = const {t}[{m},{c},{},{}] [{}]\n{b_line}\
+                 \x20 %t = Transpose(%x) {{perm = [0, 3, 1, 2]}}\n\
+                 \x20 %o = Conv(%t, %w{}) {{strides = [{}], dilations = [{}], pads = [{}]}}\n\
+                 \x20 %y = Transpose(%o) {{perm = [0, 2, 3, 1]}}\n}}\n",
+                k[0],
+                k[1],
+                list(&wv),
+                if bias { ", %b" } else { "" },
+                dims(&s),
+                dims(&d),
+                dims(&p),
             );
+            let x = typed(t, &[n, h, w, c], rng.vals(n * h * w * c));
+            let (fast, plain, steps) = both(&src, &[("x", x)]);
+            let what = format!("{t} case {case}");
+            assert_eq!(fast.shape, plain.shape, "{what}");
+            assert_eq!(fast.dtype().short_name(), t, "{what}");
+            assert_eq!(plain.dtype().short_name(), t, "{what}");
+            assert!(
+                steps.iter().any(|s| s.starts_with("Conv (channels-last")),
+                "{what}: not fused: {steps:?}"
+            );
+            assert!(!steps.iter().any(|s| s == "Transpose"), "{what}");
+            fused_runs += 1;
+            // The sums differ in order only: in a half type, rounding them apart moves a result by at most
+            // one unit in the last place.
+            let (a, b) = (fast.to_f32s().unwrap(), plain.to_f32s().unwrap());
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (x - y).abs() <= tol * (1.0 + y.abs()),
+                    "{what} element {i}: fused {x}, unfused {y}"
+                );
+            }
         }
+        assert!(fused_runs >= 12, "{t}");
     }
-    assert!(fused_runs >= 12);
 }
 
 #[test]
