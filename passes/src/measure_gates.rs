@@ -16,8 +16,10 @@
 //! **Check.** Lifting is then verified on the whole model, on every calibration set: the model with the
 //! lifted nodes must be no worse than the gated one on any output (top-1 agreement of classifier-shaped
 //! outputs not lower, largest absolute error at most 1.25 times and cosine deficit at most 1.25^2 times the
-//! gated model's, or within a few roundings of the outputs to the target; no new NaN/Inf). Otherwise nothing is lifted: single nodes that each look harmless can add
-//! up (ppocrv4_rec's six convolutions at 0.4-0.75 unit roundoffs cost it a text line together).
+//! gated model's, or within a few roundings of the outputs to the target; no new NaN/Inf). Otherwise nothing
+//! is lifted: single nodes that each look harmless can add up (ppocrv4_rec's six convolutions at 0.4-0.75
+//! unit roundoffs cost it a text line together). The lifted model runs first: when it is within those
+//! roundings by itself, it is no worse than any model, and the gated one is not run.
 //!
 //! **Invariants.** Annotates only: runs `assign-precision` again with the lifted nodes. Does nothing (and
 //! runs nothing) when no node is gated. Deterministic.
@@ -82,6 +84,18 @@ fn no_worse(
             && b.top1.map(|t| t.0) >= a.top1.map(|t| t.0)
             && b.max_abs <= (1.25 * a.max_abs).max(4.0 * u * b.peak)
             && (1.0 - b.cosine) <= (1.5625 * (1.0 - a.cosine)).max(16.0 * u * u)
+    })
+}
+
+/// Is `b` within a few roundings of the reference on every output: no new NaN/Inf, every classifier row's
+/// arg-max kept, and errors inside the floors of [`no_worse`]? Such a model is no worse than any other, so
+/// the gated model need not be run to compare with it.
+fn within_rounding(b: &[mpopt_exec::metrics::OutputMetrics], u: f64) -> bool {
+    b.iter().all(|b| {
+        !b.new_non_finite()
+            && b.top1.is_none_or(|(agree, rows)| agree == rows)
+            && b.max_abs <= 4.0 * u * b.peak
+            && (1.0 - b.cosine) <= 16.0 * u * u
     })
 }
 
@@ -200,13 +214,17 @@ impl Pass for MeasureGates {
                 lift,
                 ..SearchOverrides::default()
             };
-            let (gated_model, _) = convert(model, &opts, SearchOverrides::default())?;
             let (lifted_model, _) = convert(model, &opts, with.clone())?;
-            let a = check(&gated_model, &self.sets, &refs)?;
             let b = check(&lifted_model, &self.sets, &refs)?;
-            if no_worse(&a, &b, unit_roundoff(target)) {
-                decide(model, &self.precision, with)?;
+            let u = unit_roundoff(target);
+            // the gated model is run only when the lifted one is not plainly within rounding
+            let a = if within_rounding(&b, u) {
+                None
             } else {
+                let (gated_model, _) = convert(model, &opts, SearchOverrides::default())?;
+                Some(check(&gated_model, &self.sets, &refs)?)
+            };
+            if let Some(a) = a.filter(|a| !no_worse(a, &b, u)) {
                 notes.push(format!(
                     "{lifted} nodes measured harmless alone, but lifting them all made the outputs worse (top-1 agreement {} -> {}, max abs error {:.3e} -> {:.3e}, cosine {:.6} -> {:.6}): none lifted",
                     a.iter().filter_map(|x| x.top1).map(|t| t.0).sum::<usize>(),
@@ -217,6 +235,8 @@ impl Pass for MeasureGates {
                     b.iter().fold(1f64, |m, x| m.min(x.cosine)),
                 ));
                 lifted = 0;
+            } else {
+                decide(model, &self.precision, with)?;
             }
         }
         Ok(PassOutcome {
@@ -235,5 +255,48 @@ impl Pass for MeasureGates {
             },
             records,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mpopt_exec::Value;
+    use mpopt_exec::metrics::OutputMetrics;
+
+    use super::{no_worse, within_rounding};
+    use crate::assign_precision::unit_roundoff;
+
+    /// Metrics of a `[2, 4]` classifier-shaped output: reference values, candidate values.
+    fn metrics(r: &[f32], c: &[f32]) -> OutputMetrics {
+        let t = |x: &[f32]| Value::Tensor(mpopt_exec::Tensor::f32(vec![2, 4], x.to_vec()));
+        let mut m = OutputMetrics::new("y");
+        m.add(&t(r), &t(c), 0.0, 0.0);
+        m
+    }
+
+    #[test]
+    fn a_model_within_rounding_is_no_worse_than_any_other() {
+        let u = unit_roundoff(mpopt_ir::DType::F16);
+        let r = [4.0, 1.0, -2.0, 0.5, 0.25, 3.0, 1.5, -1.0];
+        // errors of one f16 rounding of the peak (4): within rounding
+        let near: Vec<f32> = r.iter().map(|&x| x + (u * 4.0) as f32).collect();
+        let b = [metrics(&r, &near)];
+        assert!(within_rounding(&b, u));
+        // against a perfect gated model, one with small errors and one with a flipped row: never worse
+        let flipped = [4.0, 1.0, -2.0, 0.5, 3.5, 3.0, 1.5, -1.0];
+        let small: Vec<f32> = r.iter().map(|&x| x * (1.0 + 0.5 * u as f32)).collect();
+        for a in [&r[..], &small, &flipped] {
+            assert!(no_worse(&[metrics(&r, a)], &b, u));
+        }
+        // past rounding: an error of 0.1 on the peak, a flipped row, a new infinity
+        let mut far = r;
+        far[0] += 0.1;
+        let mut inf = near.clone();
+        inf[3] = f32::INFINITY;
+        for c in [&far[..], &flipped, &inf] {
+            assert!(!within_rounding(&[metrics(&r, c)], u), "{c:?}");
+        }
+        // and a perfect gated model is then the one to compare with
+        assert!(!no_worse(&[metrics(&r, &r)], &[metrics(&r, &far)], u));
     }
 }
