@@ -75,7 +75,10 @@ struct Part {
     am: f32,
     non_finite: u64,
     nonzero: u64,
+    /// Non-zero values below the target's smallest normal.
     small: u64,
+    /// Of those, the values below `tiny`, which flush to zero.
+    tiny: u64,
 }
 
 impl Part {
@@ -86,21 +89,22 @@ impl Part {
         non_finite: 0,
         nonzero: 0,
         small: 0,
+        tiny: 0,
     };
 
     /// One block's statistics (at most `u32::MAX` elements). Written in eight lanes with selects instead
     /// of branches, so that it vectorizes: calibration and the search's reference run pass every element
     /// of every value through here.
-    fn of(xs: &[f32], normal: f32) -> Part {
+    fn of(xs: &[f32], normal: f32, tiny: f32) -> Part {
         const L: usize = 8;
         let floats = ([f32::INFINITY; L], [f32::NEG_INFINITY; L], [0f32; L]);
-        let counts = ([0u32; L], [0u32; L], [0u32; L]);
+        let counts = ([0u32; L], [0u32; L], [0u32; L], [0u32; L]);
         type State = (
             ([f32; L], [f32; L], [f32; L]),
-            ([u32; L], [u32; L], [u32; L]),
+            ([u32; L], [u32; L], [u32; L], [u32; L]),
         );
         let lane = |st: &mut State, j: usize, x: f32| {
-            let ((lo, hi, am), (non_finite, nonzero, small)) = st;
+            let ((lo, hi, am), (non_finite, nonzero, small, flushed)) = st;
             let a = x.abs();
             // false for inf and NaN
             let finite = a <= f32::MAX;
@@ -115,8 +119,9 @@ impl Part {
             non_finite[j] += u32::from(!finite);
             nonzero[j] += u32::from(finite & (a != 0.0));
             small[j] += u32::from((a != 0.0) & (a < normal));
+            flushed[j] += u32::from((a != 0.0) & (a < tiny));
         };
-        let ((lo, hi, am), (non_finite, nonzero, small)) =
+        let ((lo, hi, am), (non_finite, nonzero, small, flushed)) =
             crate::range_rules::lanes(xs, (floats, counts), lane);
         let mut p = Part::EMPTY;
         for j in 0..L {
@@ -126,6 +131,7 @@ impl Part {
             p.non_finite += u64::from(non_finite[j]);
             p.nonzero += u64::from(nonzero[j]);
             p.small += u64::from(small[j]);
+            p.tiny += u64::from(flushed[j]);
         }
         p
     }
@@ -138,26 +144,22 @@ impl Part {
             non_finite: a.non_finite + b.non_finite,
             nonzero: a.nonzero + b.nonzero,
             small: a.small + b.small,
+            tiny: a.tiny + b.tiny,
         }
     }
 }
 
-/// A block's non-zero values below `normal` (at most `u32::MAX` of them): (those below `tiny`, which
-/// flush to zero; the others, which become subnormal; those of either above `significant`). In eight lanes
-/// without branches, so that it vectorizes.
-fn underflows(xs: &[f32], normal: f32, tiny: f32, significant: f32) -> (u64, u64, u64) {
+/// A block's non-zero values below `normal` and above `significant` (at most `u32::MAX` of them): the
+/// underflowing values that are not negligible next to the tensor's largest. In eight lanes without
+/// branches, so that it vectorizes.
+fn lost(xs: &[f32], normal: f32, significant: f32) -> u64 {
     const L: usize = 8;
-    let init = ([0u32; L], [0u32; L], [0u32; L]);
-    let lane = |(z, s, l): &mut ([u32; L], [u32; L], [u32; L]), j: usize, x: f32| {
+    let lane = |l: &mut [u32; L], j: usize, x: f32| {
         let a = x.abs();
-        let under = (a != 0.0) & (a < normal);
-        z[j] += u32::from(under & (a < tiny));
-        s[j] += u32::from(under & (a >= tiny));
-        l[j] += u32::from(under & (a > significant));
+        l[j] += u32::from((a != 0.0) & (a < normal) & (a > significant));
     };
-    let (z, s, l) = crate::range_rules::lanes(xs, init, lane);
-    let sum = |v: [u32; L]| v.iter().map(|&k| u64::from(k)).sum::<u64>();
-    (sum(z), sum(s), sum(l))
+    let l = crate::range_rules::lanes(xs, [0u32; L], lane);
+    l.iter().map(|&k| u64::from(k)).sum()
 }
 
 /// Adds one tensor's elements to a value's statistics (in parallel blocks: calibration sees every value of
@@ -173,21 +175,22 @@ fn observe(o: &mut Observed, xs: &[f32], target: DType) {
     }
     let p = xs
         .par_chunks(BLOCK)
-        .map(|c| Part::of(c, normal))
+        .map(|c| Part::of(c, normal, tiny))
         .reduce(|| Part::EMPTY, Part::join);
     o.non_finite += p.non_finite;
     o.nonzero += p.nonzero;
+    o.to_zero += p.tiny;
+    o.to_subnormal += p.small - p.tiny;
     // Values below this vanish next to the tensor's largest ones in any precision: the lost values are the
-    // underflowing ones above it. A second pass, only when some value underflows.
+    // underflowing ones above it. A second pass, only when some value underflows and the bound is below the
+    // smallest normal (a largest value under 1/8 in f16): otherwise no underflowing value is above it. On
+    // ppocrv4_rec's calibration that pass had run on most values (a few small ones among many).
     let significant = p.am * unit_roundoff(target) as f32;
-    if p.small > 0 {
-        let (z, s, l) = xs
+    if p.small > 0 && significant < normal {
+        o.lost += xs
             .par_chunks(BLOCK)
-            .map(|c| underflows(c, normal, tiny, significant))
-            .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
-        o.to_zero += z;
-        o.to_subnormal += s;
-        o.lost += l;
+            .map(|c| lost(c, normal, significant))
+            .sum::<u64>();
     }
     o.count += xs.len() as u64;
     o.min = o.min.min(p.lo as f64);
@@ -333,7 +336,7 @@ impl Pass for Calibrate {
 
 #[cfg(test)]
 mod tests {
-    use super::{Part, nan_inputs, underflows};
+    use super::{Part, lost, nan_inputs};
     use mpopt_exec::{Tensor, Value};
 
     #[test]
@@ -361,7 +364,7 @@ mod tests {
     }
 
     /// The statistics element by element, with branches: what the eight-lane version must equal.
-    fn reference(xs: &[f32], normal: f32) -> Part {
+    fn reference(xs: &[f32], normal: f32, tiny: f32) -> Part {
         let mut p = Part::EMPTY;
         for &x in xs {
             if x.is_finite() {
@@ -373,6 +376,9 @@ mod tests {
                     if x.abs() < normal {
                         p.small += 1;
                     }
+                    if x.abs() < tiny {
+                        p.tiny += 1;
+                    }
                 }
             } else {
                 p.non_finite += 1;
@@ -383,22 +389,27 @@ mod tests {
 
     #[test]
     fn block_statistics_match_the_element_by_element_ones() {
-        let normal = 6.1e-5;
+        let (normal, tiny) = (6.1e-5, 3.0e-8);
         let value = |i: usize| match i % 13 {
             0 => f32::NAN,
             1 => f32::NEG_INFINITY,
             2 => 0.0,
             3 => -1e-6,
             4 => 3e-5,
+            5 => -1e-9,
             _ => (i as f32 * 0.37).sin() * (i as f32),
         };
         // lengths that leave every remainder of the eight lanes, and one block of only non-finite values
         for n in [0usize, 1, 2, 7, 8, 9, 15, 64, 1000, 1003] {
             let xs: Vec<f32> = (0..n).map(value).collect();
-            assert_eq!(Part::of(&xs, normal), reference(&xs, normal), "n={n}");
+            assert_eq!(
+                Part::of(&xs, normal, tiny),
+                reference(&xs, normal, tiny),
+                "n={n}"
+            );
         }
         // the underflow counts, against the same loop with branches
-        let (normal, tiny, significant) = (6.1e-5, 3.0e-8, 1e-6);
+        let significant = 1e-6;
         let xs: Vec<f32> = (0..1003)
             .map(|i| match i % 7 {
                 0 => 1e-9,
@@ -422,9 +433,11 @@ mod tests {
             z > 0 && s > 0 && l > 0 && l < s,
             "the sample covers every case"
         );
-        assert_eq!(underflows(&xs, normal, tiny, significant), (z, s, l));
+        let p = Part::of(&xs, normal, tiny);
+        assert_eq!((p.tiny, p.small - p.tiny), (z, s));
+        assert_eq!(lost(&xs, normal, significant), l);
         let bad = [f32::NAN, f32::INFINITY, f32::NAN];
-        assert_eq!(Part::of(&bad, normal), reference(&bad, normal));
-        assert_eq!(Part::of(&bad, normal).non_finite, 3);
+        assert_eq!(Part::of(&bad, normal, tiny), reference(&bad, normal, tiny));
+        assert_eq!(Part::of(&bad, normal, tiny).non_finite, 3);
     }
 }
