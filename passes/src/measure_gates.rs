@@ -80,11 +80,18 @@ fn no_worse(
     u: f64,
 ) -> bool {
     a.iter().zip(b).all(|(a, b)| {
+        let (abs_floor, cos_floor) = rounding_floors(b, u);
         !b.new_non_finite()
             && b.top1.map(|t| t.0) >= a.top1.map(|t| t.0)
-            && b.max_abs <= (1.25 * a.max_abs).max(4.0 * u * b.peak)
-            && (1.0 - b.cosine) <= (1.5625 * (1.0 - a.cosine)).max(16.0 * u * u)
+            && b.max_abs <= (1.25 * a.max_abs).max(abs_floor)
+            && (1.0 - b.cosine) <= (1.5625 * (1.0 - a.cosine)).max(cos_floor)
     })
+}
+
+/// The errors that count as none on an output: its largest absolute error within 4 `u` of its peak, and
+/// the cosine deficit such errors give (16 `u`^2).
+fn rounding_floors(b: &mpopt_exec::metrics::OutputMetrics, u: f64) -> (f64, f64) {
+    (4.0 * u * b.peak, 16.0 * u * u)
 }
 
 /// Is `b` within a few roundings of the reference on every output: no new NaN/Inf, every classifier row's
@@ -92,10 +99,11 @@ fn no_worse(
 /// the gated model need not be run to compare with it.
 fn within_rounding(b: &[mpopt_exec::metrics::OutputMetrics], u: f64) -> bool {
     b.iter().all(|b| {
+        let (abs_floor, cos_floor) = rounding_floors(b, u);
         !b.new_non_finite()
             && b.top1.is_none_or(|(agree, rows)| agree == rows)
-            && b.max_abs <= 4.0 * u * b.peak
-            && (1.0 - b.cosine) <= 16.0 * u * u
+            && b.max_abs <= abs_floor
+            && (1.0 - b.cosine) <= cos_floor
     })
 }
 

@@ -28,12 +28,10 @@
 //! after:   %z = <conv channels-last>(%x, %w)    %r = <chain Add, Relu>(%z, %bias)
 //! ```
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use std::borrow::Cow;
-
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use mpopt_ir::{AttrValue, DType, Graph, Node, NodeId, ValueId};
 use rayon::prelude::*;
@@ -41,7 +39,6 @@ use rayon::prelude::*;
 use crate::geometry::Window;
 use crate::ops::elementwise::par_fill;
 use crate::ops::linalg::conv_nhwc;
-use crate::tensor::{round_bf16, round_f16};
 use crate::{Data, Tensor, Value};
 
 /// One step of a graph's fused schedule.
@@ -75,7 +72,7 @@ pub(crate) enum Kind {
         w: Arc<Vec<f32>>,
         /// The weight's type: a half weight runs on an input of its type, widened, and the result is rounded
         /// back to it, as the unfused Conv does.
-        wtype: DType,
+        wtype: Elem,
         /// The weight's shape `[M, C, KH, KW]`.
         wshape: [usize; 4],
     },
@@ -229,10 +226,10 @@ fn conv_nhwc_at(
     let &[m, ci, kh, kw] = wt.shape.as_slice() else {
         return None;
     };
-    let w: std::borrow::Cow<[f32]> = match &wt.data {
-        Data::F32(w) => std::borrow::Cow::Borrowed(w),
-        Data::F16(_) | Data::BF16(_) => std::borrow::Cow::Owned(wt.to_f32s().ok()?),
-        _ => return None,
+    let wtype = elem(&wt.data)?;
+    let w: Cow<[f32]> = match &wt.data {
+        Data::F32(w) => Cow::Borrowed(w),
+        _ => Cow::Owned(wt.to_f32s().ok()?),
     };
     let bias = conv.inputs().get(2).copied().flatten();
     if bias == Some(t) || wv == t {
@@ -264,7 +261,7 @@ fn conv_nhwc_at(
         kind: Kind::ConvNhwc {
             conv: c,
             w: Arc::new(r),
-            wtype: wt.dtype(),
+            wtype,
             wshape: [m, ci, kh, kw],
         },
     })
@@ -388,12 +385,12 @@ fn conv_step(
     conv: &Node,
     ins: &[Option<Arc<Value>>],
     w: &[f32],
-    wtype: DType,
+    wtype: Elem,
     [m, c, kh, kw]: [usize; 4],
 ) -> Option<Result<Value, String>> {
     // The input and bias as the unfused Conv reads them: of the weight's type, widened when half.
     let (xe, xs) = float_tensor(&ins[0])?;
-    if xe.dtype() != wtype {
+    if xe != wtype {
         return None;
     }
     let x = operand(&ins[0], xe, false)?;
@@ -426,8 +423,7 @@ fn conv_step(
     let shape = vec![n, win.out[0], win.out[1], m];
     let data = match xe {
         Elem::F32 => Data::F32(out),
-        Elem::F16 => Data::F16(round_f16(&out)),
-        Elem::BF16 => Data::BF16(round_bf16(&out)),
+        half => crate::tensor::round_to(&out, half.dtype()),
     };
     Some(Ok(Value::Tensor(Tensor::new(shape, data))))
 }
@@ -456,7 +452,7 @@ fn pattern(o: &[usize], s: &[usize]) -> Option<(usize, usize)> {
 /// load half, compute in float, store half), so the results are bit-identical without a tensor-sized f32
 /// copy per node. A `Cast(to=FLOAT)` in the chain makes the rest of it f32.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Elem {
+pub(crate) enum Elem {
     F32,
     F16,
     BF16,
@@ -482,17 +478,21 @@ impl Elem {
     }
 }
 
-fn float_tensor(v: &Option<Arc<Value>>) -> Option<(Elem, &[usize])> {
-    let Some(Value::Tensor(t)) = v.as_deref() else {
-        return None;
-    };
-    let e = match &t.data {
+/// The chain element type of float data (`None` for other types).
+fn elem(d: &Data) -> Option<Elem> {
+    Some(match d {
         Data::F32(_) => Elem::F32,
         Data::F16(_) => Elem::F16,
         Data::BF16(_) => Elem::BF16,
         _ => return None,
+    })
+}
+
+fn float_tensor(v: &Option<Arc<Value>>) -> Option<(Elem, &[usize])> {
+    let Some(Value::Tensor(t)) = v.as_deref() else {
+        return None;
     };
-    Some((e, t.shape.as_slice()))
+    Some((elem(&t.data)?, t.shape.as_slice()))
 }
 
 /// An operand as its node's kernel reads it when the running value has type `running`: f32 as it is, a
@@ -690,7 +690,10 @@ fn chain_step(ops: &[ChainOp], ins: &mut [Option<Arc<Value>>]) -> Option<Result<
         let b = &mut buf[..len];
         match src {
             Data::F16(v) => mpopt_ir::halfconv::f16_to_f32(&v[start..start + len], b),
-            Data::BF16(v) => v[start..start + len].convert_to_f32_slice(b),
+            Data::BF16(v) => b
+                .iter_mut()
+                .zip(&v[start..start + len])
+                .for_each(|(d, x)| *d = x.to_f32()),
             _ => unreachable!("the running value was checked to be half"),
         }
         run_ops(start, b);
@@ -709,12 +712,11 @@ fn chain_step(ops: &[ChainOp], ins: &mut [Option<Arc<Value>>]) -> Option<Result<
                 let buf = block(start, o.len());
                 mpopt_ir::halfconv::f32_to_f16_uninit(&buf[..o.len()], o);
             })),
+            // (`half`'s bf16 slice conversion, which `round_bf16` uses, is this per-element loop)
             Elem::BF16 => Data::BF16(par_fill(n, BLOCK, |start, o| {
                 let buf = block(start, o.len());
-                let mut h = [bf16::ZERO; BLOCK];
-                h[..o.len()].convert_from_f32_slice(&buf[..o.len()]);
-                for (d, x) in o.iter_mut().zip(&h) {
-                    d.write(*x);
+                for (d, &x) in o.iter_mut().zip(&buf) {
+                    d.write(bf16::from_f32(x));
                 }
             })),
         }
@@ -732,12 +734,10 @@ fn round_trip(e: Elem, blk: &mut [f32]) {
             mpopt_ir::halfconv::f32_to_f16(blk, h);
             mpopt_ir::halfconv::f16_to_f32(h, blk);
         }
-        Elem::BF16 => {
-            let mut h = [bf16::ZERO; BLOCK];
-            let h = &mut h[..blk.len()];
-            h.convert_from_f32_slice(blk);
-            h.convert_to_f32_slice(blk);
-        }
+        // as `round_bf16` and the widening do it, element by element
+        Elem::BF16 => blk
+            .iter_mut()
+            .for_each(|x| *x = bf16::from_f32(*x).to_f32()),
         Elem::F32 => {}
     }
 }

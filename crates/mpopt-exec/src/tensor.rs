@@ -504,6 +504,18 @@ pub fn round_f16(v: &[f32]) -> Vec<f16> {
     half_convert(v, mpopt_ir::halfconv::f32_to_f16_uninit)
 }
 
+/// Rounds f32 values to the half type `t` (f16 or bf16) once, as a low-precision op stores its result.
+///
+/// # Panics
+/// For any other `t`.
+pub(crate) fn round_to(v: &[f32], t: DType) -> Data {
+    match t {
+        DType::F16 => Data::F16(round_f16(v)),
+        DType::BF16 => Data::BF16(round_bf16(v)),
+        other => unreachable!("round_to a half type, not {other}"),
+    }
+}
+
 /// Widens f16 values to f32 (exact).
 pub(crate) fn widen_f16(v: &[f16]) -> Vec<f32> {
     half_convert(v, mpopt_ir::halfconv::f16_to_f32_uninit)

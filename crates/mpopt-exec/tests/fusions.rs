@@ -3,8 +3,8 @@
 //! (`keep_all`) never fuses. Chains must agree bit for bit; a convolution sums its terms in another order,
 //! so it agrees to f32 rounding. A profile shows which steps ran fused.
 
-use half::{bf16, f16};
-use mpopt_exec::{Data, Executor, RunOptions, Tensor, Value};
+use mpopt_exec::{Executor, RunOptions, Tensor, Value, cast_tensor};
+use mpopt_ir::DType;
 use mpopt_ir::text::parse_model;
 
 mod common;
@@ -246,13 +246,8 @@ fn chains_whose_operands_do_not_fit_run_node_by_node() {
 
 /// A tensor of `t` (`f32`, `f16` or `bf16`) holding `v` rounded to it.
 fn typed(t: &str, shape: &[usize], v: Vec<f32>) -> Tensor {
-    let data = match t {
-        "f32" => Data::F32(v),
-        "f16" => Data::F16(v.into_iter().map(f16::from_f32).collect()),
-        "bf16" => Data::BF16(v.into_iter().map(bf16::from_f32).collect()),
-        _ => unreachable!("{t}"),
-    };
-    Tensor::new(shape.to_vec(), data)
+    let to = DType::from_short_name(t).expect("a dtype name");
+    cast_tensor(&Tensor::f32(shape.to_vec(), v), to).expect("a float cast")
 }
 
 #[test]

@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock};
 use mpopt_ir::{AttrValue, DType, Node};
 
 use crate::interp::SubRunner;
-use crate::tensor::{round_bf16, round_f16};
 use crate::{Data, Tensor, Value};
 
 mod attention;
@@ -509,14 +508,9 @@ pub(crate) fn run(ctx: &mut Ctx) -> R<Vec<Arc<Value>>> {
             Value::Tensor(Tensor {
                 shape,
                 data: Data::F32(x),
-            }) if !stays_f32(op, i) => Value::Tensor(Tensor::new(
-                shape,
-                if lt == DType::F16 {
-                    Data::F16(round_f16(&x))
-                } else {
-                    Data::BF16(round_bf16(&x))
-                },
-            )),
+            }) if !stays_f32(op, i) => {
+                Value::Tensor(Tensor::new(shape, crate::tensor::round_to(&x, lt)))
+            }
             other => other,
         })
         .map(Arc::new)
