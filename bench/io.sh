@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
-cargo build -q --release -p mpopt-cli -p mpopt-onnx --example gen_bench_model
+cargo build -q --release -p mpopt-cli --bins
+cargo build -q --release -p mpopt-onnx --example gen_bench_model
 BIN=target/release/mpopt
 GEN=target/release/examples/gen_bench_model
 if [ -d /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR==2{print $4}')" -gt 2000000 ]; then

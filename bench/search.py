@@ -178,6 +178,8 @@ def main():
             report = json.load(open(rep))
             checks = [x for x in report["search"] if x["kind"] == "search-check"]
             row["checks"] = len(checks)
+            cost = next(x for x in report["search"] if x["kind"] == "search-cost")
+            row["runs"] = float(cost["model_runs"])
             row["kept"] = sum(x["kind"] == "search-kept" for x in report["search"])
             row["share"] = report["summary"]["flops_low_share"]
             # valid: onnx.checker (full) and onnxruntime run it on the held-out inputs
@@ -219,11 +221,11 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| model | budget | held-out | task metric (held-out) | FLOPs low: search / static / static+calib | checks | kept fp32 | valid | search s | search MB | occ auto s | occ auto MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | budget | held-out | task metric (held-out) | FLOPs low: search / static / static+calib | checks | model runs | kept fp32 | valid | search s | search MB | occ auto s | occ auto MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | {r['budget']} | error: {r['error'][-120:]} ||||||||||")
+            print(f"| {r['model']} | {r['budget']} | error: {r['error'][-120:]} |||||||||||")
             continue
         pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
         task = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["task"].items())
@@ -232,7 +234,7 @@ def main():
         mb = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
         print(f"| {r['model']} | {r['budget']} | {r['heldout']:.6g} {'ok' if r['heldout_ok'] else 'MISSED'} | {task} | "
               f"{pct(r['share'])} / {pct(r['share_static'])} / {pct(r['share_static_calib'])} | {r['checks']} | "
-              f"{r['kept']} | {r['valid']} | {r['search_s']:.1f} | {mb(r['search_rss_mb'])} | {occ} | "
+              f"{r['runs']:.2f} | {r['kept']} | {r['valid']} | {r['search_s']:.1f} | {mb(r['search_rss_mb'])} | {occ} | "
               f"{mb(r.get('occ_rss_mb'))} |")
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)

@@ -33,6 +33,9 @@
 //!    their final dtype (a branch the inputs did not take), then control-flow nodes whose bodies run low
 //!    (kept whole). If the result has fewer low FLOPs than the static decisions and those meet the budget
 //!    too, they win.
+//! 5. *Screen*: where every budget is top-1 agreement of 100% or max-abs and the model is batched along
+//!    axis 0, the first proposal runs first on the one batch item whose reference has the smallest top-1
+//!    margin (`Screen`); a miss there is a miss of the whole set, at 1/batch of a check's cost.
 //!
 //! **Invariants.** Nodes are named by their graph's scope and id ([`ScopedNode`]), so a kept body node is
 //! kept in exactly that body. Only tensor outputs are judged. Deterministic (same inputs, same decisions). Annotates only,
@@ -548,25 +551,164 @@ pub(crate) fn check(
         let out = exec
             .run(adapt_inputs(m, set), &RunOptions::default())
             .map_err(|e| fail(format!("input set {k}: a trial model failed: {e}")))?;
-        // tensor outputs are judged; sequences and optionals are containers, not numbers
-        for (name, rv) in r.iter().filter(|(_, v)| matches!(v, Value::Tensor(_))) {
-            let cv = out
-                .outputs
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v)
-                .ok_or_else(|| fail(format!("a trial model lost output '{name}'")))?;
-            let i = match ms.iter().position(|m| m.name == *name) {
-                Some(i) => i,
-                None => {
-                    ms.push(OutputMetrics::new(name.clone()));
-                    ms.len() - 1
-                }
-            };
-            ms[i].add(rv, cv, 0.0, 0.0);
-        }
+        compare(r, &out.outputs, &mut ms)?;
     }
     Ok(ms)
+}
+
+/// Adds one set's outputs to the metrics: tensor outputs are judged; sequences and optionals are
+/// containers, not numbers.
+fn compare(r: &Outputs, outputs: &Outputs, ms: &mut Vec<OutputMetrics>) -> Result<(), PassError> {
+    for (name, rv) in r.iter().filter(|(_, v)| matches!(v, Value::Tensor(_))) {
+        let cv = outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .ok_or_else(|| fail(format!("a trial model lost output '{name}'")))?;
+        let i = match ms.iter().position(|m| m.name == *name) {
+            Some(i) => i,
+            None => {
+                ms.push(OutputMetrics::new(name.clone()));
+                ms.len() - 1
+            }
+        };
+        ms[i].add(rv, cv, 0.0, 0.0);
+    }
+    Ok(())
+}
+
+/// A screen before the first whole-model check: the one batch item of one input set whose reference comes
+/// closest to flipping a classifier row, run alone.
+///
+/// The first check tries every candidate low, the proposal most likely to miss a budget; a top-1 budget
+/// is missed first on the rows with the smallest margin between their two largest entries. Where every
+/// budget is top-1 agreement of 100% or a largest absolute error, a miss on one item is a miss on its
+/// whole set, so a screen that fails fails the check at a fraction of its cost, and a screen that passes
+/// is followed by the whole check as before (the verdict always comes from whole sets). ppocrv4_rec: the
+/// all-low proposal flips line 0's step 36, a margin of 0.026 in fp32 and the smallest of the three
+/// lines', so the screen runs one line of three instead of the whole batch.
+struct Screen {
+    /// The item's inputs: every input of the set narrowed to it along the batch axis.
+    set: InputSet,
+    /// The reference's outputs narrowed the same way.
+    refs: Outputs,
+    /// What the screen costs, as a share of a whole check (1 / batch, of one of the sets).
+    share: f64,
+    /// Which item, for the report.
+    label: String,
+}
+
+/// The [`Screen`] for these budgets and sets, if one applies: every budget top-1 at 100% or max-abs (at
+/// least one top-1), the model's inputs and outputs batched along axis 0 (declared so, and every input
+/// and output of the set with one leading size N >= 2), and a classifier row to rank the items by.
+fn screen_of(
+    model: &Model,
+    tols: &[Tolerance],
+    sets: &[InputSet],
+    refs: &[Outputs],
+) -> Option<Screen> {
+    let sound =
+        |t: &Tolerance| t.metric == Metric::MaxAbs || t.metric == Metric::Top1 && t.value >= 1.0;
+    if !tols.iter().all(sound) || !tols.iter().any(|t| t.metric == Metric::Top1) {
+        return None;
+    }
+    // declared batch axis: a leading dimension that is not a fixed size, on every input and output
+    let g = &model.graph;
+    let batched = |v: mpopt_ir::ValueId| {
+        let value = g.value(v);
+        if value.initializer.is_some() {
+            return true;
+        }
+        match value.ty.as_ref().map(|t| &t.ty) {
+            Some(mpopt_ir::Type::Tensor {
+                shape: Some(dims), ..
+            }) => dims.first().is_some_and(|d| d.value.as_known().is_none()),
+            Some(mpopt_ir::Type::Tensor { shape: None, .. }) => true,
+            _ => false,
+        }
+    };
+    if !g.inputs().iter().chain(g.outputs()).all(|&v| batched(v)) {
+        return None;
+    }
+    let lead = |v: &Value| match v {
+        Value::Tensor(t) if t.rank() >= 1 => Some(t.shape[0]),
+        _ => None,
+    };
+    // (smallest margin, set, item, batch)
+    let mut best: Option<(f64, usize, usize, usize)> = None;
+    for (k, (set, r)) in sets.iter().zip(refs).enumerate() {
+        let Some(n) = set.first().and_then(|(_, v)| lead(v)) else {
+            continue;
+        };
+        if n < 2 || !set.iter().chain(r).all(|(_, v)| lead(v) == Some(n)) {
+            continue;
+        }
+        for (name, v) in r {
+            let Value::Tensor(t) = v else { continue };
+            let judged = tols.iter().any(|tol| {
+                tol.metric == Metric::Top1 && tol.output.as_deref().is_none_or(|o| o == name)
+            });
+            let last = t.shape.last().copied().unwrap_or(1);
+            // classifier-shaped as `OutputMetrics` counts rows
+            if !judged || t.rank() < 2 || last < 2 || t.len() / last > 4096 {
+                continue;
+            }
+            let Some(xs) = f32s(t) else { continue };
+            let per_item = t.len() / n;
+            for (row, xs) in xs.chunks_exact(last).enumerate() {
+                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                for &x in xs {
+                    if x > a {
+                        (a, b) = (x, a);
+                    } else if x > b {
+                        b = x;
+                    }
+                }
+                let margin = (a - b) as f64;
+                if margin.is_finite() && best.is_none_or(|(m, ..)| margin < m) {
+                    best = Some((margin, k, row * last / per_item, n));
+                }
+            }
+        }
+    }
+    let (margin, k, item, n) = best?;
+    let one = |vs: &[(String, Value)]| -> Vec<(String, Value)> {
+        vs.iter()
+            .map(|(name, v)| match v {
+                Value::Tensor(t) => (
+                    name.clone(),
+                    Value::Tensor(mpopt_exec::narrow(t, 0, item, 1)),
+                ),
+                other => (name.clone(), other.clone()),
+            })
+            .collect()
+    };
+    Some(Screen {
+        set: one(&sets[k]),
+        refs: one(&refs[k]),
+        share: 1.0 / n as f64,
+        label: format!(
+            "input set {k}, batch item {item} of {n} (the reference's smallest top-1 margin, {margin:.3e})"
+        ),
+    })
+}
+
+/// The screen's metrics, or None where the item alone does not run as a slice of the batch (the run
+/// fails, or an output's shape is not the reference's slice): the model is not batched along axis 0.
+fn screened(m: &Model, s: &Screen) -> Option<Vec<OutputMetrics>> {
+    let exec = Executor::new(m).ok()?;
+    let out = exec
+        .run(adapt_inputs(m, &s.set), &RunOptions::default())
+        .ok()?;
+    let sliced = s.refs.iter().all(|(name, rv)| match rv {
+        Value::Tensor(r) => out
+            .outputs
+            .iter()
+            .any(|(n, v)| n == name && matches!(v, Value::Tensor(c) if c.shape == r.shape)),
+        _ => true,
+    });
+    let mut ms = Vec::new();
+    (sliced && compare(&s.refs, &out.outputs, &mut ms).is_ok()).then_some(ms)
 }
 
 /// The NaN elements of a tensor (none in a non-float one).
@@ -849,41 +991,75 @@ pub(crate) fn node_sensitivity(
     Some(worst)
 }
 
-/// Converts with these overrides, checks the result on every set and records the check.
+/// The whole-model checks run so far, and the screens (as shares of a whole check).
+#[derive(Default)]
+struct Checks {
+    whole: usize,
+    screened: f64,
+}
+
+/// Converts with these overrides, checks the result on every set and records the check. With a
+/// [`Screen`], its item runs first, and a miss there is the verdict (recorded as `search-screen`).
 fn try_decisions(
     model: &Model,
     opts: &SearchOptions,
     refs: &[Outputs],
     overrides: &SearchOverrides,
-    checks: &mut usize,
+    screen: Option<&Screen>,
+    checks: &mut Checks,
     records: &mut Vec<Record>,
 ) -> Result<(Verdict, u64, Signature), PassError> {
     if let Some(p) = &opts.progress {
-        (p.0)("check", *checks, opts.max_checks);
+        (p.0)("check", checks.whole, opts.max_checks);
     }
     let (trial, sig) = convert(model, opts, overrides.clone())?;
-    let ms = check(&trial, &opts.sets, refs)?;
-    *checks += 1;
-    let v = judge(&opts.tolerances, &ms).map_err(fail)?;
     let (fl, ft) = flops_low(&trial);
+    let decisions = if !overrides.relax {
+        "static rules".into()
+    } else if overrides.keep.is_empty() {
+        "every candidate low".into()
+    } else {
+        format!("{} candidates kept fp32", overrides.keep.len())
+    };
+    let share = format!("{:.4}", fl as f64 / ft.max(1) as f64);
+    if let Some(s) = screen {
+        checks.screened += s.share;
+        let v = match screened(&trial, s) {
+            Some(ms) => Some(judge(&opts.tolerances, &ms).map_err(fail)?),
+            None => None,
+        };
+        records.push(Record {
+            kind: "search-screen",
+            fields: vec![
+                ("item", s.label.clone()),
+                ("decisions", decisions.clone()),
+                ("cost", format!("{:.3} of a whole check", s.share)),
+                (
+                    "pass",
+                    v.as_ref().map_or(
+                        "not batched: the item alone does not run as a slice".into(),
+                        |v| v.pass.to_string(),
+                    ),
+                ),
+                (
+                    "metrics",
+                    v.as_ref().map_or(String::new(), |v| v.lines.join("; ")),
+                ),
+            ],
+        });
+        if let Some(v) = v.filter(|v| !v.pass) {
+            return Ok((v, fl, sig));
+        }
+    }
+    let ms = check(&trial, &opts.sets, refs)?;
+    checks.whole += 1;
+    let v = judge(&opts.tolerances, &ms).map_err(fail)?;
     records.push(Record {
         kind: "search-check",
         fields: vec![
-            ("check", checks.to_string()),
-            (
-                "decisions",
-                if !overrides.relax {
-                    "static rules".into()
-                } else if overrides.keep.is_empty() {
-                    "every candidate low".into()
-                } else {
-                    format!("{} candidates kept fp32", overrides.keep.len())
-                },
-            ),
-            (
-                "flops_low_share",
-                format!("{:.4}", fl as f64 / ft.max(1) as f64),
-            ),
+            ("check", checks.whole.to_string()),
+            ("decisions", decisions),
+            ("flops_low_share", share),
             ("badness", format!("{:.4}", v.badness)),
             ("pass", v.pass.to_string()),
             ("metrics", v.lines.join("; ")),
@@ -1189,30 +1365,40 @@ impl Pass for SearchPrecision {
         // the static decisions are checked at most once, and not when a failed check tried the same
         let mut static_checked = false;
         let mut next = 0usize;
-        let mut checks = 0usize;
+        let mut checks = Checks::default();
+        // the first proposal (every candidate low) is screened on the item closest to flipping
+        let mut screen = screen_of(model, &opts.tolerances, &opts.sets, &refs);
         let mut current = SearchOverrides {
             keep: keep.clone(),
             ..relaxed.clone()
         };
         let (chosen, verdict) = loop {
-            let (v, fl, sig) =
-                try_decisions(model, opts, &refs, &current, &mut checks, &mut records)?;
+            let (v, fl, sig) = try_decisions(
+                model,
+                opts,
+                &refs,
+                &current,
+                screen.take().as_ref(),
+                &mut checks,
+                &mut records,
+            )?;
             static_checked |= !v.pass && sig == static_sig;
             if v.pass {
                 // the static decisions win when they lower more and also meet the budget
                 if !static_checked && statically > fl {
                     let s = SearchOverrides::default();
                     let (sv, ..) =
-                        try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
+                        try_decisions(model, opts, &refs, &s, None, &mut checks, &mut records)?;
                     if sv.pass {
                         break (s, sv);
                     }
                 }
                 break (current, v);
             }
-            if checks >= opts.max_checks || next >= keepable.len() {
+            if checks.whole >= opts.max_checks || next >= keepable.len() {
                 return Err(fail(format!(
-                    "the budget is not met after {checks} whole-model checks with {} of {} candidate nodes kept fp32: {}",
+                    "the budget is not met after {} whole-model checks with {} of {} candidate nodes kept fp32: {}",
+                    checks.whole,
                     current.keep.len(),
                     sens.len(),
                     v.lines.join("; ")
@@ -1254,7 +1440,8 @@ impl Pass for SearchPrecision {
             {
                 static_checked = true;
                 let s = SearchOverrides::default();
-                let (sv, ..) = try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
+                let (sv, ..) =
+                    try_decisions(model, opts, &refs, &s, None, &mut checks, &mut records)?;
                 if sv.pass {
                     break (s, sv);
                 }
@@ -1287,10 +1474,15 @@ impl Pass for SearchPrecision {
         }
         let (fl, ft) = flops_low(model);
         notes.push(format!(
-            "{} candidate nodes measured ({unmeasured} not: cannot run alone, or in a branch not taken); {} kept fp32; {} whole-model check(s) on {} input set(s); {:.1}% of FLOPs low; {}",
+            "{} candidate nodes measured ({unmeasured} not: cannot run alone, or in a branch not taken); {} kept fp32; {} whole-model check(s){} on {} input set(s); {:.1}% of FLOPs low; {}",
             sens.len(),
             final_keep.len(),
-            checks,
+            checks.whole,
+            if checks.screened > 0.0 {
+                format!(" and a screen of {:.2} of one", checks.screened)
+            } else {
+                String::new()
+            },
             opts.sets.len(),
             100.0 * fl as f64 / ft.max(1) as f64,
             verdict.lines.join("; ")
@@ -1303,7 +1495,18 @@ impl Pass for SearchPrecision {
                 ("checks_ms", format!("{checks_ms:.1}")),
                 ("per_node_pass_ms", format!("{per_node_ms:.1}")),
                 ("nodes_measured", sens.len().to_string()),
-                ("whole_model_checks", checks.to_string()),
+                ("whole_model_checks", checks.whole.to_string()),
+                ("screened", format!("{:.3}", checks.screened)),
+                // the reference and the checks, in runs of the model on every set (the per-node pass aside)
+                (
+                    "model_runs",
+                    format!(
+                        "{:.2}",
+                        reference_runs as f64 / opts.sets.len() as f64
+                            + checks.whole as f64
+                            + checks.screened
+                    ),
+                ),
             ],
         });
         Ok(PassOutcome {
@@ -1311,7 +1514,7 @@ impl Pass for SearchPrecision {
             counters: vec![
                 ("candidates", sens.len() as u64),
                 ("kept fp32", final_keep.len() as u64),
-                ("checks", checks as u64),
+                ("checks", checks.whole as u64),
             ],
             notes,
             records,

@@ -227,3 +227,133 @@ fn a_kept_body_node_is_reported_by_its_path() {
     );
     assert!(out.notes[0].contains("(0 not:"), "{:?}", out.notes);
 }
+
+/// Every record of kind `kind` in a pass outcome.
+fn records(out: &mpopt_passes::PassOutcome, kind: &str) -> Vec<Vec<(&'static str, String)>> {
+    out.records
+        .iter()
+        .filter(|r| r.kind == kind)
+        .map(|r| r.fields.clone())
+        .collect()
+}
+
+fn field(fs: &[(&str, String)], k: &str) -> String {
+    fs.iter()
+        .find(|f| f.0 == k)
+        .unwrap_or_else(|| panic!("no {k} in {fs:?}"))
+        .1
+        .clone()
+}
+
+/// A two-class "classifier" `y = x W` over a batch of two, whose second item is a near-tie (1.0001
+/// against 1.0002: one value in fp16, so the all-low model flips it) and whose first is not.
+fn near_tie(x_type: &str, y: &str) -> (mpopt_ir::Model, InputSet) {
+    let src = format!(
+        "ir_version 8
+opset ai.onnx 17
+
+graph @cls(%x: {x_type}) -> (%y: f32[N,2]) {{
+  %w = const f32[2,2] [1.0, 0.0, 0.0, 1.0]
+  {y}
+}}
+"
+    );
+    let x = vec![1.0, 0.0, 1.0001, 1.0002];
+    let set = vec![(
+        "x".into(),
+        mpopt_exec::Value::Tensor(mpopt_exec::Tensor::f32(vec![2, 2], x)),
+    )];
+    (typed(&src), set)
+}
+
+fn search_on(m: &mut mpopt_ir::Model, set: InputSet, tolerance: &str) -> mpopt_passes::PassOutcome {
+    SearchPrecision::new(SearchOptions {
+        tolerances: vec![Tolerance::parse(tolerance).unwrap()],
+        sets: vec![set],
+        ..SearchOptions::default()
+    })
+    .run(m)
+    .unwrap()
+}
+
+/// With a top-1 budget of 100%, the first proposal runs first on the batch item closest to flipping: the
+/// near-tie flips there, the check fails for half a whole check's cost, and the repaired model is
+/// verified on the whole set.
+#[test]
+fn the_first_check_is_screened_on_the_item_closest_to_flipping() {
+    let (mut m, set) = near_tie("f32[N,2]", "%y = MatMul(%x, %w)");
+    let out = search_on(&mut m, set, "top1=1");
+    let screens = records(&out, "search-screen");
+    assert_eq!(screens.len(), 1, "{:?}", out.records);
+    let s = &screens[0];
+    assert!(field(s, "item").contains("batch item 1 of 2"), "{s:?}");
+    assert_eq!(field(s, "decisions"), "every candidate low");
+    assert_eq!(field(s, "pass"), "false", "{s:?}");
+    // the verdict comes from whole checks: the last one holds, and the MatMul stays fp32
+    let checks = records(&out, "search-check");
+    assert_eq!(field(checks.last().unwrap(), "pass"), "true", "{checks:?}");
+    assert!(
+        checks
+            .iter()
+            .all(|c| field(c, "decisions") != "every candidate low"),
+        "the failed screen stands for the all-low check: {checks:?}"
+    );
+    let mm = m
+        .graph
+        .nodes()
+        .find(|(_, n)| n.op_type == "MatMul")
+        .unwrap()
+        .1;
+    assert_eq!(mm.precision.as_ref().unwrap().dtype, mpopt_ir::DType::F32);
+    let cost = record(&out, "search-cost");
+    assert_eq!(field(&cost, "screened"), "0.500");
+    let runs: f64 = field(&cost, "model_runs").parse().unwrap();
+    let whole: f64 = field(&cost, "whole_model_checks").parse().unwrap();
+    assert_eq!(runs, 1.0 + whole + 0.5, "{cost:?}");
+}
+
+/// No screen where a miss on one item need not be a miss on the set (a cosine budget) or where the batch
+/// is a fixed size; a screen that finds the item alone is not a slice of the batch is dropped, and the
+/// whole check runs as before.
+#[test]
+fn no_screen_where_an_item_cannot_stand_for_its_set() {
+    let (mut m, set) = near_tie("f32[N,2]", "%y = MatMul(%x, %w)");
+    let out = search_on(&mut m, set, "cosine=0.99");
+    assert!(records(&out, "search-screen").is_empty());
+
+    let (mut m, set) = near_tie("f32[2,2]", "%y = MatMul(%x, %w)");
+    let out = search_on(&mut m, set, "top1=1");
+    assert!(records(&out, "search-screen").is_empty());
+
+    // a reshape to a shape given as an input batched like `x`: one item alone reshapes to a rank-1
+    // tensor, not a slice of the batch's output
+    let src = "ir_version 8
+opset ai.onnx 17
+
+graph @cls(%x: f32[N,2], %s: i64[N]) -> (%y: f32[N,2]) {
+  %w = const f32[2,2] [1.0, 0.0, 0.0, 1.0]
+  %r = Reshape(%x, %s)
+  %y = MatMul(%r, %w)
+}
+";
+    let (_, mut set) = near_tie("f32[N,2]", "%y = MatMul(%x, %w)");
+    set.push((
+        "s".into(),
+        mpopt_exec::Value::Tensor(mpopt_exec::Tensor::i64(vec![2], vec![2, 2])),
+    ));
+    let mut m = typed(src);
+    let out = search_on(&mut m, set, "top1=1");
+    let screens = records(&out, "search-screen");
+    assert_eq!(screens.len(), 1, "{:?}", out.records);
+    assert!(
+        field(&screens[0], "pass").starts_with("not batched"),
+        "{screens:?}"
+    );
+    let checks = records(&out, "search-check");
+    assert_eq!(
+        field(&checks[0], "decisions"),
+        "every candidate low",
+        "{checks:?}"
+    );
+    assert_eq!(field(checks.last().unwrap(), "pass"), "true", "{checks:?}");
+}

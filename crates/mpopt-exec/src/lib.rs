@@ -31,7 +31,7 @@ pub mod small;
 pub mod tensor;
 
 pub use interp::{Executor, NodeHook, RunOptions, RunOutput, scope_steps, subgraph_scope};
-pub use ops::{cast_tensor, cast_tensor_sat, is_supported, supported_ops};
+pub use ops::{cast_tensor, cast_tensor_sat, is_supported, narrow, supported_ops};
 pub use tensor::{
     Data, Tensor, Value, data_to_raw, numel, raw_to_data, round_bf16, round_f16, strides,
 };

@@ -31,6 +31,7 @@ mod rnn;
 mod roi;
 mod rotary;
 mod shape;
+pub use shape::narrow;
 mod spectral;
 mod strings;
 mod training;

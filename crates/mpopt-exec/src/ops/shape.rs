@@ -370,8 +370,9 @@ pub(crate) fn concat(ctx: &mut Ctx) -> R<Vec<Value>> {
     one(concat_t(&kept, ax)?)
 }
 
-/// Slices `t` along `ax` from `start` with `len` elements.
-pub(crate) fn narrow(t: &Tensor, ax: usize, start: usize, len: usize) -> Tensor {
+/// Slices `t` along `ax` from `start` with `len` elements (a copy). The caller keeps
+/// `start + len <= t.shape[ax]`.
+pub fn narrow(t: &Tensor, ax: usize, start: usize, len: usize) -> Tensor {
     let st = strides(&t.shape);
     let mut shape = t.shape.clone();
     shape[ax] = len;
