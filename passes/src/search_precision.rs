@@ -1022,7 +1022,8 @@ fn try_decisions(
         format!("{} candidates kept fp32", overrides.keep.len())
     };
     let share = format!("{:.4}", fl as f64 / ft.max(1) as f64);
-    if let Some(s) = screen {
+    // (a proposal with nothing low is the fp32 model: nothing to screen)
+    if let Some(s) = screen.filter(|_| fl > 0) {
         checks.screened += s.share;
         let v = match screened(&trial, s) {
             Some(ms) => Some(judge(&opts.tolerances, &ms).map_err(fail)?),

@@ -325,6 +325,39 @@ fn no_screen_where_an_item_cannot_stand_for_its_set() {
     let out = search_on(&mut m, set, "top1=1");
     assert!(records(&out, "search-screen").is_empty());
 
+    // nothing to lower: MatMul takes no bf16 before opset 13, so the first proposal is the fp32 model
+    let (_, set) = near_tie("f32[N,2]", "%y = MatMul(%x, %w)");
+    let mut m = typed(
+        "ir_version 7
+opset ai.onnx 11
+
+graph @cls(%x: f32[N,2]) -> (%y: f32[N,2]) {
+  %w = const f32[2,2] [1.0, 0.0, 0.0, 1.0]
+  %y = MatMul(%x, %w)
+}
+",
+    );
+    let out = SearchPrecision::new(SearchOptions {
+        tolerances: vec![Tolerance::parse("top1=1").unwrap()],
+        sets: vec![set],
+        precision: mpopt_passes::assign_precision::PrecisionOptions {
+            target: mpopt_ir::DType::BF16,
+            ..Default::default()
+        },
+        ..SearchOptions::default()
+    })
+    .run(&mut m)
+    .unwrap();
+    assert!(
+        records(&out, "search-screen").is_empty(),
+        "{:?}",
+        out.records
+    );
+    assert_eq!(
+        field(&record(&out, "search-cost"), "whole_model_checks"),
+        "1"
+    );
+
     // a reshape to a shape given as an input batched like `x`: one item alone reshapes to a rank-1
     // tensor, not a slice of the batch's output
     let src = "ir_version 8
