@@ -546,6 +546,16 @@ pub(crate) fn check(
     refs: &[Outputs],
 ) -> Result<Vec<OutputMetrics>, PassError> {
     let exec = Executor::new(m).map_err(|e| fail(format!("cannot run a trial model: {e}")))?;
+    check_on(&exec, m, sets, refs)
+}
+
+/// [`check`] with the model's executor already built.
+fn check_on(
+    exec: &Executor,
+    m: &Model,
+    sets: &[InputSet],
+    refs: &[Outputs],
+) -> Result<Vec<OutputMetrics>, PassError> {
     let mut ms: Vec<OutputMetrics> = Vec::new();
     for (k, (set, r)) in sets.iter().zip(refs).enumerate() {
         let out = exec
@@ -695,8 +705,7 @@ fn screen_of(
 
 /// The screen's metrics, or None where the item alone does not run as a slice of the batch (the run
 /// fails, or an output's shape is not the reference's slice): the model is not batched along axis 0.
-fn screened(m: &Model, s: &Screen) -> Option<Vec<OutputMetrics>> {
-    let exec = Executor::new(m).ok()?;
+fn screened(exec: &Executor, m: &Model, s: &Screen) -> Option<Vec<OutputMetrics>> {
     let out = exec
         .run(adapt_inputs(m, &s.set), &RunOptions::default())
         .ok()?;
@@ -1022,10 +1031,11 @@ fn try_decisions(
         format!("{} candidates kept fp32", overrides.keep.len())
     };
     let share = format!("{:.4}", fl as f64 / ft.max(1) as f64);
+    let exec = Executor::new(&trial).map_err(|e| fail(format!("cannot run a trial model: {e}")))?;
     // (a proposal with nothing low is the fp32 model: nothing to screen)
     if let Some(s) = screen.filter(|_| fl > 0) {
         checks.screened += s.share;
-        let v = match screened(&trial, s) {
+        let v = match screened(&exec, &trial, s) {
             Some(ms) => Some(judge(&opts.tolerances, &ms).map_err(fail)?),
             None => None,
         };
@@ -1052,7 +1062,7 @@ fn try_decisions(
             return Ok((v, fl, sig));
         }
     }
-    let ms = check(&trial, &opts.sets, refs)?;
+    let ms = check_on(&exec, &trial, &opts.sets, refs)?;
     checks.whole += 1;
     let v = judge(&opts.tolerances, &ms).map_err(fail)?;
     records.push(Record {
