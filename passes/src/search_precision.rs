@@ -602,7 +602,8 @@ struct Screen {
     set: InputSet,
     /// The reference's outputs narrowed the same way.
     refs: Outputs,
-    /// What the screen costs, as a share of a whole check (1 / batch, of one of the sets).
+    /// What the screen costs, as a share of a whole check: its input elements over every set's (1 / batch
+    /// with one set).
     share: f64,
     /// Which item, for the report.
     label: String,
@@ -632,7 +633,10 @@ fn screen_of(
         match value.ty.as_ref().map(|t| &t.ty) {
             Some(mpopt_ir::Type::Tensor {
                 shape: Some(dims), ..
-            }) => dims.first().is_some_and(|d| d.value.as_known().is_none()),
+            // (a negative size, as Paddle's exporter writes for a free one, is not a fixed size)
+            }) => dims
+                .first()
+                .is_some_and(|d| d.value.as_known().is_none_or(|n| n < 0)),
             Some(mpopt_ir::Type::Tensor { shape: None, .. }) => true,
             _ => false,
         }
@@ -682,6 +686,16 @@ fn screen_of(
         }
     }
     let (margin, k, item, n) = best?;
+    // a check's cost goes with the input elements it runs on: the item's share of every set's
+    let elements = |set: &InputSet| -> usize {
+        set.iter()
+            .map(|(_, v)| match v {
+                Value::Tensor(t) => t.len(),
+                _ => 0,
+            })
+            .sum()
+    };
+    let all: usize = sets.iter().map(elements).sum();
     let one = |vs: &[(String, Value)]| -> Vec<(String, Value)> {
         vs.iter()
             .map(|(name, v)| match v {
@@ -696,7 +710,7 @@ fn screen_of(
     Some(Screen {
         set: one(&sets[k]),
         refs: one(&refs[k]),
-        share: 1.0 / n as f64,
+        share: elements(&sets[k]) as f64 / n as f64 / all.max(1) as f64,
         label: format!(
             "input set {k}, batch item {item} of {n} (the reference's smallest top-1 margin, {margin:.3e})"
         ),

@@ -390,3 +390,57 @@ graph @cls(%x: f32[N,2], %s: i64[N]) -> (%y: f32[N,2]) {
     );
     assert_eq!(field(checks.last().unwrap(), "pass"), "true", "{checks:?}");
 }
+
+/// With several input sets, the screen runs the item closest to flipping in any of them, and costs its
+/// share of every set's inputs.
+#[test]
+fn a_screen_over_several_sets_costs_its_share_of_all_of_them() {
+    let (mut m, near) = near_tie("f32[N,2]", "%y = MatMul(%x, %w)");
+    let far = vec![(
+        "x".to_string(),
+        mpopt_exec::Value::Tensor(mpopt_exec::Tensor::f32(
+            vec![2, 2],
+            vec![0.0, 1.0, 2.0, 0.5],
+        )),
+    )];
+    let out = SearchPrecision::new(SearchOptions {
+        tolerances: vec![Tolerance::parse("top1=1").unwrap()],
+        sets: vec![far, near],
+        ..SearchOptions::default()
+    })
+    .run(&mut m)
+    .unwrap();
+    let screens = records(&out, "search-screen");
+    assert_eq!(screens.len(), 1, "{:?}", out.records);
+    assert!(
+        field(&screens[0], "item").contains("input set 1, batch item 1 of 2"),
+        "{screens:?}"
+    );
+    assert_eq!(field(&record(&out, "search-cost"), "screened"), "0.250");
+}
+
+/// A leading size declared -1 (Paddle's exporter writes a free batch so) is not a fixed one: the first
+/// check is screened.
+#[test]
+fn a_batch_declared_minus_one_is_screened() {
+    let (mut m, set) = near_tie("f32[N,2]", "%y = MatMul(%x, %w)");
+    for v in m
+        .graph
+        .inputs()
+        .to_vec()
+        .into_iter()
+        .chain(m.graph.outputs().to_vec())
+    {
+        if let Some(mpopt_ir::TypeInfo {
+            ty: mpopt_ir::Type::Tensor {
+                shape: Some(dims), ..
+            },
+            ..
+        }) = m.graph.value_mut(v).ty.as_mut()
+        {
+            dims[0] = mpopt_ir::Dim::known(-1);
+        }
+    }
+    let out = search_on(&mut m, set, "top1=1");
+    assert_eq!(records(&out, "search-screen").len(), 1, "{:?}", out.records);
+}
