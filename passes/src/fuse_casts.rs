@@ -32,11 +32,11 @@
 //!         %y = Relu(%b)
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use mpopt_ir::{AttrValue, DType, Def, Graph, Model, Node, NodeId, ValueId};
 
-use crate::insert_casts::{all_names, cast_node, convert_tensor, fresh};
+use crate::insert_casts::{Taken, all_names, cast_node, convert_tensor, fresh};
 use crate::{Pass, PassError, PassOutcome};
 
 /// The pass.
@@ -101,7 +101,7 @@ impl Pass for FuseCasts {
 
     fn run(&mut self, model: &mut Model) -> Result<PassOutcome, PassError> {
         let mut c = Counts::default();
-        let mut names = all_names(&model.graph);
+        let mut names = Taken::of(&model.graph);
         fuse_graph(
             &mut model.graph,
             self.unsafe_narrow_widen,
@@ -300,7 +300,7 @@ fn cast_nodes(g: &Graph) -> Vec<NodeId> {
         .collect()
 }
 
-fn fuse_graph(g: &mut Graph, unsafe_nw: bool, names: &mut HashSet<String>, c: &mut Counts) {
+fn fuse_graph(g: &mut Graph, unsafe_nw: bool, names: &mut Taken, c: &mut Counts) {
     g.for_each_subgraph_mut(|_, _, sg| fuse_graph(sg, unsafe_nw, names, c));
     let mut hoist = true;
     loop {
@@ -398,7 +398,7 @@ type BodyCast = (usize, usize, NodeId);
 /// The *captured* rule: for each node with bodies, the Casts of a value captured from `g` move into `g`, one per
 /// (value, dtype), placed before the node, where that saves a cast (see the module doc). Returns whether any
 /// moved.
-fn hoist_captured_casts(g: &mut Graph, names: &mut HashSet<String>, c: &mut Counts) -> bool {
+fn hoist_captured_casts(g: &mut Graph, names: &mut Taken, c: &mut Counts) -> bool {
     let owners: Vec<NodeId> = g
         .nodes()
         .filter(|(_, n)| n.has_subgraphs())
