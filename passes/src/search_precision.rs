@@ -35,7 +35,7 @@
 //!    too, they win.
 //! 5. *Screen*: where every budget is top-1 agreement of 100% or max-abs and the model is batched along
 //!    axis 0, the first proposal runs first on the one batch item whose reference has the smallest top-1
-//!    margin (`Screen`); a miss there is a miss of the whole set, at 1/batch of a check's cost.
+//!    margin (`Screen`); a miss there is a miss of the whole set, at the item's share of a check's cost.
 //!
 //! **Invariants.** Nodes are named by their graph's scope and id ([`ScopedNode`]), so a kept body node is
 //! kept in exactly that body. Only tensor outputs are judged. Deterministic (same inputs, same decisions). Annotates only,
@@ -630,10 +630,10 @@ fn screen_of(
         if value.initializer.is_some() {
             return true;
         }
+        // (a negative size, as Paddle's exporter writes for a free one, is not a fixed size)
         match value.ty.as_ref().map(|t| &t.ty) {
             Some(mpopt_ir::Type::Tensor {
                 shape: Some(dims), ..
-            // (a negative size, as Paddle's exporter writes for a free one, is not a fixed size)
             }) => dims
                 .first()
                 .is_some_and(|d| d.value.as_known().is_none_or(|n| n < 0)),
@@ -1049,10 +1049,8 @@ fn try_decisions(
     // (a proposal with nothing low is the fp32 model: nothing to screen)
     if let Some(s) = screen.filter(|_| fl > 0) {
         checks.screened += s.share;
-        let v = match screened(&exec, &trial, s) {
-            Some(ms) => Some(judge(&opts.tolerances, &ms).map_err(fail)?),
-            None => None,
-        };
+        // (a screen that cannot be judged is dropped like one that does not run: the whole check decides)
+        let v = screened(&exec, &trial, s).and_then(|ms| judge(&opts.tolerances, &ms).ok());
         records.push(Record {
             kind: "search-screen",
             fields: vec![
@@ -1062,7 +1060,7 @@ fn try_decisions(
                 (
                     "pass",
                     v.as_ref().map_or(
-                        "not batched: the item alone does not run as a slice".into(),
+                        "dropped: the item alone does not run as a slice of the batch".into(),
                         |v| v.pass.to_string(),
                     ),
                 ),

@@ -379,7 +379,7 @@ graph @cls(%x: f32[N,2], %s: i64[N]) -> (%y: f32[N,2]) {
     let screens = records(&out, "search-screen");
     assert_eq!(screens.len(), 1, "{:?}", out.records);
     assert!(
-        field(&screens[0], "pass").starts_with("not batched"),
+        field(&screens[0], "pass").starts_with("dropped"),
         "{screens:?}"
     );
     let checks = records(&out, "search-check");
