@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use mpopt_ir::{AttrValue, DType, Def, Graph, Model, Node, NodeId, ValueId};
 
-use crate::insert_casts::{Taken, all_names, cast_node, convert_tensor, fresh};
+use crate::insert_casts::{Taken, cast_node, convert_tensor, fresh, name_used};
 use crate::{Pass, PassError, PassOutcome};
 
 /// The pass.
@@ -153,11 +153,10 @@ fn bypass(g: &mut Graph, n: NodeId, with: ValueId) -> bool {
             g.value(out).name().to_string(),
             g.value(with).name().to_string(),
         );
-        if readers.iter().any(|&m| {
-            g.node(m)
-                .subgraphs()
-                .any(|(_, sg)| all_names(sg).contains(&new))
-        }) {
+        if readers
+            .iter()
+            .any(|&m| g.node(m).subgraphs().any(|(_, sg)| name_used(sg, &new)))
+        {
             return false;
         }
         for m in readers {

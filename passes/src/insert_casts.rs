@@ -738,13 +738,11 @@ impl Pass for InsertCasts {
     }
 }
 
-/// Every value name of a graph and of the graphs nested in it.
-pub(crate) fn all_names(g: &Graph) -> HashSet<String> {
-    let mut out = HashSet::new();
-    walk_names(g, &mut |name| {
-        out.insert(name.to_string());
-    });
-    out
+/// Is `name` a value of `g` or of a graph nested in it? (the graphs' name indexes, nothing collected)
+pub(crate) fn name_used(g: &Graph, name: &str) -> bool {
+    g.value_by_name(name).is_some()
+        || g.nodes()
+            .any(|(_, n)| n.subgraphs().any(|(_, sg)| name_used(sg, name)))
 }
 
 /// Calls `each` with every value name of `g` and of the graphs nested in it.
@@ -770,7 +768,7 @@ impl Taken {
     /// The names of `g` and its subgraphs.
     pub(crate) fn of(g: &Graph) -> Taken {
         let mut t = Taken::default();
-        t.0.reserve(g.value_ids().count());
+        t.0.reserve(g.value_bound());
         walk_names(g, &mut |name| t.insert(name));
         t
     }

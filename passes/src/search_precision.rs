@@ -50,7 +50,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use mpopt_exec::metrics::{OutputMetrics, adapt_inputs};
+use mpopt_exec::metrics::{OutputMetrics, adapt_inputs, classifier_rows};
 use mpopt_exec::{Executor, RunOptions, Value};
 use mpopt_ir::{DType, Graph, Model, NodeId};
 
@@ -662,11 +662,9 @@ fn screen_of(
             let judged = tols.iter().any(|tol| {
                 tol.metric == Metric::Top1 && tol.output.as_deref().is_none_or(|o| o == name)
             });
-            let last = t.shape.last().copied().unwrap_or(1);
-            // classifier-shaped as `OutputMetrics` counts rows
-            if !judged || t.rank() < 2 || last < 2 || t.len() / last > 4096 {
+            let Some((_, last)) = classifier_rows(&t.shape, t.dtype()).filter(|_| judged) else {
                 continue;
-            }
+            };
             let Some(xs) = f32s(t) else { continue };
             let per_item = t.len() / n;
             for (row, xs) in xs.chunks_exact(last).enumerate() {
@@ -1014,21 +1012,23 @@ pub(crate) fn node_sensitivity(
     Some(worst)
 }
 
-/// The whole-model checks run so far, and the screens (as shares of a whole check).
+/// The whole-model checks run so far, the screens (as shares of a whole check), and the screen the next
+/// proposal gets: the first one's, taken by it.
 #[derive(Default)]
 struct Checks {
     whole: usize,
     screened: f64,
+    screen: Option<Screen>,
 }
 
-/// Converts with these overrides, checks the result on every set and records the check. With a
-/// [`Screen`], its item runs first, and a miss there is the verdict (recorded as `search-screen`).
+/// Converts with these overrides, checks the result on every set and records the check. The first
+/// proposal runs the [`Screen`]'s item first, if there is one, and a miss there is the verdict (recorded
+/// as `search-screen`).
 fn try_decisions(
     model: &Model,
     opts: &SearchOptions,
     refs: &[Outputs],
     overrides: &SearchOverrides,
-    screen: Option<&Screen>,
     checks: &mut Checks,
     records: &mut Vec<Record>,
 ) -> Result<(Verdict, u64, Signature), PassError> {
@@ -1047,10 +1047,10 @@ fn try_decisions(
     let share = format!("{:.4}", fl as f64 / ft.max(1) as f64);
     let exec = Executor::new(&trial).map_err(|e| fail(format!("cannot run a trial model: {e}")))?;
     // (a proposal with nothing low is the fp32 model: nothing to screen)
-    if let Some(s) = screen.filter(|_| fl > 0) {
+    if let Some(s) = checks.screen.take().filter(|_| fl > 0) {
         checks.screened += s.share;
         // (a screen that cannot be judged is dropped like one that does not run: the whole check decides)
-        let v = screened(&exec, &trial, s).and_then(|ms| judge(&opts.tolerances, &ms).ok());
+        let v = screened(&exec, &trial, &s).and_then(|ms| judge(&opts.tolerances, &ms).ok());
         records.push(Record {
             kind: "search-screen",
             fields: vec![
@@ -1388,30 +1388,25 @@ impl Pass for SearchPrecision {
         // the static decisions are checked at most once, and not when a failed check tried the same
         let mut static_checked = false;
         let mut next = 0usize;
-        let mut checks = Checks::default();
         // the first proposal (every candidate low) is screened on the item closest to flipping
-        let mut screen = screen_of(model, &opts.tolerances, &opts.sets, &refs);
+        let mut checks = Checks {
+            screen: screen_of(model, &opts.tolerances, &opts.sets, &refs),
+            ..Checks::default()
+        };
         let mut current = SearchOverrides {
             keep: keep.clone(),
             ..relaxed.clone()
         };
         let (chosen, verdict) = loop {
-            let (v, fl, sig) = try_decisions(
-                model,
-                opts,
-                &refs,
-                &current,
-                screen.take().as_ref(),
-                &mut checks,
-                &mut records,
-            )?;
+            let (v, fl, sig) =
+                try_decisions(model, opts, &refs, &current, &mut checks, &mut records)?;
             static_checked |= !v.pass && sig == static_sig;
             if v.pass {
                 // the static decisions win when they lower more and also meet the budget
                 if !static_checked && statically > fl {
                     let s = SearchOverrides::default();
                     let (sv, ..) =
-                        try_decisions(model, opts, &refs, &s, None, &mut checks, &mut records)?;
+                        try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
                     if sv.pass {
                         break (s, sv);
                     }
@@ -1463,8 +1458,7 @@ impl Pass for SearchPrecision {
             {
                 static_checked = true;
                 let s = SearchOverrides::default();
-                let (sv, ..) =
-                    try_decisions(model, opts, &refs, &s, None, &mut checks, &mut records)?;
+                let (sv, ..) = try_decisions(model, opts, &refs, &s, &mut checks, &mut records)?;
                 if sv.pass {
                     break (s, sv);
                 }

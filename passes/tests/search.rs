@@ -31,10 +31,25 @@ fn search(
     tolerance: &str,
     opts: SearchOptions,
 ) -> mpopt_passes::PassOutcome {
+    search_with(
+        m,
+        tolerance,
+        SearchOptions {
+            sets: vec![inputs()],
+            observe: true,
+            ..opts
+        },
+    )
+}
+
+/// Runs the search on `m` with budget `tolerance`; `opts` gives the input sets and the rest.
+fn search_with(
+    m: &mut mpopt_ir::Model,
+    tolerance: &str,
+    opts: SearchOptions,
+) -> mpopt_passes::PassOutcome {
     SearchPrecision::new(SearchOptions {
         tolerances: vec![Tolerance::parse(tolerance).unwrap()],
-        sets: vec![inputs()],
-        observe: true,
         ..opts
     })
     .run(m)
@@ -146,7 +161,6 @@ graph @scaled(%x: f32[2,4]) -> (%y: f32[2,4]) {
             .unwrap();
         (record(&out, "search-cost"), mul.dtype)
     };
-    let field = |fs: &[(&str, String)], k: &str| fs.iter().find(|f| f.0 == k).unwrap().1.clone();
     let (cost, dtype) = run(true);
     assert_eq!(dtype, mpopt_ir::DType::BF16);
     assert_eq!(field(&cost, "reference_runs"), "2", "{cost:?}");
@@ -248,9 +262,13 @@ fn field(fs: &[(&str, String)], k: &str) -> String {
 /// A two-class "classifier" `y = x W` over a batch of two, whose second item is a near-tie (1.0001
 /// against 1.0002: one value in fp16, so the all-low model flips it) and whose first is not.
 fn near_tie(x_type: &str, y: &str) -> (mpopt_ir::Model, InputSet) {
+    near_tie_at("ir_version 8\nopset ai.onnx 17", x_type, y)
+}
+
+/// [`near_tie`] with this header (IR version and opsets).
+fn near_tie_at(header: &str, x_type: &str, y: &str) -> (mpopt_ir::Model, InputSet) {
     let src = format!(
-        "ir_version 8
-opset ai.onnx 17
+        "{header}
 
 graph @cls(%x: {x_type}) -> (%y: f32[N,2]) {{
   %w = const f32[2,2] [1.0, 0.0, 0.0, 1.0]
@@ -266,14 +284,16 @@ graph @cls(%x: {x_type}) -> (%y: f32[N,2]) {{
     (typed(&src), set)
 }
 
+/// [`search_with`] on one input set, with the default options.
 fn search_on(m: &mut mpopt_ir::Model, set: InputSet, tolerance: &str) -> mpopt_passes::PassOutcome {
-    SearchPrecision::new(SearchOptions {
-        tolerances: vec![Tolerance::parse(tolerance).unwrap()],
-        sets: vec![set],
-        ..SearchOptions::default()
-    })
-    .run(m)
-    .unwrap()
+    search_with(
+        m,
+        tolerance,
+        SearchOptions {
+            sets: vec![set],
+            ..SearchOptions::default()
+        },
+    )
 }
 
 /// With a top-1 budget of 100%, the first proposal runs first on the batch item closest to flipping: the
@@ -326,28 +346,23 @@ fn no_screen_where_an_item_cannot_stand_for_its_set() {
     assert!(records(&out, "search-screen").is_empty());
 
     // nothing to lower: MatMul takes no bf16 before opset 13, so the first proposal is the fp32 model
-    let (_, set) = near_tie("f32[N,2]", "%y = MatMul(%x, %w)");
-    let mut m = typed(
-        "ir_version 7
-opset ai.onnx 11
-
-graph @cls(%x: f32[N,2]) -> (%y: f32[N,2]) {
-  %w = const f32[2,2] [1.0, 0.0, 0.0, 1.0]
-  %y = MatMul(%x, %w)
-}
-",
+    let (mut m, set) = near_tie_at(
+        "ir_version 7\nopset ai.onnx 11",
+        "f32[N,2]",
+        "%y = MatMul(%x, %w)",
     );
-    let out = SearchPrecision::new(SearchOptions {
-        tolerances: vec![Tolerance::parse("top1=1").unwrap()],
-        sets: vec![set],
-        precision: mpopt_passes::assign_precision::PrecisionOptions {
-            target: mpopt_ir::DType::BF16,
-            ..Default::default()
+    let out = search_with(
+        &mut m,
+        "top1=1",
+        SearchOptions {
+            sets: vec![set],
+            precision: mpopt_passes::assign_precision::PrecisionOptions {
+                target: mpopt_ir::DType::BF16,
+                ..Default::default()
+            },
+            ..SearchOptions::default()
         },
-        ..SearchOptions::default()
-    })
-    .run(&mut m)
-    .unwrap();
+    );
     assert!(
         records(&out, "search-screen").is_empty(),
         "{:?}",
@@ -403,13 +418,14 @@ fn a_screen_over_several_sets_costs_its_share_of_all_of_them() {
             vec![0.0, 1.0, 2.0, 0.5],
         )),
     )];
-    let out = SearchPrecision::new(SearchOptions {
-        tolerances: vec![Tolerance::parse("top1=1").unwrap()],
-        sets: vec![far, near],
-        ..SearchOptions::default()
-    })
-    .run(&mut m)
-    .unwrap();
+    let out = search_with(
+        &mut m,
+        "top1=1",
+        SearchOptions {
+            sets: vec![far, near],
+            ..SearchOptions::default()
+        },
+    );
     let screens = records(&out, "search-screen");
     assert_eq!(screens.len(), 1, "{:?}", out.records);
     assert!(

@@ -126,9 +126,7 @@ impl OutputMetrics {
             dot / (na.sqrt() * nb.sqrt()).max(1e-300)
         };
         self.cosine = self.cosine.min(cos);
-        let last = ash.last().copied().unwrap_or(1);
-        if ad != DType::I64 && last > 1 && ash.len() >= 2 && a.len() / last <= 4096 {
-            let rows = a.len() / last;
+        if let Some((rows, last)) = classifier_rows(&ash, ad) {
             let argmax = |v: &[f64]| {
                 v.iter()
                     .enumerate()
@@ -169,6 +167,17 @@ impl OutputMetrics {
         }
         self.ok &= self.bad == 0;
     }
+}
+
+/// `(rows, classes)` of a classifier-shaped output, the ones whose top-1 agreement [`OutputMetrics`]
+/// counts: rank 2 or more, a last axis of 2 or more classes, at most 4096 rows, not int64 (indices).
+pub fn classifier_rows(shape: &[usize], dtype: DType) -> Option<(usize, usize)> {
+    let last = shape.last().copied().unwrap_or(1);
+    if dtype == DType::I64 || shape.len() < 2 || last < 2 {
+        return None;
+    }
+    let rows = crate::tensor::numel(shape) / last;
+    (rows <= 4096).then_some((rows, last))
 }
 
 /// Casts float inputs to the float dtype each input is declared with (a converted model may take f16).
