@@ -401,19 +401,19 @@ fn attribute(a: pb::AttributeProto, ext: &mut Reader) -> R<Attribute> {
         T::Int => AttrValue::Int(a.i.unwrap_or_default()),
         T::String => AttrValue::String(a.s.unwrap_or_default()),
         T::Tensor => match a.t {
-            Some(t) => AttrValue::Tensor(tensor(t, ext).map_err(ctx)?),
+            Some(t) => AttrValue::Tensor(tensor(*t, ext).map_err(ctx)?),
             None => return Err(missing()),
         },
         T::Graph => match a.g {
-            Some(gp) => AttrValue::Graph(Box::new(graph(gp, ext, false).map_err(ctx)?)),
+            Some(gp) => AttrValue::Graph(Box::new(graph(*gp, ext, false).map_err(ctx)?)),
             None => return Err(missing()),
         },
         T::SparseTensor => match a.sparse_tensor {
-            Some(sp) => AttrValue::SparseTensor(sparse(sp, ext).map_err(ctx)?),
+            Some(sp) => AttrValue::SparseTensor(sparse(*sp, ext).map_err(ctx)?),
             None => return Err(missing()),
         },
         T::TypeProto => match a.tp {
-            Some(tp) => AttrValue::Type(type_info(tp).map_err(ctx)?),
+            Some(tp) => AttrValue::Type(type_info(*tp).map_err(ctx)?),
             None => return Err(missing()),
         },
         T::Floats => AttrValue::Floats(a.floats),

@@ -11,7 +11,14 @@ fn generated_code_is_current() {
     let out = std::env::temp_dir().join(format!("onnx-regen-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
     let mut cfg = prost_build::Config::new();
+    // A message field held inline makes its parent as large as itself: AttributeProto carried a TensorProto,
+    // a GraphProto, a SparseTensorProto (two TensorProtos) and a TypeProto, about 1.8 KB per attribute of a
+    // model, most of them one int. Boxed, the rare ones cost a pointer.
     cfg.bytes(["."])
+        .boxed(".onnx.AttributeProto.t")
+        .boxed(".onnx.AttributeProto.g")
+        .boxed(".onnx.AttributeProto.sparse_tensor")
+        .boxed(".onnx.AttributeProto.tp")
         .out_dir(&out)
         .protoc_executable(protoc_bin_vendored::protoc_bin_path().unwrap());
     cfg.compile_protos(&[proto_dir.join("onnx.proto")], &[proto_dir])
