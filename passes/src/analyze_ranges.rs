@@ -491,7 +491,7 @@ graph @t(%x: f32[1,4096], %b: bool[]) -> (%y: f32[1,1]) {
             let g = body(&mut m);
             let (id, _) = g.nodes().next().unwrap();
             g.node_mut(id).attributes[0].value =
-                AttrValue::Tensor(mpopt_ir::Tensor::from_f32(vec![n as i64, 1], xs));
+                AttrValue::Tensor(Box::new(mpopt_ir::Tensor::from_f32(vec![n as i64, 1], xs)));
             crate::infer_types::InferTypes::default()
                 .run(&mut m)
                 .unwrap();

@@ -986,7 +986,7 @@ fn retarget_attributes(
             if let Some((c, stats)) = conversion {
                 n.attributes.retain(|a| a.name != "value");
                 n.attributes
-                    .push(Attribute::new("value", AttrValue::Tensor(c)));
+                    .push(Attribute::new("value", AttrValue::Tensor(Box::new(c))));
                 let mut fields = vec![
                     ("scope", scope.to_string()),
                     ("node", label),
@@ -1009,7 +1009,7 @@ fn retarget_attributes(
                 };
                 if let Some((c, _)) = convert_tensor(&t, target) {
                     a.name = "value".into();
-                    a.value = AttrValue::Tensor(c);
+                    a.value = AttrValue::Tensor(Box::new(c));
                 }
             }
         }

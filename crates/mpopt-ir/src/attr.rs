@@ -16,12 +16,13 @@ pub enum AttrValue {
     Int(i64),
     /// `s` (bytes, usually UTF-8)
     String(Bytes),
-    /// `t`
-    Tensor(Tensor),
+    /// `t` (boxed, as are sparse tensors: inline, they made every attribute of a model 512 bytes, most of
+    /// them one int)
+    Tensor(Box<Tensor>),
     /// `g`
     Graph(Box<Graph>),
     /// `sparse_tensor`
-    SparseTensor(SparseTensor),
+    SparseTensor(Box<SparseTensor>),
     /// `tp`
     Type(TypeInfo),
     /// `floats`
@@ -67,13 +68,13 @@ impl AttrValue {
             "float" => AttrValue::Float(0.0),
             "int" => AttrValue::Int(0),
             "string" => AttrValue::String(Bytes::new()),
-            "tensor" => AttrValue::Tensor(t()),
+            "tensor" => AttrValue::Tensor(Box::new(t())),
             "graph" => AttrValue::Graph(Box::new(Graph::new(""))),
-            "sparse_tensor" => AttrValue::SparseTensor(SparseTensor {
+            "sparse_tensor" => AttrValue::SparseTensor(Box::new(SparseTensor {
                 values: t(),
                 indices: Tensor::from_raw(DType::I64, vec![0], Bytes::new()),
                 dims: Vec::new(),
-            }),
+            })),
             "type" => AttrValue::Type(TypeInfo {
                 ty: crate::Type::Unset,
                 denotation: None,

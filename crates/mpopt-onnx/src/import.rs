@@ -401,7 +401,7 @@ fn attribute(a: pb::AttributeProto, ext: &mut Reader) -> R<Attribute> {
         T::Int => AttrValue::Int(a.i.unwrap_or_default()),
         T::String => AttrValue::String(a.s.unwrap_or_default()),
         T::Tensor => match a.t {
-            Some(t) => AttrValue::Tensor(tensor(*t, ext).map_err(ctx)?),
+            Some(t) => AttrValue::Tensor(Box::new(tensor(*t, ext).map_err(ctx)?)),
             None => return Err(missing()),
         },
         T::Graph => match a.g {
@@ -409,7 +409,7 @@ fn attribute(a: pb::AttributeProto, ext: &mut Reader) -> R<Attribute> {
             None => return Err(missing()),
         },
         T::SparseTensor => match a.sparse_tensor {
-            Some(sp) => AttrValue::SparseTensor(sparse(*sp, ext).map_err(ctx)?),
+            Some(sp) => AttrValue::SparseTensor(Box::new(sparse(*sp, ext).map_err(ctx)?)),
             None => return Err(missing()),
         },
         T::TypeProto => match a.tp {

@@ -552,13 +552,13 @@ impl P {
             }
             Tok::Ident(k) if k == "tensor" => {
                 self.next();
-                Ok(AttrValue::Tensor(self.tensor()?))
+                Ok(AttrValue::Tensor(Box::new(self.tensor()?)))
             }
             Tok::Ident(k) if k == "type" => {
                 self.next();
                 Ok(AttrValue::Type(self.ty()?))
             }
-            Tok::Ident(k) if k == "sparse" => Ok(AttrValue::SparseTensor(self.sparse()?)),
+            Tok::Ident(k) if k == "sparse" => Ok(AttrValue::SparseTensor(Box::new(self.sparse()?))),
             Tok::Ident(k) if k == "graph" => Ok(AttrValue::Graph(Box::new(self.graph(false)?))),
             Tok::Ident(k) => {
                 // An empty list of a named kind: `ints []`.
@@ -610,7 +610,7 @@ impl P {
             .map(AttrValue::Strings),
             Some(AttrValue::Tensor(_)) => all(items, |i| {
                 if let AttrValue::Tensor(t) = i {
-                    Some(t)
+                    Some(*t)
                 } else {
                     None
                 }
@@ -626,7 +626,7 @@ impl P {
             .map(AttrValue::Graphs),
             Some(AttrValue::SparseTensor(_)) => all(items, |i| {
                 if let AttrValue::SparseTensor(s) = i {
-                    Some(s)
+                    Some(*s)
                 } else {
                     None
                 }
