@@ -238,8 +238,8 @@ struct OpEntry {
 struct Block {
     since_version: i64,
     text: &'static str,
-    /// Boxed: an inline schema made every block 216 bytes, and the index of about 1,700 blocks that every
-    /// process builds 90 fresh pages (0.1-0.2 ms of page faults); most blocks are never parsed.
+    /// Boxed: an inline schema made every block 216 bytes, and the index of about 800 blocks that every
+    /// process builds cost 50-70 more fresh pages (about 0.1 ms); most blocks are never parsed.
     parsed: OnceLock<Box<OpSchema>>,
 }
 
