@@ -17,7 +17,7 @@ pub enum AttrValue {
     /// `s` (bytes, usually UTF-8)
     String(Bytes),
     /// `t` (boxed, as are sparse tensors: inline, they made every attribute of a model 512 bytes, most of
-    /// them one int)
+    /// them one int; boxed, an [`Attribute`] is 144)
     Tensor(Box<Tensor>),
     /// `g`
     Graph(Box<Graph>),
@@ -40,6 +40,10 @@ pub enum AttrValue {
     /// `type_protos`
     Types(Vec<TypeInfo>),
 }
+
+// Keeps a large variant from coming back inline: a model holds an attribute per node or more, and their
+// size is fresh memory on every load (TypeInfo, the largest variant kept inline, is 72 bytes on 64-bit).
+const _: () = assert!(std::mem::size_of::<AttrValue>() <= 72);
 
 impl AttrValue {
     /// The subgraphs this value holds.

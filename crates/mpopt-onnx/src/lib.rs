@@ -21,6 +21,10 @@ mod generated {
 }
 pub(crate) use generated as pb;
 
+// The boxed fields of `AttributeProto` (crates/onnx-regen): inline, they made it about 1.7 KB, and the
+// decoder grows every node's list of them.
+const _: () = assert!(std::mem::size_of::<pb::AttributeProto>() <= 336);
+
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;

@@ -243,6 +243,8 @@ struct Block {
     parsed: OnceLock<Box<OpSchema>>,
 }
 
+const _: () = assert!(std::mem::size_of::<Block>() <= 40);
+
 impl Block {
     fn parse(&self) -> Result<OpSchema, String> {
         parse_schema(self.text)
