@@ -13,7 +13,9 @@
 //!     is the result (`type_tied`: BitCast, RMSNormalization, ...).
 //! - Where a value's dtype differs from what a consumer needs:
 //!   - an initializer or Constant is converted once: in place when every use wants the new dtype, copied when
-//!     fp32 and low consumers both need it. Clamping and flushing are reported per tensor, never silent;
+//!     fp32 and low consumers both need it. Clamping and flushing are reported per tensor, never silent.
+//!     f32 `raw_data` of more than 4,096 values is measured here and becomes `TensorData::Narrowed`: the save
+//!     converts it straight into the file (the same bits; see `mpopt_ir::Narrowed`);
 //!   - any other value gets one Cast per (value, dtype), shared by all its consumers and placed before the
 //!     first of them;
 //!   - except a model's own `Cast(x) {to = FLOAT}` made low: its float32 readers get `x` (through one
@@ -138,11 +140,11 @@ pub(crate) fn cast_node(name: String, d: DType) -> Node {
 /// A converted tensor and the statistics the report gives for it.
 type Converted = (Tensor, Vec<(&'static str, String)>);
 
-/// `t` with the converted data `raw` (`n` elements of `to`), and its statistics.
+/// `t` with the converted data `data` (`n` elements of `to`), and its statistics.
 fn converted(
     t: &Tensor,
     to: DType,
-    raw: Bytes,
+    data: TensorData,
     n: usize,
     clamped: usize,
     flushed: usize,
@@ -152,7 +154,7 @@ fn converted(
     let out = Tensor {
         dtype: to,
         dims: t.dims.clone(),
-        data: TensorData::Raw(raw),
+        data,
         name: t.name.clone(),
         doc_string: t.doc_string.clone(),
         metadata_props: t.metadata_props.clone(),
@@ -220,7 +222,7 @@ fn convert_general(t: &Tensor, to: DType) -> Option<Converted> {
     Some(converted(
         t,
         to,
-        Bytes::from(raw),
+        TensorData::Raw(Bytes::from(raw)),
         n,
         clamped,
         flushed,
@@ -392,10 +394,11 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<Converted> {
         && src.len() <= CHUNK
         && matches!(to, DType::F16 | DType::BF16)
     {
+        // (never narrowed: see `narrowed`)
         let mut raw = vec![0u8; src.len() * 2];
         let stats = convert_block_to(to, src, 0, &mut raw);
         let c = RawConversion {
-            data: Bytes::from(raw),
+            data: TensorData::Raw(Bytes::from(raw)),
             elements: src.len(),
             stats,
         };
@@ -405,9 +408,31 @@ fn convert_f32_raw(t: &Tensor, to: DType) -> Option<Converted> {
     Some(c.tensor(t, to))
 }
 
+/// `t`'s f32 `raw_data` as [`TensorData::Narrowed`] to `to`: converted when the model is saved, straight
+/// into the file (see [`mpopt_ir::Narrowed`]), or when something reads it first. None for `float_data` and
+/// for tensors of one block ([`CHUNK`]) or less: those are converted here, into the batch's shared buffer
+/// (a narrowed tensor's own allocation and the save's table entry cost more than its few bytes: 11 MB more
+/// peak memory on the generated 100,000-node model, whose 50,000 weights hold 50 values each).
+fn narrowed(t: &Tensor, to: DType) -> Option<mpopt_ir::Narrowed> {
+    match (t.dtype, &t.data) {
+        (DType::F32, TensorData::Raw(b)) if b.len() > CHUNK * 4 => {
+            mpopt_ir::Narrowed::new(b.clone(), to)
+        }
+        _ => None,
+    }
+}
+
+/// [`convert_block_to`]'s statistics of the elements `at..at + k` (at most [`CHUNK`]), the converted values
+/// dropped (a narrowed tensor is converted again when it is written).
+fn measure_block(to: DType, src: crate::range_rules::F32Data, at: usize, k: usize) -> ConvStats {
+    // u16: aligned for the conversion to write f16/bf16 bits straight in
+    let mut scratch = [0u16; CHUNK];
+    convert_block_to(to, src, at, bytemuck::cast_slice_mut(&mut scratch[..k]))
+}
+
 /// One tensor's data converted by [`convert_f32_raw_all`], and its statistics.
 struct RawConversion {
-    data: Bytes,
+    data: TensorData,
     elements: usize,
     stats: ConvStats,
 }
@@ -435,11 +460,14 @@ const CHUNK: usize = 4096;
 /// (values clamped, non-zero values flushed to zero, largest relative change) of converted data.
 type ConvStats = (usize, usize, f32);
 
-/// [`convert_f32_raw`] for many tensors at once: every output lies in one buffer, and the blocks of all the
-/// tensors are converted in one parallel loop. One buffer is fresh memory the size of the outputs; one
-/// allocation per tensor had the allocator touch twice that (ddddocr_det_yolox: 22 MB of fresh huge pages,
-/// each zeroed by the kernel, for 10 MB of fp16), and the small tensors each paid a parallel loop's start.
-/// `None` where a tensor is not f32 data or the target is not f16/bf16.
+/// [`convert_f32_raw`] for many tensors at once, the blocks of all the tensors in one parallel loop (the
+/// small tensors each paid a parallel loop's start).
+///
+/// f32 `raw_data` (every weight of most models) is only measured here: its result is
+/// [`TensorData::Narrowed`], converted when the model is saved. The converted `float_data` (Paddle's
+/// Constant weights) lies in one buffer: one allocation per tensor had the allocator touch twice the
+/// outputs' size (ddddocr_det_yolox: 22 MB of fresh huge pages for 10 MB of fp16). `None` where a tensor is
+/// not f32 data or the target is not f16/bf16.
 fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> {
     use rayon::prelude::*;
     let srcs: Vec<Option<crate::range_rules::F32Data>> = jobs
@@ -450,7 +478,13 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> 
                 .flatten()
         })
         .collect();
-    // each tensor's byte offset in the shared buffer, and every block: (tensor, first element, elements)
+    let lazy: Vec<Option<mpopt_ir::Narrowed>> = jobs
+        .iter()
+        .zip(&srcs)
+        .map(|(&(t, to), src)| src.and_then(|_| narrowed(t, to)))
+        .collect();
+    // each eager tensor's byte offset in the shared buffer, and every block: (tensor, first element,
+    // elements)
     let mut offsets = Vec::with_capacity(jobs.len());
     let mut blocks: Vec<(usize, usize, usize)> = Vec::new();
     let mut total = 0usize;
@@ -459,25 +493,34 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> 
         if let Some(src) = src {
             let n = src.len();
             blocks.extend((0..n).step_by(CHUNK).map(|at| (j, at, (n - at).min(CHUNK))));
-            total += n * 2;
+            if lazy[j].is_none() {
+                total += n * 2;
+            }
         }
     }
     let mut raw = vec![0u8; total];
-    // the output slice of every block, in block order (blocks of one tensor are consecutive)
-    let mut outs: Vec<&mut [u8]> = Vec::with_capacity(blocks.len());
+    // the output slice of every eager block, in block order (blocks of one tensor are consecutive)
+    let mut outs: Vec<Option<&mut [u8]>> = Vec::with_capacity(blocks.len());
     let mut rest: &mut [u8] = &mut raw;
-    for &(_, _, k) in &blocks {
+    for &(j, _, k) in &blocks {
+        if lazy[j].is_some() {
+            outs.push(None);
+            continue;
+        }
         let (head, tail) = std::mem::take(&mut rest).split_at_mut(k * 2);
-        outs.push(head);
+        outs.push(Some(head));
         rest = tail;
     }
     let stats: Vec<ConvStats> = blocks
         .par_iter()
         .zip(outs.into_par_iter())
         .with_min_len(16)
-        .map(|(&(j, at, _), out)| {
+        .map(|(&(j, at, k), out)| {
             let src = srcs[j].expect("only f32 data has blocks");
-            convert_block_to(jobs[j].1, src, at, out)
+            match out {
+                Some(out) => convert_block_to(jobs[j].1, src, at, out),
+                None => measure_block(jobs[j].1, src, at, k),
+            }
         })
         .collect();
     // per tensor: the sum of its blocks' statistics
@@ -488,11 +531,15 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)]) -> Vec<Option<RawConversion>> 
     }
     let raw = Bytes::from(raw);
     srcs.iter()
+        .zip(lazy)
         .zip(offsets.iter().zip(per))
-        .map(|(src, (&at, stats))| {
+        .map(|((src, lazy), (&at, stats))| {
             let n = src.as_ref()?.len();
             Some(RawConversion {
-                data: raw.slice(at..at + n * 2),
+                data: lazy.map_or_else(
+                    || TensorData::Raw(raw.slice(at..at + n * 2)),
+                    TensorData::Narrowed,
+                ),
                 elements: n,
                 stats,
             })
@@ -1529,10 +1576,17 @@ graph @g(%c: bool[], %x: f32[2]) -> (%y: f32[2]) {
                 let (fast_listed, fls) =
                     convert_f32_raw(&listed, to).expect("float_data takes the fast path");
                 let (slow, ss) = convert_general(&listed, to).expect("a float list converts");
-                let bytes = |t: &Tensor| match &t.data {
+                let bytes = |t: &Tensor| match t.data.view() {
                     TensorData::Raw(b) => b.clone(),
                     _ => panic!("converted data is raw"),
                 };
+                // raw f32 data past one block is narrowed when written; the rest converted here
+                assert_eq!(
+                    matches!(fast.data, TensorData::Narrowed(_)),
+                    n > CHUNK,
+                    "{to:?} n={n}"
+                );
+                assert!(matches!(fast_listed.data, TensorData::Raw(_)));
                 assert_eq!(bytes(&fast), bytes(&slow), "{to:?} n={n}");
                 assert_eq!(fs, ss, "{to:?} n={n}");
                 assert_eq!(bytes(&fast_listed), bytes(&slow), "{to:?} n={n}");

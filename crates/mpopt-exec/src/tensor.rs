@@ -374,7 +374,7 @@ impl Tensor {
         t.check_len()?;
         if crate::small::is_small(t.dtype) {
             let n = numel(&shape);
-            let bytes: Vec<u8> = match &t.data {
+            let bytes: Vec<u8> = match t.data.view() {
                 TensorData::Raw(b) => b.to_vec(),
                 TensorData::Int32s(v) => v.iter().map(|&x| x as u8).collect(),
                 _ => return Err(format!("{} tensor in an unexpected storage field", t.dtype)),
@@ -384,7 +384,7 @@ impl Tensor {
                 Data::Small(t.dtype, crate::small::unpack(t.dtype, &bytes, n)),
             ));
         }
-        let data = match &t.data {
+        let data = match t.data.view() {
             TensorData::Raw(b) => raw_to_data(t.dtype, b)?,
             TensorData::Floats(v) if t.dtype == DType::F32 => Data::F32(v.clone()),
             TensorData::Doubles(v) if t.dtype == DType::F64 => Data::F64(v.clone()),

@@ -65,6 +65,68 @@ pub fn f16_to_f32_uninit(src: &[f16], dst: &mut [std::mem::MaybeUninit<f32>]) {
     convert_uninit(src, dst)
 }
 
+/// Little-endian f32 bytes at any alignment (`src`) to little-endian f16 bytes (`dst`, uninitialized
+/// allowed; every byte is written), rounded to nearest even as [`f32_to_f16`], with finite values past f16's
+/// largest finite value (65504) made that value with their sign instead of infinity. One F16C loop where the
+/// CPU has it: the save converts narrowed weights with it (see [`crate::Narrowed`]).
+///
+/// # Panics
+/// When `src` does not hold exactly twice `dst`'s bytes, or an odd number of them.
+pub fn f32_bytes_to_f16_clamped(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
+    assert!(
+        src.len() == dst.len() * 2 && src.len().is_multiple_of(4),
+        "halfconv: {} bytes of f32 into {}",
+        src.len(),
+        dst.len()
+    );
+    #[cfg(all(target_arch = "x86_64", target_endian = "little"))]
+    if f16c() {
+        // SAFETY: the CPU has AVX and F16C (checked just above); `src` holds `dst.len() / 2` f32 and `dst`
+        // as many f16, both read and written unaligned
+        unsafe { x86::to_f16_clamped(src.as_ptr(), dst.as_mut_ptr().cast(), src.len() / 4) };
+        return;
+    }
+    f32_bytes_to_f16_clamped_portable(src, dst)
+}
+
+/// [`f32_bytes_to_f16_clamped`] with `half`'s conversion, where the CPU lacks F16C.
+fn f32_bytes_to_f16_clamped_portable(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
+    clamped_blocks(
+        src,
+        dst,
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice,
+        |h: f16, x| match (h.is_infinite() && x.is_finite(), x > 0.0) {
+            (true, true) => f16::MAX.to_bits(),
+            (true, false) => f16::MIN.to_bits(),
+            _ => h.to_bits(),
+        },
+    )
+}
+
+/// Little-endian f32 bytes at any alignment to 16-bit little-endian values, block by block on the stack:
+/// `convert` rounds a block, `finish` makes each result's bits from it and its input (the clamping).
+pub(crate) fn clamped_blocks<T: Copy + Default>(
+    src: &[u8],
+    dst: &mut [std::mem::MaybeUninit<u8>],
+    convert: impl Fn(&mut [T], &[f32]),
+    finish: impl Fn(T, f32) -> u16,
+) {
+    const BLOCK: usize = 1024;
+    let (mut xs, mut hs) = ([0f32; BLOCK], [T::default(); BLOCK]);
+    for (s, d) in src.chunks(BLOCK * 4).zip(dst.chunks_mut(BLOCK * 2)) {
+        let k = s.len() / 4;
+        for (x, c) in xs.iter_mut().zip(s.chunks_exact(4)) {
+            *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        convert(&mut hs[..k], &xs[..k]);
+        for ((o, &h), &x) in d.chunks_exact_mut(2).zip(&hs[..k]).zip(&xs[..k]) {
+            let [lo, hi] = finish(h, x).to_le_bytes();
+            o[0].write(lo);
+            o[1].write(hi);
+        }
+    }
+}
+
 /// A slice converted by `convert` (a slice conversion: `half`'s bf16 ones, or one of these) into a new
 /// vector, through a block on the stack: the vector is written once, never zero-filled first (that
 /// `memset` cost as much as the conversion on the accuracy search's per-node pass).
@@ -211,6 +273,53 @@ mod x86 {
         }
     }
 
+    /// [`super::f32_bytes_to_f16_clamped`]: `n` little-endian f32 at `src` to f16 at `dst`.
+    ///
+    /// # Safety
+    /// The CPU has AVX and F16C; `src` is readable for `4 * n` bytes and `dst` writable for `2 * n`, at any
+    /// alignment, and they do not overlap.
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn to_f16_clamped(src: *const u8, dst: *mut u8, n: usize) {
+        use std::arch::x86_64::*;
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let (max, inf) = (_mm256_set1_ps(65504.0), _mm256_set1_ps(f32::INFINITY));
+        let step = |x: __m256| {
+            // finite and past 65504 (ordered compares: NaN is neither): 65504 with x's sign
+            let a = _mm256_and_ps(x, abs);
+            let over = _mm256_and_ps(
+                _mm256_cmp_ps::<_CMP_GT_OQ>(a, max),
+                _mm256_cmp_ps::<_CMP_LT_OQ>(a, inf),
+            );
+            let clamped = _mm256_or_ps(_mm256_andnot_ps(abs, x), max);
+            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_blendv_ps(x, clamped, over))
+        };
+        let whole = n / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            // SAFETY: elements `i..i + 8` are within both buffers; the loads and stores take any alignment
+            unsafe {
+                let h = step(_mm256_loadu_ps(src.add(4 * i).cast()));
+                _mm_storeu_si128(dst.add(2 * i).cast(), h);
+            }
+        }
+        if whole < n {
+            let (mut xs, mut hs) = ([0f32; 8], [0u16; 8]);
+            // SAFETY: the `n - whole` (< 8) elements from `whole` are within both buffers, copied as bytes
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.add(4 * whole),
+                    xs.as_mut_ptr().cast::<u8>(),
+                    4 * (n - whole),
+                );
+                _mm_storeu_si128(hs.as_mut_ptr().cast(), step(_mm256_loadu_ps(xs.as_ptr())));
+                std::ptr::copy_nonoverlapping(
+                    hs.as_ptr().cast::<u8>(),
+                    dst.add(2 * whole),
+                    2 * (n - whole),
+                );
+            }
+        }
+    }
+
     /// Widens `n` f16 at `src` to f32 at `dst`.
     ///
     /// # Safety
@@ -303,6 +412,55 @@ mod tests {
                     (hi.to_bits(), wi.to_bits()),
                     (h[i].to_bits(), w[i].to_bits())
                 );
+            }
+        }
+    }
+
+    /// The F16C loop and the portable one give the same bytes (NaNs: a NaN), at any alignment and length.
+    #[test]
+    fn clamped_narrowing_is_the_same_with_and_without_f16c() {
+        let mut xs: Vec<f32> = vec![
+            65504.0,
+            65519.99,
+            65520.0,
+            -7e4,
+            f32::MAX,
+            f32::INFINITY,
+            1e-9,
+        ];
+        xs.extend((0..2100).map(|i| (i as f32 - 1000.0) * 77.3));
+        xs.push(f32::NAN);
+        let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
+        for n in [0, 1, 7, 8, 9, 1025, xs.len()] {
+            for off in 0..4 {
+                let mut buf = vec![0u8; off];
+                buf.extend_from_slice(&bytes[..4 * n]);
+                let src = &buf[off..];
+                let mut a = vec![std::mem::MaybeUninit::new(0xAAu8); 2 * n];
+                let mut b = vec![std::mem::MaybeUninit::new(0x55u8); 2 * n];
+                f32_bytes_to_f16_clamped(src, &mut a);
+                f32_bytes_to_f16_clamped_portable(src, &mut b);
+                for i in 0..n {
+                    // SAFETY: initialized above, and written by both conversions
+                    let (ha, hb) = unsafe {
+                        (
+                            f16::from_le_bytes([
+                                a[2 * i].assume_init(),
+                                a[2 * i + 1].assume_init(),
+                            ]),
+                            f16::from_le_bytes([
+                                b[2 * i].assume_init(),
+                                b[2 * i + 1].assume_init(),
+                            ]),
+                        )
+                    };
+                    if xs[i].is_nan() {
+                        assert!(ha.is_nan() && hb.is_nan());
+                    } else {
+                        assert_eq!(ha.to_bits(), hb.to_bits(), "n {n} offset {off} element {i}");
+                        assert!(!ha.is_infinite() || xs[i].is_infinite());
+                    }
+                }
             }
         }
     }

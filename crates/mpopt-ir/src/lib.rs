@@ -28,6 +28,9 @@ pub use graph::{
 };
 pub use model::{Function, Model, Opaque, OpsetImport, Opsets, canonical_domain};
 pub use range::{ConstantFacts, Interval, Observed, ValueRange, short as range_short};
-pub use tensor::{ExternalOrigin, SparseTensor, Tensor, TensorData};
+pub use tensor::{
+    ExternalOrigin, Narrowed, SparseTensor, Tensor, TensorData, narrow_f32_bytes,
+    narrow_f32_bytes_uninit,
+};
 pub use types::{Dim, DimValue, Shape, Type, TypeInfo};
 pub use verify::{MAX_PROBLEMS, Problem, VerifyError, node_label, verify_graph, verify_model};

@@ -8,6 +8,17 @@ use prost::Message;
 
 use crate::external::Writer;
 use crate::pb;
+use crate::stream::Deferred;
+
+/// Where export puts tensor data that does not go inline as it is.
+#[derive(Default)]
+pub(crate) struct Sink<'a> {
+    /// Large tensors' data, to the external data file.
+    pub(crate) external: Option<&'a mut Writer>,
+    /// Narrowed tensors as placeholders that the streaming save converts into the file; `None`: they are
+    /// converted here ([`mpopt_ir::Narrowed::materialized`]).
+    pub(crate) deferred: Option<&'a mut Deferred>,
+}
 
 type R<T> = Result<T, String>;
 
@@ -37,7 +48,7 @@ fn opaque<M: Message + Default>(o: &Opaque, what: &str) -> R<M> {
     M::decode(o.0.clone()).map_err(|e| format!("kept {what} no longer decodes: {e}"))
 }
 
-pub(crate) fn model(m: &Model, mut ext: Option<&mut Writer>) -> R<pb::ModelProto> {
+pub(crate) fn model(m: &Model, mut ext: Sink<'_>) -> R<pb::ModelProto> {
     let graph = graph(&m.graph, &mut ext)?;
     let mut functions = Vec::with_capacity(m.functions.len());
     for f in &m.functions {
@@ -109,7 +120,7 @@ fn value_info(g: &Graph, v: mpopt_ir::ValueId) -> pb::ValueInfoProto {
     }
 }
 
-fn graph(g: &Graph, ext: &mut Option<&mut Writer>) -> R<pb::GraphProto> {
+fn graph(g: &Graph, ext: &mut Sink<'_>) -> R<pb::GraphProto> {
     let ctx = |e: String| format!("graph '{}': {e}", g.name);
     let mut initializer = Vec::with_capacity(g.initializers().len());
     for &v in g.initializers() {
@@ -156,7 +167,7 @@ fn graph(g: &Graph, ext: &mut Option<&mut Writer>) -> R<pb::GraphProto> {
     })
 }
 
-fn nodes(g: &Graph, ext: &mut Option<&mut Writer>) -> R<Vec<pb::NodeProto>> {
+fn nodes(g: &Graph, ext: &mut Sink<'_>) -> R<Vec<pb::NodeProto>> {
     let name = |v: &Option<mpopt_ir::ValueId>| {
         v.map(|v| g.value(v).name().to_string()).unwrap_or_default()
     };
@@ -186,11 +197,7 @@ fn nodes(g: &Graph, ext: &mut Option<&mut Writer>) -> R<Vec<pb::NodeProto>> {
     Ok(out)
 }
 
-fn attribute_proto(
-    a: &Attribute,
-    ext: &mut Option<&mut Writer>,
-    n: &mpopt_ir::Node,
-) -> R<pb::AttributeProto> {
+fn attribute_proto(a: &Attribute, ext: &mut Sink<'_>, n: &mpopt_ir::Node) -> R<pb::AttributeProto> {
     attribute(a, ext).map_err(|e| {
         format!(
             "node '{}' ({}) attribute '{}': {e}",
@@ -199,7 +206,7 @@ fn attribute_proto(
     })
 }
 
-fn attribute(a: &Attribute, ext: &mut Option<&mut Writer>) -> R<pb::AttributeProto> {
+fn attribute(a: &Attribute, ext: &mut Sink<'_>) -> R<pb::AttributeProto> {
     use pb::attribute_proto::AttributeType as T;
     let mut p = pb::AttributeProto {
         name: Some(a.name.clone()),
@@ -248,17 +255,18 @@ fn attribute(a: &Attribute, ext: &mut Option<&mut Writer>) -> R<pb::AttributePro
     Ok(p)
 }
 
-fn sparse(sp: &SparseTensor, ext: &mut Option<&mut Writer>) -> R<pb::SparseTensorProto> {
-    // Sparse parts stay inline: they are small by nature, and external sparse data is rare in the wild.
+fn sparse(sp: &SparseTensor, ext: &mut Sink<'_>) -> R<pb::SparseTensorProto> {
+    // Sparse parts stay inline and converted: they are small by nature, and external sparse data is rare in
+    // the wild.
     let _ = ext;
     Ok(pb::SparseTensorProto {
-        values: Some(tensor(&sp.values, &mut None)?),
-        indices: Some(tensor(&sp.indices, &mut None)?),
+        values: Some(tensor(&sp.values, &mut Sink::default())?),
+        indices: Some(tensor(&sp.indices, &mut Sink::default())?),
         dims: sp.dims.clone(),
     })
 }
 
-pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Option<&mut Writer>) -> R<pb::TensorProto> {
+pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Sink<'_>) -> R<pb::TensorProto> {
     let mut p = pb::TensorProto {
         dims: t.dims.clone(),
         data_type: Some(t.dtype.code()),
@@ -267,15 +275,16 @@ pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Option<&mut Writer>) -> R<p
         metadata_props: props(&t.metadata_props),
         ..Default::default()
     };
-    if let Some(w) = ext.as_deref_mut()
-        && let Some(raw) = raw_bytes(&t.data)
-        && raw.len() >= w.threshold
+    if let Some(w) = ext.external.as_deref_mut()
+        && t.byte_size() >= w.threshold
+        && let Some(raw) = raw_bytes(&t.data, &mut ext.deferred)?
     {
         p.external_data = props(&w.place(raw));
         p.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
         return Ok(p);
     }
     match &t.data {
+        TensorData::Narrowed(n) => p.raw_data = Some(narrowed(n, &mut ext.deferred)?),
         TensorData::Raw(b) => p.raw_data = Some(b.clone()),
         TensorData::Floats(v) => p.float_data = v.clone(),
         TensorData::Doubles(v) => p.double_data = v.clone(),
@@ -292,19 +301,31 @@ pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Option<&mut Writer>) -> R<p
     Ok(p)
 }
 
+/// A narrowed tensor's bytes: a placeholder for the save to convert, else converted here.
+fn narrowed(n: &mpopt_ir::Narrowed, deferred: &mut Option<&mut Deferred>) -> R<Bytes> {
+    match deferred {
+        Some(d) => d.placeholder(n),
+        None => match n.materialized() {
+            TensorData::Raw(b) => Ok(b.clone()),
+            _ => unreachable!("a narrowed tensor materializes as raw bytes"),
+        },
+    }
+}
+
 /// The little-endian bytes of fixed-width data, for external storage (typed fields of 32/64-bit types only;
 /// `int32_data` of narrower types stays inline).
-fn raw_bytes(d: &TensorData) -> Option<Bytes> {
+fn raw_bytes(d: &TensorData, deferred: &mut Option<&mut Deferred>) -> R<Option<Bytes>> {
     fn le<T: Copy, const N: usize>(v: &[T], f: fn(T) -> [u8; N]) -> Bytes {
         Bytes::from(v.iter().flat_map(|&x| f(x)).collect::<Vec<u8>>())
     }
-    match d {
+    Ok(match d {
+        TensorData::Narrowed(n) => Some(narrowed(n, deferred)?),
         TensorData::Raw(b) => Some(b.clone()),
         TensorData::Floats(v) => Some(le(v, f32::to_le_bytes)),
         TensorData::Doubles(v) => Some(le(v, f64::to_le_bytes)),
         TensorData::Int64s(v) => Some(le(v, i64::to_le_bytes)),
         _ => None,
-    }
+    })
 }
 
 pub(crate) fn type_proto(t: &TypeInfo) -> pb::TypeProto {

@@ -12,7 +12,8 @@ use bytes::Bytes;
 use mpopt_ir::{ExternalOrigin, Graph, Model};
 use prost::Message;
 
-use crate::stream::{StreamBuf, stream_to};
+use crate::export::Sink;
+use crate::stream::{Deferred, StreamBuf, stream_to};
 use crate::{EXTERNAL_THRESHOLD, ExternalData, OnnxError, PROTOBUF_LIMIT, SaveSummary, export};
 
 pub(crate) struct Reader {
@@ -150,15 +151,17 @@ fn tmp_path(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.mpopt-tmp-{}", std::process::id()))
 }
 
-/// Writes through `write` into a temporary file beside `target`; the caller renames it into place.
+/// Writes through `write` into a temporary file beside `target` (converting the placeholders of `deferred`);
+/// the caller renames it into place.
 fn write_tmp(
     target: &Path,
-    write: impl FnOnce(&mut StreamBuf),
+    deferred: &Deferred,
+    write: impl FnOnce(&mut StreamBuf<'_>),
 ) -> Result<(PathBuf, u64), OnnxError> {
     let tmp = tmp_path(target);
     let result = (|| {
         let f = File::create(&tmp)?;
-        let (_, n) = stream_to(f, write)?;
+        let (_, n) = stream_to(f, Some(deferred), write)?;
         Ok(n)
     })();
     match result {
@@ -244,36 +247,60 @@ pub(crate) fn save(
         }
     }
 
+    // narrowed tensors are converted as they are written (placeholders until then)
+    let mut deferred = Deferred::default();
     let mut writer = None;
     let mut proto = match mode {
-        ExternalData::Auto => export::model(model, None).map_err(unwritable)?,
+        ExternalData::Auto => export::model(
+            model,
+            Sink {
+                external: None,
+                deferred: Some(&mut deferred),
+            },
+        )
+        .map_err(unwritable)?,
         ExternalData::Always => {
             let mut w = Writer::new(location.clone());
-            let p = export::model(model, Some(&mut w)).map_err(unwritable)?;
+            let p = export::model(
+                model,
+                Sink {
+                    external: Some(&mut w),
+                    deferred: Some(&mut deferred),
+                },
+            )
+            .map_err(unwritable)?;
             writer = Some(w);
             p
         }
     };
     if writer.is_none() && proto.encoded_len() as u64 > PROTOBUF_LIMIT {
         let mut w = Writer::new(location.clone());
-        proto = export::model(model, Some(&mut w)).map_err(unwritable)?;
+        proto = export::model(
+            model,
+            Sink {
+                external: Some(&mut w),
+                deferred: Some(&mut deferred),
+            },
+        )
+        .map_err(unwritable)?;
         writer = Some(w);
     }
 
     let mut external = None;
     if let Some(w) = writer {
-        let (tmp, n) = write_tmp(&data_path, |sb| {
+        let (tmp, n) = write_tmp(&data_path, &deferred, |sb| {
             let mut at = 0u64;
             for (offset, bytes) in &w.chunks {
                 bytes::BufMut::put_bytes(sb, 0, (offset - at) as usize);
-                bytes::BufMut::put_slice(sb, bytes);
+                // `put`, not `put_slice`: a narrowed tensor's placeholder is converted there
+                bytes::BufMut::put(sb, bytes.clone());
                 at = offset + bytes.len() as u64;
             }
         })?;
         put_in_place(&tmp, &data_path)?;
         external = Some((data_path, n));
     }
-    let (tmp, model_bytes) = write_tmp(path, |sb| {
+    let (tmp, model_bytes) = write_tmp(path, &deferred, |sb| {
         // encode() only fails when the buffer is too small, and StreamBuf is unbounded.
         proto.encode(sb).expect("StreamBuf has unbounded capacity");
     })?;
@@ -282,4 +309,108 @@ pub(crate) fn save(
         model_bytes,
         external,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mpopt_ir::{AttrValue, DType, Narrowed, Tensor, TensorData};
+
+    fn f32_bytes(xs: &[f32]) -> Bytes {
+        Bytes::from(xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+
+    /// A narrowed initializer (longer than a stream buffer, so it straddles buffers, at odd offsets) and a
+    /// narrowed Constant value, saved inline and with external data: the files hold the converted values
+    /// (what `materialized` gives), the save converts without keeping a copy, and the model loads back.
+    #[test]
+    fn narrowed_tensors_are_converted_as_they_are_written() {
+        let text = "ir_version 8\nopset ai.onnx 17\n\ngraph @g(%x: f16[300001]) -> (%y: f16[300001], %z: bf16[5]) {\n  %w = const f32[300001] <1200004 bytes>\n  %y = Add(%x, %w)\n  %z = Constant() {value = tensor f32[5] [1.0, 2.0, 3.0, 4.0, 5.0]}\n}\n";
+        let mut model = mpopt_ir::text::parse_model(text).unwrap();
+        let xs: Vec<f32> = (0..300_001)
+            .map(|i| match i % 7 {
+                0 => 7e4,
+                1 => -1e-9,
+                _ => (i as f32).sin() * 3.0,
+            })
+            .collect();
+        let w = Narrowed::new(f32_bytes(&xs), DType::F16).unwrap();
+        let cs = [1.0, 2.5, f32::MAX, -0.1, 3e38];
+        let c = Narrowed::new(f32_bytes(&cs), DType::BF16).unwrap();
+        // the expected bytes, converted apart (the tensors in the model must stay unconverted)
+        let want_w = Narrowed::new(f32_bytes(&xs), DType::F16).unwrap();
+        let want_c = Narrowed::new(f32_bytes(&cs), DType::BF16).unwrap();
+        let g = &mut model.graph;
+        let wv = g.value_by_name("w").unwrap();
+        let mut t = Tensor::from_raw(DType::F16, vec![300_001], Bytes::new());
+        t.name = "w".into();
+        t.data = TensorData::Narrowed(w.clone());
+        g.value_mut(wv).initializer = Some(Box::new(t));
+        let cid = g
+            .nodes()
+            .find(|(_, n)| n.op_type == "Constant")
+            .map(|(id, _)| id)
+            .unwrap();
+        let mut ct = Tensor::from_raw(DType::BF16, vec![5], Bytes::new());
+        ct.data = TensorData::Narrowed(c.clone());
+        g.node_mut(cid).attributes[0].value = AttrValue::Tensor(Box::new(ct));
+
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for mode in [ExternalData::Auto, ExternalData::Always] {
+            let path = dir.join("m.onnx");
+            save(&model, &path, mode).unwrap();
+            assert!(
+                !w.is_materialized() && !c.is_materialized(),
+                "the save converts into the file without keeping the bytes"
+            );
+            let back = crate::load(&path).unwrap();
+            let bw = back.graph.value_by_name("w").unwrap();
+            let got = back.graph.value(bw).initializer.as_ref().unwrap();
+            assert_eq!(got.dtype, DType::F16);
+            let want = want_w.materialized();
+            assert_eq!(got.data.view(), want, "{mode:?}");
+            // 7e4 is clamped to 65504, not infinity
+            let TensorData::Raw(b) = got.data.view() else {
+                panic!("raw data")
+            };
+            assert_eq!(half::f16::from_le_bytes([b[0], b[1]]), half::f16::MAX);
+            let (_, cn) = back
+                .graph
+                .nodes()
+                .find(|(_, n)| n.op_type == "Constant")
+                .unwrap();
+            let AttrValue::Tensor(bt) = &cn.attributes[0].value else {
+                panic!("a tensor attribute")
+            };
+            assert_eq!(bt.data.view(), want_c.materialized(), "{mode:?}");
+            // f32::MAX rounds past bf16's largest finite value: clamped to it
+            let bf = |x: f32| half::bf16::from_f32(x).to_f64();
+            assert_eq!(
+                bt.values_f64(5).unwrap(),
+                vec![1.0, 2.5, half::bf16::MAX.to_f64(), bf(-0.1), bf(3e38)]
+            );
+            // the same file as the materialized model's
+            let mut plain = model.clone();
+            let pv = plain.graph.value_by_name("w").unwrap();
+            plain.graph.value_mut(pv).initializer.as_mut().unwrap().data = want.clone();
+            // (in a folder of its own: the model file names its data file)
+            std::fs::create_dir_all(dir.join("plain")).unwrap();
+            let p2 = dir.join("plain").join("m.onnx");
+            save(&plain, &p2, mode).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&p2).unwrap());
+            if mode == ExternalData::Always {
+                assert_eq!(
+                    std::fs::read(dir.join("m.onnx.data")).unwrap(),
+                    std::fs::read(dir.join("plain").join("m.onnx.data")).unwrap()
+                );
+            }
+        }
+        // `encode` (no streaming) converts, and keeps the bytes
+        let enc = crate::decode(Bytes::from(crate::encode(&model).unwrap())).unwrap();
+        let ev = enc.graph.value_by_name("w").unwrap();
+        let got = enc.graph.value(ev).initializer.as_ref().unwrap();
+        assert_eq!(got.data.view(), want_w.materialized());
+        assert!(w.is_materialized());
+    }
 }

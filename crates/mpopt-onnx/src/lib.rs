@@ -128,10 +128,11 @@ fn decode_with_base(bytes: Bytes, path: &Path, base: Option<&Path>) -> Result<Mo
 
 /// Encodes a model with all tensor data inline (for tests and small models).
 pub fn encode(model: &Model) -> Result<Vec<u8>, OnnxError> {
-    let proto = export::model(model, None).map_err(|msg| OnnxError::Unwritable {
-        path: PathBuf::from("<memory>"),
-        msg,
-    })?;
+    let proto =
+        export::model(model, export::Sink::default()).map_err(|msg| OnnxError::Unwritable {
+            path: PathBuf::from("<memory>"),
+            msg,
+        })?;
     Ok(proto.encode_to_vec())
 }
 
@@ -217,9 +218,10 @@ pub fn decode_value(bytes: Bytes, kind: ProtoKind, path: &Path) -> Result<ProtoV
 
 /// Encodes a tensor as a `TensorProto` (raw data inline).
 pub fn encode_tensor(t: &mpopt_ir::Tensor) -> Result<Vec<u8>, OnnxError> {
-    let p = export::tensor(t, &mut None).map_err(|msg| OnnxError::Unwritable {
-        path: PathBuf::from("<memory>"),
-        msg,
-    })?;
+    let p =
+        export::tensor(t, &mut export::Sink::default()).map_err(|msg| OnnxError::Unwritable {
+            path: PathBuf::from("<memory>"),
+            msg,
+        })?;
     Ok(p.encode_to_vec())
 }

@@ -8,12 +8,69 @@
 //! Everything goes through the buffers, `put_slice` of a big tensor too: prost writes `bytes` fields through
 //! `BufMut::put`, chunk by chunk, and a slice sent to the file directly from the encoding thread would stop
 //! the encoding for the kernel's copy, the very wait the writer thread removes.
+//!
+//! A narrowed tensor ([`mpopt_ir::Narrowed`]) is converted straight into the buffers: export gives it a
+//! placeholder ([`Deferred`]), an address range of the right length that nothing reads, and
+//! [`StreamBuf`]'s `put` converts the tensor where prost hands it that range.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
-use bytes::BufMut;
 use bytes::buf::UninitSlice;
+use bytes::{Buf, BufMut, Bytes};
+use mpopt_ir::Narrowed;
+
+/// Placeholders for narrowed tensors on a streaming save: each is a [`Bytes`] of the tensor's narrowed length
+/// at an address of its own, in an anonymous read-only map that is never touched (no memory behind it), and
+/// [`StreamBuf`] converts the tensor where it meets that address. A `ModelProto` holding placeholders must
+/// only be encoded into a [`StreamBuf`] that has this table (anything else would read zeros).
+#[derive(Default)]
+pub(crate) struct Deferred {
+    /// The map being handed out, and how much of it is used.
+    region: Option<(Bytes, usize)>,
+    /// Placeholder address -> tensor.
+    at: HashMap<usize, Narrowed>,
+}
+
+/// Address space reserved at a time for placeholders (more for a larger tensor).
+const REGION: usize = 1 << 30;
+
+impl Deferred {
+    /// A placeholder for `n` (an empty `Bytes` for an empty tensor).
+    pub(crate) fn placeholder(&mut self, n: &Narrowed) -> Result<Bytes, String> {
+        let len = n.byte_len();
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let fits = self
+            .region
+            .as_ref()
+            .is_some_and(|(r, used)| r.len() - used >= len);
+        if !fits {
+            // MAP_NORESERVE: address space only; read-only, so nothing can write into it either
+            let map = memmap2::MmapOptions::new()
+                .len(len.max(REGION))
+                .no_reserve_swap()
+                .map_anon()
+                .and_then(|m| m.make_read_only())
+                .map_err(|e| format!("cannot reserve address space for the save: {e}"))?;
+            self.region = Some((Bytes::from_owner(map), 0));
+        }
+        let (r, used) = self.region.as_mut().expect("a region was just made");
+        let b = r.slice(*used..*used + len);
+        *used += len;
+        self.at.insert(b.as_ptr() as usize, n.clone());
+        Ok(b)
+    }
+
+    /// The tensor whose placeholder is exactly `s`.
+    fn get(&self, s: &[u8]) -> Option<&Narrowed> {
+        self.at
+            .get(&(s.as_ptr() as usize))
+            .filter(|n| n.byte_len() == s.len())
+    }
+}
 
 const CAP: usize = 256 << 10;
 /// Buffers in use at most: one being filled, one queued, one being written.
@@ -27,7 +84,8 @@ const BUFFERS: usize = 3;
 /// After a write error the writer stops, and later buffers are dropped unwritten.
 pub(crate) fn stream_to<W: Write + Send>(
     out: W,
-    encode: impl FnOnce(&mut StreamBuf),
+    deferred: Option<&Deferred>,
+    encode: impl FnOnce(&mut StreamBuf<'_>),
 ) -> std::io::Result<(W, u64)> {
     std::thread::scope(|s| {
         let (full_tx, full_rx) = sync_channel::<Vec<u8>>(1);
@@ -49,6 +107,7 @@ pub(crate) fn stream_to<W: Write + Send>(
             empty: empty_rx,
             made: 1,
             written: 0,
+            deferred,
         };
         encode(&mut sb);
         sb.flush_buf();
@@ -63,7 +122,7 @@ pub(crate) fn stream_to<W: Write + Send>(
 }
 
 /// A [`BufMut`] whose full buffers go to [`stream_to`]'s writer thread.
-pub(crate) struct StreamBuf {
+pub(crate) struct StreamBuf<'a> {
     buf: Vec<u8>,
     /// To the writer; None once it has stopped (a write failed).
     full: Option<SyncSender<Vec<u8>>>,
@@ -72,9 +131,11 @@ pub(crate) struct StreamBuf {
     /// Buffers allocated so far (at most [`BUFFERS`]).
     made: usize,
     written: u64,
+    /// Placeholders to convert narrowed tensors for.
+    deferred: Option<&'a Deferred>,
 }
 
-impl StreamBuf {
+impl StreamBuf<'_> {
     /// Hands the buffer to the writer and takes an empty one: a written one back from the writer, else a
     /// new one while fewer than [`BUFFERS`] exist, else the next the writer gives back.
     fn flush_buf(&mut self) {
@@ -103,11 +164,40 @@ impl StreamBuf {
             }),
         };
     }
+
+    /// Converts `t` into the buffers, as many elements at a time as the current one has room for.
+    fn put_narrowed(&mut self, t: &Narrowed) {
+        let n = t.len();
+        let mut at = 0;
+        while at < n {
+            if self.buf.len() == self.buf.capacity() {
+                self.flush_buf();
+            }
+            let room = (self.buf.capacity() - self.buf.len()) / 2;
+            if room == 0 {
+                // one byte left: this element straddles two buffers
+                let mut two = [0u8; 2];
+                t.narrow_into(at, &mut two);
+                self.put_slice(&two);
+                at += 1;
+                continue;
+            }
+            let k = room.min(n - at);
+            let len = self.buf.len();
+            t.narrow_into_uninit(at, &mut self.buf.spare_capacity_mut()[..2 * k]);
+            // SAFETY: `narrow_into_uninit` wrote those `2 * k` bytes of the spare capacity
+            unsafe { self.buf.set_len(len + 2 * k) };
+            at += k;
+        }
+        if self.buf.len() == self.buf.capacity() {
+            self.flush_buf();
+        }
+    }
 }
 
 // SAFETY: `chunk_mut` hands out the vector's spare capacity, which is never empty after the flush check, and
 // `advance_mut` only extends the length over bytes the caller has initialized, as the trait requires.
-unsafe impl BufMut for StreamBuf {
+unsafe impl BufMut for StreamBuf<'_> {
     fn remaining_mut(&self) -> usize {
         isize::MAX as usize
     }
@@ -127,6 +217,23 @@ unsafe impl BufMut for StreamBuf {
             self.flush_buf();
         }
         UninitSlice::uninit(self.buf.spare_capacity_mut())
+    }
+
+    /// prost writes a `bytes` field (`raw_data`) through here: a narrowed tensor's placeholder is converted,
+    /// anything else copied.
+    fn put<T: Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        while src.has_remaining() {
+            let s = src.chunk();
+            let n = s.len();
+            match self.deferred.and_then(|d| d.get(s)) {
+                Some(t) => self.put_narrowed(t),
+                None => self.put_slice(s),
+            }
+            src.advance(n);
+        }
     }
 
     fn put_slice(&mut self, mut src: &[u8]) {
@@ -152,7 +259,7 @@ mod tests {
     fn streams_small_and_large_writes_in_order() {
         // more than the buffers in flight, in pieces that straddle their ends: every byte once, in order
         let big: Vec<u8> = (0..5 * CAP + 3).map(|i| (i * 31 % 251) as u8).collect();
-        let (out, n) = stream_to(Vec::new(), |sb| {
+        let (out, n) = stream_to(Vec::new(), None, |sb| {
             sb.put_slice(b"head");
             sb.put_u32_le(0x01020304);
             sb.put_slice(&big);
@@ -166,7 +273,7 @@ mod tests {
         assert_eq!(&out[8..8 + big.len()], &big[..]);
         assert_eq!(&out[8 + big.len()..out.len() - 1], &big[..CAP - 1]);
         assert_eq!(out[out.len() - 1], 9);
-        let (out, n) = stream_to(Vec::new(), |_| {}).unwrap();
+        let (out, n) = stream_to(Vec::new(), None, |_| {}).unwrap();
         assert_eq!((out.len(), n), (0, 0));
     }
 
@@ -197,9 +304,9 @@ mod tests {
         // the writer fails early; the encoder goes on filling buffers (dropped) and gets the error at the end
         let big = vec![1u8; 12 * CAP];
         for room in [0, 10, CAP + 1, 11 * CAP] {
-            let err = stream_to(Full { room }, |sb| sb.put_slice(&big)).unwrap_err();
+            let err = stream_to(Full { room }, None, |sb| sb.put_slice(&big)).unwrap_err();
             assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "room {room}");
         }
-        assert!(stream_to(Full { room: 12 * CAP }, |sb| sb.put_slice(&big)).is_ok());
+        assert!(stream_to(Full { room: 12 * CAP }, None, |sb| sb.put_slice(&big)).is_ok());
     }
 }
