@@ -524,7 +524,10 @@ pub(crate) fn convert(
 ) -> Result<(Model, Signature), PassError> {
     let mut m = decided(base, &opts.precision, overrides)?;
     let sig = signature(&m);
-    InsertCasts::new(opts.precision.target, opts.io.clone()).run(&mut m)?;
+    // the candidate is run, not saved: its weights converted now, in parallel
+    InsertCasts::new(opts.precision.target, opts.io.clone())
+        .converting_now()
+        .run(&mut m)?;
     FuseCasts {
         unsafe_narrow_widen: opts.unsafe_fuse,
     }
@@ -1001,7 +1004,10 @@ pub(crate) fn node_sensitivity(
     let mut m = Model::new(mg, base.opset("").unwrap_or(21));
     m.ir_version = base.ir_version;
     m.opset_imports = base.opset_imports.clone();
-    InsertCasts::new(target, IoTypes::Keep).run(&mut m).ok()?;
+    InsertCasts::new(target, IoTypes::Keep)
+        .converting_now()
+        .run(&mut m)
+        .ok()?;
     let exec = Executor::new(&m).ok()?;
     let out = exec.run_shared(feeds, &RunOptions::default()).ok()?;
     let mut worst = 0f64;
