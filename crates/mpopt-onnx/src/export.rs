@@ -277,14 +277,14 @@ pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Sink<'_>) -> R<pb::TensorPr
     };
     if let Some(w) = ext.external.as_deref_mut()
         && t.byte_size() >= w.threshold
-        && let Some(raw) = raw_bytes(&t.data, &mut ext.deferred)?
+        && let Some(raw) = raw_bytes(&t.data, &mut ext.deferred)
     {
         p.external_data = props(&w.place(raw));
         p.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
         return Ok(p);
     }
     match &t.data {
-        TensorData::Narrowed(n) => p.raw_data = Some(narrowed(n, &mut ext.deferred)?),
+        TensorData::Narrowed(n) => p.raw_data = Some(narrowed(n, &mut ext.deferred)),
         TensorData::Raw(b) => p.raw_data = Some(b.clone()),
         TensorData::Floats(v) => p.float_data = v.clone(),
         TensorData::Doubles(v) => p.double_data = v.clone(),
@@ -302,30 +302,27 @@ pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Sink<'_>) -> R<pb::TensorPr
 }
 
 /// A narrowed tensor's bytes: a placeholder for the save to convert, else converted here.
-fn narrowed(n: &mpopt_ir::Narrowed, deferred: &mut Option<&mut Deferred>) -> R<Bytes> {
+fn narrowed(n: &mpopt_ir::Narrowed, deferred: &mut Option<&mut Deferred>) -> Bytes {
     match deferred {
         Some(d) => d.placeholder(n),
-        None => match n.materialized() {
-            TensorData::Raw(b) => Ok(b.clone()),
-            _ => unreachable!("a narrowed tensor materializes as raw bytes"),
-        },
+        None => crate::stream::materialized(n),
     }
 }
 
 /// The little-endian bytes of fixed-width data, for external storage (typed fields of 32/64-bit types only;
 /// `int32_data` of narrower types stays inline).
-fn raw_bytes(d: &TensorData, deferred: &mut Option<&mut Deferred>) -> R<Option<Bytes>> {
+fn raw_bytes(d: &TensorData, deferred: &mut Option<&mut Deferred>) -> Option<Bytes> {
     fn le<T: Copy, const N: usize>(v: &[T], f: fn(T) -> [u8; N]) -> Bytes {
         Bytes::from(v.iter().flat_map(|&x| f(x)).collect::<Vec<u8>>())
     }
-    Ok(match d {
-        TensorData::Narrowed(n) => Some(narrowed(n, deferred)?),
+    match d {
+        TensorData::Narrowed(n) => Some(narrowed(n, deferred)),
         TensorData::Raw(b) => Some(b.clone()),
         TensorData::Floats(v) => Some(le(v, f32::to_le_bytes)),
         TensorData::Doubles(v) => Some(le(v, f64::to_le_bytes)),
         TensorData::Int64s(v) => Some(le(v, i64::to_le_bytes)),
         _ => None,
-    })
+    }
 }
 
 pub(crate) fn type_proto(t: &TypeInfo) -> pb::TypeProto {

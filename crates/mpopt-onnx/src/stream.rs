@@ -33,15 +33,39 @@ pub(crate) struct Deferred {
     at: HashMap<usize, Narrowed>,
 }
 
+/// A narrowed tensor's converted bytes (converted once and kept by the tensor).
+pub(crate) fn materialized(n: &Narrowed) -> Bytes {
+    match n.materialized() {
+        mpopt_ir::TensorData::Raw(b) => b.clone(),
+        _ => unreachable!("a narrowed tensor materializes as raw bytes"),
+    }
+}
+
+// Tests refuse the placeholders' map on their thread to take the fallback.
+#[cfg(test)]
+thread_local! {
+    static REFUSE_MAP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The error the placeholders' map fails with in tests that refuse it.
+fn refused() -> Option<std::io::Error> {
+    #[cfg(test)]
+    if REFUSE_MAP.get() {
+        return Some(std::io::Error::other("refused by the test"));
+    }
+    None
+}
+
 /// Address space reserved at a time for placeholders (more for a larger tensor).
 const REGION: usize = 1 << 30;
 
 impl Deferred {
-    /// A placeholder for `n` (an empty `Bytes` for an empty tensor).
-    pub(crate) fn placeholder(&mut self, n: &Narrowed) -> Result<Bytes, String> {
+    /// A placeholder for `n` (an empty `Bytes` for an empty tensor). Where the address space cannot be had
+    /// (a system with strict overcommit accounting refusing the map), `n`'s converted bytes instead.
+    pub(crate) fn placeholder(&mut self, n: &Narrowed) -> Bytes {
         let len = n.byte_len();
         if len == 0 {
-            return Ok(Bytes::new());
+            return Bytes::new();
         }
         let fits = self
             .region
@@ -49,19 +73,24 @@ impl Deferred {
             .is_some_and(|(r, used)| r.len() - used >= len);
         if !fits {
             // MAP_NORESERVE: address space only; read-only, so nothing can write into it either
-            let map = memmap2::MmapOptions::new()
-                .len(len.max(REGION))
-                .no_reserve_swap()
-                .map_anon()
-                .and_then(|m| m.make_read_only())
-                .map_err(|e| format!("cannot reserve address space for the save: {e}"))?;
-            self.region = Some((Bytes::from_owner(map), 0));
+            let map = match refused() {
+                Some(e) => Err(e),
+                None => memmap2::MmapOptions::new()
+                    .len(len.max(REGION))
+                    .no_reserve_swap()
+                    .map_anon(),
+            }
+            .and_then(|m| m.make_read_only());
+            match map {
+                Ok(map) => self.region = Some((Bytes::from_owner(map), 0)),
+                Err(_) => return materialized(n),
+            }
         }
         let (r, used) = self.region.as_mut().expect("a region was just made");
         let b = r.slice(*used..*used + len);
         *used += len;
         self.at.insert(b.as_ptr() as usize, n.clone());
-        Ok(b)
+        b
     }
 
     /// The tensor whose placeholder is exactly `s`.
@@ -308,5 +337,32 @@ mod tests {
             assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "room {room}");
         }
         assert!(stream_to(Full { room: 12 * CAP }, None, |sb| sb.put_slice(&big)).is_ok());
+    }
+
+    #[test]
+    fn narrowed_tensors_stream_converted_with_or_without_placeholders() {
+        // after an odd number of bytes, longer than a buffer: elements straddle buffers
+        let xs: Vec<f32> = (0..CAP as u32 + 7).map(|i| i as f32 * 0.37 - 9e4).collect();
+        let src = Bytes::from(xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        let want = materialized(&Narrowed::new(src.clone(), mpopt_ir::DType::F16).unwrap());
+        for refuse in [false, true] {
+            REFUSE_MAP.set(refuse);
+            let n = Narrowed::new(src.clone(), mpopt_ir::DType::F16).unwrap();
+            let mut d = Deferred::default();
+            let p = d.placeholder(&n);
+            assert_eq!(p.len(), want.len());
+            // a placeholder leaves the tensor unconverted; the fallback converts it
+            assert_eq!(n.is_materialized(), refuse, "refused: {refuse}");
+            let (out, _) = stream_to(Vec::new(), Some(&d), |sb| {
+                sb.put_slice(b"abc");
+                sb.put(p.clone());
+                sb.put_u8(1);
+            })
+            .unwrap();
+            assert_eq!(&out[..3], b"abc");
+            assert_eq!(&out[3..out.len() - 1], &want[..], "refused: {refuse}");
+            assert_eq!(out[out.len() - 1], 1);
+        }
+        REFUSE_MAP.set(false);
     }
 }
