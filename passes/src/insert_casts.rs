@@ -496,8 +496,7 @@ fn convert_f32_raw_all(jobs: &[(&Tensor, DType)], defer: bool) -> Vec<Option<Raw
         .collect();
     let lazy: Vec<Option<mpopt_ir::Narrowed>> = jobs
         .iter()
-        .zip(&srcs)
-        .map(|(&(t, to), src)| src.filter(|_| defer).and_then(|_| narrowed(t, to)))
+        .map(|&(t, to)| if defer { narrowed(t, to) } else { None })
         .collect();
     // each eager tensor's byte offset in the shared buffer, and every block: (tensor, first element,
     // elements)

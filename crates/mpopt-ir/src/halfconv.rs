@@ -73,12 +73,7 @@ pub fn f16_to_f32_uninit(src: &[f16], dst: &mut [std::mem::MaybeUninit<f32>]) {
 /// # Panics
 /// When `src` does not hold exactly twice `dst`'s bytes, or an odd number of them.
 pub fn f32_bytes_to_f16_clamped(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
-    assert!(
-        src.len() == dst.len() * 2 && src.len().is_multiple_of(4),
-        "halfconv: {} bytes of f32 into {}",
-        src.len(),
-        dst.len()
-    );
+    check_narrowing(src, dst);
     #[cfg(all(target_arch = "x86_64", target_endian = "little"))]
     if f16c() {
         // SAFETY: the CPU has AVX and F16C (checked just above); `src` holds `dst.len() / 2` f32 and `dst`
@@ -89,27 +84,52 @@ pub fn f32_bytes_to_f16_clamped(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>
     f32_bytes_to_f16_clamped_portable(src, dst)
 }
 
+/// The lengths the clamped narrowings need: whole f32 in `src`, half their bytes in `dst`.
+fn check_narrowing(src: &[u8], dst: &[std::mem::MaybeUninit<u8>]) {
+    assert!(
+        src.len() == dst.len() * 2 && src.len().is_multiple_of(4),
+        "halfconv: {} bytes of f32 into {}",
+        src.len(),
+        dst.len()
+    );
+}
+
 /// [`f32_bytes_to_f16_clamped`] with `half`'s conversion, where the CPU lacks F16C.
 fn f32_bytes_to_f16_clamped_portable(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
     clamped_blocks(
         src,
         dst,
         half::slice::HalfFloatSliceExt::convert_from_f32_slice,
-        |h: f16, x| match (h.is_infinite() && x.is_finite(), x > 0.0) {
-            (true, true) => f16::MAX.to_bits(),
-            (true, false) => f16::MIN.to_bits(),
-            _ => h.to_bits(),
-        },
+        f16::to_bits,
+        f16::INFINITY.to_bits(),
     )
 }
 
-/// Little-endian f32 bytes at any alignment to 16-bit little-endian values, block by block on the stack:
-/// `convert` rounds a block, `finish` makes each result's bits from it and its input (the clamping).
-pub(crate) fn clamped_blocks<T: Copy + Default>(
+/// [`f32_bytes_to_f16_clamped`] to bf16 (`half`'s rounding, to nearest even), finite values past bf16's
+/// largest finite value made that value with their sign.
+///
+/// # Panics
+/// As [`f32_bytes_to_f16_clamped`].
+pub fn f32_bytes_to_bf16_clamped(src: &[u8], dst: &mut [std::mem::MaybeUninit<u8>]) {
+    check_narrowing(src, dst);
+    clamped_blocks(
+        src,
+        dst,
+        half::slice::HalfFloatSliceExt::convert_from_f32_slice,
+        half::bf16::to_bits,
+        half::bf16::INFINITY.to_bits(),
+    )
+}
+
+/// Little-endian f32 bytes at any alignment to a 16-bit float's little-endian bits, block by block on the
+/// stack: `convert` rounds a block; a finite input that rounded to infinity (`inf`, either sign) becomes
+/// the largest finite value with its sign, which in both f16 and bf16 is the bits just below infinity's.
+fn clamped_blocks<T: Copy + Default>(
     src: &[u8],
     dst: &mut [std::mem::MaybeUninit<u8>],
     convert: impl Fn(&mut [T], &[f32]),
-    finish: impl Fn(T, f32) -> u16,
+    bits: impl Fn(T) -> u16,
+    inf: u16,
 ) {
     const BLOCK: usize = 1024;
     let (mut xs, mut hs) = ([0f32; BLOCK], [T::default(); BLOCK]);
@@ -120,7 +140,13 @@ pub(crate) fn clamped_blocks<T: Copy + Default>(
         }
         convert(&mut hs[..k], &xs[..k]);
         for ((o, &h), &x) in d.chunks_exact_mut(2).zip(&hs[..k]).zip(&xs[..k]) {
-            let [lo, hi] = finish(h, x).to_le_bytes();
+            let b = bits(h);
+            let b = if b & 0x7fff == inf && x.is_finite() {
+                (inf - 1) | (b & 0x8000)
+            } else {
+                b
+            };
+            let [lo, hi] = b.to_le_bytes();
             o[0].write(lo);
             o[1].write(hi);
         }
@@ -293,30 +319,12 @@ mod x86 {
             let clamped = _mm256_or_ps(_mm256_andnot_ps(abs, x), max);
             _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_blendv_ps(x, clamped, over))
         };
-        let whole = n / 8 * 8;
-        for i in (0..whole).step_by(8) {
-            // SAFETY: elements `i..i + 8` are within both buffers; the loads and stores take any alignment
-            unsafe {
-                let h = step(_mm256_loadu_ps(src.add(4 * i).cast()));
-                _mm_storeu_si128(dst.add(2 * i).cast(), h);
-            }
-        }
-        if whole < n {
-            let (mut xs, mut hs) = ([0f32; 8], [0u16; 8]);
-            // SAFETY: the `n - whole` (< 8) elements from `whole` are within both buffers, copied as bytes
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src.add(4 * whole),
-                    xs.as_mut_ptr().cast::<u8>(),
-                    4 * (n - whole),
-                );
-                _mm_storeu_si128(hs.as_mut_ptr().cast(), step(_mm256_loadu_ps(xs.as_ptr())));
-                std::ptr::copy_nonoverlapping(
-                    hs.as_ptr().cast::<u8>(),
-                    dst.add(2 * whole),
-                    2 * (n - whole),
-                );
-            }
+        // SAFETY: the caller's contract, in 4- and 2-byte elements (alignment 1); each step reads 8 f32 and
+        // writes 8 f16, unaligned
+        unsafe {
+            steps(src.cast::<[u8; 4]>(), dst.cast::<[u8; 2]>(), n, |s, d| {
+                _mm_storeu_si128(d.cast(), step(_mm256_loadu_ps(s.cast())));
+            })
         }
     }
 

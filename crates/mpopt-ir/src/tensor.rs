@@ -150,17 +150,18 @@ impl Narrowed {
         self.len() * 2
     }
 
+    /// The f32 bytes of the elements from `first` that fill `out_len` narrowed bytes.
+    fn piece(&self, first: usize, out_len: usize) -> &[u8] {
+        assert!(out_len.is_multiple_of(2), "narrow_into: odd output length");
+        &self.0.src[first * 4..(first + out_len / 2) * 4]
+    }
+
     /// Narrows the elements `first..first + out.len() / 2` into `out` (little-endian), without keeping them.
     ///
     /// # Panics
     /// When `out` has an odd length or the elements are out of range.
     pub fn narrow_into(&self, first: usize, out: &mut [u8]) {
-        assert!(
-            out.len().is_multiple_of(2),
-            "narrow_into: odd output length"
-        );
-        let k = out.len() / 2;
-        narrow_f32_bytes(&self.0.src[first * 4..(first + k) * 4], self.0.to, out);
+        narrow_f32_bytes(self.piece(first, out.len()), self.0.to, out);
     }
 
     /// [`Narrowed::narrow_into`] into uninitialized memory (every byte of `out` is written).
@@ -168,12 +169,7 @@ impl Narrowed {
     /// # Panics
     /// As [`Narrowed::narrow_into`].
     pub fn narrow_into_uninit(&self, first: usize, out: &mut [std::mem::MaybeUninit<u8>]) {
-        assert!(
-            out.len().is_multiple_of(2),
-            "narrow_into: odd output length"
-        );
-        let k = out.len() / 2;
-        narrow_f32_bytes_uninit(&self.0.src[first * 4..(first + k) * 4], self.0.to, out);
+        narrow_f32_bytes_uninit(self.piece(first, out.len()), self.0.to, out);
     }
 
     /// The narrowed bytes as [`TensorData::Raw`], converted on the first call and kept.
@@ -185,6 +181,14 @@ impl Narrowed {
             unsafe { out.set_len(self.byte_len()) };
             TensorData::Raw(Bytes::from(out))
         })
+    }
+
+    /// [`Narrowed::materialized`]'s bytes.
+    pub fn bytes(&self) -> &Bytes {
+        match self.materialized() {
+            TensorData::Raw(b) => b,
+            _ => unreachable!("a narrowed tensor materializes as raw bytes"),
+        }
     }
 
     /// Whether [`Narrowed::materialized`] has run.
@@ -205,7 +209,7 @@ impl std::fmt::Debug for Narrowed {
 /// Little-endian f32 bytes to little-endian f16 or bf16 (`to`), rounded to nearest even; finite values past
 /// the target's largest finite value become that value with their sign (not infinity), NaN stays NaN. f16
 /// goes through [`crate::halfconv::f32_bytes_to_f16_clamped`] (one F16C loop where the CPU has it), bf16
-/// through `half`.
+/// through [`crate::halfconv::f32_bytes_to_bf16_clamped`].
 ///
 /// # Panics
 /// When `to` is neither f16 nor bf16, or `out` is not half the length of `src` (a multiple of 4).
@@ -220,26 +224,9 @@ pub fn narrow_f32_bytes(src: &[u8], to: DType, out: &mut [u8]) {
 /// # Panics
 /// As [`narrow_f32_bytes`].
 pub fn narrow_f32_bytes_uninit(src: &[u8], to: DType, out: &mut [std::mem::MaybeUninit<u8>]) {
-    use half::bf16;
-    use half::slice::HalfFloatSliceExt;
-    assert!(
-        src.len().is_multiple_of(4) && out.len() * 2 == src.len(),
-        "narrow_f32_bytes: {} bytes of f32 into {}",
-        src.len(),
-        out.len()
-    );
     match to {
         DType::F16 => crate::halfconv::f32_bytes_to_f16_clamped(src, out),
-        DType::BF16 => crate::halfconv::clamped_blocks(
-            src,
-            out,
-            HalfFloatSliceExt::convert_from_f32_slice,
-            |h: bf16, x| match (h.is_infinite() && x.is_finite(), x > 0.0) {
-                (true, true) => bf16::MAX.to_bits(),
-                (true, false) => bf16::MIN.to_bits(),
-                _ => h.to_bits(),
-            },
-        ),
+        DType::BF16 => crate::halfconv::f32_bytes_to_bf16_clamped(src, out),
         other => panic!("narrow_f32_bytes: {other} is not f16 or bf16"),
     }
 }

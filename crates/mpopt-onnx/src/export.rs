@@ -48,8 +48,8 @@ fn opaque<M: Message + Default>(o: &Opaque, what: &str) -> R<M> {
     M::decode(o.0.clone()).map_err(|e| format!("kept {what} no longer decodes: {e}"))
 }
 
-pub(crate) fn model(m: &Model, mut ext: Sink<'_>) -> R<pb::ModelProto> {
-    let graph = graph(&m.graph, &mut ext)?;
+pub(crate) fn model(m: &Model, mut sink: Sink<'_>) -> R<pb::ModelProto> {
+    let graph = graph(&m.graph, &mut sink)?;
     let mut functions = Vec::with_capacity(m.functions.len());
     for f in &m.functions {
         functions.push(pb::FunctionProto {
@@ -70,9 +70,9 @@ pub(crate) fn model(m: &Model, mut ext: Sink<'_>) -> R<pb::ModelProto> {
             attribute_proto: f
                 .attribute_defaults
                 .iter()
-                .map(|a| attribute(a, &mut ext))
+                .map(|a| attribute(a, &mut sink))
                 .collect::<R<_>>()?,
-            node: nodes(&f.body, &mut ext).map_err(|e| format!("function '{}': {e}", f.name))?,
+            node: nodes(&f.body, &mut sink).map_err(|e| format!("function '{}': {e}", f.name))?,
             doc_string: opt(&f.doc_string),
             opset_import: opsets(&f.opset_imports),
             domain: opt(&f.domain),
@@ -120,14 +120,14 @@ fn value_info(g: &Graph, v: mpopt_ir::ValueId) -> pb::ValueInfoProto {
     }
 }
 
-fn graph(g: &Graph, ext: &mut Sink<'_>) -> R<pb::GraphProto> {
+fn graph(g: &Graph, sink: &mut Sink<'_>) -> R<pb::GraphProto> {
     let ctx = |e: String| format!("graph '{}': {e}", g.name);
     let mut initializer = Vec::with_capacity(g.initializers().len());
     for &v in g.initializers() {
         let val = g.value(v);
         let t = val.initializer.as_ref().expect("listed initializer");
         let mut tp =
-            tensor(t, ext).map_err(|e| ctx(format!("initializer '{}': {e}", val.name())))?;
+            tensor(t, sink).map_err(|e| ctx(format!("initializer '{}': {e}", val.name())))?;
         tp.name = Some(val.name().to_string());
         initializer.push(tp);
     }
@@ -138,7 +138,7 @@ fn graph(g: &Graph, ext: &mut Sink<'_>) -> R<pb::GraphProto> {
             val.sparse_initializer
                 .as_ref()
                 .expect("listed sparse initializer"),
-            ext,
+            sink,
         )
         .map_err(ctx)?;
         if let Some(values) = &mut sp.values {
@@ -147,7 +147,7 @@ fn graph(g: &Graph, ext: &mut Sink<'_>) -> R<pb::GraphProto> {
         sparse_initializer.push(sp);
     }
     Ok(pb::GraphProto {
-        node: nodes(g, ext).map_err(ctx)?,
+        node: nodes(g, sink).map_err(ctx)?,
         name: opt(&g.name),
         initializer,
         sparse_initializer,
@@ -167,7 +167,7 @@ fn graph(g: &Graph, ext: &mut Sink<'_>) -> R<pb::GraphProto> {
     })
 }
 
-fn nodes(g: &Graph, ext: &mut Sink<'_>) -> R<Vec<pb::NodeProto>> {
+fn nodes(g: &Graph, sink: &mut Sink<'_>) -> R<Vec<pb::NodeProto>> {
     let name = |v: &Option<mpopt_ir::ValueId>| {
         v.map(|v| g.value(v).name().to_string()).unwrap_or_default()
     };
@@ -175,7 +175,7 @@ fn nodes(g: &Graph, ext: &mut Sink<'_>) -> R<Vec<pb::NodeProto>> {
     for (_, n) in g.nodes() {
         let mut attribute = Vec::with_capacity(n.attributes.len());
         for a in &n.attributes {
-            attribute.push(attribute_proto(a, ext, n)?);
+            attribute.push(attribute_proto(a, sink, n)?);
         }
         out.push(pb::NodeProto {
             input: n.inputs().iter().map(name).collect(),
@@ -197,8 +197,12 @@ fn nodes(g: &Graph, ext: &mut Sink<'_>) -> R<Vec<pb::NodeProto>> {
     Ok(out)
 }
 
-fn attribute_proto(a: &Attribute, ext: &mut Sink<'_>, n: &mpopt_ir::Node) -> R<pb::AttributeProto> {
-    attribute(a, ext).map_err(|e| {
+fn attribute_proto(
+    a: &Attribute,
+    sink: &mut Sink<'_>,
+    n: &mpopt_ir::Node,
+) -> R<pb::AttributeProto> {
+    attribute(a, sink).map_err(|e| {
         format!(
             "node '{}' ({}) attribute '{}': {e}",
             n.name, n.op_type, a.name
@@ -206,7 +210,7 @@ fn attribute_proto(a: &Attribute, ext: &mut Sink<'_>, n: &mpopt_ir::Node) -> R<p
     })
 }
 
-fn attribute(a: &Attribute, ext: &mut Sink<'_>) -> R<pb::AttributeProto> {
+fn attribute(a: &Attribute, sink: &mut Sink<'_>) -> R<pb::AttributeProto> {
     use pb::attribute_proto::AttributeType as T;
     let mut p = pb::AttributeProto {
         name: Some(a.name.clone()),
@@ -238,27 +242,27 @@ fn attribute(a: &Attribute, ext: &mut Sink<'_>) -> R<pb::AttributeProto> {
         AttrValue::Float(f) => p.f = Some(*f),
         AttrValue::Int(i) => p.i = Some(*i),
         AttrValue::String(s) => p.s = Some(s.clone()),
-        AttrValue::Tensor(t) => p.t = Some(Box::new(tensor(t, ext)?)),
-        AttrValue::Graph(g) => p.g = Some(Box::new(graph(g, ext)?)),
-        AttrValue::SparseTensor(sp) => p.sparse_tensor = Some(Box::new(sparse(sp, ext)?)),
+        AttrValue::Tensor(t) => p.t = Some(Box::new(tensor(t, sink)?)),
+        AttrValue::Graph(g) => p.g = Some(Box::new(graph(g, sink)?)),
+        AttrValue::SparseTensor(sp) => p.sparse_tensor = Some(Box::new(sparse(sp, sink)?)),
         AttrValue::Type(t) => p.tp = Some(Box::new(type_proto(t))),
         AttrValue::Floats(v) => p.floats = v.clone(),
         AttrValue::Ints(v) => p.ints = v.clone(),
         AttrValue::Strings(v) => p.strings = v.clone(),
-        AttrValue::Tensors(v) => p.tensors = v.iter().map(|t| tensor(t, ext)).collect::<R<_>>()?,
-        AttrValue::Graphs(v) => p.graphs = v.iter().map(|g| graph(g, ext)).collect::<R<_>>()?,
+        AttrValue::Tensors(v) => p.tensors = v.iter().map(|t| tensor(t, sink)).collect::<R<_>>()?,
+        AttrValue::Graphs(v) => p.graphs = v.iter().map(|g| graph(g, sink)).collect::<R<_>>()?,
         AttrValue::SparseTensors(v) => {
-            p.sparse_tensors = v.iter().map(|s| sparse(s, ext)).collect::<R<_>>()?
+            p.sparse_tensors = v.iter().map(|s| sparse(s, sink)).collect::<R<_>>()?
         }
         AttrValue::Types(v) => p.type_protos = v.iter().map(type_proto).collect(),
     }
     Ok(p)
 }
 
-fn sparse(sp: &SparseTensor, ext: &mut Sink<'_>) -> R<pb::SparseTensorProto> {
+fn sparse(sp: &SparseTensor, sink: &mut Sink<'_>) -> R<pb::SparseTensorProto> {
     // Sparse parts stay inline and converted: they are small by nature, and external sparse data is rare in
     // the wild.
-    let _ = ext;
+    let _ = sink;
     Ok(pb::SparseTensorProto {
         values: Some(tensor(&sp.values, &mut Sink::default())?),
         indices: Some(tensor(&sp.indices, &mut Sink::default())?),
@@ -266,7 +270,7 @@ fn sparse(sp: &SparseTensor, ext: &mut Sink<'_>) -> R<pb::SparseTensorProto> {
     })
 }
 
-pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Sink<'_>) -> R<pb::TensorProto> {
+pub(crate) fn tensor(t: &mpopt_ir::Tensor, sink: &mut Sink<'_>) -> R<pb::TensorProto> {
     let mut p = pb::TensorProto {
         dims: t.dims.clone(),
         data_type: Some(t.dtype.code()),
@@ -275,16 +279,16 @@ pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Sink<'_>) -> R<pb::TensorPr
         metadata_props: props(&t.metadata_props),
         ..Default::default()
     };
-    if let Some(w) = ext.external.as_deref_mut()
+    if let Some(w) = sink.external.as_deref_mut()
         && t.byte_size() >= w.threshold
-        && let Some(raw) = raw_bytes(&t.data, &mut ext.deferred)
+        && let Some(raw) = raw_bytes(&t.data, &mut sink.deferred)
     {
         p.external_data = props(&w.place(raw));
         p.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
         return Ok(p);
     }
     match &t.data {
-        TensorData::Narrowed(n) => p.raw_data = Some(narrowed(n, &mut ext.deferred)),
+        TensorData::Narrowed(n) => p.raw_data = Some(narrowed(n, &mut sink.deferred)),
         TensorData::Raw(b) => p.raw_data = Some(b.clone()),
         TensorData::Floats(v) => p.float_data = v.clone(),
         TensorData::Doubles(v) => p.double_data = v.clone(),
@@ -305,7 +309,7 @@ pub(crate) fn tensor(t: &mpopt_ir::Tensor, ext: &mut Sink<'_>) -> R<pb::TensorPr
 fn narrowed(n: &mpopt_ir::Narrowed, deferred: &mut Option<&mut Deferred>) -> Bytes {
     match deferred {
         Some(d) => d.placeholder(n),
-        None => crate::stream::materialized(n),
+        None => n.bytes().clone(),
     }
 }
 

@@ -249,41 +249,17 @@ pub(crate) fn save(
 
     // narrowed tensors are converted as they are written (placeholders until then)
     let mut deferred = Deferred::default();
-    let mut writer = None;
-    let mut proto = match mode {
-        ExternalData::Auto => export::model(
-            model,
-            Sink {
-                external: None,
-                deferred: Some(&mut deferred),
-            },
-        )
-        .map_err(unwritable)?,
-        ExternalData::Always => {
-            let mut w = Writer::new(location.clone());
-            let p = export::model(
-                model,
-                Sink {
-                    external: Some(&mut w),
-                    deferred: Some(&mut deferred),
-                },
-            )
-            .map_err(unwritable)?;
-            writer = Some(w);
-            p
-        }
+    let mut build = |external: Option<&mut Writer>| {
+        let sink = Sink {
+            external,
+            deferred: Some(&mut deferred),
+        };
+        export::model(model, sink).map_err(unwritable)
     };
+    let mut writer = (mode == ExternalData::Always).then(|| Writer::new(location.clone()));
+    let mut proto = build(writer.as_mut())?;
     if writer.is_none() && proto.encoded_len() as u64 > PROTOBUF_LIMIT {
-        let mut w = Writer::new(location.clone());
-        proto = export::model(
-            model,
-            Sink {
-                external: Some(&mut w),
-                deferred: Some(&mut deferred),
-            },
-        )
-        .map_err(unwritable)?;
-        writer = Some(w);
+        proto = build(Some(writer.insert(Writer::new(location.clone()))))?;
     }
 
     let mut external = None;

@@ -33,14 +33,6 @@ pub(crate) struct Deferred {
     at: HashMap<usize, Narrowed>,
 }
 
-/// A narrowed tensor's converted bytes (converted once and kept by the tensor).
-pub(crate) fn materialized(n: &Narrowed) -> Bytes {
-    match n.materialized() {
-        mpopt_ir::TensorData::Raw(b) => b.clone(),
-        _ => unreachable!("a narrowed tensor materializes as raw bytes"),
-    }
-}
-
 // Tests refuse the placeholders' map on their thread to take the fallback.
 #[cfg(test)]
 thread_local! {
@@ -83,7 +75,7 @@ impl Deferred {
             .and_then(|m| m.make_read_only());
             match map {
                 Ok(map) => self.region = Some((Bytes::from_owner(map), 0)),
-                Err(_) => return materialized(n),
+                Err(_) => return n.bytes().clone(),
             }
         }
         let (r, used) = self.region.as_mut().expect("a region was just made");
@@ -344,7 +336,10 @@ mod tests {
         // after an odd number of bytes, longer than a buffer: elements straddle buffers
         let xs: Vec<f32> = (0..CAP as u32 + 7).map(|i| i as f32 * 0.37 - 9e4).collect();
         let src = Bytes::from(xs.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
-        let want = materialized(&Narrowed::new(src.clone(), mpopt_ir::DType::F16).unwrap());
+        let want = Narrowed::new(src.clone(), mpopt_ir::DType::F16)
+            .unwrap()
+            .bytes()
+            .clone();
         for refuse in [false, true] {
             REFUSE_MAP.set(refuse);
             let n = Narrowed::new(src.clone(), mpopt_ir::DType::F16).unwrap();
