@@ -151,17 +151,18 @@ fn tmp_path(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.mpopt-tmp-{}", std::process::id()))
 }
 
-/// Writes through `write` into a temporary file beside `target` (converting the placeholders of `deferred`);
-/// the caller renames it into place.
+/// Writes through `write` into a temporary file beside `target` (converting the placeholders of `deferred`;
+/// `expected` bytes, about); the caller renames it into place.
 fn write_tmp(
     target: &Path,
     deferred: &Deferred,
+    expected: u64,
     write: impl FnOnce(&mut StreamBuf<'_>),
 ) -> Result<(PathBuf, u64), OnnxError> {
     let tmp = tmp_path(target);
     let result = (|| {
         let f = File::create(&tmp)?;
-        let (_, n) = stream_to(f, Some(deferred), write)?;
+        let (_, n) = stream_to(f, Some(deferred), expected, write)?;
         Ok(n)
     })();
     match result {
@@ -258,13 +259,19 @@ pub(crate) fn save(
     };
     let mut writer = (mode == ExternalData::Always).then(|| Writer::new(location.clone()));
     let mut proto = build(writer.as_mut())?;
-    if writer.is_none() && proto.encoded_len() as u64 > PROTOBUF_LIMIT {
+    let mut len = proto.encoded_len() as u64;
+    if writer.is_none() && len > PROTOBUF_LIMIT {
         proto = build(Some(writer.insert(Writer::new(location.clone()))))?;
+        len = proto.encoded_len() as u64;
     }
 
     let mut external = None;
     if let Some(w) = writer {
-        let (tmp, n) = write_tmp(&data_path, &deferred, |sb| {
+        let data_len = w
+            .chunks
+            .last()
+            .map_or(0, |(offset, bytes)| offset + bytes.len() as u64);
+        let (tmp, n) = write_tmp(&data_path, &deferred, data_len, |sb| {
             let mut at = 0u64;
             for (offset, bytes) in &w.chunks {
                 bytes::BufMut::put_bytes(sb, 0, (offset - at) as usize);
@@ -276,7 +283,7 @@ pub(crate) fn save(
         put_in_place(&tmp, &data_path)?;
         external = Some((data_path, n));
     }
-    let (tmp, model_bytes) = write_tmp(path, &deferred, |sb| {
+    let (tmp, model_bytes) = write_tmp(path, &deferred, len, |sb| {
         // encode() only fails when the buffer is too small, and StreamBuf is unbounded.
         proto.encode(sb).expect("StreamBuf has unbounded capacity");
     })?;

@@ -3,7 +3,8 @@
 //!
 //! The buffers are small on purpose: they stay in cache, and their pages are allocated (and zeroed by the
 //! kernel) once. With 8 MiB, fresh-page zeroing was a third of a conversion's time on the 20-70 MB corpus
-//! models. A second thread writes the full ones ([`stream_to`]) while the encoder fills the next.
+//! models. For a large output a second thread writes the full ones ([`stream_to`]) while the encoder fills
+//! the next; a small one is written by the encoding thread ([`WRITER_THREAD_MIN`]).
 //!
 //! Everything goes through the buffers, `put_slice` of a big tensor too: prost writes `bytes` fields through
 //! `BufMut::put`, chunk by chunk, and a slice sent to the file directly from the encoding thread would stop
@@ -97,17 +98,49 @@ const CAP: usize = 256 << 10;
 /// Buffers in use at most: one being filled, one queued, one being written.
 const BUFFERS: usize = 3;
 
+/// Outputs shorter than this are written on the encoding thread; longer ones by a second thread.
+///
+/// The second thread pays when there is much to write: the two halves of a save, the encoding (most of it
+/// copying tensor bytes into the buffer) and the kernel's copy into the page cache in `write`, ran one after
+/// the other on one core while the other waited (vit_tiny: about 2.5 and 3.4 ms), and paraphrase_minilm
+/// (69 MB) converts 4.0 ms slower without it (median of 21 paired runs, 2 vCPUs, 2026-12-03). Below this,
+/// starting the thread and handing it each buffer (a futex wake of a sleeping thread per buffer, both ways)
+/// cost more than the overlap saves: written directly, the conversions of the corpus models under 16 MB
+/// were 0.5-1.5 ms faster (silero_vad_v6 -0.96, ppocrv4_det -1.51, magika -1.09 ms; 31 paired runs), and
+/// those of 20-23 MB the same within noise.
+pub(crate) const WRITER_THREAD_MIN: u64 = 16 << 20;
+
 /// Encodes through `encode` into `out`, and returns `out` and the byte count, or the first write error.
 ///
-/// A second thread writes the full buffers while this one fills the next: the two halves of a save, the
-/// encoding (most of it copying tensor bytes into the buffer) and the kernel's copy into the page cache in
-/// `write`, ran one after the other on one core while the other waited (vit_tiny: about 2.5 and 3.4 ms).
-/// After a write error the writer stops, and later buffers are dropped unwritten.
+/// `expected` is about how many bytes `encode` writes: from [`WRITER_THREAD_MIN`] on, a second thread
+/// writes the full buffers while this one fills the next; below, this thread writes each buffer when it is
+/// full. After a write error nothing more is written, and later buffers are dropped.
 pub(crate) fn stream_to<W: Write + Send>(
     out: W,
     deferred: Option<&Deferred>,
+    expected: u64,
     encode: impl FnOnce(&mut StreamBuf<'_>),
 ) -> std::io::Result<(W, u64)> {
+    if expected < WRITER_THREAD_MIN {
+        let mut out = out;
+        let mut sb = StreamBuf {
+            buf: Vec::with_capacity(CAP),
+            dest: Dest::Direct {
+                out: &mut out,
+                error: None,
+            },
+            written: 0,
+            deferred,
+        };
+        encode(&mut sb);
+        sb.flush_buf();
+        let written = sb.written;
+        if let Dest::Direct { error: Some(e), .. } = sb.dest {
+            return Err(e);
+        }
+        out.flush()?;
+        return Ok((out, written));
+    }
     std::thread::scope(|s| {
         let (full_tx, full_rx) = sync_channel::<Vec<u8>>(1);
         let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
@@ -124,9 +157,11 @@ pub(crate) fn stream_to<W: Write + Send>(
         });
         let mut sb = StreamBuf {
             buf: Vec::with_capacity(CAP),
-            full: Some(full_tx),
-            empty: empty_rx,
-            made: 1,
+            dest: Dest::Thread {
+                full: Some(full_tx),
+                empty: empty_rx,
+                made: 1,
+            },
             written: 0,
             deferred,
         };
@@ -142,45 +177,71 @@ pub(crate) fn stream_to<W: Write + Send>(
     })
 }
 
-/// A [`BufMut`] whose full buffers go to [`stream_to`]'s writer thread.
+/// Where [`StreamBuf`]'s full buffers go.
+enum Dest<'a> {
+    /// To [`stream_to`]'s writer thread.
+    Thread {
+        /// To the writer; None once it has stopped (a write failed).
+        full: Option<SyncSender<Vec<u8>>>,
+        /// Written buffers, back from the writer.
+        empty: Receiver<Vec<u8>>,
+        /// Buffers allocated so far (at most [`BUFFERS`]).
+        made: usize,
+    },
+    /// Into `out`, on this thread; after the first error (kept for [`stream_to`]) nothing more.
+    Direct {
+        out: &'a mut dyn Write,
+        error: Option<std::io::Error>,
+    },
+}
+
+/// A [`BufMut`] that hands its full buffers on ([`Dest`]).
 pub(crate) struct StreamBuf<'a> {
     buf: Vec<u8>,
-    /// To the writer; None once it has stopped (a write failed).
-    full: Option<SyncSender<Vec<u8>>>,
-    /// Written buffers, back from the writer.
-    empty: Receiver<Vec<u8>>,
-    /// Buffers allocated so far (at most [`BUFFERS`]).
-    made: usize,
+    dest: Dest<'a>,
     written: u64,
     /// Placeholders to convert narrowed tensors for.
     deferred: Option<&'a Deferred>,
 }
 
 impl StreamBuf<'_> {
-    /// Hands the buffer to the writer and takes an empty one: a written one back from the writer, else a
-    /// new one while fewer than [`BUFFERS`] exist, else the next the writer gives back.
+    /// Passes the buffer on. Written here, it is then reused. Handed to the writer, it is replaced by an empty
+    /// one: a written one back from the writer, else a new one while fewer than [`BUFFERS`] exist, else the
+    /// next the writer gives back.
     fn flush_buf(&mut self) {
         if self.buf.is_empty() {
             return;
         }
         self.written += self.buf.len() as u64;
-        let Some(full) = &self.full else {
+        let (full, empty, made) = match &mut self.dest {
+            Dest::Direct { out, error } => {
+                if error.is_none()
+                    && let Err(e) = out.write_all(&self.buf)
+                {
+                    *error = Some(e);
+                }
+                self.buf.clear();
+                return;
+            }
+            Dest::Thread { full, empty, made } => (full, empty, made),
+        };
+        let Some(tx) = full else {
             // the writer has stopped: its error is what `stream_to` returns
             self.buf.clear();
             return;
         };
-        if full.send(std::mem::take(&mut self.buf)).is_err() {
-            self.full = None;
+        if tx.send(std::mem::take(&mut self.buf)).is_err() {
+            *full = None;
         }
-        self.buf = match self.empty.try_recv() {
+        self.buf = match empty.try_recv() {
             Ok(b) => b,
-            Err(_) if self.made < BUFFERS => {
-                self.made += 1;
+            Err(_) if *made < BUFFERS => {
+                *made += 1;
                 Vec::with_capacity(CAP)
             }
             // none comes back when the writer has stopped
-            Err(_) => self.empty.recv().unwrap_or_else(|_| {
-                self.full = None;
+            Err(_) => empty.recv().unwrap_or_else(|_| {
+                *full = None;
                 Vec::with_capacity(CAP)
             }),
         };
@@ -276,26 +337,63 @@ unsafe impl BufMut for StreamBuf<'_> {
 mod tests {
     use super::*;
 
+    /// `expected` sizes that take each way of writing: on the encoding thread, and by a second thread.
+    const WAYS: [u64; 2] = [0, WRITER_THREAD_MIN];
+
     #[test]
     fn streams_small_and_large_writes_in_order() {
         // more than the buffers in flight, in pieces that straddle their ends: every byte once, in order
         let big: Vec<u8> = (0..5 * CAP + 3).map(|i| (i * 31 % 251) as u8).collect();
-        let (out, n) = stream_to(Vec::new(), None, |sb| {
-            sb.put_slice(b"head");
-            sb.put_u32_le(0x01020304);
-            sb.put_slice(&big);
-            sb.put(&big[..CAP - 1]);
-            sb.put_u8(9);
-        })
-        .unwrap();
-        assert_eq!(n as usize, out.len());
-        assert_eq!(&out[..8], b"head\x04\x03\x02\x01");
-        assert_eq!(out.len(), 8 + big.len() + CAP - 1 + 1);
-        assert_eq!(&out[8..8 + big.len()], &big[..]);
-        assert_eq!(&out[8 + big.len()..out.len() - 1], &big[..CAP - 1]);
-        assert_eq!(out[out.len() - 1], 9);
-        let (out, n) = stream_to(Vec::new(), None, |_| {}).unwrap();
-        assert_eq!((out.len(), n), (0, 0));
+        for expected in WAYS {
+            let (out, n) = stream_to(Vec::new(), None, expected, |sb| {
+                sb.put_slice(b"head");
+                sb.put_u32_le(0x01020304);
+                sb.put_slice(&big);
+                sb.put(&big[..CAP - 1]);
+                sb.put_u8(9);
+            })
+            .unwrap();
+            assert_eq!(n as usize, out.len());
+            assert_eq!(&out[..8], b"head\x04\x03\x02\x01");
+            assert_eq!(out.len(), 8 + big.len() + CAP - 1 + 1);
+            assert_eq!(&out[8..8 + big.len()], &big[..]);
+            assert_eq!(&out[8 + big.len()..out.len() - 1], &big[..CAP - 1]);
+            assert_eq!(out[out.len() - 1], 9);
+            let (out, n) = stream_to(Vec::new(), None, expected, |_| {}).unwrap();
+            assert_eq!((out.len(), n), (0, 0));
+        }
+    }
+
+    /// Counts the `write` calls that reach it from another thread than the test's.
+    struct Threads {
+        test: std::thread::ThreadId,
+        elsewhere: usize,
+        bytes: usize,
+    }
+    impl Write for Threads {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.elsewhere += usize::from(std::thread::current().id() != self.test);
+            self.bytes += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn only_a_large_output_is_written_by_a_second_thread() {
+        let data = vec![7u8; 3 * CAP + 1];
+        for (expected, elsewhere) in [(WRITER_THREAD_MIN - 1, false), (WRITER_THREAD_MIN, true)] {
+            let out = Threads {
+                test: std::thread::current().id(),
+                elsewhere: 0,
+                bytes: 0,
+            };
+            let (out, n) = stream_to(out, None, expected, |sb| sb.put_slice(&data)).unwrap();
+            assert_eq!((out.bytes, n as usize), (data.len(), data.len()));
+            assert_eq!(out.elsewhere > 0, elsewhere, "expected {expected}");
+        }
     }
 
     /// Takes `room` bytes, then fails every write.
@@ -324,11 +422,15 @@ mod tests {
     fn a_write_error_is_returned_and_the_encoder_finishes() {
         // the writer fails early; the encoder goes on filling buffers (dropped) and gets the error at the end
         let big = vec![1u8; 12 * CAP];
-        for room in [0, 10, CAP + 1, 11 * CAP] {
-            let err = stream_to(Full { room }, None, |sb| sb.put_slice(&big)).unwrap_err();
-            assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "room {room}");
+        for expected in WAYS {
+            for room in [0, 10, CAP + 1, 11 * CAP] {
+                let err =
+                    stream_to(Full { room }, None, expected, |sb| sb.put_slice(&big)).unwrap_err();
+                assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "room {room}");
+            }
+            let full = Full { room: 12 * CAP };
+            assert!(stream_to(full, None, expected, |sb| sb.put_slice(&big)).is_ok());
         }
-        assert!(stream_to(Full { room: 12 * CAP }, None, |sb| sb.put_slice(&big)).is_ok());
     }
 
     #[test]
@@ -340,7 +442,10 @@ mod tests {
             .unwrap()
             .bytes()
             .clone();
-        for refuse in [false, true] {
+        let ways = [false, true]
+            .into_iter()
+            .flat_map(|refuse| WAYS.map(|expected| (refuse, expected)));
+        for (refuse, expected) in ways {
             REFUSE_MAP.set(refuse);
             let n = Narrowed::new(src.clone(), mpopt_ir::DType::F16).unwrap();
             let mut d = Deferred::default();
@@ -348,14 +453,15 @@ mod tests {
             assert_eq!(p.len(), want.len());
             // a placeholder leaves the tensor unconverted; the fallback converts it
             assert_eq!(n.is_materialized(), refuse, "refused: {refuse}");
-            let (out, _) = stream_to(Vec::new(), Some(&d), |sb| {
+            let (out, _) = stream_to(Vec::new(), Some(&d), expected, |sb| {
                 sb.put_slice(b"abc");
                 sb.put(p.clone());
                 sb.put_u8(1);
             })
             .unwrap();
             assert_eq!(&out[..3], b"abc");
-            assert_eq!(&out[3..out.len() - 1], &want[..], "refused: {refuse}");
+            let way = format!("refused: {refuse}, expected {expected}");
+            assert_eq!(&out[3..out.len() - 1], &want[..], "{way}");
             assert_eq!(out[out.len() - 1], 1);
         }
         REFUSE_MAP.set(false);
