@@ -114,6 +114,74 @@ struct Out {
     taken: Taken,
     /// [`InsertCasts::defer`].
     defer: bool,
+    /// Converted tensors that had values clamped ([`Changed`]).
+    clamped: Changed,
+    /// Converted tensors that had non-zero values become zero.
+    flushed: Changed,
+}
+
+/// Tensors whose conversion changed some values beyond rounding: how many, the values, the first names.
+#[derive(Default)]
+struct Changed {
+    tensors: u64,
+    values: u64,
+    names: Vec<String>,
+}
+
+impl Changed {
+    /// Names a note lists before it says "...".
+    const NAMES: usize = 3;
+
+    fn add(&mut self, values: usize, name: &str) {
+        if values > 0 {
+            self.tensors += 1;
+            self.values += values as u64;
+            if self.names.len() < Self::NAMES {
+                self.names.push(name.to_string());
+            }
+        }
+    }
+
+    /// "N value(s) in M converted tensor(s) ('a', 'b', ...)".
+    fn describe(&self, what: &str) -> String {
+        let mut names: Vec<String> = self.names.iter().map(|n| format!("'{n}'")).collect();
+        if self.tensors > self.names.len() as u64 {
+            names.push("...".into());
+        }
+        format!(
+            "{} {what}value(s) in {} converted tensor(s) ({})",
+            self.values,
+            self.tensors,
+            names.join(", ")
+        )
+    }
+}
+
+impl Out {
+    /// Records a conversion's statistics in the pass's totals (`name`: the initializer, or the node).
+    fn tally(&mut self, c: &Change, name: &str) {
+        self.clamped.add(c.clamped, name);
+        self.flushed.add(c.flushed, name);
+    }
+
+    /// The notes that say what the conversions changed beyond rounding, so that it is never silent (the
+    /// report's records give every tensor's figures).
+    fn change_notes(&self, to: DType) -> Vec<String> {
+        let mut notes = Vec::new();
+        if self.clamped.values > 0 {
+            notes.push(format!(
+                "{} lay beyond the {to} range and were clamped to its largest finite value",
+                self.clamped.describe("")
+            ));
+        }
+        if self.flushed.values > 0 {
+            notes.push(format!(
+                "{} became zero in {to}",
+                self.flushed.describe("non-zero ")
+            ));
+        }
+        notes
+    }
 }
 
 fn elem(g: &Graph, v: ValueId) -> Option<DType> {
@@ -154,7 +222,38 @@ pub(crate) fn cast_node(name: String, d: DType) -> Node {
 }
 
 /// A converted tensor and the statistics the report gives for it.
-type Converted = (Tensor, Vec<(&'static str, String)>);
+type Converted = (Tensor, Change);
+
+/// What converting one tensor changed: the report's figures for it. Equal when the report's figures are
+/// (the element-by-element path measures the change in f64, the block paths in f32).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Change {
+    elements: usize,
+    /// Finite values beyond the type's range, set to its largest finite value (with their sign).
+    clamped: usize,
+    /// Non-zero values that became zero.
+    flushed: usize,
+    /// The largest relative change of a finite non-zero value.
+    max_rel: f64,
+}
+
+impl PartialEq for Change {
+    fn eq(&self, other: &Change) -> bool {
+        self.fields() == other.fields()
+    }
+}
+
+impl Change {
+    /// The report record's fields.
+    fn fields(&self) -> [(&'static str, String); 4] {
+        [
+            ("elements", self.elements.to_string()),
+            ("clamped", self.clamped.to_string()),
+            ("flushed_to_zero", self.flushed.to_string()),
+            ("max_relative_change", format!("{:.3e}", self.max_rel)),
+        ]
+    }
+}
 
 /// `t` with the converted data `data` (`n` elements of `to`), and its statistics.
 fn converted(
@@ -176,13 +275,13 @@ fn converted(
         metadata_props: t.metadata_props.clone(),
         external: None,
     };
-    let stats = vec![
-        ("elements", n.to_string()),
-        ("clamped", clamped.to_string()),
-        ("flushed_to_zero", flushed.to_string()),
-        ("max_relative_change", format!("{max_rel:.3e}")),
-    ];
-    (out, stats)
+    let change = Change {
+        elements: n,
+        clamped,
+        flushed,
+        max_rel,
+    };
+    (out, change)
 }
 
 /// Converts float data to `to`, with the statistics the report needs.
@@ -790,8 +889,10 @@ impl Pass for InsertCasts {
                 version,
             });
         }
+        let notes = out.change_notes(self.target);
         Ok(PassOutcome {
             records: out.records,
+            notes,
             ..PassOutcome::rewrites(vec![
                 ("casts added", out.casts),
                 ("initializers converted in place", out.converted),
@@ -1005,13 +1106,15 @@ fn original_dtypes(g: &Graph) -> Vec<Option<DType>> {
 
 /// Rewrites the dtype-carrying attributes of a node now running in `target`.
 ///
-/// `pre` is the conversion of a Constant's f32 `value`, when it was made with the others in one batch.
+/// `pre` is the conversion of a Constant's f32 `value`, when it was made with the others in one batch;
+/// `output_name` its value's name, which stands for an unnamed node in the pass's notes.
 fn retarget_attributes(
     n: &mut Node,
     target: DType,
     out: &mut Out,
     scope: &str,
     pre: Option<RawConversion>,
+    output_name: Option<&str>,
 ) {
     if !n.in_default_domain() {
         return;
@@ -1048,7 +1151,13 @@ fn retarget_attributes(
                 }
                 None => None,
             };
-            if let Some((c, stats)) = conversion {
+            if let Some((c, change)) = conversion {
+                // (an unnamed node by its value's name)
+                let tally_name = match output_name {
+                    Some(o) if n.name.is_empty() => o,
+                    _ => &label,
+                };
+                out.tally(&change, tally_name);
                 n.attributes.retain(|a| a.name != "value");
                 n.attributes
                     .push(Attribute::new("value", AttrValue::Tensor(Box::new(c))));
@@ -1057,7 +1166,7 @@ fn retarget_attributes(
                     ("node", label),
                     ("to", target.to_string()),
                 ];
-                fields.extend(stats);
+                fields.extend(change.fields());
                 out.records.push(Record {
                     kind: "constant converted",
                     fields,
@@ -1240,7 +1349,7 @@ fn process(
             {
                 constants.push((id, low));
             } else {
-                retarget_attributes(g.node_mut(id), low, out, scope, None);
+                retarget_attributes(g.node_mut(id), low, out, scope, None, None);
             }
         }
     }
@@ -1263,7 +1372,14 @@ fn process(
             .collect()
     };
     for ((id, low), pre) in constants.into_iter().zip(batch) {
-        retarget_attributes(g.node_mut(id), low, out, scope, pre);
+        let output_name = g
+            .node(id)
+            .outputs()
+            .first()
+            .copied()
+            .flatten()
+            .map(|o| g.value(o).name().to_string());
+        retarget_attributes(g.node_mut(id), low, out, scope, pre, output_name.as_deref());
         // the analysis's facts were about the f32 value (and hold its data)
         if let Some(o) = g.node(id).outputs().first().copied().flatten() {
             g.value_mut(o).set_constant_facts(None);
@@ -1334,8 +1450,9 @@ fn process(
             Some(c) => Some(c.tensor(t, d)),
             None => convert_general(t, d),
         });
-        if let Some((conv, stats)) = converted {
+        if let Some((conv, change)) = converted {
             let name = g.value(v).name().to_string();
+            out.tally(&change, &name);
             let in_place = uses.len() == all_uses && !is_output;
             let target_v = if in_place {
                 let mut conv = conv;
@@ -1369,7 +1486,7 @@ fn process(
                     },
                 ),
             ];
-            fields.extend(stats);
+            fields.extend(change.fields());
             out.records.push(Record {
                 kind: "initializer converted",
                 fields,
@@ -1612,14 +1729,9 @@ graph @g(%c: bool[], %x: f32[2]) -> (%y: f32[2]) {
             }
             // f16: counted independently
             let (_, st) = convert_f32_raw(&raw, DType::F16).unwrap();
-            let get = |k: &str| st.iter().find(|(n, _)| *n == k).unwrap().1.clone();
             let count = |m: usize| (0..n).filter(|i| i % 97 == m).count();
-            assert_eq!(get("clamped"), (count(0) + count(1)).to_string(), "n={n}");
-            assert_eq!(
-                get("flushed_to_zero"),
-                (count(2) + count(3)).to_string(),
-                "n={n}"
-            );
+            assert_eq!(st.clamped, count(0) + count(1), "n={n}");
+            assert_eq!(st.flushed, count(2) + count(3), "n={n}");
         }
     }
 
