@@ -343,7 +343,6 @@ fn file_bytes(p: &Path) -> u64 {
     std::fs::metadata(p).map_or(0, |m| m.len()) + std::fs::metadata(data).map_or(0, |m| m.len())
 }
 
-/// Runs the conversion.
 /// Models with less tensor data than this, and fewer nodes than [`ONE_THREAD_NODES`], are converted on the
 /// main thread alone.
 ///
@@ -388,6 +387,7 @@ fn one_thread() {
         .build_global();
 }
 
+/// Runs the conversion.
 pub fn run(a: ConvertArgs) -> Result<()> {
     let (Some(model_path), Some(output)) = (a.model.clone(), a.output.clone()) else {
         bail!(Usage(
