@@ -255,16 +255,8 @@ impl Change {
     }
 }
 
-/// `t` with the converted data `data` (`n` elements of `to`), and its statistics.
-fn converted(
-    t: &Tensor,
-    to: DType,
-    data: TensorData,
-    n: usize,
-    clamped: usize,
-    flushed: usize,
-    max_rel: f64,
-) -> Converted {
+/// `t` with the converted data `data` (of `to`), and what the conversion changed.
+fn converted(t: &Tensor, to: DType, data: TensorData, change: Change) -> Converted {
     // the metadata only: cloning `t` whole copied its data first (Paddle's float_data weights)
     let out = Tensor {
         dtype: to,
@@ -274,12 +266,6 @@ fn converted(
         doc_string: t.doc_string.clone(),
         metadata_props: t.metadata_props.clone(),
         external: None,
-    };
-    let change = Change {
-        elements: n,
-        clamped,
-        flushed,
-        max_rel,
     };
     (out, change)
 }
@@ -338,10 +324,12 @@ fn convert_general(t: &Tensor, to: DType) -> Option<Converted> {
         t,
         to,
         TensorData::Raw(Bytes::from(raw)),
-        n,
-        clamped,
-        flushed,
-        max_rel,
+        Change {
+            elements: n,
+            clamped,
+            flushed,
+            max_rel,
+        },
     ))
 }
 
@@ -557,15 +545,13 @@ impl RawConversion {
     /// initializers, holding them all at once was 60 MB more peak memory).
     fn tensor(self, t: &Tensor, to: DType) -> Converted {
         let (clamped, flushed, max_rel) = self.stats;
-        converted(
-            t,
-            to,
-            self.data,
-            self.elements,
+        let change = Change {
+            elements: self.elements,
             clamped,
             flushed,
-            max_rel as f64,
-        )
+            max_rel: max_rel as f64,
+        };
+        converted(t, to, self.data, change)
     }
 }
 
@@ -1107,14 +1093,14 @@ fn original_dtypes(g: &Graph) -> Vec<Option<DType>> {
 /// Rewrites the dtype-carrying attributes of a node now running in `target`.
 ///
 /// `pre` is the conversion of a Constant's f32 `value`, when it was made with the others in one batch;
-/// `output_name` its value's name, which stands for an unnamed node in the pass's notes.
+/// `value_name` names an unnamed Constant in the pass's notes (its value's name).
 fn retarget_attributes(
     n: &mut Node,
     target: DType,
     out: &mut Out,
     scope: &str,
     pre: Option<RawConversion>,
-    output_name: Option<&str>,
+    value_name: Option<&str>,
 ) {
     if !n.in_default_domain() {
         return;
@@ -1152,12 +1138,7 @@ fn retarget_attributes(
                 None => None,
             };
             if let Some((c, change)) = conversion {
-                // (an unnamed node by its value's name)
-                let tally_name = match output_name {
-                    Some(o) if n.name.is_empty() => o,
-                    _ => &label,
-                };
-                out.tally(&change, tally_name);
+                out.tally(&change, value_name.unwrap_or(&label));
                 n.attributes.retain(|a| a.name != "value");
                 n.attributes
                     .push(Attribute::new("value", AttrValue::Tensor(Box::new(c))));
@@ -1372,16 +1353,14 @@ fn process(
             .collect()
     };
     for ((id, low), pre) in constants.into_iter().zip(batch) {
-        let output_name = g
-            .node(id)
-            .outputs()
-            .first()
-            .copied()
-            .flatten()
+        let o = g.node(id).outputs().first().copied().flatten();
+        // an unnamed node goes by its value's name in the notes
+        let value_name = o
+            .filter(|_| g.node(id).name.is_empty())
             .map(|o| g.value(o).name().to_string());
-        retarget_attributes(g.node_mut(id), low, out, scope, pre, output_name.as_deref());
+        retarget_attributes(g.node_mut(id), low, out, scope, pre, value_name.as_deref());
         // the analysis's facts were about the f32 value (and hold its data)
-        if let Some(o) = g.node(id).outputs().first().copied().flatten() {
+        if let Some(o) = o {
             g.value_mut(o).set_constant_facts(None);
         }
     }

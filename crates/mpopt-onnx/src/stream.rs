@@ -123,19 +123,12 @@ pub(crate) fn stream_to<W: Write + Send>(
 ) -> std::io::Result<(W, u64)> {
     if expected < WRITER_THREAD_MIN {
         let mut out = out;
-        let mut sb = StreamBuf {
-            buf: Vec::with_capacity(CAP),
-            dest: Dest::Direct {
-                out: &mut out,
-                error: None,
-            },
-            written: 0,
-            deferred,
+        let direct = Dest::Direct {
+            out: &mut out,
+            error: None,
         };
-        encode(&mut sb);
-        sb.flush_buf();
-        let written = sb.written;
-        if let Dest::Direct { error: Some(e), .. } = sb.dest {
+        let (dest, written) = encoded(direct, deferred, encode);
+        if let Dest::Direct { error: Some(e), .. } = dest {
             return Err(e);
         }
         out.flush()?;
@@ -155,26 +148,37 @@ pub(crate) fn stream_to<W: Write + Send>(
             out.flush()?;
             Ok(out)
         });
-        let mut sb = StreamBuf {
-            buf: Vec::with_capacity(CAP),
-            dest: Dest::Thread {
-                full: Some(full_tx),
-                empty: empty_rx,
-                made: 1,
-            },
-            written: 0,
-            deferred,
+        let thread = Dest::Thread {
+            full: Some(full_tx),
+            empty: empty_rx,
+            made: 1,
         };
-        encode(&mut sb);
-        sb.flush_buf();
-        let written = sb.written;
+        let (dest, written) = encoded(thread, deferred, encode);
         // the writer's loop ends when the sender is gone
-        drop(sb);
+        drop(dest);
         let out = writer
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         Ok((out, written))
     })
+}
+
+/// Runs `encode` into a [`StreamBuf`] over `dest` and passes on its last buffer; returns the destination
+/// (holding a write error, if any) and the bytes encoded.
+fn encoded<'a>(
+    dest: Dest<'a>,
+    deferred: Option<&'a Deferred>,
+    encode: impl FnOnce(&mut StreamBuf<'_>),
+) -> (Dest<'a>, u64) {
+    let mut sb = StreamBuf {
+        buf: Vec::with_capacity(CAP),
+        dest,
+        written: 0,
+        deferred,
+    };
+    encode(&mut sb);
+    sb.flush_buf();
+    (sb.dest, sb.written)
 }
 
 /// Where [`StreamBuf`]'s full buffers go.
@@ -195,6 +199,46 @@ enum Dest<'a> {
     },
 }
 
+impl Dest<'_> {
+    /// Passes `buf`'s bytes on and leaves an empty buffer in `buf`. Written here, `buf` is reused. Handed to
+    /// the writer, it is replaced: by a written one back from the writer, else a new one while fewer than
+    /// [`BUFFERS`] exist, else the next the writer gives back.
+    fn pass(&mut self, buf: &mut Vec<u8>) {
+        match self {
+            Dest::Direct { out, error } => {
+                if error.is_none()
+                    && let Err(e) = out.write_all(buf)
+                {
+                    *error = Some(e);
+                }
+                buf.clear();
+            }
+            Dest::Thread { full, empty, made } => {
+                let Some(tx) = full else {
+                    // the writer has stopped: its error is what `stream_to` returns
+                    buf.clear();
+                    return;
+                };
+                if tx.send(std::mem::take(buf)).is_err() {
+                    *full = None;
+                }
+                *buf = match empty.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if *made < BUFFERS => {
+                        *made += 1;
+                        Vec::with_capacity(CAP)
+                    }
+                    // none comes back when the writer has stopped
+                    Err(_) => empty.recv().unwrap_or_else(|_| {
+                        *full = None;
+                        Vec::with_capacity(CAP)
+                    }),
+                };
+            }
+        }
+    }
+}
+
 /// A [`BufMut`] that hands its full buffers on ([`Dest`]).
 pub(crate) struct StreamBuf<'a> {
     buf: Vec<u8>,
@@ -205,46 +249,13 @@ pub(crate) struct StreamBuf<'a> {
 }
 
 impl StreamBuf<'_> {
-    /// Passes the buffer on. Written here, it is then reused. Handed to the writer, it is replaced by an empty
-    /// one: a written one back from the writer, else a new one while fewer than [`BUFFERS`] exist, else the
-    /// next the writer gives back.
+    /// Passes the buffer on ([`Dest::pass`]), unless it is empty.
     fn flush_buf(&mut self) {
         if self.buf.is_empty() {
             return;
         }
         self.written += self.buf.len() as u64;
-        let (full, empty, made) = match &mut self.dest {
-            Dest::Direct { out, error } => {
-                if error.is_none()
-                    && let Err(e) = out.write_all(&self.buf)
-                {
-                    *error = Some(e);
-                }
-                self.buf.clear();
-                return;
-            }
-            Dest::Thread { full, empty, made } => (full, empty, made),
-        };
-        let Some(tx) = full else {
-            // the writer has stopped: its error is what `stream_to` returns
-            self.buf.clear();
-            return;
-        };
-        if tx.send(std::mem::take(&mut self.buf)).is_err() {
-            *full = None;
-        }
-        self.buf = match empty.try_recv() {
-            Ok(b) => b,
-            Err(_) if *made < BUFFERS => {
-                *made += 1;
-                Vec::with_capacity(CAP)
-            }
-            // none comes back when the writer has stopped
-            Err(_) => empty.recv().unwrap_or_else(|_| {
-                *full = None;
-                Vec::with_capacity(CAP)
-            }),
-        };
+        self.dest.pass(&mut self.buf);
     }
 
     /// Converts `t` into the buffers, as many elements at a time as the current one has room for.
