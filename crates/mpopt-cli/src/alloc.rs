@@ -37,38 +37,44 @@ fn usable(p: *mut c_void, align: usize) -> bool {
     p.is_null() || p.addr() & (align - 1) == 0
 }
 
+/// A block for `layout` from `plain_fn` (mimalloc's malloc or zalloc) when [`plain`] and aligned enough,
+/// else from `aligned_fn` (their aligned forms).
+///
+/// # Safety
+/// `layout` has a non-zero size (GlobalAlloc's contract).
+#[inline]
+unsafe fn block(
+    layout: Layout,
+    plain_fn: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_fn: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    if plain(&layout) {
+        // SAFETY: mimalloc's malloc and zalloc take any size.
+        let p = unsafe { plain_fn(layout.size()) };
+        if usable(p, layout.align()) {
+            return p.cast();
+        }
+        // SAFETY: `p` came from mimalloc and is not used again.
+        unsafe { mi::mi_free(p) };
+    }
+    // SAFETY: `layout.align()` is a power of two (Layout's invariant).
+    unsafe { aligned_fn(layout.size(), layout.align()) }.cast()
+}
+
 // SAFETY: every block comes from mimalloc with at least the layout's size and alignment (checked for plain
 // blocks), and every block is given back to mimalloc's `mi_free`, which frees blocks from any of its
 // allocation functions, aligned or not.
 unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if plain(&layout) {
-            // SAFETY: mimalloc's malloc takes any size.
-            let p = unsafe { mi::mi_malloc(layout.size()) };
-            if usable(p, layout.align()) {
-                return p.cast();
-            }
-            // SAFETY: `p` came from mimalloc and is not used again.
-            unsafe { mi::mi_free(p) };
-        }
-        // SAFETY: `layout.align()` is a power of two (Layout's invariant).
-        unsafe { mi::mi_malloc_aligned(layout.size(), layout.align()) }.cast()
+        // SAFETY: the caller's contract.
+        unsafe { block(layout, mi::mi_malloc, mi::mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if plain(&layout) {
-            // SAFETY: as in `alloc`.
-            let p = unsafe { mi::mi_zalloc(layout.size()) };
-            if usable(p, layout.align()) {
-                return p.cast();
-            }
-            // SAFETY: as in `alloc`.
-            unsafe { mi::mi_free(p) };
-        }
-        // SAFETY: as in `alloc`.
-        unsafe { mi::mi_zalloc_aligned(layout.size(), layout.align()) }.cast()
+        // SAFETY: the caller's contract.
+        unsafe { block(layout, mi::mi_zalloc, mi::mi_zalloc_aligned) }
     }
 
     #[inline]
