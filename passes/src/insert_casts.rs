@@ -1353,10 +1353,11 @@ fn process(
             .collect()
     };
     for ((id, low), pre) in constants.into_iter().zip(batch) {
-        let o = g.node(id).outputs().first().copied().flatten();
+        let node = g.node(id);
+        let o = node.outputs().first().copied().flatten();
         // an unnamed node goes by its value's name in the notes
         let value_name = o
-            .filter(|_| g.node(id).name.is_empty())
+            .filter(|_| node.name.is_empty())
             .map(|o| g.value(o).name().to_string());
         retarget_attributes(g.node_mut(id), low, out, scope, pre, value_name.as_deref());
         // the analysis's facts were about the f32 value (and hold its data)

@@ -91,8 +91,10 @@ unsafe impl GlobalAlloc for Mimalloc {
             // SAFETY: `ptr` came from mimalloc; the alignment is a power of two.
             return unsafe { mi::mi_realloc_aligned(ptr.cast(), new_size, layout.align()) }.cast();
         }
-        // In place when the block already holds `new_size` bytes and would not be more than half empty:
-        // the rule of mimalloc's own realloc.
+        // mimalloc's own realloc, made of this allocator's parts: `mi_realloc` would free the old block
+        // before its result's alignment could be checked, and a failed fallback would then have lost the
+        // data. In place when the block already holds `new_size` bytes and would not be more than half
+        // empty (mimalloc's rule); else a new block, the bytes copied, the old block freed.
         // SAFETY: `ptr` came from mimalloc.
         let room = unsafe { mi::mi_usable_size(ptr.cast()) };
         if new_size <= room && new_size >= room / 2 {
