@@ -10,11 +10,12 @@ use std::path::{Component, Path, PathBuf};
 
 use bytes::Bytes;
 use mpopt_ir::{ExternalOrigin, Graph, Model};
-use prost::Message;
 
 use crate::export::Sink;
 use crate::stream::{Deferred, StreamBuf, stream_to};
-use crate::{EXTERNAL_THRESHOLD, ExternalData, OnnxError, PROTOBUF_LIMIT, SaveSummary, export};
+use crate::{
+    EXTERNAL_THRESHOLD, ExternalData, OnnxError, PROTOBUF_LIMIT, SaveSummary, export, wire,
+};
 
 pub(crate) struct Reader {
     base: Option<PathBuf>,
@@ -259,10 +260,10 @@ pub(crate) fn save(
     };
     let mut writer = (mode == ExternalData::Always).then(|| Writer::new(location.clone()));
     let mut proto = build(writer.as_mut())?;
-    let mut len = proto.encoded_len() as u64;
-    if writer.is_none() && len > PROTOBUF_LIMIT {
+    let mut measured = wire::measure(&proto);
+    if writer.is_none() && measured.len as u64 > PROTOBUF_LIMIT {
         proto = build(Some(writer.insert(Writer::new(location.clone()))))?;
-        len = proto.encoded_len() as u64;
+        measured = wire::measure(&proto);
     }
 
     let mut external = None;
@@ -283,9 +284,8 @@ pub(crate) fn save(
         put_in_place(&tmp, &data_path)?;
         external = Some((data_path, n));
     }
-    let (tmp, model_bytes) = write_tmp(path, &deferred, len, |sb| {
-        // encode() only fails when the buffer is too small, and StreamBuf is unbounded.
-        proto.encode(sb).expect("StreamBuf has unbounded capacity");
+    let (tmp, model_bytes) = write_tmp(path, &deferred, measured.len as u64, |sb| {
+        wire::write(&proto, &measured, sb);
     })?;
     put_in_place(&tmp, path)?;
     Ok(SaveSummary {

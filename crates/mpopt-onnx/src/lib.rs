@@ -14,6 +14,7 @@ mod export;
 mod external;
 mod import;
 mod stream;
+mod wire;
 
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 mod generated {
@@ -133,7 +134,7 @@ pub fn encode(model: &Model) -> Result<Vec<u8>, OnnxError> {
             path: PathBuf::from("<memory>"),
             msg,
         })?;
-    Ok(proto.encode_to_vec())
+    Ok(wire::to_vec(&proto))
 }
 
 /// Verifies and saves a model to `path` (atomically: temporary file, then rename). External data, when
