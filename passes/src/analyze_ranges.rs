@@ -23,7 +23,7 @@
 //! %e = Exp(%h) : f32[1,4]                           ; range [0.0302, 33.12]
 //! ```
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use mpopt_ir::{
     AttrValue, ConstantFacts, DType, Graph, Interval, Model, NodeId, Use, ValueId, ValueRange,
@@ -111,7 +111,7 @@ impl Pass for AnalyzeRanges {
         analyze(
             &mut model.graph,
             &inputs,
-            &HashMap::new(),
+            &HashMap::default(),
             opset,
             &mut stats,
         );
@@ -210,7 +210,7 @@ fn analyze(
             })
             .collect()
     };
-    let mut columns: HashMap<ValueId, Columns> = HashMap::new();
+    let mut columns: HashMap<ValueId, Columns> = HashMap::default();
     for (v, iv, facts, cols) in scanned {
         env[v.index()] = iv;
         g.value_mut(v).set_constant_facts(facts);
@@ -325,7 +325,7 @@ fn control(
         _ => 0,
     };
     // outer values by name, for the captures of every subgraph
-    let mut outer = HashMap::new();
+    let mut outer = HashMap::default();
     for name in node.captured_names() {
         if let Some(v) = g.value_by_name(&name) {
             outer.insert(name, env[v.index()].unwrap_or(Interval::TOP));

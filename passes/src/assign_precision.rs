@@ -53,7 +53,9 @@
 //! %y = Softmax(%h) {axis = -1} : f32[N,4] ; prec f32 (infer: not between low nodes)
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet};
 
 use mpopt_ir::schema::{OpSchema, registry};
 use mpopt_ir::{DType, Graph, Model, NodeId, Opsets, PrecisionDecision, Tensor, ValueId};
@@ -418,7 +420,7 @@ impl Pass for AssignPrecision {
             &opsets,
             &mut stats,
             "",
-            &HashMap::new(),
+            &HashMap::default(),
         );
         Ok(PassOutcome {
             changed: stats.decided > 0,
@@ -680,7 +682,7 @@ fn range_lift(
 #[derive(Default)]
 struct Masks {
     /// (node, constant input) pairs whose out-of-range values are saturated.
-    constants: std::collections::HashSet<(NodeId, ValueId)>,
+    constants: FxHashSet<(NodeId, ValueId)>,
     /// The nodes from each mask to its Softmax nodes, with the evidence for the report, and the mask
     /// constants and the values on those paths (their magnitudes are the mask's).
     paths: Saturated,
@@ -928,7 +930,7 @@ fn low_fed_regions(
             .filter(|&v| is_f32(g, v))
             .collect::<Vec<_>>()
     };
-    let graph_outputs: std::collections::HashSet<ValueId> = g.outputs().iter().copied().collect();
+    let graph_outputs: FxHashSet<ValueId> = g.outputs().iter().copied().collect();
     let mut region_of = vec![usize::MAX; color.len()];
     let mut out = Vec::new();
     for &start in order {
@@ -969,7 +971,7 @@ fn low_fed_regions(
             let inside = |m: NodeId| region_of[m.index()] == r;
             let low = |m: NodeId| color[m.index()] == Color::Low;
             let (mut ins, mut outs) = (Vec::new(), Vec::new());
-            let mut seen = std::collections::HashSet::new();
+            let mut seen = FxHashSet::default();
             let (mut readers, mut plain) = (0usize, true);
             let mut sinks = Vec::new();
             for &n in &members {
@@ -1062,7 +1064,7 @@ fn captured_constants(
     target: DType,
     outer: &HashMap<String, RangeCheck>,
 ) -> HashMap<String, RangeCheck> {
-    let mut out = HashMap::new();
+    let mut out = HashMap::default();
     for (_, n) in g.nodes() {
         for (_, sg) in n.subgraphs() {
             for &c in sg.captures() {

@@ -32,7 +32,9 @@
 //!         %y = Relu(%b)
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use mpopt_ir::{AttrValue, DType, Def, Graph, Model, Node, NodeId, ValueId};
 
@@ -363,8 +365,7 @@ fn fuse_graph(g: &mut Graph, unsafe_nw: bool, names: &mut Taken, c: &mut Counts)
             }
         }
         // duplicates: the same value cast to the same dtype
-        let mut seen: std::collections::HashMap<(ValueId, DType), NodeId> =
-            std::collections::HashMap::new();
+        let mut seen: HashMap<(ValueId, DType), NodeId> = HashMap::default();
         let casts = cast_nodes(g);
         for id in casts {
             let Some((to, x)) = cast_parts(g, id) else {

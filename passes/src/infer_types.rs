@@ -30,7 +30,9 @@
 //!          %y = Reshape(%x, %t)                      %y = Reshape(%x, %t) : f32[N,16]
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use mpopt_ir::schema::{OpSchema, TypeSpec, registry};
 use mpopt_ir::{
@@ -87,7 +89,7 @@ impl Pass for InferTypes {
         infer_graph(
             &mut model.graph,
             &cx,
-            &HashMap::new(),
+            &HashMap::default(),
             &mut report,
             &format!("graph '{name}'"),
             0,
@@ -248,7 +250,7 @@ fn schema_types(
     ins: &[Option<&TypeInfo>],
     opset: i64,
 ) -> Vec<Option<TypeInfo>> {
-    let mut bound: HashMap<&str, TypeInfo> = HashMap::new();
+    let mut bound: HashMap<&str, TypeInfo> = HashMap::default();
     for (i, t) in ins.iter().enumerate() {
         let (Some(t), Some(p)) = (*t, schema.input_param(i)) else {
             continue;
@@ -703,7 +705,7 @@ fn call_types(
     infer_graph(
         &mut body,
         &fcx,
-        &HashMap::new(),
+        &HashMap::default(),
         &mut scratch,
         "function",
         depth + 1,

@@ -43,7 +43,7 @@
 //!                                                        %y = Softmax(%h__f32)
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use bytes::Bytes;
 use mpopt_ir::schema::{TypeSpec, registry};
@@ -831,7 +831,7 @@ impl Pass for InsertCasts {
         // consumer's Cast back to the target type is cancelled by fuse-casts: f16 -> f32 -> f16 is exact).
         out.taken = Taken::of(&model.graph);
         let inputs: Vec<ValueId> = model.graph.inputs().to_vec();
-        let mut copies: HashMap<ValueId, ValueId> = HashMap::new();
+        let mut copies: HashMap<ValueId, ValueId> = HashMap::default();
         for v in inputs {
             if elem(&model.graph, v) == Some(DType::F32)
                 && model.graph.value(v).initializer.is_none()
@@ -914,7 +914,7 @@ fn walk_names(g: &Graph, each: &mut impl FnMut(&str)) {
 /// owned names, building it allocated once per value: 110 ms of converting the 100,000-node model, in
 /// `insert-casts` and again in `fuse-casts`.
 #[derive(Default)]
-pub(crate) struct Taken(HashSet<u64, rustc_hash::FxBuildHasher>);
+pub(crate) struct Taken(HashSet<u64>);
 
 impl Taken {
     /// The names of `g` and its subgraphs.
@@ -1033,7 +1033,7 @@ fn read_lowered_inputs_as_they_are(
     opsets: &Opsets,
 ) -> u64 {
     let mut repoint: Vec<(NodeId, u32, ValueId)> = Vec::new();
-    let mut seen: HashSet<NodeId> = HashSet::new();
+    let mut seen: HashSet<NodeId> = HashSet::default();
     // the copies in value order, so that the rewrite is deterministic
     let mut ordered: Vec<(ValueId, ValueId)> = copies.iter().map(|(&c, &x)| (c, x)).collect();
     ordered.sort_by_key(|&(c, _)| c.index());
@@ -1279,7 +1279,7 @@ fn process(
     // hide an input-only binding (Attention's V, T2, after a low MatMul: V was cast back to f32 beside an
     // f16 Q, which onnxruntime refuses).
     let mut low_params: HashMap<NodeId, (Vec<String>, DType, &mpopt_ir::schema::OpSchema)> =
-        HashMap::new();
+        HashMap::default();
     for &id in &order {
         let node = g.node(id);
         let Some(low) = node.precision.as_ref().map(|d| d.dtype) else {
@@ -1401,7 +1401,7 @@ fn process(
 
     // Phase 2: one conversion per (value, dtype), in the order the needs were found.
     let mut groups: Vec<((ValueId, DType), Vec<Use>)> = Vec::new();
-    let mut index: HashMap<(ValueId, DType), usize> = HashMap::new();
+    let mut index: HashMap<(ValueId, DType), usize> = HashMap::default();
     for (v, d, u) in needs {
         let i = *index.entry((v, d)).or_insert_with(|| {
             groups.push(((v, d), Vec::new()));

@@ -241,7 +241,7 @@ impl Node {
     /// The distinct names the subgraphs capture, in order of first capture: what the enclosing graph must
     /// resolve as this node's implicit inputs.
     pub fn captured_names(&self) -> Vec<String> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = rustc_hash::FxHashSet::default();
         let mut out = Vec::new();
         for (_, g) in self.subgraphs() {
             for &c in g.captures() {

@@ -11,7 +11,7 @@
 //! - dtypes agree where known: initializer data vs its declared type, data length vs dims, Cast `to` vs the
 //!   output's declared element type.
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet as HashSet;
 use std::fmt;
 
 use petgraph::stable_graph::StableDiGraph;
@@ -318,7 +318,7 @@ impl Cx {
         if !node.has_subgraphs() && node.implicit_inputs().is_empty() {
             return;
         }
-        let mut captured: HashSet<&str> = HashSet::new();
+        let mut captured: HashSet<&str> = HashSet::default();
         for (attr, sub) in node.subgraphs() {
             let sub_scope = format!("{scope} / node {} / {attr}", node_label(g, n));
             self.graph(sub, &sub_scope, false);
