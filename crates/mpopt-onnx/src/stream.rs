@@ -101,14 +101,16 @@ const BUFFERS: usize = 3;
 /// Outputs shorter than this are written on the encoding thread; longer ones by a second thread.
 ///
 /// The second thread pays when there is much to write: the two halves of a save, the encoding (most of it
-/// copying tensor bytes into the buffer) and the kernel's copy into the page cache in `write`, ran one after
-/// the other on one core while the other waited (vit_tiny: about 2.5 and 3.4 ms), and paraphrase_minilm
-/// (69 MB) converts 4.0 ms slower without it (median of 21 paired runs, 2 vCPUs, 2026-12-03). Below this,
-/// starting the thread and handing it each buffer (a futex wake of a sleeping thread per buffer, both ways)
-/// cost more than the overlap saves: written directly, the conversions of the corpus models under 16 MB
-/// were 0.5-1.5 ms faster (silero_vad_v6 -0.96, ppocrv4_det -1.51, magika -1.09 ms; 31 paired runs), and
-/// those of 20-23 MB the same within noise.
-pub(crate) const WRITER_THREAD_MIN: u64 = 16 << 20;
+/// copying or converting tensor bytes into the buffer) and the kernel's copy into the page cache in `write`,
+/// run one after the other on one core while the other waits (vit_tiny: about 2.5 and 3.4 ms), and
+/// paraphrase_minilm (69 MB in, 35 MB written) converts 4.0 ms slower without it (median of 21 paired runs, 2 vCPUs,
+/// 2026-12-03). Below this, starting the thread and handing it each buffer (a futex wake of a sleeping
+/// thread per buffer, both ways) cost more than the overlap saves: written directly, the conversions of the
+/// corpus models with outputs under 3 MB were 0.5-1.5 ms faster (silero_vad_v6 -0.96, ppocrv4_det -1.51,
+/// magika -1.09 ms; 31 paired runs). Outputs of 10-12 MB gained from the thread once the encoding itself
+/// got faster (`wire.rs`): ddddocr -1.82 ms, vit_tiny -1.87, open_nsfw -1.70 with a limit of 8 MiB instead
+/// of 16 (21 paired runs); ppocrv4_rec (6.8 MB) was the same either way (-0.07 ms with a limit of 4 MiB).
+pub(crate) const WRITER_THREAD_MIN: u64 = 8 << 20;
 
 /// Encodes through `encode` into `out`, and returns `out` and the byte count, or the first write error.
 ///
